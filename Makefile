@@ -1,0 +1,37 @@
+# The README's two commands are `make demo` and `make test`. Both create or reuse .venv.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hyperdeq-installed
+
+.PHONY: install demo test test-fast lint bench clean-venv
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3 ...'" >&2; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned to the CPU wheel release: any other resolution pulls GBs of CUDA wheels
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/hyperdeq demo
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow and not integration"
+
+lint: install
+	$(VENV)/bin/ruff check pipeline workers flows tests benchmarks
+	$(VENV)/bin/mypy
+
+bench: install
+	$(VENV)/bin/hyperdeq bench
+
+clean-venv:
+	rm -rf $(VENV)
