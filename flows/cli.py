@@ -32,7 +32,7 @@ app.add_typer(flow_app, name="flow")
 GROUPS = {"train": train_app, "eval": eval_app, "flow": flow_app}
 
 # one module per area; each defines ``register(app, groups)``
-_AREAS = ["cli_io", "cli_denoise", "cli_unmix", "cli_run", "cli_flow", "cli_bench"]
+_AREAS = ["cli_io", "cli_denoise", "cli_denoise_eval", "cli_unmix", "cli_run", "cli_flow", "cli_bench"]
 for _name in _AREAS:
     _mod = importlib.import_module(f"flows.{_name}")
     _mod.register(app, GROUPS)
