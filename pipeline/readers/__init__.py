@@ -1,0 +1,158 @@
+"""Readers: every supported input format → the canonical scene (:mod:`pipeline.scene`).
+
+``open_scene(path, format=None, **options)`` picks the reader from the file's content (magic
+bytes), then its extension; ``format=`` overrides the choice. Options common to all readers:
+``scale_factor`` (what raw values were multiplied by) and ``nodata`` (raw nodata value). Reader
+specific options: ``.mat`` → ``variable``, ``rows``, ``cols``, ``wavelength_variable``;
+NetCDF/HDF5/zarr → ``variable``, ``dims``.
+
+GeoTIFF, ENVI, NetCDF and zarr scenes come back lazy (dask, ``chunk``-sized windows); ``.mat``
+cubes are small and come back in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+
+from pipeline.errors import ConfigError, ReadError, UnknownFormatError
+from pipeline.readers._base import DEFAULT_CHUNK, SceneSource, check_path
+
+__all__ = ["FORMATS", "open_scene", "open_source", "detect_format", "SceneSource", "is_hyperdeq_zarr"]
+
+
+def _geotiff(path: Path, **o: Any) -> SceneSource:
+    from pipeline.readers.geotiff import open_geotiff
+
+    return open_geotiff(path, **o)
+
+
+def _envi(path: Path, **o: Any) -> SceneSource:
+    from pipeline.readers.envi import open_envi
+
+    return open_envi(path, **o)
+
+
+def _netcdf(path: Path, **o: Any) -> SceneSource:
+    from pipeline.readers.xrcube import open_netcdf
+
+    return open_netcdf(path, **o)
+
+
+def _mat(path: Path, **o: Any) -> SceneSource:
+    from pipeline.readers.matlab import open_mat
+
+    return open_mat(path, **o)
+
+
+def _zarr(path: Path, **o: Any) -> SceneSource:
+    if is_hyperdeq_zarr(path):
+        from pipeline.ingest import ZarrSceneSource
+
+        return ZarrSceneSource(path, **o)
+    from pipeline.readers.xrcube import open_foreign_zarr
+
+    return open_foreign_zarr(path, **o)
+
+
+#: format name → source factory; ``format=`` takes one of these names
+FORMATS: dict[str, Callable[..., SceneSource]] = {
+    "geotiff": _geotiff,
+    "envi": _envi,
+    "netcdf": _netcdf,
+    "mat": _mat,
+    "zarr": _zarr,
+}
+_ALIASES = {"tif": "geotiff", "tiff": "geotiff", "cog": "geotiff", "gtiff": "geotiff", "nc": "netcdf",
+            "hdf5": "netcdf", "h5": "netcdf", "matlab": "mat"}
+_EXT = {
+    ".tif": "geotiff", ".tiff": "geotiff", ".gtif": "geotiff", ".hdr": "envi", ".bsq": "envi",
+    ".bil": "envi", ".bip": "envi", ".nc": "netcdf", ".nc4": "netcdf", ".cdf": "netcdf",
+    ".h5": "netcdf", ".hdf5": "netcdf", ".he5": "netcdf", ".mat": "mat", ".zarr": "zarr",
+}
+
+
+def is_zarr_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / m).is_file() for m in ("zarr.json", ".zgroup", ".zarray"))
+
+
+def is_hyperdeq_zarr(path: Path) -> bool:
+    """True for zarr stores written by :func:`pipeline.ingest.ingest_scene` (complete or not)."""
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        return False
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return "hyperdeq" in attrs
+
+
+def detect_format(path: str | Path) -> str:
+    """The reader name for ``path``: content (magic bytes) first, then the extension."""
+    p = check_path(path)
+    if p.is_dir():
+        if is_zarr_dir(p):
+            return "zarr"
+        raise ReadError(
+            f"{str(p)!r} is a directory, not a scene file (and not a zarr store: no zarr.json); "
+            "give the path of the scene file itself."
+        )
+    try:
+        with open(p, "rb") as f:
+            head = f.read(1024)
+    except OSError as exc:
+        raise ReadError(f"cannot read {str(p)!r}: {exc}; check permissions.") from exc
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "geotiff"
+    if head[:6] == b"MATLAB":
+        return "mat"
+    if head[:4] in (b"CDF\x01", b"CDF\x02") or head[:8] == b"\x89HDF\r\n\x1a\n":
+        return "netcdf"
+    if head[:4] == b"ENVI":
+        return "envi"
+    ext = p.suffix.lower()
+    if ext in _EXT:
+        return _EXT[ext]
+    if Path(str(p) + ".hdr").is_file() or p.with_suffix(".hdr").is_file():
+        return "envi"
+    raise UnknownFormatError(
+        f"unknown scene format for {str(p)!r} (extension {ext!r}, first bytes {head[:8]!r}); "
+        f"supported formats: {sorted(FORMATS)!r}. Pass format=<one of these> if the file is one."
+    )
+
+
+def _canonical_format(fmt: str) -> str:
+    f = fmt.strip().lower()
+    f = _ALIASES.get(f, f)
+    if f not in FORMATS:
+        raise UnknownFormatError(
+            f"unknown format {fmt!r}; supported formats: {sorted(FORMATS)!r}."
+        )
+    return f
+
+
+def open_source(path: str | Path, format: str | None = None, **options: Any) -> SceneSource:
+    """Open ``path`` as a :class:`SceneSource` (metadata + window reader), without reading it all."""
+    p = check_path(path)
+    fmt = _canonical_format(format) if format else detect_format(p)
+    if p.is_dir() and fmt != "zarr":
+        raise ReadError(
+            f"{str(p)!r} is a directory but format {fmt!r} reads files; give the file path."
+        )
+    return FORMATS[fmt](p, **options)
+
+
+def open_scene(path: str | Path, format: str | None = None, **options: Any) -> xr.DataArray:
+    """Open any supported scene as the canonical DataArray (lazy where the format has windows).
+
+    ``chunk`` (pixels, default 256) sets the dask chunk edge of lazy scenes.
+    """
+    chunk = int(options.pop("chunk", DEFAULT_CHUNK))
+    if chunk < 1:
+        raise ConfigError(f"chunk must be a positive number of pixels, got {chunk!r}.")
+    return open_source(path, format, **options).to_dataarray(chunk)

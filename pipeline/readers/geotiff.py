@@ -1,0 +1,141 @@
+"""GeoTIFF / COG reader (rasterio): band tags or PAM ``.aux.xml`` metadata, windowed reads.
+
+Wavelengths come from per-band ``wavelength`` tags (EnMAP-Box style), from a dataset-level
+``wavelength = { ... }`` list (GDAL's ENVI-style metadata, often in ``.aux.xml``) or from the
+``ENVI`` metadata domain; ``wavelength_units`` says nm or µm. ``bbl`` (per band or list) marks bad
+bands. Integer data and GDAL scale tags are turned into physical reflectance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import ReadError
+from pipeline.readers._base import SceneSource, check_options, parse_number_list, wavelengths_to_nm
+
+OPTIONS: tuple[str, ...] = ()
+
+
+def _rasterio_error(path: Path, exc: Exception, doing: str) -> ReadError:
+    return ReadError(
+        f"cannot {doing} GeoTIFF {str(path)!r}: {exc!s}. The file is corrupt or truncated "
+        "(an interrupted copy or download?); copy it again or check it with `gdalinfo -checksum`."
+    )
+
+
+class GeoTiffSource(SceneSource):
+    """A GeoTIFF/COG opened with rasterio; every read opens the file (picklable, fork-safe)."""
+
+    reader = "geotiff"
+
+    def __init__(self, path: Path, **options: Any) -> None:
+        import rasterio
+
+        check_options(self.reader, options, OPTIONS)
+        self.path = path
+        self.attrs = {}
+        try:
+            with rasterio.open(path) as ds:
+                self.shape = (ds.count, ds.height, ds.width)
+                self.raw_dtype = np.dtype(ds.dtypes[0])
+                if len(set(ds.dtypes)) > 1:
+                    raise ReadError(
+                        f"bands of {str(path)!r} have different data types {sorted(set(ds.dtypes))!r}; "
+                        "hyperdeq needs one dtype per cube. Rewrite the file with one dtype."
+                    )
+                self.crs = ds.crs if ds.crs else None
+                self.transform = None if ds.transform.is_identity else ds.transform
+                self.nodata = options.get("nodata", ds.nodata)
+                self._read_metadata(ds)
+                scales, offsets = set(ds.scales), set(ds.offsets)
+        except ReadError:
+            raise
+        except Exception as exc:  # rasterio raises RasterioIOError and friends
+            raise _rasterio_error(path, exc, "open") from exc
+        meta_scale = None
+        if len(scales) == 1 and scales != {1.0}:
+            s = scales.pop()
+            meta_scale = round(1.0 / s, 9) if s else s  # GDAL scale multiplies; we divide
+        if len(offsets) == 1 and offsets != {0.0}:
+            self.add_offset = float(offsets.pop())
+        if self.raw_dtype.kind not in "iuf":
+            from pipeline.errors import InputValidationError
+
+            raise InputValidationError(
+                f"non-numeric data type {str(self.raw_dtype)!r} in {str(path)!r}; hyperdeq reads "
+                "real integer or floating-point cubes only. Convert the data first."
+            )
+        self._check_readable()
+        self.resolve_scale(options.get("scale_factor"), meta_scale, "GDAL scale tag")
+
+    def _read_metadata(self, ds: Any) -> None:
+        nb = ds.count
+        dstags = {k.lower(): v for k, v in ds.tags().items()}
+        envi = {k.lower(): v for k, v in ds.tags(ns="ENVI").items()} if "ENVI" in (
+            ds.tag_namespaces() or []
+        ) else {}
+        btags = [{k.lower(): v for k, v in ds.tags(i + 1).items()} for i in range(nb)]
+
+        def per_band(key: str) -> list[str] | None:
+            vals = [t.get(key) for t in btags]
+            if all(v is not None for v in vals):
+                return vals  # type: ignore[return-value]
+            for src in (dstags, envi):
+                if key in src:
+                    return [str(v) for v in parse_number_list(src[key])]
+            return None
+
+        units = (
+            btags[0].get("wavelength_units")
+            or dstags.get("wavelength_units")
+            or envi.get("wavelength_units")
+            or envi.get("wavelength units")
+        )
+        wl = per_band("wavelength")
+        fw = per_band("fwhm")
+        bbl = per_band("bbl")
+        wl_raw = np.asarray(wl, dtype=np.float64) if wl else None
+        self.wavelength = wavelengths_to_nm(wl_raw, units, source=self.path)
+        self.fwhm = (
+            wavelengths_to_nm(wl_raw, units, source=self.path, fwhm=np.asarray(fw, dtype=np.float64))
+            if fw
+            else None
+        )
+        self.good_band = (
+            np.asarray([float(b) != 0 for b in bbl], dtype=bool) if bbl else None
+        )
+        if "start_time" in dstags:
+            self.attrs["start_time"] = dstags["start_time"]
+
+    def _check_readable(self) -> None:
+        """Read the first and last block: truncated files lose their tail, this catches it early."""
+        import rasterio
+        from rasterio.windows import Window
+
+        nb, ny, nx = self.shape
+        try:
+            with rasterio.open(self.path) as ds:
+                bh, bw = ds.block_shapes[0]
+                ds.read(window=Window(0, 0, min(bw, nx), min(bh, ny)))
+                y0, x0 = max(ny - bh, 0), max(nx - bw, 0)
+                ds.read(window=Window(x0, y0, nx - x0, ny - y0))
+        except Exception as exc:
+            raise _rasterio_error(self.path, exc, "read") from exc
+
+    def read_raw(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        import rasterio
+        from rasterio.windows import Window
+
+        try:
+            with rasterio.open(self.path) as ds:
+                return ds.read(window=Window(x0, y0, x1 - x0, y1 - y0))
+        except Exception as exc:
+            raise _rasterio_error(self.path, exc, f"read window rows {y0}:{y1} cols {x0}:{x1} of") from exc
+
+
+def open_geotiff(path: Path, **options: Any) -> GeoTiffSource:
+    """Open a GeoTIFF/COG as a :class:`SceneSource`."""
+    return GeoTiffSource(path, **options)

@@ -1,0 +1,178 @@
+"""Cubes that xarray can open: NetCDF / HDF5 (CF grid mapping) and zarr stores from other tools.
+
+The data variable is ``variable=`` or the only 3-D numeric variable. Dimensions are recognised by
+name (``band``/``wavelength``/…, ``y``/``lat``/``row``…, ``x``/``lon``/``col``…); ``dims=`` gives
+them explicitly as ``(band_dim, y_dim, x_dim)``. CRS comes from the CF ``grid_mapping`` (via
+rioxarray), the transform from the regular ``x``/``y`` coordinates. CF ``scale_factor`` /
+``_FillValue`` are decoded by xarray (fill → NaN).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from pipeline.errors import InputValidationError, ReadError
+from pipeline.readers._base import SceneSource, check_options, wavelengths_to_nm
+
+OPTIONS: tuple[str, ...] = ("variable", "dims")
+_BAND = ("band", "bands", "wavelength", "wavelengths", "lambda", "spectral", "channel", "z", "bnd")
+_Y = ("y", "lat", "latitude", "row", "rows", "line", "lines", "northing")
+_X = ("x", "lon", "longitude", "col", "cols", "column", "columns", "sample", "samples", "easting")
+
+
+def _find_dim(dims: tuple[str, ...], names: tuple[str, ...]) -> str | None:
+    low = {d.lower(): d for d in dims}
+    for n in names:
+        if n in low:
+            return low[n]
+    return None
+
+
+class XarraySource(SceneSource):
+    """A cube opened with xarray (lazy backend indexing); each read reopens the file."""
+
+    def __init__(self, path: Path, reader: str, **options: Any) -> None:
+        check_options(reader, options, OPTIONS)
+        self.reader = reader
+        self.path = path
+        self.attrs = {}
+        ds = self._open()
+        try:
+            self._setup(ds, options)
+        finally:
+            ds.close()
+        if self.shape[0] * self.shape[1] * self.shape[2]:
+            self.resolve_scale(options.get("scale_factor"), None, "")
+
+    # -- opening --------------------------------------------------------------------------
+    def _open(self) -> xr.Dataset:
+        try:
+            if self.reader == "zarr":
+                return xr.open_zarr(self.path, consolidated=None, chunks=None, decode_coords="all")
+            engine = "h5netcdf" if self.path.suffix.lower() in (".h5", ".hdf5", ".he5", ".hdf") else None
+            kw: dict[str, Any] = {"phony_dims": "sort"} if engine == "h5netcdf" else {}
+            return xr.open_dataset(self.path, engine=engine, decode_coords="all", **kw)
+        except Exception as exc:
+            raise ReadError(
+                f"cannot open {str(self.path)!r} as {self.reader}: {exc}. Check that the file is a "
+                "complete NetCDF/HDF5 (or zarr) cube, or pass format= explicitly."
+            ) from exc
+
+    def _setup(self, ds: xr.Dataset, options: dict[str, Any]) -> None:
+        name = options.get("variable")
+        if name is None:
+            cands = [
+                k for k, v in ds.data_vars.items() if v.ndim == 3 and np.dtype(v.dtype).kind in "iuf"
+            ]
+            if len(cands) != 1:
+                desc = {k: tuple(v.dims) for k, v in ds.data_vars.items()}
+                raise InputValidationError(
+                    f"{str(self.path)!r}: expected exactly one 3-D numeric variable, found "
+                    f"{cands!r} among {desc!r}; pass variable=<name>."
+                )
+            name = cands[0]
+        if name not in ds.data_vars:
+            raise InputValidationError(
+                f"variable {name!r} not found in {str(self.path)!r}; variables: "
+                f"{sorted(ds.data_vars)!r}. Pass variable=<one of these>."
+            )
+        var = ds[name]
+        if np.dtype(var.dtype).kind not in "iuf":
+            raise InputValidationError(
+                f"variable {name!r} of {str(self.path)!r} has non-numeric dtype {str(var.dtype)!r}; "
+                "hyperdeq reads real integer or floating-point cubes only."
+            )
+        if var.ndim != 3:
+            raise InputValidationError(
+                f"variable {name!r} of {str(self.path)!r} has dims {var.dims!r}; a cube needs 3."
+            )
+        self.variable = name
+        self.attrs["variable"] = name
+        dims = options.get("dims")
+        if dims is None:
+            b, y, x = (_find_dim(tuple(map(str, var.dims)), n) for n in (_BAND, _Y, _X))
+            if None in (b, y, x):
+                # fall back on position: the smallest dim is the band axis (typical HSI cubes)
+                order = list(map(str, var.dims))
+                sizes = [var.sizes[d] for d in order]
+                b = order[int(np.argmin(sizes))] if b is None else b
+                rest = [d for d in order if d != b]
+                y, x = (y or rest[0]), (x or rest[-1])
+                self.attrs["dims_guessed"] = True
+            dims = (b, y, x)
+        if len(set(dims)) != 3 or not set(dims) <= set(map(str, var.dims)):
+            raise InputValidationError(
+                f"dims {tuple(dims)!r} do not name the three dims {var.dims!r} of {name!r}; "
+                "pass dims=(band_dim, y_dim, x_dim)."
+            )
+        self.dims = tuple(dims)
+        bdim, ydim, xdim = self.dims
+        self.shape = (var.sizes[bdim], var.sizes[ydim], var.sizes[xdim])
+        self.raw_dtype = np.dtype(var.dtype)
+        fill = var.encoding.get("_FillValue")
+        self.nodata = options.get("nodata", None if self.raw_dtype.kind == "f" else fill)
+        # band metadata: a 1-D coordinate on the band dim
+        def band_coord(*names: str) -> tuple[np.ndarray | None, str | None]:
+            for n in names:
+                for cname, c in var.coords.items():
+                    if str(cname).lower() == n and c.dims == (bdim,):
+                        return np.asarray(c.values), c.attrs.get("units")
+            return None, None
+
+        wl, wl_units = band_coord("wavelength", "wavelengths", "lambda", "wl")
+        if wl is None and "wavelength" in var.attrs and np.size(var.attrs["wavelength"]) == self.shape[0]:
+            wl, wl_units = np.asarray(var.attrs["wavelength"]), var.attrs.get("wavelength_units")
+        fw, fw_units = band_coord("fwhm")
+        gb, _ = band_coord("good_band", "bbl")
+        self.wavelength = wavelengths_to_nm(
+            None if wl is None else wl.astype(np.float64), wl_units, source=self.path
+        )
+        self.fwhm = (
+            None
+            if fw is None
+            else wavelengths_to_nm(
+                None if fw_units else (None if wl is None else wl.astype(np.float64)),
+                fw_units or wl_units,
+                source=self.path,
+                fwhm=fw.astype(np.float64),
+            )
+        )
+        self.good_band = None if gb is None else gb.astype(bool)
+        self.crs, self.transform = None, None
+        try:
+            crs = var.rio.crs
+        except Exception:
+            crs = None
+        if crs is not None:
+            self.crs = crs
+            try:
+                self.transform = var.rio.set_spatial_dims(x_dim=xdim, y_dim=ydim).rio.transform(
+                    recalc=True
+                )
+            except Exception:
+                self.transform = None
+        if self.reader == "zarr" and crs is None:
+            self.attrs["foreign_zarr"] = True
+
+    def read_raw(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        bdim, ydim, xdim = self.dims
+        ds = self._open()
+        try:
+            var = ds[self.variable].isel({ydim: slice(y0, y1), xdim: slice(x0, x1)})
+            return np.asarray(var.transpose(bdim, ydim, xdim).values)
+        finally:
+            ds.close()
+
+
+def open_netcdf(path: Path, **options: Any) -> XarraySource:
+    """Open a NetCDF/HDF5 cube with a CF grid mapping."""
+    return XarraySource(path, "netcdf", **options)
+
+
+def open_foreign_zarr(path: Path, **options: Any) -> XarraySource:
+    """Open a zarr store not written by hyperdeq (xarray layout); CRS usually missing."""
+    return XarraySource(path, "zarr", **options)
