@@ -1,0 +1,149 @@
+"""Blend overlapping tile outputs into the final scene, one task per output chunk.
+
+Each task owns one spatial output chunk (all channels): it reads the outputs of the tiles whose
+read windows overlap the chunk, weights them with the normalised blend window (accumulated in
+float64, so an identity model blends back to its input bit for bit), masks nodata and writes the
+chunk once. No two tasks touch the same chunk, memory per task is bounded by the tiles around one
+chunk whatever the scene size, and the result does not depend on worker count or completion order
+(tiles are summed in index order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline.errors import GridError
+from pipeline.grid import TileGrid, Window, tile_weight
+from pipeline.tiles import DATA, read_tile, read_valid
+
+
+@dataclass(frozen=True)
+class BlendTarget:
+    """Where channels ``channels`` of the tile outputs go: zarr array ``array`` at band positions ``bands``.
+
+    A ``(y, x)`` target array takes the single channel ``channels[0]`` (``bands`` is ignored).
+    """
+
+    array: str
+    channels: tuple[int, ...]
+    bands: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BlendJob:
+    source: str
+    valid_path: str
+    grid: TileGrid
+    ok_keys: frozenset[str]
+    window: Window
+    blend: str
+    targets: tuple[BlendTarget, ...]
+
+
+def chunk_windows(shape: tuple[int, int], chunk: int) -> list[Window]:
+    """The output chunks of a ``(y, x)`` scene, row-major."""
+    ny, nx = shape
+    return [
+        Window(y, min(y + chunk, ny), x, min(x + chunk, nx))
+        for y in range(0, ny, chunk)
+        for x in range(0, nx, chunk)
+    ]
+
+
+def blend_window(
+    source: str | Path,
+    grid: TileGrid,
+    window: Window,
+    blend: str,
+    ok_keys: set[str] | frozenset[str] | None = None,
+    valid: np.ndarray | None = None,
+) -> np.ndarray:
+    """Blend the tile outputs in ``source`` over ``window``: ``(channels, h, w)`` float32, NaN = nodata."""
+    n_ch = zarr.open_array(str(Path(source) / DATA), mode="r").shape[1]
+    acc = np.zeros((n_ch, *window.shape), dtype=np.float64)
+    wsum = np.zeros(window.shape, dtype=np.float64)
+    for t in grid.overlapping(window):  # index order: deterministic sums
+        if ok_keys is not None and t.key not in ok_keys:
+            continue
+        inter = t.read.intersect(window)
+        assert inter is not None
+        w = tile_weight(t, blend)[inter.relative_to(t.read).slices]
+        if not w.any():
+            continue
+        data = read_tile(source, grid, t)[(slice(None), *inter.relative_to(t.read).slices)]
+        dst = (slice(None), *inter.relative_to(window).slices)
+        acc[dst] += data.astype(np.float64) * w
+        wsum[dst[1:]] += w
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = acc / wsum
+    out[:, wsum == 0] = np.nan
+    if valid is not None:
+        out[:, ~valid] = np.nan
+    return out.astype(np.float32)
+
+
+def blend_chunk(job: BlendJob) -> dict[str, Any]:
+    """Task body: blend one output chunk and write it into every target array."""
+    valid = read_valid(job.valid_path, job.window)
+    rec: dict[str, Any] = {"window": [job.window.y0, job.window.y1, job.window.x0, job.window.x1]}
+    if not valid.any():  # the arrays' fill value is already NaN
+        rec["written"] = False
+        return rec
+    out = blend_window(job.source, job.grid, job.window, job.blend, job.ok_keys, valid)
+    for tgt in job.targets:
+        arr = zarr.open_array(tgt.array, mode="r+")
+        if arr.ndim == 2:  # a single-channel (y, x) output
+            arr[job.window.slices] = out[tgt.channels[0]]
+            continue
+        block = np.full((arr.shape[0], *job.window.shape), np.nan, dtype=np.float32)
+        block[list(tgt.bands)] = out[list(tgt.channels)]
+        arr[(slice(None), *job.window.slices)] = block
+    rec["written"] = True
+    rec["n_valid"] = int(valid.sum())
+    return rec
+
+
+def blend_stage(
+    executor: Executor,
+    source: str | Path,
+    valid_path: str | Path,
+    grid: TileGrid,
+    targets: Sequence[BlendTarget],
+    *,
+    chunk: int,
+    blend: str = "hann",
+    ok_keys: set[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Blend every output chunk (one task each) into the ``targets`` arrays (already created).
+
+    Each target array must be chunked ``(bands, chunk, chunk)`` over the grid's shape, so that a
+    task's window is exactly one chunk of every target.
+    """
+    for tgt in targets:
+        arr = zarr.open_array(tgt.array, mode="r")
+        if tuple(arr.shape[-2:]) != grid.shape or tuple(arr.chunks[-2:]) != (chunk, chunk):
+            raise GridError(
+                f"blend target {tgt.array!r} has shape {arr.shape!r} / chunks {arr.chunks!r}; "
+                f"expected (*, {grid.shape[0]}, {grid.shape[1]}) chunked (*, {chunk}, {chunk}). "
+                "Create it with pipeline.writers.create_output_zarr(chunk=...)"
+            )
+    keys = frozenset(ok_keys) if ok_keys is not None else frozenset(t.key for t in grid.tiles)
+    jobs = [
+        BlendJob(str(source), str(valid_path), grid, keys, w, blend, tuple(targets))
+        for w in chunk_windows(grid.shape, chunk)
+    ]
+    futures = [executor.submit(blend_chunk, j) for j in jobs]
+    out = []
+    for i, f in enumerate(futures, 1):
+        out.append(f.result())
+        if progress:
+            progress(i, len(futures))
+    return out

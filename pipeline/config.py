@@ -1,0 +1,185 @@
+"""Run configuration: one frozen value, validated at construction, with a stable hash.
+
+The hash (:meth:`RunConfig.config_hash`) names a run: rerunning a scene with the same hash and the
+same weights resumes (and reuses) that run; any change in a field that can change the numbers gives
+a new run. Fields that only change *how fast* a run goes (workers, scheduler address, tiles per
+task) are left out of the hash on purpose: outputs are independent of them (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.errors import ConfigError
+
+BlendWindow = Literal["hann", "uniform", "crop"]
+BLEND_WINDOWS: tuple[str, ...] = ("hann", "uniform", "crop")
+_DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+
+# fields that may change the numbers of a run (and so enter the hash)
+HASHED_FIELDS: tuple[str, ...] = (
+    "tile",
+    "halo",
+    "blend",
+    "out_chunk",
+    "denoise",
+    "unmix",
+    "n_endmembers",
+    "seed",
+    "device",
+)
+
+# bytes per pixel-band a model needs at peak, relative to the float32 input (input, output,
+# solver history of a few iterates): a conservative multiplier used for the memory check
+MODEL_MEMORY_FACTOR = 12
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a tiled run needs to know, checked once.
+
+    ``tile``: core size in pixels. ``halo``: context each side (None: the largest halo the enabled
+    models declare; resolve it with :meth:`with_model_halos`). ``blend``: window used to weight
+    overlapping tile outputs. ``unmix`` with ``n_endmembers=None`` estimates the number of
+    endmembers. ``workers``/``scheduler``: a local cluster of N workers or an existing scheduler.
+    ``tile_memory_mb``: the most memory one tile may need on a worker; a tile over it is refused.
+    ``out_chunk``: spatial chunk of the outputs (one blend task per chunk; default: ``tile``).
+    """
+
+    out_root: Path = Path("hyperdeq-out")
+    tile: int = 128
+    halo: int | None = None
+    blend: str = "hann"
+    out_chunk: int | None = None
+    denoise: bool = True
+    unmix: bool = True
+    n_endmembers: int | None = None
+    seed: int = 0
+    workers: int | None = None
+    scheduler: str | None = None
+    device: str = "cpu"
+    batch_size: int = 4
+    tile_memory_mb: float = 2048.0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out_root", Path(self.out_root))
+        for name in ("tile", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}; pass e.g. {name}=128")
+        if self.halo is not None:
+            if not isinstance(self.halo, int) or isinstance(self.halo, bool) or self.halo < 0:
+                raise ConfigError(f"halo must be an integer >= 0, got {self.halo!r}; pass e.g. halo=16")
+            if self.halo >= self.tile:
+                raise ConfigError(
+                    f"halo {self.halo!r} must be smaller than the tile {self.tile!r}: each tile would "
+                    "read more context than the pixels it is responsible for; raise --tile or lower --halo"
+                )
+        if self.blend not in BLEND_WINDOWS:
+            raise ConfigError(
+                f"unknown blend window {self.blend!r}; choose one of {list(BLEND_WINDOWS)!r}"
+            )
+        if self.out_chunk is not None and (not isinstance(self.out_chunk, int) or self.out_chunk <= 0):
+            raise ConfigError(f"out_chunk must be a positive integer or None, got {self.out_chunk!r}")
+        if not self.denoise and not self.unmix:
+            raise ConfigError(
+                f"nothing to do: denoise={self.denoise!r} and unmix={self.unmix!r}; enable at least one"
+            )
+        if self.n_endmembers is not None:
+            if not self.unmix:
+                raise ConfigError(
+                    f"n_endmembers={self.n_endmembers!r} was given but unmixing is off; "
+                    "drop --no-unmix or the endmember count"
+                )
+            if not isinstance(self.n_endmembers, int) or isinstance(self.n_endmembers, bool) or self.n_endmembers < 2:
+                raise ConfigError(
+                    f"n_endmembers must be an integer >= 2 (or None to estimate it), got {self.n_endmembers!r}"
+                )
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.workers is not None:
+            if not isinstance(self.workers, int) or self.workers <= 0:
+                raise ConfigError(f"workers must be a positive integer, got {self.workers!r}")
+            if self.scheduler is not None:
+                raise ConfigError(
+                    f"give either workers={self.workers!r} (start a local cluster) or "
+                    f"scheduler={self.scheduler!r} (use an existing one), not both"
+                )
+        if self.scheduler is not None and not str(self.scheduler).strip():
+            raise ConfigError(f"scheduler address is empty ({self.scheduler!r}); give host:port or leave it unset")
+        if not _DEVICE_RE.match(str(self.device)):
+            raise ConfigError(
+                f"unknown device {self.device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'"
+            )
+        if not (self.tile_memory_mb > 0):
+            raise ConfigError(f"tile_memory_mb must be > 0, got {self.tile_memory_mb!r}")
+        if self.halo is not None:
+            self.check_tile_memory(1)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def read_size(self) -> int:
+        """Side of the largest read window (core plus halo on both sides)."""
+        return self.tile + 2 * (self.halo or 0)
+
+    @property
+    def chunk(self) -> int:
+        """Spatial chunk of the outputs."""
+        return self.out_chunk or self.tile
+
+    def with_model_halos(self, halos: list[int] | tuple[int, ...]) -> RunConfig:
+        """Return a copy whose halo is the largest model halo when none was given explicitly."""
+        if self.halo is not None:
+            return self
+        halo = max([0, *[int(h) for h in halos]])
+        if halo >= self.tile:
+            raise ConfigError(
+                f"the models need a halo of {halo!r} pixels, not smaller than the tile {self.tile!r}; "
+                "raise --tile"
+            )
+        return dataclasses.replace(self, halo=halo)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A new, re-validated config with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def estimate_tile_bytes(self, n_bands: int) -> int:
+        """Peak bytes one tile needs on a worker for ``n_bands`` bands (conservative)."""
+        return int(self.read_size**2 * int(n_bands) * 4 * MODEL_MEMORY_FACTOR)
+
+    def check_tile_memory(self, n_bands: int) -> None:
+        """Refuse a tile that would need more than ``tile_memory_mb``."""
+        need = self.estimate_tile_bytes(n_bands) / 2**20
+        if need > self.tile_memory_mb:
+            raise ConfigError(
+                f"a {self.read_size}x{self.read_size} px tile of {n_bands!r} bands needs about "
+                f"{need:.0f} MiB, over the per-tile memory budget of {self.tile_memory_mb!r} MiB; "
+                "lower --tile/--halo or raise tile_memory_mb"
+            )
+
+    # ------------------------------------------------------------------ identity
+    def hashed_dict(self) -> dict[str, Any]:
+        """The fields that can change the numbers, as plain JSON values."""
+        return {k: getattr(self, k) for k in HASHED_FIELDS}
+
+    def config_hash(self) -> str:
+        """sha256 of the sorted-key JSON of :meth:`hashed_dict` (stable across processes)."""
+        if self.halo is None:
+            raise ConfigError(
+                "config_hash needs a resolved halo (got halo=None); call with_model_halos() first"
+            )
+        blob = json.dumps(self.hashed_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as JSON-ready values (for the run record)."""
+        d = dataclasses.asdict(self)
+        d["out_root"] = str(self.out_root)
+        return d

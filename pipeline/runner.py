@@ -1,0 +1,211 @@
+"""Run a model over tiles through any ``concurrent.futures.Executor``.
+
+The same loop serves a ``ThreadPoolExecutor`` in unit tests, a ``ProcessPoolExecutor``, and a Dask
+``distributed`` client's executor (``client.get_executor(resources=...)``). Tasks carry paths and
+a small picklable model handle; each task processes a *batch* of tiles (to keep the device busy
+and the scheduler quiet) and returns small records, never arrays. Each tile's record is written
+after its data: it is the tile's commit marker, so a rerun skips tiles whose record says ``ok`` and
+whose stored bytes still hash to the recorded sha256.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from pipeline.grid import Tile, TileGrid
+from pipeline.tiles import (
+    load_records,
+    read_tile,
+    verify_tile,
+    write_record,
+    write_tile_output,
+)
+
+
+@runtime_checkable
+class TileModel(Protocol):
+    """What the pipeline needs from a model (implemented in ``workers/infer.py``).
+
+    ``out_names``: channel names of the output, or None when the output has the input's channels.
+    ``__call__(cube)``: ``cube`` is ``(channels, h, w)`` float32 with NaN = nodata; returns the
+    output ``(out_channels, h, w)`` and stats (``iterations``, ``residual``, ``converged``,
+    optionally ``device`` and ``worker``). Instances must be small and picklable: they load their
+    weights lazily, once per process.
+    """
+
+    name: str
+    halo: int
+    weights_sha256: str | None
+    out_names: tuple[str, ...] | None
+
+    def __call__(self, cube: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]: ...
+
+
+ProgressFn = Callable[[int, int, dict[str, Any]], None]
+
+OK, FAILED, REUSED = "ok", "failed", "reused"
+
+
+@dataclass(frozen=True)
+class TileJob:
+    """One task: run ``model`` over ``tiles`` from ``source`` (tile store) into ``dest``."""
+
+    source: str
+    dest: str
+    grid: TileGrid
+    tiles: tuple[Tile, ...]
+    model: Any
+    stage: str = ""
+
+
+@dataclass
+class StageResult:
+    """What :func:`run_tiles` returns: one record per run tile, in index order."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["status"] == FAILED]
+
+    @property
+    def not_converged(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["status"] == OK and r.get("converged") is False]
+
+    @property
+    def ok_keys(self) -> set[str]:
+        return {r["key"] for r in self.records if r["status"] == OK}
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def process_batch(job: TileJob) -> list[dict[str, Any]]:
+    """Task body: read, infer, write and record each tile of the batch (failures are recorded, not raised)."""
+    out: list[dict[str, Any]] = []
+    for tile in job.tiles:
+        rec: dict[str, Any] = {
+            "key": tile.key,
+            "index": list(tile.index),
+            "stage": job.stage,
+            "model": getattr(job.model, "name", type(job.model).__name__),
+            "read": [tile.read.y0, tile.read.y1, tile.read.x0, tile.read.x1],
+            "core": [tile.core.y0, tile.core.y1, tile.core.x0, tile.core.x1],
+            "worker": _worker_name(),
+        }
+        t0 = time.perf_counter()
+        try:
+            cube = read_tile(job.source, job.grid, tile)
+            result, stats = job.model(cube)
+            stats = dict(stats or {})
+            rec["checksum"] = write_tile_output(job.dest, job.grid, tile, np.asarray(result, dtype=np.float32))
+            rec["worker"] = stats.pop("worker", rec["worker"])
+            rec["device"] = stats.pop("device", "cpu")
+            for k in ("iterations", "residual", "converged"):
+                rec[k] = _jsonable(stats.pop(k, None))
+            rec["stats"] = _jsonable(stats)
+            rec["status"] = OK
+        except Exception as exc:  # recorded, listed in the run record, never hidden
+            rec["status"] = FAILED
+            rec["error"] = f"{type(exc).__name__}: {exc}"
+            rec["traceback"] = traceback.format_exc(limit=5)
+        rec["wall_s"] = round(time.perf_counter() - t0, 4)
+        write_record(job.dest, rec)
+        out.append(rec)
+    return out
+
+
+def plan_batches(tiles: Sequence[Tile], batch_size: int) -> list[tuple[Tile, ...]]:
+    """Consecutive tiles (row-major) in groups of ``batch_size``."""
+    ts = sorted(tiles)
+    return [tuple(ts[i : i + batch_size]) for i in range(0, len(ts), batch_size)]
+
+
+def run_tiles(
+    executor: Executor,
+    model: TileModel,
+    source: str | Path,
+    dest: str | Path,
+    grid: TileGrid,
+    *,
+    tiles: Sequence[Tile] | None = None,
+    batch_size: int = 4,
+    stage: str = "",
+    resume: bool = True,
+    progress: ProgressFn | None = None,
+    submit: Callable[..., Any] | None = None,
+) -> StageResult:
+    """Run ``model`` over ``tiles`` (default: every run tile of ``grid``) and return their records.
+
+    ``dest`` must already exist (:func:`pipeline.tiles.create_output_store`). With ``resume`` a tile
+    whose record says ``ok`` and whose stored output still matches its checksum is reused (status
+    in the returned record stays ``ok``, with ``reused: True``). ``submit`` overrides
+    ``executor.submit`` (e.g. to pass Dask resources per task).
+    """
+    t0 = time.perf_counter()
+    todo_tiles = sorted(grid.tiles if tiles is None else tiles)
+    total = len(todo_tiles)
+    done_records: dict[str, dict[str, Any]] = {}
+    if resume:
+        existing = load_records(dest)
+        for t in todo_tiles:
+            rec = existing.get(t.key)
+            if rec and rec.get("status") == OK and verify_tile(dest, grid, t, rec.get("checksum")):
+                done_records[t.key] = {**rec, "reused": True}
+    n_done = 0
+    for rec in done_records.values():
+        n_done += 1
+        if progress:
+            progress(n_done, total, rec)
+    pending = [t for t in todo_tiles if t.key not in done_records]
+    batches = plan_batches(pending, batch_size)
+    results: queue.Queue[tuple[tuple[Tile, ...], Any]] = queue.Queue()
+    do_submit = submit or executor.submit
+    for batch in batches:
+        job = TileJob(str(source), str(dest), grid, batch, model, stage)
+        fut = do_submit(process_batch, job)
+        fut.add_done_callback(lambda f, b=batch: results.put((b, f)))
+    for _ in batches:
+        batch, fut = results.get()
+        try:
+            recs = fut.result()
+        except Exception as exc:  # the task itself died (worker lost, unpicklable model, ...)
+            recs = [
+                {"key": t.key, "index": list(t.index), "stage": stage, "status": FAILED,
+                 "error": f"task failed: {type(exc).__name__}: {exc}"}
+                for t in batch
+            ]
+            for r in recs:
+                write_record(dest, r)
+        for rec in recs:
+            done_records[rec["key"]] = rec
+            n_done += 1
+            if progress:
+                progress(n_done, total, rec)
+    records = [done_records[t.key] for t in todo_tiles]
+    return StageResult(records=records, wall_s=time.perf_counter() - t0)

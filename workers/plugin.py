@@ -1,0 +1,41 @@
+"""Dask worker plugin: load each model once per worker (weights hash checked) and keep it.
+
+Register with ``client.register_plugin(ModelPlugin(...))`` (``register_worker_plugin`` is gone
+from recent ``distributed``). The models land in :mod:`workers.infer`'s per-process cache, which is
+what the tile models use, so tasks on that worker never reload weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+
+class ModelPlugin(WorkerPlugin):
+    """Preload ``models`` (registry names with shipped weights) on every worker at start-up."""
+
+    name = "hyperdeq-models"
+
+    def __init__(self, models: tuple[str, ...] = ("decsc",), device: str = "cpu", torch_threads: int | None = 1) -> None:
+        self.models = tuple(models)
+        self.device = device
+        self.torch_threads = torch_threads
+        self.loaded: dict[str, str] = {}
+
+    def setup(self, worker: Any) -> None:
+        import torch
+
+        from workers.infer import get_model, load_decsc, resolve_device
+        from workers.registry import get_spec, verified_weights_path
+
+        if self.torch_threads:
+            torch.set_num_threads(int(self.torch_threads))
+        dev = resolve_device(self.device)
+        for name in self.models:
+            spec = get_spec(name)
+            verified_weights_path(spec)  # raises WeightsError on a missing/tampered file
+            if name == "decsc":
+                get_model(("decsc", dev, spec.weights_sha256), lambda d=dev: load_decsc(d))
+            self.loaded[name] = str(spec.weights_sha256)
+        worker.hyperdeq_models = dict(self.loaded)
