@@ -9,6 +9,7 @@ rioxarray), the transform from the regular ``x``/``y`` coordinates. CF ``scale_f
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,10 @@ class XarraySource(SceneSource):
     def _open(self) -> xr.Dataset:
         try:
             if self.reader == "zarr":
-                return xr.open_zarr(self.path, consolidated=None, chunks=None, decode_coords="all")
+                with warnings.catch_warnings():
+                    # stores from other tools may or may not consolidate their metadata
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    return xr.open_zarr(self.path, consolidated=None, chunks=None, decode_coords="all")
             engine = "h5netcdf" if self.path.suffix.lower() in (".h5", ".hdf5", ".he5", ".hdf") else None
             kw: dict[str, Any] = {"phony_dims": "sort"} if engine == "h5netcdf" else {}
             return xr.open_dataset(self.path, engine=engine, decode_coords="all", **kw)
