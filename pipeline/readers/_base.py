@@ -339,7 +339,7 @@ def looks_byteswapped(sample: np.ndarray) -> bool:
     """
     if sample.size == 0 or sample.dtype.itemsize == 1:
         return False
-    swapped = sample.byteswap().view(sample.dtype.newbyteorder())
+    swapped = sample.byteswap()  # same dtype, bytes reversed: the other byte order's values
     if sample.dtype.kind == "f":
         return _plausible_fraction(swapped) > 0.95 and _plausible_fraction(sample) < 0.5
     if sample.ndim != 3 or sample.shape[0] < 3:

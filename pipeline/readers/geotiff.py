@@ -20,8 +20,11 @@ OPTIONS: tuple[str, ...] = ()
 
 
 def _rasterio_error(path: Path, exc: Exception, doing: str) -> ReadError:
+    detail = str(exc).rstrip(".")
+    if exc.__cause__ is not None:
+        detail += f" ({str(exc.__cause__).rstrip('.')})"
     return ReadError(
-        f"cannot {doing} GeoTIFF {str(path)!r}: {exc!s}. The file is corrupt or truncated "
+        f"cannot {doing} GeoTIFF {str(path)!r}: {detail}. The file is corrupt or truncated "
         "(an interrupted copy or download?); copy it again or check it with `gdalinfo -checksum`."
     )
 
