@@ -21,7 +21,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,7 @@ def ingest_scene(
     overwrite: bool = False,
     format: str | None = None,
     progress: Progress | None = None,
+    workers: int = 2,
     **options: Any,
 ) -> Path:
     """Read ``src`` window by window and write it to the zarr v3 store ``dest``; return ``dest``.
@@ -180,11 +181,14 @@ def ingest_scene(
     Values are checked per region (infinities → :class:`InputValidationError`; a scene without a
     single valid pixel → :class:`InputValidationError`). An existing complete ``dest`` is refused
     unless ``overwrite``; an interrupted ingest of the same source (same sha256, chunk, reader) is
-    resumed. ``progress(done, total)`` is called after every region. ``options`` go to the reader.
+    resumed. ``progress(done, total)`` is called after every region. ``workers`` threads compress
+    and write regions (peak memory ≈ (workers + 2) regions). ``options`` go to the reader.
     """
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise ConfigError(f"chunk must be a positive integer number of pixels, got {chunk!r}.")
     chunk = int(chunk)
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers!r}.")
     source = open_source(src, format, **options)
     nb, ny, nx = source.shape
     if nb * ny * nx == 0:
@@ -277,31 +281,55 @@ def ingest_scene(
     def _read(i: int) -> np.ndarray:
         return source.read(*regions[i])
 
+    def _write(i: int, block: np.ndarray) -> tuple[int, int]:
+        """Check one region's values, write its chunk; return (region, valid pixel count)."""
+        y0, y1, x0, x1 = regions[i]
+        gb = block[good]
+        if np.isinf(gb).any():
+            b, yy, xx = (int(v) for v in np.argwhere(np.isinf(gb))[0])
+            raise InputValidationError(
+                f"infinite value {gb[b, yy, xx].item()!r} in {str(source.path)!r} at band "
+                f"{int(good[b])}, row {y0 + yy}, col {x0 + xx}; infinities are not valid "
+                "reflectance. Mask them as nodata (NaN) or fix the scale factor."
+            )
+        n_valid_region = int(np.isfinite(gb).all(axis=0).sum())
+        arr[:, y0:y1, x0:x1] = block
+        return i, n_valid_region
+
     try:
-        # one read ahead: the next window is read while this one is compressed and written
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            nxt = pool.submit(_read, todo[0]) if todo else None
-            for k, i in enumerate(todo):
-                assert nxt is not None
-                block = nxt.result()
-                nxt = pool.submit(_read, todo[k + 1]) if k + 1 < len(todo) else None
-                y0, y1, x0, x1 = regions[i]
-                gb = block[good]
-                if np.isinf(gb).any():
-                    b, yy, xx = (int(v) for v in np.argwhere(np.isinf(gb))[0])
-                    raise InputValidationError(
-                        f"infinite value {gb[b, yy, xx].item()!r} in {str(source.path)!r} at band "
-                        f"{int(good[b])}, row {y0 + yy}, col {x0 + xx}; infinities are not valid "
-                        "reflectance. Mask them as nodata (NaN) or fix the scale factor."
-                    )
-                valid[i] = int(np.isfinite(gb).all(axis=0).sum())
-                arr[:, y0:y1, x0:x1] = block
-                done[i] = "1"
-                n_done += 1
+        # a small pipeline: one window is read ahead while up to `workers` regions are checked,
+        # compressed and written by threads (blosc releases the GIL); each chunk has exactly
+        # one writer, and a region is recorded done only after its chunk is on disk
+        with ThreadPoolExecutor(max_workers=1) as readers, ThreadPoolExecutor(
+            max_workers=workers
+        ) as writers:
+            nxt = readers.submit(_read, todo[0]) if todo else None
+            pending: set[Future[tuple[int, int]]] = set()
+
+            def _record(finished: set[Future[tuple[int, int]]]) -> None:
+                nonlocal n_done
+                for fut in finished:
+                    i, n_valid_region = fut.result()
+                    valid[i] = n_valid_region
+                    done[i] = "1"
+                    n_done += 1
                 meta["progress"] = {"done": "".join(done), "valid": valid}
                 group.attrs["hyperdeq"] = meta
                 if progress is not None:
                     progress(n_done, total)
+
+            for k, i in enumerate(todo):
+                assert nxt is not None
+                block = nxt.result()
+                nxt = readers.submit(_read, todo[k + 1]) if k + 1 < len(todo) else None
+                pending.add(writers.submit(_write, i, block))
+                del block
+                if len(pending) >= workers:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    _record(finished)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                _record(finished)
     except InputValidationError:
         _remove_store(dest)
         raise

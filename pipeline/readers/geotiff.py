@@ -17,6 +17,15 @@ from pipeline.errors import ReadError
 from pipeline.readers._base import SceneSource, check_options, parse_number_list, wavelengths_to_nm
 
 OPTIONS: tuple[str, ...] = ()
+#: GDAL's block cache defaults to 5 % of RAM and would make RSS grow with the scene; windows are
+#: read once each, so a small cache loses nothing
+GDAL_CACHE_MB = 64
+
+
+def _env() -> Any:
+    import rasterio
+
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
 
 
 def _rasterio_error(path: Path, exc: Exception, doing: str) -> ReadError:
@@ -41,7 +50,7 @@ class GeoTiffSource(SceneSource):
         self.path = path
         self.attrs = {}
         try:
-            with rasterio.open(path) as ds:
+            with _env(), rasterio.open(path) as ds:
                 self.shape = (ds.count, ds.height, ds.width)
                 self.raw_dtype = np.dtype(ds.dtypes[0])
                 if len(set(ds.dtypes)) > 1:
@@ -114,17 +123,16 @@ class GeoTiffSource(SceneSource):
             self.attrs["start_time"] = dstags["start_time"]
 
     def _check_readable(self) -> None:
-        """Read the first and last block: truncated files lose their tail, this catches it early."""
+        """Read the first and last pixel (their blocks): truncated files lose their tail, this catches it early."""
         import rasterio
         from rasterio.windows import Window
 
         nb, ny, nx = self.shape
         try:
-            with rasterio.open(self.path) as ds:
-                bh, bw = ds.block_shapes[0]
-                ds.read(window=Window(0, 0, min(bw, nx), min(bh, ny)))
-                y0, x0 = max(ny - bh, 0), max(nx - bw, 0)
-                ds.read(window=Window(x0, y0, nx - x0, ny - y0))
+            with _env(), rasterio.open(self.path) as ds:
+                # one pixel of each corner block: GDAL still decodes the block, but copies nothing
+                ds.read(window=Window(0, 0, 1, 1))
+                ds.read(window=Window(max(nx - 1, 0), max(ny - 1, 0), 1, 1))
         except Exception as exc:
             raise _rasterio_error(self.path, exc, "read") from exc
 
@@ -133,7 +141,7 @@ class GeoTiffSource(SceneSource):
         from rasterio.windows import Window
 
         try:
-            with rasterio.open(self.path) as ds:
+            with _env(), rasterio.open(self.path) as ds:
                 return ds.read(window=Window(x0, y0, x1 - x0, y1 - y0))
         except Exception as exc:
             raise _rasterio_error(self.path, exc, f"read window rows {y0}:{y1} cols {x0}:{x1} of") from exc
