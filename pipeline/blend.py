@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 
 from pipeline.errors import GridError
-from pipeline.grid import TileGrid, Window, tile_weight
+from pipeline.grid import Tile, TileGrid, Window, tile_weight
 from pipeline.tiles import DATA, read_tile, read_valid
 
 
@@ -58,29 +58,44 @@ def chunk_windows(shape: tuple[int, int], chunk: int) -> list[Window]:
 
 
 def blend_window(
-    source: str | Path,
+    source: str | Path | Callable[[Tile], np.ndarray],
     grid: TileGrid,
     window: Window,
     blend: str,
     ok_keys: set[str] | frozenset[str] | None = None,
     valid: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Blend the tile outputs in ``source`` over ``window``: ``(channels, h, w)`` float32, NaN = nodata."""
-    n_ch = zarr.open_array(str(Path(source) / DATA), mode="r").shape[1]
-    acc = np.zeros((n_ch, *window.shape), dtype=np.float64)
+    """Blend tile outputs over ``window``: ``(channels, h, w)`` float32, NaN = nodata.
+
+    ``source`` is a tile-output store path, or a callable giving a tile's ``(channels, h, w)``
+    output over its read window (in-memory use and tests). Pixels no tile covers are NaN.
+    """
+    reader: Callable[[Tile], np.ndarray]
+    if callable(source):
+        reader = source
+    else:
+        path = source
+        reader = lambda t: read_tile(path, grid, t)  # noqa: E731
+    acc: np.ndarray | None = None
     wsum = np.zeros(window.shape, dtype=np.float64)
     for t in grid.overlapping(window):  # index order: deterministic sums
         if ok_keys is not None and t.key not in ok_keys:
             continue
         inter = t.read.intersect(window)
         assert inter is not None
-        w = tile_weight(t, blend)[inter.relative_to(t.read).slices]
+        rel = inter.relative_to(t.read).slices
+        w = tile_weight(t, blend)[rel]
         if not w.any():
             continue
-        data = read_tile(source, grid, t)[(slice(None), *inter.relative_to(t.read).slices)]
+        data = reader(t)[(slice(None), *rel)]
+        if acc is None:
+            acc = np.zeros((data.shape[0], *window.shape), dtype=np.float64)
         dst = (slice(None), *inter.relative_to(window).slices)
         acc[dst] += data.astype(np.float64) * w
         wsum[dst[1:]] += w
+    if acc is None:
+        n_ch = zarr.open_array(str(Path(source) / DATA), mode="r").shape[1] if not callable(source) else 1
+        return np.full((n_ch, *window.shape), np.nan, dtype=np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):
         out = acc / wsum
     out[:, wsum == 0] = np.nan

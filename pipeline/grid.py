@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -122,11 +123,20 @@ class TileGrid:
         """Flat position of a tile (row-major over the full grid): its slot in the tile stores."""
         return tile.index[0] * self.n_cols + tile.index[1]
 
+    @cached_property
+    def _by_index(self) -> dict[tuple[int, int], Tile]:
+        return {t.index: t for t in self.tiles}
+
     def overlapping(self, window: Window) -> Iterator[Tile]:
-        """Run tiles whose read window overlaps ``window``, in index order."""
-        for t in self.tiles:
-            if t.read.intersect(window) is not None:
-                yield t
+        """Run tiles whose read window overlaps ``window``, in index order (index arithmetic, no scan)."""
+        h, n = self.halo, self.tile
+        r0, r1 = max(0, (window.y0 - h) // n), min(self.n_rows - 1, (window.y1 - 1 + h) // n)
+        c0, c1 = max(0, (window.x0 - h) // n), min(self.n_cols - 1, (window.x1 - 1 + h) // n)
+        for r in range(r0, r1 + 1):
+            for c in range(c0, c1 + 1):
+                t = self._by_index.get((r, c))
+                if t is not None and t.read.intersect(window) is not None:
+                    yield t
 
     def to_dict(self) -> dict[str, object]:
         return {

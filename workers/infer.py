@@ -170,6 +170,8 @@ class UnmixTileModel:
     def __call__(self, cube: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         from workers.unmix.fit import apply_fit
 
-        abund, rmse, stats = apply_fit(self.fit(), np.asarray(cube, dtype=np.float32))
+        fit = self.fit()
+        module = get_model(("deq-unmix-module", self.fit_dir, self.weights_sha256), fit.model)
+        abund, rmse, stats = apply_fit(fit, np.asarray(cube, dtype=np.float32), model=module)
         out = np.concatenate([np.asarray(abund, np.float32), np.asarray(rmse, np.float32)[None]], axis=0)
         return out, {**_scalar_stats(dict(stats or {})), "device": resolve_device(self.device), "worker": worker_name()}
