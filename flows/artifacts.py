@@ -49,47 +49,66 @@ def _in_prefect_run() -> bool:
 
 
 # ---------------------------------------------------------------------------------- progress
-class ProgressReporter:
-    """Progress artifact of one stage, updated at most every ``min_interval_s`` (and at the end).
+class SceneProgress:
+    """One progress artifact per scene, moved forward as stages and tile batches finish.
 
-    Called as ``reporter(done, total, info)`` by the library's tile loop; logs each update too.
-    Outside a Prefect run it only logs.
+    ``stages`` lists the stages in order; the library calls ``progress(stage, done, total)``
+    from its tile loops (``denoise``, ``blend_denoise``, ``unmix``, ``blend_unmix``) and the flow
+    calls :meth:`stage_done` after the others. Overall progress = (finished stages + fraction of
+    the current one) / number of stages. Updates are throttled to one per ``min_interval_s``;
+    outside a Prefect run it only logs. A monitoring hiccup never fails the run.
     """
 
-    def __init__(self, key: str, description: str, min_interval_s: float = 1.0) -> None:
-        self.key = key
-        self.description = description
+    def __init__(self, key: str, scene: str, stages: Sequence[str],
+                 logger: logging.Logger | logging.LoggerAdapter | None = None,
+                 min_interval_s: float = 1.0) -> None:
+        self.key, self.scene, self.stages = key, scene, list(stages)
+        self.log = logger or log
         self.min_interval_s = min_interval_s
         self.artifact_id: UUID | None = None
-        self.last: float = -1.0
+        self.percent = 0.0
+        self.done_stages: set[str] = set()
         self._last_t = 0.0
-        self.failed = 0
         if _in_prefect_run():
             from prefect.artifacts import create_progress_artifact
 
-            self.artifact_id = create_progress_artifact(0.0, key=key, description=description)
+            self.artifact_id = create_progress_artifact(
+                0.0, key=key, description=f"{scene}: starting ({len(self.stages)} stages)")
 
-    def __call__(self, done: int, total: int, info: Mapping[str, Any] | None = None) -> None:
-        pct = 100.0 if total <= 0 else round(100.0 * done / total, 1)
-        info = dict(info or {})
-        if info.get("status") == "failed":
-            self.failed += 1
+    def _stage_pos(self, stage: str) -> int:
+        return self.stages.index(stage) if stage in self.stages else len(self.done_stages)
+
+    def _push(self, percent: float, description: str, force: bool) -> None:
         now = time.monotonic()
-        if pct < 100.0 and now - self._last_t < self.min_interval_s:
+        if not force and now - self._last_t < self.min_interval_s:
             return
         self._last_t = now
-        if pct == self.last:
-            return
-        self.last = pct
-        log.info("%s: %d/%d tiles (%.1f %%)%s", self.description, done, total, pct,
-                 f", {self.failed} failed" if self.failed else "")
+        self.percent = percent
         if self.artifact_id is not None:
             from prefect.artifacts import update_progress_artifact
 
             try:
-                update_progress_artifact(self.artifact_id, pct, description=self.description)
-            except Exception as exc:  # a monitoring hiccup must never fail the science
-                log.warning("could not update progress artifact %r: %s", self.key, exc)
+                update_progress_artifact(self.artifact_id, percent, description=description)
+            except Exception as exc:
+                self.log.warning("could not update progress artifact %r: %s", self.key, exc)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        frac = 1.0 if total <= 0 else done / total
+        pct = round(100.0 * (self._stage_pos(stage) + frac) / max(len(self.stages), 1), 1)
+        desc = f"{self.scene}: {stage} {done}/{total} tiles"
+        self.log.info("%s (scene %.0f %%)", desc, pct)
+        self._push(min(pct, 100.0), desc, force=done >= total)
+
+    def stage_done(self, stage: str) -> None:
+        self.done_stages.add(stage)
+        pct = round(100.0 * (self._stage_pos(stage) + 1) / max(len(self.stages), 1), 1)
+        self._push(min(pct, 100.0), f"{self.scene}: {stage} done", force=True)
+
+
+def scene_progress(scene: str, stages: Sequence[str],
+                   logger: logging.Logger | logging.LoggerAdapter | None = None) -> SceneProgress:
+    """The progress artifact of one scene run (key ``hyperdeq-<scene>-progress``)."""
+    return SceneProgress(artifact_key("hyperdeq", Path(scene).stem, "progress"), scene, stages, logger)
 
 
 # ---------------------------------------------------------------------------------- images
@@ -264,8 +283,8 @@ def report_markdown(s: SceneSummary) -> str:
     return "\n".join(lines) + "\n"
 
 
-QUALITY_COLUMNS = ("scene", "reconstruction_rmse", "convergence_rate", "nodata_fraction",
-                   "failed_tiles", "wall_s")
+QUALITY_COLUMNS = ("scene", "status", "reused", "reconstruction_rmse", "denoise_residual_rms",
+                   "convergence_rate", "nodata_fraction", "failed_tiles", "wall_s")
 
 
 def quality_row(s: SceneSummary) -> dict[str, Any]:
@@ -336,3 +355,97 @@ def publish_sweep_table(rows: Sequence[Mapping[str, Any]], key: str = "hyperdeq-
 
     return create_table_artifact([dict(r) for r in rows], key=key,
                                  description="scenes of this sweep: processed, skipped, failed")
+
+
+# ---------------------------------------------------------------------------------- from a run
+INGESTED = "ingest/scene.zarr"
+
+
+def _strided(da: Any, max_side: int) -> np.ndarray:
+    """Load a lazily opened (..., y, x) DataArray subsampled to at most ``max_side`` per side."""
+    h, w = da.shape[-2:]
+    step = max(1, int(np.ceil(max(h, w) / max_side)))
+    return np.asarray(da[..., ::step, ::step].values, dtype=np.float32)
+
+
+def scene_quality(run_dir: str | Path, record: Mapping[str, Any], max_side: int = 512) -> dict[str, float | None]:
+    """Per-scene quality indicators from a finished run (subsampled reads, bounded memory).
+
+    * ``reconstruction_rmse``: mean per-pixel RMSE of the unmixing model (Y vs E·A);
+    * ``denoise_residual_rms``: RMS of (input - denoised) over good bands and valid pixels;
+    * ``convergence_rate``: fraction of ok tiles whose fixed-point solver converged;
+    * ``nodata_fraction``: fraction of pixels that are nodata in the input.
+    """
+    from pipeline.ingest import open_zarr_scene
+    from pipeline.scene import good_band_index, valid_mask
+    from pipeline.writers import open_output
+
+    run_dir = Path(run_dir)
+    outputs = record.get("outputs", {})
+    q: dict[str, float | None] = {}
+    scene = open_zarr_scene(run_dir / INGESTED)
+    valid = _strided(valid_mask(scene), max_side).astype(bool)
+    q["nodata_fraction"] = float(1.0 - valid.mean()) if valid.size else None
+    if "abundances_zarr" in outputs:
+        rmse = _strided(open_output(run_dir / outputs["abundances_zarr"], "rmse"), max_side)
+        fin = rmse[np.isfinite(rmse)]
+        q["reconstruction_rmse"] = float(fin.mean()) if fin.size else None
+    if "denoised_zarr" in outputs:
+        good = good_band_index(scene)
+        den = _strided(open_output(run_dir / outputs["denoised_zarr"], "denoised").isel(band=good), max_side)
+        src = _strided(scene.isel(band=good), max_side)
+        diff = (src - den)[:, valid]
+        diff = diff[np.isfinite(diff)]
+        q["denoise_residual_rms"] = float(np.sqrt(np.mean(diff**2))) if diff.size else None
+    conv = [t.get("converged") for ts in record.get("tiles", {}).values() for t in ts
+            if t.get("status") == "ok" and t.get("converged") is not None]
+    q["convergence_rate"] = float(np.mean(conv)) if conv else None
+    return q
+
+
+def summary_from_record(run_dir: str | Path, reused: bool = False) -> SceneSummary:
+    """Fill a :class:`SceneSummary` from ``run_dir/run.json`` and the outputs beside it."""
+    from pipeline.provenance import load_run_record
+
+    run_dir = Path(run_dir)
+    rec = load_run_record(run_dir)
+    timings = {k: float(v["wall_s"]) for k, v in rec.get("stages", {}).items()
+               if isinstance(v, Mapping) and v.get("wall_s") is not None}
+    solver = {stage: solver_summary(tiles) for stage, tiles in rec.get("tiles", {}).items()}
+    failed = []
+    tiles_by_key = {(st, t.get("key")): t for st, ts in rec.get("tiles", {}).items() for t in ts}
+    for f in rec.get("failed_tiles", []):
+        stage, _, key = str(f).partition(":")
+        t = tiles_by_key.get((stage, key), {})
+        failed.append({"stage": stage, "index": key, "error": t.get("error") or ""})
+    s = SceneSummary(
+        scene=rec.get("input", {}).get("path", ""), out_dir=str(run_dir),
+        record_path=str(run_dir / "run.json"), input_sha256=rec.get("input", {}).get("sha256", ""),
+        config_hash=rec.get("config_hash", ""), config=rec.get("config", {}),
+        models=list(rec.get("models", [])), timings_s=timings, solver=solver, failed_tiles=failed,
+        outputs={k: str(run_dir / v) for k, v in rec.get("outputs", {}).items()},
+    )
+    s.quality = scene_quality(run_dir, rec)
+    s.quality["status"] = rec.get("status")  # type: ignore[assignment]
+    s.quality["reused"] = reused  # type: ignore[assignment]
+    return s
+
+
+def render_quicklooks(run_dir: str | Path) -> dict[str, bytes]:
+    """``before_rgb``, ``after_rgb`` (denoised) and ``abundances`` PNGs of a finished run."""
+    from pipeline.ingest import open_zarr_scene
+    from pipeline.provenance import load_run_record
+    from pipeline.writers import open_output
+
+    run_dir = Path(run_dir)
+    outputs = load_run_record(run_dir).get("outputs", {})
+    scene = open_zarr_scene(run_dir / INGESTED)
+    bands = rgb_bands(scene["wavelength"].values, scene.sizes["band"], scene["good_band"].values)
+    images = {"before_rgb": rgb_png(_strided(scene.isel(band=list(bands)), QUICKLOOK_MAX_SIDE), (0, 1, 2))}
+    if "denoised_zarr" in outputs:
+        den = open_output(run_dir / outputs["denoised_zarr"], "denoised").isel(band=list(bands))
+        images["after_rgb"] = rgb_png(_strided(den, QUICKLOOK_MAX_SIDE), (0, 1, 2))
+    if "abundances_zarr" in outputs:
+        ab = open_output(run_dir / outputs["abundances_zarr"], "abundances")
+        images["abundances"] = abundance_png(_strided(ab, 192))
+    return images
