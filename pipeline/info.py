@@ -43,11 +43,8 @@ class SceneInfo:
 def _disk_size(p: Path) -> int:
     if p.is_dir():
         return sum(q.stat().st_size for q in p.rglob("*") if q.is_file())
-    size = p.stat().st_size
-    for side in (Path(str(p) + ".hdr"), p.with_suffix(".hdr"), Path(str(p) + ".aux.xml")):
-        if side.is_file() and side != p:
-            size += side.stat().st_size
-    return size
+    sides = {Path(str(p) + ".hdr"), p.with_suffix(".hdr"), Path(str(p) + ".aux.xml")} - {p}
+    return p.stat().st_size + sum(s.stat().st_size for s in sides if s.is_file())
 
 
 def scene_info(path: str | Path, format: str | None = None, **options: Any) -> SceneInfo:

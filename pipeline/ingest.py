@@ -284,15 +284,17 @@ def ingest_scene(
     def _write(i: int, block: np.ndarray) -> tuple[int, int]:
         """Check one region's values, write its chunk; return (region, valid pixel count)."""
         y0, y1, x0, x1 = regions[i]
-        gb = block[good]
-        if np.isinf(gb).any():
-            b, yy, xx = (int(v) for v in np.argwhere(np.isinf(gb))[0])
+        if np.isinf(block).any():  # in any band: bad bands must hold NaN or data, never inf
+            b, yy, xx = (int(v) for v in np.argwhere(np.isinf(block))[0])
             raise InputValidationError(
-                f"infinite value {gb[b, yy, xx].item()!r} in {str(source.path)!r} at band "
-                f"{int(good[b])}, row {y0 + yy}, col {x0 + xx}; infinities are not valid "
+                f"infinite value {block[b, yy, xx].item()!r} in {str(source.path)!r} at band "
+                f"{b}, row {y0 + yy}, col {x0 + xx}; infinities are not valid "
                 "reflectance. Mask them as nodata (NaN) or fix the scale factor."
             )
-        n_valid_region = int(np.isfinite(gb).all(axis=0).sum())
+        ok = np.ones(block.shape[1:], dtype=bool)
+        for b in good:  # band by band: no window-sized temporary
+            ok &= np.isfinite(block[b])
+        n_valid_region = int(ok.sum())
         arr[:, y0:y1, x0:x1] = block
         return i, n_valid_region
 
@@ -430,8 +432,11 @@ class ZarrSceneSource(SceneSource):
         self.scale_factor_source = str(m.get("scale_factor_source", "none"))
         self.attrs = {k: v for k, v in self._scene.attrs.items() if k not in ("source", "reader", "scale_factor", "nodata_convention", "crs_missing")}
 
-    def read_raw(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        return np.asarray(self._scene.data[:, y0:y1, x0:x1].compute())
+    def read_raw(
+        self, y0: int, y1: int, x0: int, x1: int, bands: np.ndarray | None = None
+    ) -> np.ndarray:
+        out = np.asarray(self._scene.data[:, y0:y1, x0:x1].compute())
+        return out if bands is None else out[bands]
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         return self.read_raw(y0, y1, x0, x1)

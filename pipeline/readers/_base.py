@@ -52,15 +52,25 @@ class SceneSource:
     scale_factor_source: str = "none"
     attrs: dict[str, Any]
 
-    def read_raw(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """Raw values (file dtype) of rows ``y0:y1``, cols ``x0:x1``, all bands, as (band, y, x)."""
+    #: True when :meth:`read_raw` returns a new array the caller may modify in place
+    fresh_reads: bool = False
+
+    def read_raw(
+        self, y0: int, y1: int, x0: int, x1: int, bands: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Raw values (file dtype) of rows ``y0:y1``, cols ``x0:x1`` as (band, y, x).
+
+        ``bands``: source band indexes (0-based) in the order wanted; None = all, file order.
+        """
         raise NotImplementedError
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Canonical float32 values of one window (scale divided out, nodata → NaN, band order)."""
-        out = self.canonical(self.read_raw(y0, y1, x0, x1), where=(y0, y1, x0, x1))
         order = self.band_order()
-        return out if order is None else out[order]
+        raw = self.read_raw(y0, y1, x0, x1, bands=order)
+        # convert in place when the raw buffer is ours (saves one window-sized copy)
+        fresh = self.fresh_reads or order is not None
+        return self.canonical(raw, where=(y0, y1, x0, x1), copy=not fresh)
 
     def band_order(self) -> np.ndarray | None:
         """Source band indexes in canonical (increasing wavelength) order; None when unchanged.
@@ -84,10 +94,11 @@ class SceneSource:
         self._band_order = order
         return order
 
-    def canonical(self, raw: np.ndarray, where: Any = None) -> np.ndarray:
+    def canonical(self, raw: np.ndarray, where: Any = None, copy: bool = True) -> np.ndarray:
         """Convert raw values to canonical float32: nodata → NaN, divide by the scale factor."""
         return to_canonical(
             raw,
+            copy=copy,
             nodata=self.nodata,
             scale_factor=self.scale_factor,
             add_offset=self.add_offset,
@@ -215,8 +226,12 @@ def to_canonical(
     add_offset: float = 0.0,
     source: Any = "",
     where: Any = None,
+    copy: bool = True,
 ) -> np.ndarray:
-    """Raw → canonical float32; raises on overflow (finite raw values that become infinite)."""
+    """Raw → canonical float32; raises on overflow (finite raw values that become infinite).
+
+    ``copy=False`` lets a float32 ``raw`` be converted in place (the caller owns the buffer).
+    """
     if raw.dtype.kind not in "iuf":
         raise InputValidationError(
             f"non-numeric data type {str(raw.dtype)!r} in {str(source)!r}; hyperdeq reads real "
@@ -229,21 +244,25 @@ def to_canonical(
             missing = np.isnan(raw) if raw.dtype.kind == "f" else None
         else:
             missing = raw == raw.dtype.type(nodata) if _representable(nodata, raw.dtype) else None
+    # infinities already in the file are not overflow (ingest rejects them separately)
+    was_inf = np.isinf(raw) if raw.dtype.kind == "f" else None
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        out = raw.astype(np.float32)
+        out = raw.astype(np.float32, copy=copy)
+        in_place = out is raw or np.shares_memory(out, raw)
         if scale_factor != 1.0:
             out /= np.float32(scale_factor)
         if add_offset:
             out += np.float32(add_offset)
     overflow = np.isinf(out)
-    if raw.dtype.kind == "f":
-        overflow &= np.isfinite(raw)
+    if was_inf is not None:
+        overflow &= ~was_inf
     if missing is not None:
         overflow &= ~missing
     if overflow.any():
         idx = tuple(int(i) for i in np.argwhere(overflow)[0])
+        value = "out of float32 range" if in_place else raw[idx].item()
         raise InputValidationError(
-            f"overflow while scaling {str(source)!r}: raw value {raw[idx].item()!r} at "
+            f"overflow while scaling {str(source)!r}: raw value {value!r} at "
             f"(band, y, x) = {idx!r} of window {where!r} becomes infinite in float32 with scale "
             f"factor {scale_factor!r}; check the scale factor (reflectance = raw / scale_factor) "
             "or pass scale_factor=<number>."

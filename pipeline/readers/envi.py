@@ -255,7 +255,11 @@ class EnviSource(SceneSource):
         shape = {"bsq": (nb, nl, ns), "bil": (nl, nb, ns), "bip": (nl, ns, nb)}[self.interleave]
         return np.memmap(self.path, dtype=self.raw_dtype, mode="r", offset=self.offset, shape=shape)
 
-    def read_raw(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    fresh_reads = True
+
+    def read_raw(
+        self, y0: int, y1: int, x0: int, x1: int, bands: np.ndarray | None = None
+    ) -> np.ndarray:
         mm = self._memmap()
         if self.interleave == "bsq":
             block = mm[:, y0:y1, x0:x1]
@@ -263,6 +267,8 @@ class EnviSource(SceneSource):
             block = mm[y0:y1, :, x0:x1].transpose(1, 0, 2)
         else:
             block = mm[y0:y1, x0:x1, :].transpose(2, 0, 1)
+        if bands is not None:
+            block = block[bands]
         out = np.array(block, dtype=self.raw_dtype.newbyteorder("="))
         del mm
         return out

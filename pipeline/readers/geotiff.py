@@ -136,13 +136,18 @@ class GeoTiffSource(SceneSource):
         except Exception as exc:
             raise _rasterio_error(self.path, exc, "read") from exc
 
-    def read_raw(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    fresh_reads = True
+
+    def read_raw(
+        self, y0: int, y1: int, x0: int, x1: int, bands: np.ndarray | None = None
+    ) -> np.ndarray:
         import rasterio
         from rasterio.windows import Window
 
+        indexes = None if bands is None else [int(b) + 1 for b in bands]
         try:
             with _env(), rasterio.open(self.path) as ds:
-                return ds.read(window=Window(x0, y0, x1 - x0, y1 - y0))
+                return ds.read(indexes=indexes, window=Window(x0, y0, x1 - x0, y1 - y0))
         except Exception as exc:
             raise _rasterio_error(self.path, exc, f"read window rows {y0}:{y1} cols {x0}:{x1} of") from exc
 

@@ -168,8 +168,11 @@ class MatSource(SceneSource):
         # MATLAB column-major: pixel index = row + col * rows
         return y.T.reshape(rows, cols, bands, order="F")
 
-    def read_raw(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        return self._cube[:, y0:y1, x0:x1]
+    def read_raw(
+        self, y0: int, y1: int, x0: int, x1: int, bands: np.ndarray | None = None
+    ) -> np.ndarray:
+        block = self._cube[:, y0:y1, x0:x1]
+        return block if bands is None else block[bands]
 
     def to_dataarray(self, chunk: int = 256) -> Any:
         """In memory already: canonical numpy array, values validated now (cheap)."""

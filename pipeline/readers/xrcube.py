@@ -162,12 +162,15 @@ class XarraySource(SceneSource):
         if self.reader == "zarr" and crs is None:
             self.attrs["foreign_zarr"] = True
 
-    def read_raw(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    def read_raw(
+        self, y0: int, y1: int, x0: int, x1: int, bands: np.ndarray | None = None
+    ) -> np.ndarray:
         bdim, ydim, xdim = self.dims
         ds = self._open()
         try:
             var = ds[self.variable].isel({ydim: slice(y0, y1), xdim: slice(x0, x1)})
-            return np.asarray(var.transpose(bdim, ydim, xdim).values)
+            out = np.asarray(var.transpose(bdim, ydim, xdim).values)
+            return out if bands is None else out[bands]
         finally:
             ds.close()
 
