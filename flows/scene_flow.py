@@ -283,8 +283,7 @@ def process_scene(
         record = record_task(plan, outputs, start, desc, label=f"run record {name}")
         progress.stage_done("record")
     finally:
-        if handle.cluster is not None:
-            handle.close()
+        handle.close()  # closes the client, and the cluster when this run started it
     log.info("scene %s processed in %.1f s; run record %s", name, time.perf_counter() - t0, record)
     artifacts_task(str(run_dir), label=f"report {name}")
     import json
