@@ -31,6 +31,7 @@ HASHED_FIELDS: tuple[str, ...] = (
     "denoise",
     "unmix",
     "n_endmembers",
+    "unmix_epochs",
     "seed",
     "device",
 )
@@ -60,6 +61,7 @@ class RunConfig:
     denoise: bool = True
     unmix: bool = True
     n_endmembers: int | None = None
+    unmix_epochs: int | None = None
     seed: int = 0
     workers: int | None = None
     scheduler: str | None = None
@@ -102,6 +104,8 @@ class RunConfig:
                 raise ConfigError(
                     f"n_endmembers must be an integer >= 2 (or None to estimate it), got {self.n_endmembers!r}"
                 )
+        if self.unmix_epochs is not None and (not isinstance(self.unmix_epochs, int) or self.unmix_epochs < 1):
+            raise ConfigError(f"unmix_epochs must be a positive integer or None (the fit's default), got {self.unmix_epochs!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.workers is not None:

@@ -262,7 +262,8 @@ def stage_fit_unmixer(scene_zarr: str | Path, run_dir: str | Path, config: RunCo
         shutil.rmtree(dest)
     t0 = time.perf_counter()
     scene = _open_scene_any(scene_zarr)
-    fit = fit_scene(scene, config.n_endmembers, seed=config.seed)
+    kw = {"max_epochs": config.unmix_epochs} if config.unmix_epochs is not None else {}
+    fit = fit_scene(scene, config.n_endmembers, seed=config.seed, **kw)
     fit.save(dest)
     marker.write_text("complete\n")
     _save_stage(run_dir, "fit_unmixer", {
@@ -330,7 +331,7 @@ def stage_blend(
         names = channels[:-1]
         arrays = create_output_zarr(
             dest, "abundances", like, channel_dim="endmember", chunk=config.chunk, attrs=attrs,
-            channel_coords={"endmember": np.asarray(names, dtype=str)}, extra=[("rmse", None, None)],
+            channel_coords={"endmember": np.asarray(names, dtype=object)}, extra=[("rmse", None, None)],
         )
         targets = [
             BlendTarget(arrays["abundances"], tuple(range(len(names))), tuple(range(len(names)))),
