@@ -38,6 +38,10 @@ VARIABLE = "reflectance"
 #: bump when the store layout changes
 STORE_FORMAT = 1
 Progress = Callable[[int, int], None]
+#: blosc/zstd settings. Measured on the real EnMAP mosaic (one 224×256×256 region, 40 % NaN):
+#: blosc's automatic block size (a few hundred KiB) halves zstd's ratio; 1 MiB blocks give
+#: ratio 4.4 at level 1 for 1/5 of level 3's CPU time (level 3: same ratio).
+COMPRESSOR: dict[str, Any] = {"cname": "zstd", "clevel": 1, "shuffle": "shuffle", "blocksize": 1 << 20}
 
 
 def hyperdeq_version() -> str:
@@ -141,7 +145,7 @@ def _encoding(ds: xr.Dataset, chunks: tuple[int, int, int]) -> dict[str, Any]:
     enc: dict[str, Any] = {
         VARIABLE: {
             "chunks": chunks,
-            "compressors": [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")],
+            "compressors": [BloscCodec(**COMPRESSOR)],
             "fill_value": np.nan,
         }
     }

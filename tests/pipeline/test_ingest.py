@@ -77,6 +77,7 @@ def test_store_layout_and_provenance(tmp_path: Path) -> None:
     assert var["chunk_grid"]["configuration"]["chunk_shape"] == [224, 16, 16]
     blosc = [c for c in var["codecs"] if c["name"] == "blosc"]
     assert blosc and blosc[0]["configuration"]["cname"] == "zstd"
+    assert blosc[0]["configuration"]["blocksize"] == 1 << 20
     assert var["attributes"]["grid_mapping"] == "spatial_ref"
     assert "crs_wkt" in json.loads((dest / "spatial_ref" / "zarr.json").read_text())["attributes"]
     meta = store_metadata(dest)
