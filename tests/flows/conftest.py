@@ -1,0 +1,73 @@
+"""Fixtures for the flow tests: small real scenes cut from the shipped EnMAP Potsdam tile, and an
+isolated Prefect (temporary SQLite server, own PREFECT_HOME)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def crop_geotiff(src: Path, dst: Path, y0: int, x0: int, size: int) -> Path:
+    """Copy a window of a real GeoTIFF with its georeferencing, nodata, scales and band tags."""
+    import rasterio
+    from rasterio.windows import Window
+
+    with rasterio.open(src) as s:
+        win = Window(x0, y0, size, size)
+        prof = s.profile.copy()
+        prof.update(width=size, height=size, transform=s.window_transform(win), tiled=False)
+        prof.pop("blockxsize", None)
+        prof.pop("blockysize", None)
+        with rasterio.open(dst, "w", **prof) as d:
+            d.write(s.read(window=win))
+            d.update_tags(**s.tags())
+            d.scales, d.offsets = s.scales, s.offsets
+            for b in range(1, s.count + 1):
+                d.update_tags(b, **s.tags(b))
+                d.set_band_description(b, s.descriptions[b - 1] or "")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def enmap_tile(test_data: Path) -> Path:
+    return test_data / "enmap_potsdam_tile" / "enmap_potsdam_tile_128_0.tif"
+
+
+@pytest.fixture
+def small_archive(tmp_path: Path, enmap_tile: Path) -> Path:
+    """An archive of two real 16x16 EnMAP scenes (different windows of the shipped tile)."""
+    root = tmp_path / "archive" / "2022" / "07"
+    root.mkdir(parents=True)
+    crop_geotiff(enmap_tile, root / "enmap_potsdam_tile_a.tif", 0, 0, 16)
+    crop_geotiff(enmap_tile, root / "enmap_potsdam_tile_b.tif", 16, 16, 16)
+    (root / "notes.txt").write_text("not a scene\n")
+    return tmp_path / "archive"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One temporary Prefect server (SQLite) for the session's in-process flow runs."""
+    from prefect.settings import (
+        PREFECT_HOME,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_UI_ENABLED,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False,
+                             PREFECT_UI_ENABLED: False}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+def decsc_installed() -> bool:
+    from flows.cli_flow import _decsc_available
+
+    return _decsc_available()

@@ -1,0 +1,78 @@
+"""Archive scanning and the ``sweep_archive`` flow on small real EnMAP scenes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.sweep import read_list_file, scan_archive
+from pipeline.errors import ConfigError, ReadError
+
+from .conftest import decsc_installed
+
+
+def test_scan_with_presets_finds_only_scenes(small_archive: Path) -> None:
+    found = scan_archive(small_archive, sensors=["enmap"])
+    assert [p.name for p in found] == ["enmap_potsdam_tile_a.tif", "enmap_potsdam_tile_b.tif"]
+    assert scan_archive(small_archive) == found  # all presets: the others match nothing here
+
+
+def test_scan_errors_say_what_to_do(small_archive: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"pattern '\*\*/\*.hdr' matches no file"):
+        scan_archive(small_archive, patterns=["**/*_a.tif", "**/*.hdr"])
+    with pytest.raises(ConfigError, match=r"unknown sensor preset\(s\) \['hyperion'\]"):
+        scan_archive(small_archive, sensors=["hyperion"])
+    with pytest.raises(ConfigError, match="no scene under .* matches the patterns of \\['emit'\\]"):
+        scan_archive(small_archive, sensors=["emit"])
+    with pytest.raises(ReadError, match="is not a directory"):
+        scan_archive(tmp_path / "nope")
+    assert [p.name for p in scan_archive(small_archive, patterns=["**/*_b.tif"])] == [
+        "enmap_potsdam_tile_b.tif"]
+
+
+def test_list_file(small_archive: Path, tmp_path: Path) -> None:
+    lst = tmp_path / "scenes.txt"
+    a = next(small_archive.rglob("*_a.tif"))
+    lst.write_text(f"# nightly list\n{a}\n\n{a}  # twice\n")
+    assert read_list_file(lst) == [a.resolve()]
+    lst.write_text("missing.tif\n")
+    with pytest.raises(ReadError, match="line 1: scene 'missing.tif' does not exist"):
+        read_list_file(lst)
+    lst.write_text("# nothing\n")
+    with pytest.raises(ConfigError, match="names no scene"):
+        read_list_file(lst)
+
+
+@pytest.mark.slow
+def test_sweep_is_idempotent_and_isolates_failures(prefect_harness: None, small_archive: Path,
+                                                   tmp_path: Path) -> None:
+    from flows.settings import ClusterOptions, RunOptions
+    from flows.sweep import sweep_archive
+
+    bad = small_archive / "2022" / "07" / "enmap_potsdam_tile_bad.tif"
+    good = next(small_archive.rglob("*_a.tif")).read_bytes()
+    bad.write_bytes(good[:4096])  # a truncated real file: fails at ingest
+    out = tmp_path / "out"
+    opts = RunOptions(denoise=decsc_installed(), unmix=True, n_endmembers=3, tile=32, batch_size=2)
+    kw = dict(root=str(small_archive), out_root=str(out), sensors=["enmap"], max_concurrent=2,
+              options=opts, cluster=ClusterOptions(n_workers=1))
+
+    first = sweep_archive(**kw)
+    assert sorted(Path(p).name for p in first["processed"]) == [
+        "enmap_potsdam_tile_a.tif", "enmap_potsdam_tile_b.tif"]
+    assert [Path(f["scene"]).name for f in first["failed"]] == ["enmap_potsdam_tile_bad.tif"]
+    assert first["failed"][0]["reason"]  # the reason is reported
+    records = sorted(out.glob("*/*/run.json"))
+    assert len(records) == 2
+    assert all(json.loads(r.read_text())["status"] == "complete" for r in records)
+    stamps = {r: r.stat().st_mtime_ns for r in records}
+
+    bad.unlink()
+    second = sweep_archive(**kw)
+    assert second["processed"] == [] and second["failed"] == []
+    assert sorted(Path(p).name for p in second["skipped"]) == [
+        "enmap_potsdam_tile_a.tif", "enmap_potsdam_tile_b.tif"]
+    assert {r: r.stat().st_mtime_ns for r in records} == stamps  # nothing was rewritten
+    assert sorted(out.glob("*/*/run.json")) == records

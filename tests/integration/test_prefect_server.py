@@ -1,0 +1,132 @@
+"""A real Prefect server on loopback, the deployments served by ``hyperdeq serve``, one
+``process_scene`` run triggered through the API on a real EnMAP crop, its artifacts read back.
+Also: ``prefect deploy`` accepts ``deploy/prefect.yaml`` from the repository."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.flows.conftest import crop_geotiff, decsc_installed
+from tests.flows.prefect_server import background, prefect_server
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str], Path]]:
+    d = tmp_path_factory.mktemp("prefect-server")
+    with prefect_server(d / "home", d / "server.log") as (api_url, env):
+        yield api_url, env, d
+
+
+async def _wait_deployment(name: str, timeout: float = 180.0) -> None:
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    async with get_client() as client:
+        while True:
+            try:
+                await client.read_deployment_by_name(name)
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1.0)
+
+
+async def _artifacts(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async with get_client() as client:
+        return await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+
+def test_served_process_scene_run_through_the_api(server, tmp_path: Path, enmap_tile: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    api_url, env, d = server
+    for k in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_API_DATABASE_CONNECTION_URL"):
+        monkeypatch.setenv(k, env[k])
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    scene = crop_geotiff(enmap_tile, tmp_path / "enmap_potsdam_crop.tif", 0, 0, 16)
+    out = tmp_path / "out"
+    with temporary_settings({PREFECT_API_URL: api_url, PREFECT_HOME: env["PREFECT_HOME"]}), \
+            background([str(BIN / "hyperdeq"), "serve", "--limit", "1"], env, d / "serve.log", cwd=ROOT):
+        asyncio.run(_wait_deployment("process-scene/on-demand"))
+        params = {
+            "scene": str(scene), "out_dir": str(out),
+            "options": {"denoise": decsc_installed(), "unmix": True, "n_endmembers": 3, "tile": 32,
+                        "batch_size": 2},
+            "cluster": {"n_workers": 1},
+        }
+        fr = run_deployment("process-scene/on-demand", parameters=params, timeout=360, poll_interval=2)
+        log = (d / "serve.log").read_text()[-3000:]
+        assert fr.state is not None and fr.state.is_completed(), f"{fr.state}\n{log}"
+
+        arts = asyncio.run(_artifacts(fr.id))
+        by_type: dict[str, list] = {}
+        for a in arts:
+            by_type.setdefault(a.type, []).append(a)
+        assert {"progress", "markdown", "table", "image"} <= set(by_type), sorted(by_type)
+        (progress,) = by_type["progress"]
+        assert float(progress.data) == pytest.approx(100.0)
+        report = next(a for a in by_type["markdown"] if a.key and a.key.endswith("-report"))
+        assert "enmap_potsdam_crop.tif" in report.data and "## Solver statistics" in report.data
+        assert "data:image/png;base64," in report.data  # quicklooks embedded
+        (table,) = by_type["table"]
+        assert "reconstruction_rmse" in str(table.data) and "nodata_fraction" in str(table.data)
+        images = {a.key for a in by_type["image"]}
+        assert any(k.endswith("-before-rgb") for k in images)
+        assert any(k.endswith("-abundances") for k in images)
+        assert all(str(a.data).startswith("data:image/png;base64,") for a in by_type["image"])
+
+    record = sorted(out.glob("*/*/run.json"))
+    assert len(record) == 1
+    import json
+
+    rec = json.loads(record[0].read_text())
+    assert rec["status"] == "complete"
+    assert (record[0].parent / "quicklooks" / "abundances.png").is_file()
+
+
+def test_prefect_deploy_accepts_the_repository_yaml(server) -> None:
+    api_url, env, d = server
+    env = dict(env, HYPERDEQ_REPO=str(ROOT))
+    prefect = str(BIN / "prefect")
+    r = subprocess.run([prefect, "work-pool", "create", "hyperdeq-process", "--type", "process"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    async def _check() -> None:
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            sweep = await client.read_deployment_by_name("sweep-archive/nightly-sweep")
+            scene = await client.read_deployment_by_name("process-scene/on-demand")
+            assert sweep.work_pool_name == scene.work_pool_name == "hyperdeq-process"
+            assert [s.schedule.cron for s in sweep.schedules] == ["0 2 * * *"]
+            assert sweep.parameters["max_concurrent"] == 2
+            assert scene.schedules == []
+            assert sweep.pull_steps[0]["prefect.deployments.steps.set_working_directory"][
+                "directory"] == "{{ $HYPERDEQ_REPO }}"
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        asyncio.run(_check())
