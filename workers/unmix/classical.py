@@ -1,0 +1,248 @@
+"""Classical linear unmixing baselines (numpy/scipy only).
+
+Linear mixing model ``Y = E·A + N``: ``Y`` is ``L×N`` (bands × pixels), ``E`` is ``L×P``
+(endmembers as columns), ``A`` is ``P×N`` (non-negative, columns sum to one).
+
+* :func:`vca`: Vertex Component Analysis (Nascimento & Bioucas-Dias, 2005).
+* :func:`nfindr`: N-FINDR (Winter, 1999), simplex-volume maximisation by vertex replacement.
+* :func:`fcls`: fully constrained least squares, solved as NNLS on the sum-to-one augmented
+  system (Heinz & Chang, 2001) and vectorised over pixels.
+* :func:`hysime`: HySime subspace identification (Bioucas-Dias & Nascimento, 2008), used to
+  estimate the number of endmembers.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from scipy.optimize import nnls
+
+from pipeline.errors import ConfigError, InputValidationError
+
+#: above this many endmembers FCLS enumerates no supports and loops over pixels instead
+MAX_ENUMERATED_P = 10
+
+
+def _check_matrix(Y: np.ndarray, what: str = "Y") -> np.ndarray:
+    Y = np.asarray(Y, dtype=np.float64)
+    if Y.ndim != 2:
+        raise InputValidationError(
+            f"{what} must be a 2-D bands×pixels matrix, got shape {Y.shape!r}; "
+            "reshape the cube to (bands, pixels) first"
+        )
+    if not np.all(np.isfinite(Y)):
+        raise InputValidationError(
+            f"{what} holds {int(np.sum(~np.isfinite(Y)))!r} non-finite values; "
+            "drop nodata pixels and bad bands before unmixing"
+        )
+    return Y
+
+
+def _check_p(p: int, Y: np.ndarray) -> None:
+    L, N = Y.shape
+    if not 2 <= p <= min(L, N):
+        raise ConfigError(
+            f"number of endmembers must be in [2, min(bands, pixels)] = [2, {min(L, N)}], got {p!r}"
+        )
+
+
+def vca(Y: np.ndarray, p: int, *, seed: int = 0, snr_input: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Vertex Component Analysis: return ``(E, indices)``, ``E`` (L×P) taken from ``Y``'s pixels.
+
+    The data are projected onto the signal subspace (projective projection at low SNR, as in the
+    paper); each endmember is the pixel with the largest projection on a random direction
+    orthogonal to the endmembers found so far. ``E`` holds the denoised (subspace-projected)
+    spectra of the selected pixels. Seeded and deterministic.
+    """
+    Y = _check_matrix(Y)
+    _check_p(p, Y)
+    L, N = Y.shape
+    rng = np.random.default_rng(seed)
+    y_m = Y.mean(axis=1, keepdims=True)
+    Y_o = Y - y_m
+    U = np.linalg.svd(Y_o @ Y_o.T / N)[0][:, :p]
+    x_p = U.T @ Y_o
+    if snr_input is None:
+        P_y = float(np.mean(Y**2) * L)
+        P_x = float(np.mean(np.sum(x_p**2, axis=0)) + np.sum(y_m**2))
+        denom = P_y - P_x
+        snr = 10 * np.log10(max(P_x - p / L * P_y, 1e-30) / denom) if denom > 0 else np.inf
+    else:
+        snr = snr_input
+    snr_th = 15 + 10 * np.log10(p)
+    if snr < snr_th:
+        d = p - 1
+        Ud = U[:, :d]
+        x = x_p[:d]
+        Yp = Ud @ x + y_m
+        c = np.sqrt(np.max(np.sum(x**2, axis=0)))
+        y = np.vstack([x, np.full((1, N), c)])
+    else:
+        d = p
+        Ud = np.linalg.svd(Y @ Y.T / N)[0][:, :d]
+        x_p = Ud.T @ Y
+        Yp = Ud @ x_p
+        u = x_p.mean(axis=1, keepdims=True)
+        proj = (u.T @ x_p).ravel()
+        proj = np.where(np.abs(proj) < 1e-30, 1e-30, proj)
+        y = x_p / proj
+    idx = np.zeros(p, dtype=np.int64)
+    A = np.zeros((p, p))
+    A[-1, 0] = 1.0
+    for i in range(p):
+        w = rng.standard_normal(p)
+        f = w - A @ np.linalg.pinv(A) @ w
+        f /= np.linalg.norm(f) + 1e-30
+        v = f @ y
+        idx[i] = int(np.argmax(np.abs(v)))
+        A[:, i] = y[:, idx[i]]
+    return Yp[:, idx], idx
+
+
+def _pca_reduce(Y: np.ndarray, d: int) -> np.ndarray:
+    mu = Y.mean(axis=1, keepdims=True)
+    U = np.linalg.svd((Y - mu) @ (Y - mu).T / Y.shape[1])[0][:, :d]
+    return U.T @ (Y - mu)
+
+
+def nfindr(Y: np.ndarray, p: int, *, seed: int = 0, max_sweeps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """N-FINDR: return ``(E, indices)``: the ``p`` pixels spanning the largest simplex.
+
+    Data are reduced to ``p-1`` principal components; starting from seeded random pixels, each
+    vertex in turn is replaced by the pixel that maximises the simplex volume (all candidates at
+    once: the volume is linear in the replaced column, ``det(M)·(M⁻¹)[j]·[1; x]``), until a sweep
+    changes nothing.
+    """
+    Y = _check_matrix(Y)
+    _check_p(p, Y)
+    N = Y.shape[1]
+    Z = np.vstack([np.ones((1, N)), _pca_reduce(Y, p - 1)])  # p×N
+    rng = np.random.default_rng(seed)
+    sweeps = max_sweeps if max_sweeps is not None else 3 * p
+    idx = rng.choice(N, size=p, replace=False)
+    for _ in range(20):  # redraw a degenerate start
+        if abs(np.linalg.det(Z[:, idx])) > 1e-12:
+            break
+        idx = rng.choice(N, size=p, replace=False)
+    for _ in range(sweeps):
+        changed = False
+        for j in range(p):
+            M = Z[:, idx]
+            det = np.linalg.det(M)
+            if abs(det) < 1e-300:
+                continue
+            vols = np.abs(det * (np.linalg.inv(M)[j] @ Z))
+            best = int(np.argmax(vols))
+            if vols[best] > abs(det) * (1 + 1e-9) and best not in idx:
+                idx[j] = best
+                changed = True
+        if not changed:
+            break
+    return Y[:, idx], idx.astype(np.int64)
+
+
+def _delta(E: np.ndarray) -> float:
+    """Weight of the sum-to-one row: large against the endmember norms (sum error ~1e-8)."""
+    return float(1e4 * np.sqrt(np.mean(np.sum(E**2, axis=0))) + 1e-12)
+
+
+def fcls(Y: np.ndarray, E: np.ndarray, *, delta: float | None = None) -> np.ndarray:
+    """Fully constrained least squares abundances ``A`` (P×N) of ``Y`` (L×N) given ``E`` (L×P).
+
+    Solved as NNLS on the augmented system ``[E; δ·1ᵀ] a ≈ [y; δ]`` (the sum-to-one constraint as
+    a heavily weighted extra row). For ``P <= 10`` the NNLS is solved exactly and vectorised over
+    pixels: the optimum is the least-squares solution on its support, so every support is solved
+    for all pixels at once (one small Gram inverse per support, shared by all pixels) and each
+    pixel keeps the feasible (non-negative) support solution of lowest residual. Larger ``P``
+    loops scipy's Lawson–Hanson NNLS over pixels.
+    """
+    Y = _check_matrix(Y)
+    E = _check_matrix(E, "E")
+    if E.shape[0] != Y.shape[0]:
+        raise ConfigError(
+            f"E has {E.shape[0]!r} bands but Y has {Y.shape[0]!r}; use the same good bands for both"
+        )
+    L, P = E.shape
+    N = Y.shape[1]
+    d = _delta(E) if delta is None else float(delta)
+    Ea = np.vstack([E, np.full((1, P), d)])
+    if P > MAX_ENUMERATED_P:
+        ya = np.vstack([Y, np.full((1, N), d)])
+        return np.stack([nnls(Ea, ya[:, n], maxiter=50 * P)[0] for n in range(N)], axis=1)
+    G = Ea.T @ Ea
+    b = E.T @ Y + d * d  # Ẽᵀỹ, P×N
+    best = np.zeros((P, N))
+    best_score = np.full(N, -np.inf)  # score = a_Sᵀ b_S; residual = ‖ỹ‖² − score
+    tol = 1e-10
+    for k in range(1, P + 1):
+        for S in itertools.combinations(range(P), k):
+            S = list(S)
+            GSS = G[np.ix_(S, S)]
+            try:
+                aS = np.linalg.solve(GSS, b[S])
+            except np.linalg.LinAlgError:
+                continue
+            feas = np.all(aS >= -tol, axis=0)
+            score = np.sum(aS * b[S], axis=0)
+            take = feas & (score > best_score)
+            if np.any(take):
+                best[:, take] = 0.0
+                best[np.ix_(S, np.flatnonzero(take))] = np.maximum(aS[:, take], 0.0)
+                best_score = np.where(take, score, best_score)
+    return best
+
+
+def estimate_noise(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band noise by multiple regression on the other bands (HySime's estimator).
+
+    Returns the noise matrix ``W`` (L×N) and its diagonal correlation ``Rw`` (L×L).
+    """
+    Y = _check_matrix(Y)
+    L, N = Y.shape
+    R = Y @ Y.T
+    Rinv = np.linalg.inv(R + 1e-6 * np.trace(R) / L * np.eye(L))
+    W = np.empty_like(Y)
+    for i in range(L):
+        XX = Rinv - np.outer(Rinv[:, i], Rinv[i, :]) / Rinv[i, i]
+        r = R[:, i].copy()
+        r[i] = 0.0
+        beta = XX @ r
+        beta[i] = 0.0
+        W[i] = Y[i] - beta @ Y
+    Rw = np.diag(np.diag(W @ W.T / N))
+    return W, Rw
+
+
+def hysime(Y: np.ndarray) -> tuple[int, np.ndarray]:
+    """HySime: signal-subspace dimension of ``Y`` (L×N); returns ``(k, eigenvectors)``.
+
+    Noise is estimated by multiple regression (:func:`estimate_noise`); the subspace keeps the
+    eigen-directions of the signal correlation whose projected power exceeds twice the projected
+    noise power (the mean-squared-error criterion of the paper).
+    """
+    Y = _check_matrix(Y)
+    L, N = Y.shape
+    W, Rw = estimate_noise(Y)
+    X = Y - W
+    Ry = Y @ Y.T / N
+    Rx = X @ X.T / N
+    U = np.linalg.svd(Rx)[0]
+    Rw = Rw + np.trace(Rx) / L / 1e5 * np.eye(L)
+    Py = np.einsum("li,lk,ki->i", U, Ry, U)
+    Pn = np.einsum("li,lk,ki->i", U, Rw, U)
+    cost = -Py + 2 * Pn
+    k = int(np.sum(cost < 0))
+    return k, U[:, :k]
+
+
+def estimate_n_endmembers(Y: np.ndarray, *, lo: int = 2, hi: int = 8) -> tuple[int, dict]:
+    """Number of endmembers from HySime, clipped to ``[lo, hi]``; returns ``(p, record)``.
+
+    HySime estimates the signal-subspace dimension, which equals the number of endmembers under
+    the linear mixing model; on real scenes it tends to overestimate (spectral variability adds
+    dimensions), hence the clip.
+    """
+    k, _ = hysime(Y)
+    p = int(min(max(k, lo), hi))
+    return p, {"method": "hysime", "subspace_dimension": k, "clipped_to": [lo, hi], "p": p}

@@ -1,0 +1,452 @@
+"""Scene-scale DEQ-Unmix: fit once per scene on a bounded sample, then apply tile by tile.
+
+``fit_scene`` extracts endmembers (VCA) from a seeded sample of valid pixels and fits the
+network on a seeded sample of valid tiles (blind: no ground truth); ``apply_fit`` unmixes any
+tile of that scene. Memory is bounded by ``sample_pixels`` and ``fit_tiles × fit_tile_size²``,
+whatever the scene size (the scene may be dask-backed and larger than memory).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from pipeline.errors import ConfigError, InputValidationError, ModelError, WriteError
+from pipeline.scene import good_band_index, valid_mask, validate_scene
+from workers.unmix.classical import estimate_n_endmembers, vca
+from workers.unmix.deq_unmix import DEQUnmix
+
+FIT_FORMAT = "hyperdeq-unmix-fit/1"
+_TENSORS = "unmix_fit.safetensors"
+_META = "unmix_fit.json"
+
+#: defaults of the blind per-scene fit (recorded in provenance)
+DEFAULTS: dict[str, Any] = {
+    "hidden": 32,
+    "lr_net": 2e-3,
+    "lr_endmembers": 2e-3,  # relative to the largest endmember value
+    "holdout_fraction": 0.5,
+    "lambda_volume": 0.0,
+    "lambda_sad": 0.0,
+    "train_max_iter": 20,
+    "train_crop": 32,  # each step trains on one random crop of this size per fit tile
+    "tol": 1e-4,
+    "eval_max_iter": 100,
+}
+
+
+@dataclass
+class UnmixFit:
+    """A fitted DEQ-Unmix model of one scene (endmembers, network, provenance)."""
+
+    endmembers: np.ndarray  # (L_good, P) float32
+    names: list[str]
+    wavelengths: np.ndarray  # (L_good,) nm, NaN when unknown
+    good_band: np.ndarray  # (B,) bool, the scene's good-band mask
+    state: dict[str, torch.Tensor]  # correction-net parameters ("net.*")
+    config: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        E = np.asarray(self.endmembers)
+        if E.ndim != 2 or E.shape[1] < 2:
+            raise ModelError(f"endmembers must be L×P with P >= 2, got shape {E.shape!r}")
+        if len(self.names) != E.shape[1]:
+            raise ModelError(
+                f"{len(self.names)!r} names for {E.shape[1]!r} endmembers; give one name each"
+            )
+        if int(np.sum(self.good_band)) != E.shape[0] or len(self.wavelengths) != E.shape[0]:
+            raise ModelError(
+                f"endmembers have {E.shape[0]!r} bands but good_band marks "
+                f"{int(np.sum(self.good_band))!r} and there are {len(self.wavelengths)!r} "
+                "wavelengths; they must agree"
+            )
+
+    @property
+    def n_endmembers(self) -> int:
+        return int(self.endmembers.shape[1])
+
+    def model(self) -> DEQUnmix:
+        """Rebuild the module (eval mode) from the stored endmembers, state and config."""
+        c = self.config
+        m = DEQUnmix(
+            torch.from_numpy(np.asarray(self.endmembers, dtype=np.float32)),
+            hidden=int(c.get("hidden", DEFAULTS["hidden"])),
+            tol=float(c.get("tol", DEFAULTS["tol"])),
+            max_iter=int(c.get("max_iter", DEFAULTS["train_max_iter"])),
+            eval_max_iter=int(c.get("eval_max_iter", DEFAULTS["eval_max_iter"])),
+            backward_max_iter=int(c.get("max_iter", DEFAULTS["train_max_iter"])),
+        )
+        m.net.load_state_dict({k.removeprefix("net."): v for k, v in self.state.items()})
+        return m.eval()
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``unmix_fit.safetensors`` (tensors) + ``unmix_fit.json`` (the rest); no pickle."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            tensors = {
+                "endmembers": torch.from_numpy(np.ascontiguousarray(self.endmembers, dtype=np.float32)),
+                "wavelengths": torch.from_numpy(np.ascontiguousarray(self.wavelengths, dtype=np.float64)),
+                "good_band": torch.from_numpy(np.ascontiguousarray(self.good_band, dtype=np.uint8)),
+            }
+            tensors.update({k: v.detach().contiguous().cpu() for k, v in self.state.items()})
+            save_file(tensors, str(d / _TENSORS), metadata={"format": FIT_FORMAT})
+            meta = {"format": FIT_FORMAT, "names": self.names, "config": self.config,
+                    "provenance": self.provenance}
+            (d / _META).write_text(json.dumps(meta, indent=1, default=_json_default))
+        except OSError as exc:
+            raise WriteError(
+                f"cannot write the unmixing fit to {str(d)!r}: {exc}; choose a writable directory"
+            ) from exc
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> UnmixFit:
+        """Read a fit written by :meth:`save`."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not (d / _TENSORS).is_file() or not (d / _META).is_file():
+            raise ModelError(
+                f"no unmixing fit in {str(d)!r} (expected {_TENSORS!r} and {_META!r}); "
+                "run fit_scene(...).save(directory) first"
+            )
+        meta = json.loads((d / _META).read_text())
+        if meta.get("format") != FIT_FORMAT:
+            raise ModelError(
+                f"{str(d / _META)!r} has format {meta.get('format')!r}, expected {FIT_FORMAT!r}; "
+                "refit the scene with this version"
+            )
+        t = load_file(str(d / _TENSORS))
+        return cls(
+            endmembers=t.pop("endmembers").numpy(),
+            wavelengths=t.pop("wavelengths").numpy(),
+            good_band=t.pop("good_band").numpy().astype(bool),
+            state=t,
+            names=list(meta["names"]),
+            config=dict(meta["config"]),
+            provenance=dict(meta["provenance"]),
+        )
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o)!r}")
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def _gather(data: Any, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Spectra (L, k) at pixel positions; dask arrays read only the chunks they touch."""
+    if hasattr(data, "vindex"):
+        out = np.asarray(data.vindex[:, ys, xs].compute())
+        return out if out.shape[0] == data.shape[0] and out.shape[1] == ys.size else out.T
+    return np.asarray(data[:, ys, xs])
+
+
+def sample_pixels_from(scene: xr.DataArray, n: int, seed: int) -> tuple[np.ndarray, dict]:
+    """A seeded sample of up to ``n`` valid pixels over the good bands: ``(L_good, k)`` float64.
+
+    Rejection sampling on the validity mask, so memory is the mask plus the sample.
+    """
+    good = good_band_index(scene)
+    valid = np.asarray(valid_mask(scene).values)
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        raise InputValidationError(
+            f"scene {scene.attrs.get('source', '')!r} has no valid pixel (every pixel has a "
+            "non-finite good band); check the nodata value or the crop"
+        )
+    k = min(int(n), n_valid)
+    rng = np.random.default_rng(seed)
+    H, W = valid.shape
+    if k == n_valid:
+        ys, xs = np.nonzero(valid)
+    else:
+        chosen: set[int] = set()
+        while len(chosen) < k:
+            cand = rng.integers(0, H * W, size=2 * (k - len(chosen)) + 16)
+            for c in cand[valid.ravel()[cand]]:
+                chosen.add(int(c))
+                if len(chosen) == k:
+                    break
+        flat = np.sort(np.fromiter(chosen, dtype=np.int64))
+        ys, xs = np.unravel_index(flat, (H, W))
+    data = scene.isel(band=good).data
+    Ys = _gather(data, ys, xs).astype(np.float64)
+    rec = {"sample_pixels": k, "valid_pixels": n_valid, "seed": seed, "method": "uniform over valid pixels"}
+    return Ys, rec
+
+
+def _sample_tiles(
+    scene: xr.DataArray, count: int, size: int, seed: int, fill: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+    """``count`` seeded tiles (N, L, t, t) with ≥ 50 % valid pixels, nodata filled with ``fill``."""
+    good = good_band_index(scene)
+    H, W = scene.sizes["y"], scene.sizes["x"]
+    t = int(min(size, H, W))
+    valid = np.asarray(valid_mask(scene).values)
+    rng = np.random.default_rng(seed + 1)
+    tiles, masks, origins = [], [], []
+    for _ in range(50 * count):
+        if len(tiles) == count:
+            break
+        y0 = int(rng.integers(0, H - t + 1))
+        x0 = int(rng.integers(0, W - t + 1))
+        v = valid[y0 : y0 + t, x0 : x0 + t]
+        if v.mean() < 0.5:
+            continue
+        cube = np.asarray(
+            scene.isel(band=good, y=slice(y0, y0 + t), x=slice(x0, x0 + t)).values, dtype=np.float32
+        )
+        cube = np.where(v[None], cube, fill[:, None, None].astype(np.float32))
+        tiles.append(cube)
+        masks.append(v)
+        origins.append([y0, x0])
+    if not tiles:
+        raise InputValidationError(
+            f"no {t}×{t} window of scene {scene.attrs.get('source', '')!r} is at least half valid; "
+            "lower fit_tile_size or check the nodata mask"
+        )
+    return np.stack(tiles), np.stack(masks), origins
+
+
+# ------------------------------------------------------------------ fit
+
+
+def _check_fit_args(n_endmembers: int | None, sample_pixels: int, fit_tiles: int,
+                    fit_tile_size: int, max_epochs: int) -> None:
+    if n_endmembers is not None and n_endmembers < 2:
+        raise ConfigError(f"n_endmembers must be >= 2 or None (estimate), got {n_endmembers!r}")
+    if sample_pixels < 10:
+        raise ConfigError(f"sample_pixels must be >= 10, got {sample_pixels!r}")
+    if fit_tiles < 1 or fit_tile_size < 4:
+        raise ConfigError(
+            f"need fit_tiles >= 1 and fit_tile_size >= 4, got {fit_tiles!r} and {fit_tile_size!r}"
+        )
+    if max_epochs < 0:
+        raise ConfigError(f"max_epochs must be >= 0, got {max_epochs!r}")
+
+
+def fit_scene(
+    scene: xr.DataArray,
+    n_endmembers: int | None = None,
+    *,
+    seed: int = 0,
+    sample_pixels: int = 20000,
+    fit_tiles: int = 8,
+    fit_tile_size: int = 64,
+    max_epochs: int = 150,
+    options: dict[str, Any] | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> UnmixFit:
+    """Fit DEQ-Unmix blindly to one canonical scene (dims band, y, x; NaN nodata).
+
+    1. seeded sample of valid pixels on the good bands; ``P`` given or from HySime;
+    2. VCA endmembers on that sample (the start of ``E``);
+    3. ``max_epochs`` Adam steps on a seeded batch of valid tiles. Loss: band-split
+       self-supervision: each step solves the fixed point on a random half of the bands and scores
+       the reconstruction ``‖Y − E·A*‖²`` on the other half (noise is independent across bands,
+       so the held-out error tracks the clean error and rewards spatially coherent abundances),
+       plus optional min-volume and SAD-to-VCA regularisers (``options``).
+    """
+    _check_fit_args(n_endmembers, sample_pixels, fit_tiles, fit_tile_size, max_epochs)
+    validate_scene(scene)
+    opts = {**DEFAULTS, **(options or {})}
+    unknown = set(opts) - set(DEFAULTS)
+    if unknown:
+        raise ConfigError(f"unknown fit options {sorted(unknown)!r}; valid: {sorted(DEFAULTS)!r}")
+    t_start = time.perf_counter()
+    Ys, sample_rec = sample_pixels_from(scene, sample_pixels, seed)
+    if n_endmembers is None:
+        P, p_rec = estimate_n_endmembers(Ys)
+    else:
+        P, p_rec = int(n_endmembers), {"method": "given", "p": int(n_endmembers)}
+    if P > min(Ys.shape):
+        raise ConfigError(
+            f"{P!r} endmembers cannot be extracted from {Ys.shape[1]!r} pixels × {Ys.shape[0]!r} "
+            "bands; lower n_endmembers or sample more pixels"
+        )
+    E0, idx = vca(Ys, P, seed=seed)
+    E0 = np.clip(E0, 0.0, None)
+    fill = E0.mean(axis=1)
+    tiles, tmask, origins = _sample_tiles(scene, fit_tiles, fit_tile_size, seed, fill)
+
+    torch.manual_seed(seed)
+    model = DEQUnmix(
+        torch.from_numpy(E0.astype(np.float32)),
+        hidden=int(opts["hidden"]),
+        tol=float(opts["tol"]),
+        max_iter=int(opts["train_max_iter"]),
+        eval_max_iter=int(opts["eval_max_iter"]),
+        backward_max_iter=int(opts["train_max_iter"]),
+    )
+    Yt = torch.from_numpy(tiles)
+    M = torch.from_numpy(tmask[:, None].astype(np.float32))
+    E_start = model.E.detach().clone()
+    scale_e = float(E_start.max())
+    opt = torch.optim.Adam(
+        [
+            {"params": model.net.parameters(), "lr": float(opts["lr_net"])},
+            {"params": [model.E], "lr": float(opts["lr_endmembers"]) * scale_e},
+        ]
+    )
+    gen = torch.Generator().manual_seed(seed + 2)
+    L = Yt.shape[1]
+    n_hold = max(1, int(round(float(opts["holdout_fraction"]) * L))) if opts["holdout_fraction"] > 0 else 0
+    curve: list[float] = []
+    iters: list[float] = []
+    model.train()
+    t = Yt.shape[-1]
+    crop = int(min(int(opts["train_crop"]), t))
+    for epoch in range(max_epochs):
+        oy, ox = (int(v) for v in torch.randint(0, t - crop + 1, (2,), generator=gen))
+        Yc, Mc = Yt[..., oy : oy + crop, ox : ox + crop], M[..., oy : oy + crop, ox : ox + crop]
+        if n_hold:
+            perm = torch.randperm(L, generator=gen)
+            fit_mask = torch.ones(L, dtype=torch.bool)
+            fit_mask[perm[:n_hold]] = False
+            score = ~fit_mask
+        else:
+            fit_mask, score = None, torch.ones(L, dtype=torch.bool)
+        A, st = model(Yc, band_mask=fit_mask)
+        rec = torch.einsum("lp,nphw->nlhw", model.E[score], A)
+        target = Yc[:, score]
+        err = (((target - rec) ** 2) * Mc).sum() / (Mc.sum() * int(score.sum())).clamp_min(1.0)
+        loss = err / ((target**2) * Mc).sum().div((Mc.sum() * int(score.sum())).clamp_min(1.0)).clamp_min(1e-12)
+        E = model.E
+        if opts["lambda_volume"] > 0:
+            c = E - E.mean(dim=1, keepdim=True)
+            loss = loss + float(opts["lambda_volume"]) * (c**2).sum() / (E_start**2).sum()
+        if opts["lambda_sad"] > 0:
+            cos = (E * E_start).sum(0) / (E.norm(dim=0) * E_start.norm(dim=0) + 1e-12)
+            loss = loss + float(opts["lambda_sad"]) * (1 - cos).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.project_()
+        curve.append(float(loss.detach()))
+        iters.append(float(st.iterations.float().mean()))
+        if progress is not None:
+            progress(epoch, curve[-1])
+    model.eval()
+    wl_all = np.asarray(scene["wavelength"].values, dtype=np.float64)
+    good = good_band_index(scene)
+    gb = np.asarray(scene["good_band"].values, dtype=bool)
+    E_fit = model.E.detach().numpy().astype(np.float32)
+    names = [f"em{i + 1}" for i in range(P)]
+    provenance = {
+        "model": "deq-unmix",
+        "scene": str(scene.attrs.get("source", "")),
+        "scene_shape": [int(s) for s in scene.shape],
+        "good_bands": int(good.size),
+        "sample": sample_rec,
+        "n_endmembers": p_rec,
+        "endmember_init": {"method": "vca", "seed": seed, "sample_indices": idx.tolist()},
+        "fit_tiles": {"count": int(tiles.shape[0]), "size": int(tiles.shape[-1]),
+                      "origins_yx": origins, "seed": seed + 1},
+        "options": opts,
+        "max_epochs": max_epochs,
+        "loss_curve": curve,
+        "train_solver_iterations_mean": iters,
+        "wall_time_s": time.perf_counter() - t_start,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "endmembers": {
+            "wavelength_nm": wl_all[good].tolist(),
+            "spectra": {n: E_fit[:, i].tolist() for i, n in enumerate(names)},
+            "vca_start": {n: E0[:, i].tolist() for i, n in enumerate(names)},
+        },
+    }
+    config = {**model.config(), "tol": float(opts["tol"]), "eval_max_iter": int(opts["eval_max_iter"])}
+    return UnmixFit(
+        endmembers=E_fit,
+        names=names,
+        wavelengths=wl_all[good],
+        good_band=gb,
+        state={f"net.{k}": v.detach().clone() for k, v in model.net.state_dict().items()},
+        config=config,
+        provenance=provenance,
+    )
+
+
+# ------------------------------------------------------------------ apply
+
+
+def apply_fit(fit: UnmixFit, cube: np.ndarray, *, model: DEQUnmix | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Unmix one tile: ``cube`` (B_good, H, W) float32, NaN nodata.
+
+    Returns abundances (P, H, W) (NaN where nodata; every valid pixel on the simplex), the
+    reconstruction RMSE map (H, W) and solver stats ``{"iterations", "residual", "converged"}``
+    (worst over the tile's valid pixels). Nodata pixels are filled with the mean endmember
+    before solving (a tile-independent value, so seams do not depend on the tiling). Pass
+    ``model=fit.model()`` to reuse one module across tiles.
+    """
+    cube = np.asarray(cube)
+    E = np.asarray(fit.endmembers, dtype=np.float32)
+    if cube.ndim != 3 or cube.shape[0] != E.shape[0]:
+        raise InputValidationError(
+            f"cube must be (bands, y, x) with the fit's {E.shape[0]!r} good bands, got shape "
+            f"{cube.shape!r}; select the scene's good bands (fit.good_band) first"
+        )
+    valid = np.isfinite(cube).all(axis=0)
+    P = E.shape[1]
+    H, W = cube.shape[1:]
+    A = np.full((P, H, W), np.nan, dtype=np.float32)
+    rmse = np.full((H, W), np.nan, dtype=np.float32)
+    if not valid.any():
+        return A, rmse, {"iterations": 0, "residual": 0.0, "converged": True}
+    fill = E.mean(axis=1)
+    filled = np.where(valid[None], cube, fill[:, None, None]).astype(np.float32)
+    m = model if model is not None else fit.model()
+    with torch.no_grad():
+        At, st = m(torch.from_numpy(filled[None]))
+    Af = At[0].numpy()
+    rec = np.einsum("lp,phw->lhw", E, Af)
+    r = np.sqrt(np.mean((filled - rec) ** 2, axis=0))
+    A[:, valid] = Af[:, valid]
+    rmse[valid] = r[valid]
+    vflat = torch.from_numpy(valid.ravel())
+    stats = {
+        "iterations": int(st.iterations[vflat].max()),
+        "residual": float(st.residual[vflat].max()),
+        "converged": bool(st.converged[vflat].all()),
+    }
+    return A, rmse, stats
+
+
+def write_endmembers(fit: UnmixFit, path_csv: str | Path, path_json: str | Path) -> None:
+    """Endmember spectra with wavelengths: CSV (one row per band) and JSON."""
+    E = np.asarray(fit.endmembers, dtype=np.float64)
+    wl = np.asarray(fit.wavelengths, dtype=np.float64)
+    try:
+        with open(path_csv, "w") as fh:
+            fh.write(",".join(["wavelength_nm", *fit.names]) + "\n")
+            for i in range(E.shape[0]):
+                fh.write(",".join([repr(float(wl[i]))] + [repr(float(v)) for v in E[i]]) + "\n")
+        Path(path_json).write_text(
+            json.dumps(
+                {"wavelength_nm": [None if not np.isfinite(w) else float(w) for w in wl],
+                 "endmembers": {n: E[:, i].tolist() for i, n in enumerate(fit.names)}},
+                indent=1,
+            )
+        )
+    except OSError as exc:
+        raise WriteError(f"cannot write endmembers to {str(path_csv)!r}/{str(path_json)!r}: {exc}") from exc

@@ -1,0 +1,27 @@
+"""Registry spec of DEQ-Unmix (fitted per scene: no shipped weights)."""
+
+from __future__ import annotations
+
+from workers.registry import ModelSpec
+from workers.unmix.fit import DEFAULTS
+
+SPEC = ModelSpec(
+    name="deq-unmix",
+    # each map application sees 3×3 neighbours; the fixed point spreads influence further, with
+    # geometric decay. 16 pixels each side keeps tiled-vs-whole differences negligible (measured
+    # in docs/benchmarks/unmix.md).
+    halo=16,
+    band_handling="fitted per scene on its own good bands",
+    solver={
+        "method": "anderson",
+        "tol": DEFAULTS["tol"],
+        "max_iter": DEFAULTS["train_max_iter"],
+        "eval_max_iter": DEFAULTS["eval_max_iter"],
+        "m": 5,
+        "per_pixel": True,
+        "backward": "implicit",
+    },
+    weights_file=None,
+    weights_sha256=None,
+    config={"hidden": DEFAULTS["hidden"]},
+)
