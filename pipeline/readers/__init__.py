@@ -54,9 +54,14 @@ def _zarr(path: Path, **o: Any) -> SceneSource:
         from pipeline.ingest import ZarrSceneSource
 
         return ZarrSceneSource(path, **o)
-    from pipeline.readers.xrcube import open_foreign_zarr
+    from pipeline.readers.xrcube import BareZarrSource, open_foreign_zarr
 
-    return open_foreign_zarr(path, **o)
+    try:
+        return open_foreign_zarr(path, **o)
+    except ReadError:
+        # no xarray dimension names: a plain zarr array written by another tool
+        return BareZarrSource(path, **{k: v for k, v in o.items() if k != "dims"})
+    # (``layout`` only matters for bare arrays; the xarray path ignores it)
 
 
 #: format name → source factory; ``format=`` takes one of these names

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from pipeline.errors import InputValidationError, ReadError
+from pipeline.errors import ConfigError, InputValidationError, ReadError
 from pipeline.readers._base import SceneSource, check_options, wavelengths_to_nm
 
-OPTIONS: tuple[str, ...] = ("variable", "dims")
+OPTIONS: tuple[str, ...] = ("variable", "dims", "layout")
 _BAND = ("band", "bands", "wavelength", "wavelengths", "lambda", "spectral", "channel", "z", "bnd")
 _Y = ("y", "lat", "latitude", "row", "rows", "line", "lines", "northing")
 _X = ("x", "lon", "longitude", "col", "cols", "column", "columns", "sample", "samples", "easting")
@@ -183,3 +183,86 @@ def open_netcdf(path: Path, **options: Any) -> XarraySource:
 def open_foreign_zarr(path: Path, **options: Any) -> XarraySource:
     """Open a zarr store not written by hyperdeq (xarray layout); CRS usually missing."""
     return XarraySource(path, "zarr", **options)
+
+
+class BareZarrSource(SceneSource):
+    """A zarr array (or a group holding one 3-D array) without xarray dimension names.
+
+    Other tools often write a plain array: no dims, no coordinates, no CRS. ``layout="band,y,x"``
+    or ``"y,x,band"`` says where the band axis is; without it, ``(band, y, x)`` is assumed (the
+    canonical order; no size heuristic is reliable: small crops have more bands than rows). The
+    scene is flagged ``crs_missing`` and ``dims_guessed``.
+    """
+
+    reader = "zarr"
+
+    def __init__(self, path: Path, **options: Any) -> None:
+        import zarr
+
+        check_options(self.reader, options, ("variable", "layout"))
+        self.path = path
+        self.attrs = {"foreign_zarr": True, "dims_guessed": True}
+        try:
+            node = zarr.open(str(path), mode="r")
+        except Exception as exc:
+            raise ReadError(f"cannot open zarr store {str(path)!r}: {exc}; check the store.") from exc
+        name = options.get("variable")
+        if isinstance(node, zarr.Group):
+            arrays = {k: a for k, a in node.arrays() if a.ndim == 3}
+            if name is None and len(arrays) != 1:
+                raise InputValidationError(
+                    f"zarr store {str(path)!r} holds {len(arrays)!r} 3-D arrays "
+                    f"({sorted(arrays)!r}); pass variable=<name>."
+                )
+            name = name or next(iter(arrays))
+            if name not in arrays:
+                raise InputValidationError(
+                    f"array {name!r} not found in zarr store {str(path)!r}; 3-D arrays: "
+                    f"{sorted(arrays)!r}. Pass variable=<one of these>."
+                )
+            self.variable: str | None = name
+            arr = arrays[name]
+        else:
+            self.variable = None
+            arr = node
+        if arr.ndim != 3:
+            raise InputValidationError(
+                f"zarr array {str(path)!r} has shape {arr.shape!r}; a cube needs 3 dims."
+            )
+        self.raw_dtype = np.dtype(arr.dtype)
+        if self.raw_dtype.kind not in "iuf":
+            raise InputValidationError(
+                f"non-numeric data type {str(self.raw_dtype)!r} in zarr store {str(path)!r}; "
+                "hyperdeq reads real integer or floating-point cubes only."
+            )
+        layout = str(options.get("layout") or "").replace(" ", "").lower()
+        if layout not in ("", "band,y,x", "y,x,band"):
+            raise ConfigError(f"layout must be 'band,y,x' or 'y,x,band', got {layout!r}.")
+        self.band_last = layout == "y,x,band"
+        if layout:
+            self.attrs["dims_guessed"] = False
+        s = arr.shape
+        self.shape = (s[2], s[0], s[1]) if self.band_last else (s[0], s[1], s[2])
+        fill = getattr(arr, "fill_value", None)
+        self.nodata = options.get(
+            "nodata", None if self.raw_dtype.kind == "f" or fill is None else float(fill)
+        )
+        self.attrs["layout"] = "y, x, band" if self.band_last else "band, y, x"
+        if self.shape[0] * self.shape[1] * self.shape[2]:
+            self.resolve_scale(options.get("scale_factor"), None, "")
+
+    def _array(self) -> Any:
+        import zarr
+
+        node = zarr.open(str(self.path), mode="r")
+        return node[self.variable] if self.variable is not None else node
+
+    def read_raw(
+        self, y0: int, y1: int, x0: int, x1: int, bands: np.ndarray | None = None
+    ) -> np.ndarray:
+        arr = self._array()
+        if self.band_last:
+            out = np.moveaxis(np.asarray(arr[y0:y1, x0:x1, :]), 2, 0)
+        else:
+            out = np.asarray(arr[:, y0:y1, x0:x1])
+        return out if bands is None else out[bands]

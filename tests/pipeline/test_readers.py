@@ -314,3 +314,23 @@ def test_foreign_zarr_without_crs_is_readable_and_flagged(tmp_path: Path) -> Non
         da = open_scene(p)
     assert da.attrs["crs_missing"] is True and da.attrs["foreign_zarr"] is True
     np.testing.assert_array_equal(da.values, raw / np.float32(10000))
+
+
+def test_bare_zarr_array_from_another_tool(tmp_path: Path) -> None:
+    import zarr
+
+    raw = gamsberg_raw()
+    p = tmp_path / "plain.zarr"
+    z = zarr.create_array(p, shape=(25, 10, 189), chunks=(8, 8, 189), dtype="float32")
+    z[:] = np.moveaxis(raw, 0, 2)  # (y, x, band), no dimension names, no CRS
+    with pytest.warns(MissingCRSWarning):
+        da = open_scene(p, layout="y,x,band")
+    assert da.attrs["foreign_zarr"] is True and da.attrs["layout"] == "y, x, band"
+    np.testing.assert_array_equal(da.values, raw / np.float32(10000))
+    # without layout=, (band, y, x) is assumed and flagged as a guess
+    p2 = tmp_path / "bandfirst.zarr"
+    z2 = zarr.create_array(p2, shape=(189, 25, 10), chunks=(189, 8, 8), dtype="float32")
+    z2[:] = raw
+    da2 = open_scene(p2)
+    assert da2.attrs["dims_guessed"] is True and da2.attrs["layout"] == "band, y, x"
+    np.testing.assert_array_equal(da2.values, raw / np.float32(10000))
