@@ -1,0 +1,156 @@
+"""End-to-end stages on a real EnMAP crop: outputs, provenance, resume, idempotence, failures."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+import zarr
+
+from pipeline import provenance as prov
+from pipeline.config import RunConfig
+from pipeline.ingest import open_zarr_scene
+from pipeline.writers import open_output
+from tests.pipeline.test_tiles import write_crop_tif
+from workers.infer import IdentityTileModel
+from workers.run import run_scene
+
+CFG = RunConfig(tile=32, halo=4, unmix=False, workers=2)
+
+
+@dataclass(frozen=True)
+class FlakyIdentity:
+    """Identity that fails on tiles of one read shape (same name/halo/hash as the identity model)."""
+
+    fail_shape: tuple[int, int]
+    halo: int = 0
+    name: str = "identity"
+    weights_sha256: str | None = None
+    out_names: tuple[str, ...] | None = None
+
+    def __call__(self, cube: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        if tuple(cube.shape[1:]) == self.fail_shape:
+            raise RuntimeError(f"simulated worker crash on a {self.fail_shape} tile")
+        return IdentityTileModel()(cube)
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_crop_tif(tmp_path_factory.mktemp("scene") / "potsdam crop (real).tif")
+
+
+def _run(scene: Path, out: Path, cfg: RunConfig = CFG, model: Any = None) -> Any:
+    with ThreadPoolExecutor(2) as ex:
+        return run_scene(scene, out, cfg, client=ex, denoise_model=model or IdentityTileModel())
+
+
+def _files(run_dir: Path) -> dict[str, bytes]:
+    keep = ("denoised.zarr", "denoised.tif", "quicklook_rgb.png")
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and str(p.relative_to(run_dir)).startswith(keep) and not p.name.endswith("zarr.json")}
+
+
+def test_run_writes_named_georeferenced_outputs_and_a_complete_record(scene: Path, tmp_path: Path) -> None:
+    res = _run(scene, tmp_path)
+    assert res.status == "complete" and not res.reused and res.n_tiles == 3  # one all-nodata tile skipped
+    assert res.run_dir.parent.parent == tmp_path.resolve()
+    assert res.run_dir.parent.name == "potsdam_crop_real"  # confined, sanitised scene name
+    assert set(res.outputs) == {"denoised_zarr", "denoised_tif", "quicklook_rgb"}
+    for p in res.outputs.values():
+        assert p.exists() and p.parent == res.run_dir
+    src = open_zarr_scene(res.run_dir / "ingest" / "scene.zarr")
+    den = open_output(res.outputs["denoised_zarr"], "denoised")
+    assert den.rio.crs == src.rio.crs and den.rio.transform() == src.rio.transform()
+    np.testing.assert_array_equal(den["wavelength"].values, src["wavelength"].values)
+    good = src["good_band"].values
+    np.testing.assert_array_equal(den.values[good], src.values[good])  # identity model: exact
+    assert np.isnan(den.values[~good]).all()
+    with rasterio.open(res.outputs["denoised_tif"]) as f:
+        assert f.crs == src.rio.crs and f.transform == src.rio.transform() and f.count == 224
+        np.testing.assert_array_equal(f.read(10), src.values[9])
+    rec = json.loads((res.run_dir / "run.json").read_text())
+    assert rec["status"] == "complete" and rec["run_id"] == res.run_id
+    assert rec["input"]["sha256"] == prov.sha256_path(scene)
+    assert rec["models"][0]["name"] == "identity" and rec["config"]["tile"] == 32
+    assert len(rec["tiles"]["denoise"]) == 3
+    assert json.loads((res.run_dir / "_stages" / "tile_input.json").read_text())["grid"]["skipped"] == ["r00001_c00000"]
+    t0 = rec["tiles"]["denoise"][0]
+    assert t0["status"] == "ok" and t0["converged"] is True and t0["worker"] and t0["wall_s"] >= 0
+    assert rec["failed_tiles"] == [] and rec["code_version"] and rec["packages"]["zarr"]
+    attrs = zarr.open_group(str(res.outputs["denoised_zarr"]), mode="r").attrs
+    assert attrs["hyperdeq_complete"] and attrs["hyperdeq_run"]["run_id"] == res.run_id
+    stac = json.loads((res.run_dir / "stac_item.json").read_text())
+    assert stac["properties"]["proj:code"] == "EPSG:32633" and "denoised_tif" in stac["assets"]
+    assert 13.0 < stac["bbox"][0] < 13.2 and 52.3 < stac["bbox"][1] < 52.5
+
+
+def test_rerun_reuses_resume_is_byte_identical_and_config_change_is_a_new_run(scene: Path, tmp_path: Path) -> None:
+    first = _run(scene, tmp_path)
+    before = _files(first.run_dir)
+    again = _run(scene, tmp_path)
+    assert again.reused and again.run_dir == first.run_dir and again.run_id == first.run_id
+    # simulate a crash after the tiles: the record and outputs are gone, the tile stores remain
+    (first.run_dir / "run.json").unlink()
+    for name in ("denoised.tif", "quicklook_rgb.png"):
+        (first.run_dir / name).unlink()
+    import shutil
+
+    shutil.rmtree(first.run_dir / "denoised.zarr")
+    resumed = _run(scene, tmp_path)
+    assert not resumed.reused and resumed.run_dir == first.run_dir and resumed.status == "complete"
+    tiles = json.loads((first.run_dir / "run.json").read_text())["tiles"]["denoise"]
+    assert len(tiles) == 3
+    summary = json.loads((first.run_dir / "_stages" / "denoise.json").read_text())
+    assert summary["n_reused"] == 3  # no tile was recomputed
+    assert _files(first.run_dir) == before  # byte-identical outputs
+    other = _run(scene, tmp_path, CFG.replace(blend="crop"))
+    assert other.run_id != first.run_id and other.run_dir != first.run_dir
+
+
+def test_failed_tile_is_listed_never_complete_and_retried(scene: Path, tmp_path: Path) -> None:
+    bad = _run(scene, tmp_path, model=FlakyIdentity(fail_shape=(20, 20)))
+    assert bad.status == "failed" and bad.failed_tiles == ["denoise:r00001_c00001"]
+    rec = json.loads((bad.run_dir / "run.json").read_text())
+    assert rec["status"] == "failed" and rec["failed_tiles"] == ["denoise:r00001_c00001"]
+    failed = [t for t in rec["tiles"]["denoise"] if t["status"] == "failed"]
+    assert "simulated worker crash" in failed[0]["error"]
+    assert prov.find_completed_run(tmp_path, rec["input"]["sha256"], rec["config_hash"], {"identity": None}) is None
+    # the failed tile's core holds no data in the output (never silently filled)
+    den = open_output(bad.outputs["denoised_zarr"], "denoised").values
+    assert np.isnan(den[:, 36:, 36:]).all()
+    good = _run(scene, tmp_path)
+    assert good.status == "complete" and good.run_dir == bad.run_dir
+    summary = json.loads((good.run_dir / "_stages" / "denoise.json").read_text())
+    assert summary["n_reused"] == 2 and summary["failed"] == []
+    assert prov.find_completed_run(tmp_path, rec["input"]["sha256"], rec["config_hash"], {"identity": None}) == good.run_dir
+
+
+@pytest.mark.slow
+def test_unmix_stage_on_the_denoised_cube(tmp_path: Path) -> None:
+    scene = write_crop_tif(tmp_path / "valid_crop.tif", 0, 0, 48, 48)  # fully valid: the fit samples windows
+    cfg = RunConfig(tile=32, halo=4, unmix=True, n_endmembers=3, unmix_epochs=2, workers=2)
+    res = _run(scene, tmp_path / "out", cfg)
+    assert res.status == "complete"
+    for key in ("abundances_zarr", "abundances_tif", "rmse_tif", "endmembers_csv", "endmembers_json",
+                "quicklook_abundances", "denoised_zarr"):
+        assert res.outputs[key].exists(), key
+    ab = open_output(res.outputs["abundances_zarr"], "abundances")
+    assert ab.sizes["endmember"] == 3 and ab.rio.crs.to_epsg() == 32633
+    src = open_zarr_scene(res.run_dir / "ingest" / "scene.zarr")
+    valid = np.isfinite(src.values[src["good_band"].values]).all(axis=0)
+    a = ab.values
+    assert np.isnan(a[:, ~valid]).all()
+    np.testing.assert_allclose(a[:, valid].sum(axis=0), 1.0, atol=1e-3)
+    assert (a[:, valid] >= -1e-6).all()
+    rm = open_output(res.outputs["abundances_zarr"], "rmse").values
+    assert np.isfinite(rm[valid]).all() and np.isnan(rm[~valid]).all()
+    rec = json.loads((res.run_dir / "run.json").read_text())
+    assert [m["name"] for m in rec["models"]] == ["identity", "deq-unmix"]
+    assert len(rec["tiles"]["unmix"]) == 4
+    assert open(res.outputs["endmembers_csv"]).readline().startswith("wavelength_nm,")

@@ -1,0 +1,74 @@
+"""RunConfig: contradictions rejected at construction, stable hash."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"tile": 0}, r"tile must be a positive integer, got 0"),
+        ({"tile": -8}, r"tile must be a positive integer, got -8"),
+        ({"halo": -1}, r"halo must be an integer >= 0, got -1"),
+        ({"tile": 32, "halo": 32}, r"halo 32 must be smaller than the tile 32"),
+        ({"blend": "gauss"}, r"unknown blend window 'gauss'; choose one of \['hann', 'uniform', 'crop'\]"),
+        ({"denoise": False, "unmix": False}, r"nothing to do"),
+        ({"unmix": False, "n_endmembers": 4}, r"n_endmembers=4 was given but unmixing is off"),
+        ({"n_endmembers": 1}, r"n_endmembers must be an integer >= 2"),
+        ({"workers": 2, "scheduler": "tcp://h:8786"}, r"give either workers=2 .* not both"),
+        ({"workers": 0}, r"workers must be a positive integer, got 0"),
+        ({"device": "tpu"}, r"unknown device 'tpu'"),
+        ({"batch_size": 0}, r"batch_size must be a positive integer, got 0"),
+        ({"out_chunk": -4}, r"out_chunk must be a positive integer or None, got -4"),
+        ({"tile_memory_mb": 0}, r"tile_memory_mb must be > 0"),
+        ({"unmix_epochs": 0}, r"unmix_epochs must be a positive integer"),
+        ({"scheduler": "  "}, r"scheduler address is empty"),
+    ],
+)
+def test_contradictions_are_rejected_at_construction(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        RunConfig(**kwargs)
+
+
+def test_tile_over_memory_budget_is_rejected() -> None:
+    cfg = RunConfig(tile=512, halo=16, tile_memory_mb=1024)
+    with pytest.raises(ConfigError, match=r"needs about \d+ MiB, over the per-tile memory budget of 1024"):
+        cfg.check_tile_memory(224)
+    RunConfig(tile=64, halo=16, tile_memory_mb=1024).check_tile_memory(224)
+
+
+def test_halo_defaults_to_the_largest_model_halo() -> None:
+    cfg = RunConfig(tile=64)
+    assert cfg.halo is None
+    assert cfg.with_model_halos([16, 4]).halo == 16
+    assert RunConfig(tile=64, halo=3).with_model_halos([16]).halo == 3  # explicit wins
+    with pytest.raises(ConfigError, match=r"the models need a halo of 70 pixels, not smaller than the tile 64"):
+        cfg.with_model_halos([70])
+    with pytest.raises(ConfigError, match=r"needs a resolved halo"):
+        cfg.config_hash()
+
+
+def test_config_hash_is_stable_and_ignores_speed_only_fields() -> None:
+    a = RunConfig(tile=64, halo=8)
+    assert a.config_hash() == RunConfig(tile=64, halo=8, workers=7, batch_size=9, out_root="elsewhere").config_hash()
+    assert a.config_hash() != RunConfig(tile=64, halo=8, blend="crop").config_hash()
+    assert a.config_hash() != RunConfig(tile=64, halo=8, seed=1).config_hash()
+    # same value in a fresh interpreter (no dependence on hash randomisation or dict order)
+    code = "from pipeline.config import RunConfig; print(RunConfig(tile=64, halo=8).config_hash())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == a.config_hash()
+
+
+def test_config_is_frozen() -> None:
+    cfg = RunConfig()
+    with pytest.raises(AttributeError):
+        cfg.tile = 3  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="halo"):
+        cfg.replace(tile=16, halo=20)
