@@ -7,6 +7,8 @@ Parameter errors are turned into :class:`pipeline.errors.ConfigError` (one clear
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,25 @@ def _ui_hint(flow_run_id: Any) -> str:
     )
 
 
+@contextmanager
+def _prefect_defaults() -> Iterator[None]:
+    """Give a temporary (ephemeral) Prefect server time to start on a busy machine.
+
+    Prefect's default startup timeout is short; without ``PREFECT_API_URL`` every command starts
+    its own temporary server, which can take well over 20 s on a loaded 2-core machine.
+    """
+    from prefect.settings import (
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ:
+        yield
+        return
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
+        yield
+
+
 def _decsc_available() -> bool:
     from pipeline.errors import HyperdeqError
     from workers.registry import get_spec, verified_weights_path
@@ -96,7 +117,9 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
             raise ConfigError(f"scene {str(scene)!r} does not exist; give the path of a scene file")
         from flows.scene_flow import process_scene
 
-        state = process_scene(scene=str(scene), out_dir=str(out), options=opts, cluster=cl, return_state=True)
+        with _prefect_defaults():
+            state = process_scene(scene=str(scene), out_dir=str(out), options=opts, cluster=cl,
+                                  return_state=True)
         run_id = state.state_details.flow_run_id
         if not state.is_completed():
             typer.secho(f"flow run failed: {state.message}", fg=typer.colors.RED, err=True)
@@ -138,8 +161,9 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
             raise ConfigError(_pretty(exc)) from None
         from flows.sweep import sweep_archive
 
-        state = sweep_archive(**p.model_dump(exclude={"options", "cluster"}), options=opts, cluster=cl,
-                              return_state=True)
+        with _prefect_defaults():
+            state = sweep_archive(**p.model_dump(exclude={"options", "cluster"}), options=opts,
+                                  cluster=cl, return_state=True)
         if not state.is_completed():
             typer.secho(f"sweep failed: {state.message}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1)
@@ -199,8 +223,9 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         from flows.scene_flow import process_scene
 
         typer.echo(f"hyperdeq demo: {DEMO_SCENE.name} -> {out.resolve()}")
-        state = process_scene(scene=str(DEMO_SCENE), out_dir=str(out), options=opts, cluster=cl,
-                              return_state=True)
+        with _prefect_defaults():
+            state = process_scene(scene=str(DEMO_SCENE), out_dir=str(out), options=opts, cluster=cl,
+                                  return_state=True)
         run_id = state.state_details.flow_run_id
         if not state.is_completed():
             typer.secho(f"demo failed: {state.message}", fg=typer.colors.RED, err=True)

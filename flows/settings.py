@@ -118,17 +118,28 @@ class ClusterOptions(BaseModel):
                 "n_workers/recipe start a cluster; they cannot be combined with kind='address' "
                 "(size the existing cluster instead)"
             )
-        if self.recipe is not None and not resolve_recipe(self.recipe).is_file():
-            raise ValueError(
-                f"cluster recipe {self.recipe!r} does not exist; use a file under {str(DEPLOY_DIR / 'cluster')!r}"
-            )
+        if self.recipe is not None:
+            if not resolve_recipe(self.recipe).is_file():
+                raise ValueError(
+                    f"cluster recipe {self.recipe!r} does not exist; use a file under "
+                    f"{str(DEPLOY_DIR / 'cluster')!r}"
+                )
+            rkind = load_recipe(self.recipe).get("kind")
+            if rkind is not None and rkind != self.kind:
+                raise ValueError(
+                    f"cluster recipe {self.recipe!r} is for kind={rkind!r} but kind={self.kind!r} "
+                    f"was asked for; pass kind={rkind!r} or another recipe"
+                )
         return self
 
     def cluster_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for LocalCluster/LocalCUDACluster (recipe values, then explicit ones)."""
         kw: dict[str, Any] = {}
         if self.recipe is not None:
-            kw.update(load_recipe(self.recipe).get("cluster", {}) or {})
+            rec = load_recipe(self.recipe)
+            kw.update(rec.get("cluster", {}) or {})
+            if rec.get("worker_env"):
+                kw["env"] = {str(k): str(v) for k, v in rec["worker_env"].items()}
         if self.n_workers is not None:
             kw["n_workers"] = self.n_workers
         kw.setdefault("threads_per_worker", self.threads_per_worker)

@@ -41,7 +41,7 @@ def enmap_tile(test_data: Path) -> Path:
 @pytest.fixture
 def small_archive(tmp_path: Path, enmap_tile: Path) -> Path:
     """An archive of two real 16x16 EnMAP scenes (different windows of the shipped tile)."""
-    root = tmp_path / "archive" / "2022" / "07"
+    root = tmp_path / "archive" / "2022" / "07" / "images"
     root.mkdir(parents=True)
     crop_geotiff(enmap_tile, root / "enmap_potsdam_tile_a.tif", 0, 0, 16)
     crop_geotiff(enmap_tile, root / "enmap_potsdam_tile_b.tif", 16, 16, 16)

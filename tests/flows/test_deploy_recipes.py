@@ -87,12 +87,17 @@ def test_local_recipe_feeds_cluster_options() -> None:
     kw = ClusterOptions(recipe="local").cluster_kwargs()
     assert kw["n_workers"] == rec["cluster"]["n_workers"]
     assert kw["threads_per_worker"] == 1
+    assert kw["env"] == {"OMP_NUM_THREADS": "1"}
     assert ClusterOptions(recipe="local", n_workers=3).cluster_kwargs()["n_workers"] == 3
 
 
 def test_gpu_recipe_one_worker_per_gpu_with_resource() -> None:
+    from flows.settings import ClusterOptions
+
     rec = _load("cluster/gpu-dask-cuda.yaml")
     assert rec["kind"] == "cuda"
+    kw = ClusterOptions(kind="cuda", recipe="gpu-dask-cuda").cluster_kwargs()
+    assert kw["resources"] == {"GPU": 1} and kw["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
     assert rec["cluster"]["resources"] == {"GPU": 1}
     assert rec["cluster"]["threads_per_worker"] == 1
     worker = rec["cli"]["worker"]

@@ -48,6 +48,7 @@ def test_run_config_errors_surface_as_config_error(tmp_path: Path) -> None:
         ({"kind": "address", "address": "h:8786"}, "needs a protocol"),
         ({"kind": "address", "address": "tcp://h:8786", "n_workers": 2}, "cannot be combined"),
         ({"recipe": "no-such-recipe"}, "does not exist"),
+        ({"recipe": "gpu-dask-cuda"}, "is for kind='cuda' but kind='local'"),
     ],
 )
 def test_cluster_options_rejects(kwargs: dict, match: str) -> None:
@@ -96,3 +97,25 @@ def test_flow_rejects_bad_parameters_before_any_work(tmp_path: Path) -> None:
         {"scene": "x.tif", "out_dir": str(tmp_path), "options": {"tile": 64}}
     )
     assert ok["options"].tile == 64
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["flow", "run", "x.tif", "--tile", "16", "--halo", "16"], "halo 16 must be smaller than tile 16"),
+        (["flow", "run", "x.tif", "--cluster", "address"], "needs address="),
+        (["flow", "run", "missing.tif"], "scene 'missing.tif' does not exist"),
+        (["sweep", "--out", "o"], "exactly one of"),
+    ],
+)
+def test_cli_rejects_bad_options_with_clear_errors(args: list[str], match: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from pipeline.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, args)
+    assert isinstance(res.exception, ConfigError), res.output
+    assert match in str(res.exception)

@@ -51,7 +51,7 @@ def test_sweep_is_idempotent_and_isolates_failures(prefect_harness: None, small_
     from flows.settings import ClusterOptions, RunOptions
     from flows.sweep import sweep_archive
 
-    bad = small_archive / "2022" / "07" / "enmap_potsdam_tile_bad.tif"
+    bad = small_archive / "2022" / "07" / "images" / "enmap_potsdam_tile_bad.tif"
     good = next(small_archive.rglob("*_a.tif")).read_bytes()
     bad.write_bytes(good[:4096])  # a truncated real file: fails at ingest
     out = tmp_path / "out"

@@ -23,6 +23,11 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
+def enmap_tile(test_data: Path) -> Path:
+    return test_data / "enmap_potsdam_tile" / "enmap_potsdam_tile_128_0.tif"
+
+
+@pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str], Path]]:
     d = tmp_path_factory.mktemp("prefect-server")
     with prefect_server(d / "home", d / "server.log") as (api_url, env):
