@@ -1,9 +1,25 @@
-"""CLI commands of this area (registered by flows.cli)."""
+"""``hyperdeq bench``: the performance harness (``python -m benchmarks``) as a CLI command."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
 
 def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
-    """Add this area's commands to the app (none yet)."""
+    """Add ``hyperdeq bench``."""
+
+    @app.command("bench")
+    def bench(
+        size: str = typer.Option("default", help="smoke (< 60 s, CI) | default (< 15 min on 2 cores) | large"),
+        device: str = typer.Option("cpu", help="cpu | cuda (GPU tables; skipped cleanly without CUDA)"),
+        out: Path = typer.Option(Path("docs/benchmarks.md"), help="markdown report to write"),
+        json_path: Path | None = typer.Option(None, "--json", help="results JSON (default benchmarks/results/bench_<size>_<device>.json)"),
+        sections: str | None = typer.Option(None, help="comma list of sections to run (default: all)"),
+    ) -> None:
+        """Measure speed, memory and scaling against the classical anchors; write docs/benchmarks.md."""
+        from benchmarks.__main__ import run_bench
+
+        secs = tuple(s.strip() for s in sections.split(",")) if sections else None
+        run_bench(size, device, secs, json_path, out)

@@ -1,0 +1,214 @@
+"""``python -m benchmarks`` (= ``hyperdeq bench``): speed, memory and scaling against the anchors.
+
+One run measures every section (see :data:`SECTIONS`) and writes
+``benchmarks/results/bench_<size>_<device>.json`` plus the markdown report (default
+``docs/benchmarks.md``), which assembles this run with the other committed bench runs (other
+sizes or devices) and includes the reports of the benchmark modules other areas own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import (
+    DEVICES,
+    RESULTS_DIR,
+    ROOT,
+    SIZES,
+    Section,
+    check_choice,
+    environment,
+    load_average,
+    md_table,
+    run_section,
+    section_markdown,
+    write_json,
+)
+
+DOC = ROOT / "docs" / "benchmarks.md"
+
+#: key, title, module:function(section, plan, device)
+SECTIONS: tuple[tuple[str, str, str], ...] = (
+    ("throughput", "Model throughput, FLOPs per voxel, achieved vs peak", "throughput:run"),
+    ("overhead", "Pipeline overhead ratio and where the time goes", "pipeline_bench:overhead"),
+    ("scaling", "Scaling: 2 workers ÷ 1 worker (model stage)", "pipeline_bench:scaling"),
+    ("memory", "Memory: peak RSS per worker at 1×, 4×, 16× the scene area", "memory:run"),
+    ("solver", "DEQ solver: iterations per tile, cold vs warm start", "solver:run"),
+    ("fragments", "Seams, training memory, ingest (benchmarks owned by other areas)", "fragments:run"),
+    ("gpu", "GPU", "gpu:run"),
+)
+SECTION_KEYS = tuple(k for k, _, _ in SECTIONS)
+
+
+def _fn(spec: str) -> Callable[[Section, Any, str], None]:
+    import importlib
+
+    mod, fn = spec.split(":")
+    return getattr(importlib.import_module(f"benchmarks.{mod}"), fn)
+
+
+def run_bench(size: str = "default", device: str = "cpu", sections: tuple[str, ...] | None = None,
+              json_path: Path | None = None, out: Path | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark sections; write the JSON and the markdown report; return the payload."""
+    from benchmarks.plan import get_plan
+    from pipeline.errors import ConfigError
+
+    check_choice("size", size, SIZES)
+    check_choice("device", device, DEVICES)
+    chosen = sections or SECTION_KEYS
+    bad = [s for s in chosen if s not in SECTION_KEYS]
+    if bad:
+        raise ConfigError(f"unknown benchmark sections {bad!r}; choose from {list(SECTION_KEYS)!r}")
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    plan = get_plan(size)
+    env = environment(device)
+    if device == "cuda" and env["gpu"] is None:
+        log("[bench] --device cuda but no CUDA device: model sections run on CPU are skipped; GPU section says so")
+    t0 = time.perf_counter()
+    secs: list[Section] = []
+    for key, title, spec in SECTIONS:
+        if key not in chosen:
+            continue
+        if device == "cuda" and env["gpu"] is None and key != "gpu":
+            s = Section(key=key, title=title, status="skipped", notes=["no CUDA device: nothing measured"])
+        else:
+            s = run_section(key, title, lambda sec, spec=spec: _fn(spec)(sec, plan, device), log)
+        secs.append(s)
+    env["load_average_at_end"] = load_average()
+    payload = {"size": size, "device": device, "plan": _plan_dict(plan), "environment": env,
+               "wall_s": time.perf_counter() - t0,
+               "sections": {s.key: {**s.to_dict(), "environment": env} for s in secs}}
+    json_path = json_path or RESULTS_DIR / f"bench_{size}_{device}.json"
+    if sections and json_path.is_file():  # a partial rerun updates those sections of the last full run
+        old = json.loads(json_path.read_text())
+        if old.get("size") == size and old.get("device") == device:
+            merged = {k: old["sections"][k] for k in old["sections"]}
+            merged.update(payload["sections"])
+            payload["sections"] = {k: merged[k] for k in SECTION_KEYS if k in merged}
+    write_json(json_path, payload)
+    out = out or DOC
+    others = _other_runs(json_path, size) if json_path.parent.resolve() == RESULTS_DIR.resolve() else []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_report([payload, *others]))
+    log(f"[bench] wrote {json_path} and {out} in {payload['wall_s']:.0f} s")
+    return payload
+
+
+def _plan_dict(plan: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(plan), default=str))
+
+
+def _other_runs(this: Path, size: str) -> list[dict[str, Any]]:
+    """Other committed bench runs to show beside this one (smoke runs only beside smoke)."""
+    out = []
+    for p in sorted(RESULTS_DIR.glob("bench_*_*.json")):
+        if p.resolve() == this.resolve() or ("smoke" in p.name) != (size == "smoke"):
+            continue
+        try:
+            out.append(json.loads(p.read_text()))
+        except ValueError:
+            continue
+    return out
+
+
+# ---------------------------------------------------------------------------- report
+def _targets_table(payloads: list[dict[str, Any]]) -> str:
+    rows = []
+    for pl in payloads:
+        for s in pl["sections"].values():
+            for t in s.get("targets", []):
+                rows.append({"run": f"{pl['size']}/{pl['device']}", "section": s["title"], "target": t["name"],
+                             "measured": t["value"], "goal": t["goal"],
+                             "met": {True: "met", False: "MISSED", None: "n/a"}[t["met"]], "why / caveat": t["why"]})
+    return md_table(rows)
+
+
+def render_report(payloads: list[dict[str, Any]]) -> str:
+    """docs/benchmarks.md from one or more run payloads plus the other areas' reports."""
+    from benchmarks.harness import Section, Target
+
+    lines = [
+        "# hyperdeq benchmarks",
+        "",
+        "Produced by `hyperdeq bench [--size smoke|default|large] [--device cpu|cuda]` "
+        "(= `python -m benchmarks`), following the *Pipeline and performance* part of the project's "
+        "evaluation protocol (PROTOCOL.md). Every table carries the command, "
+        "the device and the versions it was measured with. Machine-readable results: "
+        "`benchmarks/results/bench_<size>_<device>.json`. Timings on a shared machine are noisy: "
+        "the load average before and after each run is recorded; ratios are more stable than seconds.",
+        "",
+    ]
+    has_gpu = any(pl["device"] == "cuda" and pl["environment"].get("gpu") for pl in payloads)
+    if not has_gpu:
+        lines += ["> **GPU tables are pending a GPU session.** No CUDA device was available where these runs were "
+                  "made; `hyperdeq bench --device cuda` implements the GPU section (throughput, busy fraction, "
+                  "largest tile, 1000×1000×224 estimate, bf16) and skips cleanly without CUDA.", ""]
+    lines += ["## Targets at a glance", "", _targets_table(payloads)]
+    for pl in payloads:
+        env = pl["environment"]
+        lines += [
+            f"## Run: size `{pl['size']}`, device `{pl['device']}`", "",
+            f"- command: `{env.get('command')}` (commit {env.get('git_commit')}, started {env.get('started_utc')}, "
+            f"{pl['wall_s']:.0f} s in all)",
+            f"- CPU: {env.get('cpu')} × {env.get('cpu_cores')} cores, {env.get('memory_gib')} GiB; GPU: {env.get('gpu') or 'none'}",
+            f"- load average (1/5/15 min) at start {env.get('load_average_at_start')}, at end "
+            f"{env.get('load_average_at_end')} (other jobs were sharing the machine when these differ from ~0)",
+            "- versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()),
+            "",
+        ]
+        for s in pl["sections"].values():
+            sec = Section(key=s["key"], title=s["title"], status=s["status"], tables=s["tables"], values=s["values"],
+                          notes=s["notes"], targets=[Target(**t) for t in s["targets"]], wall_s=s["wall_s"],
+                          error=s.get("error"))
+            lines.append(section_markdown(sec, s.get("environment") or env))
+    lines += ["## Appendix: reports of the benchmark modules owned by other areas", "",
+              "Included verbatim as committed (each states its own command and device).", ""]
+    from benchmarks.fragments import FRAGMENTS, docs_for
+
+    seen: set[Path] = set()
+    for fr in FRAGMENTS:
+        docs = docs_for(fr)
+        if not docs:
+            lines += [f"### benchmarks/{fr.name}.py", "", f"_No report committed yet ({fr.what})._", ""]
+        for p in docs:
+            if p in seen:
+                continue
+            seen.add(p)
+            body = p.read_text()
+            body = "\n".join(("##" + ln) if ln.startswith("#") else ln for ln in body.splitlines())
+            lines += [f"<!-- included from docs/benchmarks/{p.name} -->", "", body, ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="default", choices=SIZES)
+    ap.add_argument("--device", default="cpu", choices=DEVICES)
+    ap.add_argument("--out", type=Path, default=None, help="markdown report (default docs/benchmarks.md)")
+    ap.add_argument("--json", type=Path, default=None, help="results JSON (default benchmarks/results/bench_<size>_<device>.json)")
+    ap.add_argument("--sections", default=None, help=f"comma list, default all: {','.join(SECTION_KEYS)}")
+    ap.add_argument("--render-only", action="store_true", help="rebuild the report from the committed JSON files")
+    a = ap.parse_args(argv)
+    if a.render_only:
+        runs = [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("bench_*_*.json")) if "smoke" not in p.name]
+        (a.out or DOC).write_text(render_report(runs))
+        return 0
+    secs = tuple(s.strip() for s in a.sections.split(",")) if a.sections else None
+    run_bench(a.size, a.device, secs, a.json, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

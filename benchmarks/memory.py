@@ -1,0 +1,138 @@
+"""Peak RSS per Dask worker (and of the driver) as the scene grows 1×, 4×, 16× in area.
+
+Each scene is the demo mosaic mirrored into a k×k grid (real pixels, see :mod:`benchmarks.data`).
+Each case runs in a fresh child process (``python -m benchmarks.memory --case ...``) that starts
+its own LocalCluster of 2 single-threaded workers, runs :func:`workers.run.run_scene` (denoise
+only) and then asks every worker for its own peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``,
+which is the worker process's high-water mark since it started). The child's own peak is the
+driver's (ingest and tiling run there). A constant across sizes is the goal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import ROOT, Section, Target
+
+
+def _worker_peak() -> dict[str, float]:
+    import resource
+
+    import psutil
+
+    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "rss_mib": psutil.Process().memory_info().rss / 2**20, "pid": os.getpid()}
+
+
+def case(scene: Path, out: Path, model_kind: str, tile: int, max_iter: int | None) -> dict[str, Any]:
+    """One memory case (runs in the child process)."""
+    import resource
+
+    from benchmarks.models import bench_denoiser, warm_worker
+    from pipeline.config import RunConfig
+    from workers.cluster import get_cluster
+    from workers.infer import IdentityTileModel
+    from workers.run import run_scene
+
+    model: Any = bench_denoiser("cpu", max_iter, threads=1) if model_kind == "decsc" else IdentityTileModel(halo=min(16, tile // 2))
+    handle = get_cluster(2, None, device="cpu", threads_per_worker=1)
+    try:
+        handle.client.run(warm_worker, model)
+        before = handle.client.run(_worker_peak)
+        t0 = time.perf_counter()
+        res = run_scene(scene, out, RunConfig(out_root=out, tile=tile, unmix=False, batch_size=1),
+                        client=handle, denoise_model=model)
+        wall = time.perf_counter() - t0
+        after = handle.client.run(_worker_peak)
+    finally:
+        handle.close()
+    return {
+        "status": res.status, "tiles": res.n_tiles, "wall_s": wall,
+        "workers_before_mib": [v["peak_rss_mib"] for v in before.values()],
+        "workers_peak_mib": [v["peak_rss_mib"] for v in after.values()],
+        "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    }
+
+
+def run(sec: Section, plan: Any, device: str) -> None:
+    """Build the 1×/4×/16× scenes and measure each in a child process."""
+    from benchmarks.data import write_mirrored
+
+    if device != "cpu":
+        sec.status = "skipped"
+        sec.notes.append("Worker-memory scaling is measured on CPU workers.")
+        return
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="hyperdeq-bench-mem-") as td:
+        tmp = Path(td)
+        for f in plan.memory_factors:
+            scene = write_mirrored(tmp / f"scene_{f}x.tif", f, plan.memory_base)
+            cmd = [sys.executable, "-m", "benchmarks.memory", "--case", str(scene), "--out", str(tmp / f"out{f}"),
+                   "--model", plan.memory_model, "--tile", str(plan.memory_tile)]
+            if plan.decsc_max_iter is not None:
+                cmd += ["--max-iter", str(plan.decsc_max_iter)]
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+            line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("{")), None)
+            if p.returncode != 0 or line is None:
+                raise RuntimeError(f"memory case {f}x failed (rc={p.returncode}): {p.stderr[-800:]}")
+            r = json.loads(line)
+            import rasterio
+
+            with rasterio.open(scene) as ds:
+                shape = (ds.count, ds.height, ds.width)
+            rows.append({"area": f"{f}×", "scene (bands×y×x)": "×".join(map(str, shape)),
+                         "scene MiB (float32)": shape[0] * shape[1] * shape[2] * 4 / 2**20,
+                         "tiles": r["tiles"], "run wall s": r["wall_s"],
+                         "worker peak RSS MiB (max)": max(r["workers_peak_mib"]),
+                         "worker peak RSS MiB (each)": ", ".join(f"{v:.0f}" for v in r["workers_peak_mib"]),
+                         "worker RSS after model load MiB": max(r["workers_before_mib"]),
+                         "driver peak RSS MiB": r["driver_peak_mib"]})
+            shutil_rm(scene)
+    sec.tables["Peak RSS per worker vs scene area"] = rows
+    first, last = rows[0]["worker peak RSS MiB (max)"], rows[-1]["worker peak RSS MiB (max)"]
+    growth = last / first
+    sec.values["worker_peak_growth"] = growth
+    sec.values["worker_peak_mib"] = [r["worker peak RSS MiB (max)"] for r in rows]
+    sec.targets.append(Target(f"worker peak RSS {rows[-1]['area']} ÷ 1×", growth, "≈ 1 (flat)", growth <= 1.15,
+                              "per-tile work is bounded by the tile size, not the scene"))
+    dgrowth = rows[-1]["driver peak RSS MiB"] / rows[0]["driver peak RSS MiB"]
+    sec.values["driver_peak_growth"] = dgrowth
+    sec.targets.append(Target(f"driver peak RSS {rows[-1]['area']} ÷ 1×", dgrowth, "≈ 1 (flat)", dgrowth <= 1.15,
+                              "ingest and tiling run in the driver process"))
+    what = ("DECSC" + (f" (solver capped at {plan.decsc_max_iter})" if plan.decsc_max_iter else "")
+            if plan.memory_model == "decsc" else "the identity tile model (data plane only: ingest, tile, blend, "
+            "write; DECSC's own per-tile memory is constant by construction and is timed in the other sections)")
+    sec.notes.append(f"run_scene, denoise only, tile {plan.memory_tile}, model: {what}; 2 workers × 1 thread; "
+                     "each case in a fresh process.")
+
+
+def shutil_rm(p: Path) -> None:
+    try:
+        p.unlink()
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="one memory case of hyperdeq bench (child process)")
+    ap.add_argument("--case", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", default="identity", choices=["identity", "decsc"])
+    ap.add_argument("--tile", type=int, default=128)
+    ap.add_argument("--max-iter", type=int, default=None)
+    a = ap.parse_args(argv)
+    print(json.dumps(case(a.case, a.out, a.model, a.tile, a.max_iter)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
