@@ -1,0 +1,243 @@
+"""Fault-injection harness: an instrumented tile model, a driver process, loopback Dask clusters.
+
+The instrumented model wraps a real :class:`pipeline.runner.TileModel` (the identity geometry model,
+or DECSC when its weights are installed) and only adds what a fault test needs: a per-execution log
+(to count how often each tile ran, across processes), an optional delay (so that a kill lands
+mid-run), and an optional self-SIGKILL of the worker process on the N-th execution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tests.reliability._data import ROOT
+
+PY = sys.executable
+#: the tiled configuration every fault test uses (16 tiles on the 64x64 crop)
+RUN_KW: dict[str, Any] = {"tile": 16, "halo": 4, "unmix": False, "batch_size": 1}
+
+
+def decsc_available() -> bool:
+    """True when the shipped DECSC weights exist and pass every check of the loader."""
+    try:
+        from workers.denoise.api import load_denoiser
+
+        load_denoiser("cpu")
+        return True
+    except Exception:
+        return False
+
+
+def inner_model(kind: str = "identity") -> Any:
+    from workers.infer import DenoiseTileModel, IdentityTileModel
+
+    if kind == "decsc":
+        return DenoiseTileModel.from_registry("cpu")
+    return IdentityTileModel(halo=0)
+
+
+@dataclass(frozen=True)
+class InstrumentedModel:
+    """A real tile model plus fault-injection hooks (picklable; safe across processes)."""
+
+    inner: Any
+    log_dir: str
+    delay_s: float = 0.0
+    kill_at: int = 0  # SIGKILL this process at the N-th execution overall (once); 0: never
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def halo(self) -> int:
+        return self.inner.halo
+
+    @property
+    def weights_sha256(self) -> str | None:
+        return self.inner.weights_sha256
+
+    @property
+    def out_names(self) -> tuple[str, ...] | None:
+        return self.inner.out_names
+
+    def __call__(self, cube: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        from pipeline.tiles import tile_checksum
+
+        log = Path(self.log_dir)
+        line = f"{tile_checksum(cube)} {os.getpid()}\n"
+        fd = os.open(log / "executions.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+        if self.kill_at:
+            n = len((log / "executions.log").read_text().splitlines())
+            if n >= self.kill_at:
+                try:
+                    fd = os.open(log / "killed.marker", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                    os.write(fd, str(os.getpid()).encode())
+                    os.close(fd)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                except FileExistsError:
+                    pass
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return self.inner(cube)
+
+
+def executions(log_dir: Path, tile_store: Path) -> dict[str, int]:
+    """How many times each tile key was executed (from the model's log and the input checksums)."""
+    from pipeline.tiles import store_attrs
+
+    by_sum = {v: k for k, v in store_attrs(tile_store)["checksums"].items()}
+    out: dict[str, int] = {}
+    f = log_dir / "executions.log"
+    for line in f.read_text().splitlines() if f.is_file() else []:
+        key = by_sum.get(line.split()[0], "?")
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+# ------------------------------------------------------------------------------- outputs
+def output_digests(run_dir: Path) -> dict[str, str]:
+    """sha256 of every data-bearing output file of a run (zarr chunks of data arrays, COG, PNG).
+
+    Metadata files holding timestamps (``zarr.json`` with the run record) are left out; the data
+    chunks, GeoTIFFs and PNGs must be byte-identical between runs.
+    """
+    rec = json.loads((run_dir / "run.json").read_text())
+    out: dict[str, str] = {}
+    for rel in sorted(rec["outputs"].values()):
+        p = run_dir / rel
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.name != "zarr.json")
+        for f in files:
+            out[str(f.relative_to(run_dir))] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def run_dirs(out_root: Path) -> list[Path]:
+    return sorted(p.parent for p in out_root.glob("*/*/run.json"))
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> None:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"waited {timeout} s for {what}")
+        time.sleep(poll)
+
+
+def n_records(out_root: Path, stage: str = "denoise") -> int:
+    return sum(1 for _ in out_root.glob(f"*/*/tiles/{stage}.records/*.json"))
+
+
+# ------------------------------------------------------------------------------- processes
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", DASK_DISTRIBUTED__WORKER__DAEMON="False")
+    return e
+
+
+def spawn(args: list[str], log: Path, **kw: Any) -> subprocess.Popen[bytes]:
+    """Start a process in its own session (so the whole tree can be killed), output to ``log``.
+
+    The output goes through a pipe drained by a thread of this process: the child's own file
+    limits (the disk-full test lowers RLIMIT_FSIZE) never stop it from reporting its error.
+    """
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, env=env(),
+                            start_new_session=True, **kw)
+
+    def drain() -> None:
+        assert proc.stdout is not None
+        with open(log, "wb") as fh:
+            for chunk in iter(lambda: proc.stdout.read1(65536), b""):  # type: ignore[union-attr]
+                fh.write(chunk)
+                fh.flush()
+
+    threading.Thread(target=drain, daemon=True).start()
+    return proc
+
+
+def run_sync(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run a process to completion (repository root, test environment), capturing its output."""
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env())
+
+
+def kill_tree(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    """Signal a process started by :func:`spawn` and everything in its session."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def session_alive(pgid: int) -> list[int]:
+    """Pids still alive in the process group ``pgid`` (leak check)."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except (ProcessLookupError, psutil.Error, OSError):
+            continue
+    return out
+
+
+class LoopbackCluster:
+    """``dask scheduler`` + N ``dask worker`` processes on 127.0.0.1 (each single-threaded)."""
+
+    def __init__(self, tmp: Path, n_workers: int = 2) -> None:
+        self.tmp = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.scheduler = spawn([str(Path(PY).parent / "dask"), "scheduler", "--host", "127.0.0.1",
+                                "--port", str(self.port), "--no-dashboard"], tmp / "scheduler.log")
+        self.workers = [
+            spawn([str(Path(PY).parent / "dask"), "worker", self.address, "--nthreads", "1",
+                   "--nworkers", "1", "--no-dashboard", "--memory-limit", "2GiB",
+                   "--local-directory", str(tmp / f"w{i}"), "--death-timeout", "20"],
+                  tmp / f"worker{i}.log")
+            for i in range(n_workers)
+        ]
+        self.n_workers = n_workers
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        from distributed import Client
+
+        with Client(self.address, timeout="60s") as c:
+            c.wait_for_workers(self.n_workers, timeout=timeout)
+
+    def close(self) -> None:
+        for p in [*self.workers, self.scheduler]:
+            kill_tree(p, signal.SIGTERM)
+        for p in [*self.workers, self.scheduler]:
+            kill_tree(p, signal.SIGKILL)

@@ -1,0 +1,94 @@
+"""Reliability suite fixtures and the outcome log behind ``docs/reliability.md``.
+
+Every test (and every parametrised case) declares what it tries and what it expects with the
+``case`` fixture; a report hook stores the outcome. At the end of the session the cases are written
+to ``benchmarks/results/reliability.json`` and rendered to ``docs/reliability.md`` when
+``HYPERDEQ_RELIABILITY_REPORT=1`` (so partial or ad-hoc runs never overwrite the committed report;
+``python -m tests.reliability.report`` renders the JSON again).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.reliability import report
+
+_CASES: dict[str, dict[str, Any]] = {}
+
+
+class Case:
+    """What one test tries (``kind``/``what``), what it expects, and what was measured."""
+
+    def __init__(self, nodeid: str) -> None:
+        self.row: dict[str, Any] = {"nodeid": nodeid, "kind": "", "what": "", "expected": "", "measured": {}}
+        _CASES[nodeid] = self.row
+
+    def __call__(self, kind: str, what: str, expected: str) -> Case:
+        self.row.update(kind=kind, what=what, expected=expected)
+        return self
+
+    def measure(self, **values: Any) -> None:
+        """Record numbers/facts the test observed (shown in the report)."""
+        self.row["measured"].update(values)
+
+
+@pytest.fixture
+def case(request: pytest.FixtureRequest) -> Case:
+    return Case(request.node.nodeid)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    row = _CASES.get(item.nodeid)
+    if row is None:
+        return
+    if rep.when == "call" or (rep.when == "setup" and rep.outcome != "passed"):
+        if hasattr(rep, "wasxfail"):
+            row["outcome"] = "xfail" if rep.skipped else "XPASS"
+            row["xfail_reason"] = rep.wasxfail
+        else:
+            row["outcome"] = rep.outcome
+        row["duration_s"] = round(rep.duration, 2)
+        if rep.failed:
+            row["error"] = str(rep.longrepr).strip().splitlines()[-1][:300]
+        if rep.skipped and not hasattr(rep, "wasxfail"):
+            row["skip_reason"] = str(rep.longrepr[-1]) if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not _CASES or os.environ.get("HYPERDEQ_RELIABILITY_REPORT") != "1":
+        return
+    rows = sorted(_CASES.values(), key=lambda r: (report.KIND_ORDER.get(r["kind"], 9), r["nodeid"]))
+    payload = {"generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "exitstatus": int(exitstatus),
+               "cases": rows}
+    report.RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+    report.RESULTS_JSON.write_text(json.dumps(payload, indent=1, default=str))
+    report.render(payload)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_and_single_threaded(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """One BLAS/torch thread per process (the machine is shared); CRS warnings are expected here."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="session")
+def demo_crop(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real 64x64x40 crop of the demo scene (fully valid block), shared read-only by tests."""
+    from tests.reliability._data import crop_geotiff
+
+    return crop_geotiff(tmp_path_factory.mktemp("crop") / "potsdam_crop.tif")

@@ -1,0 +1,320 @@
+"""Faults survived: a worker, the whole run, a tile chunk, the output disk and the scheduler.
+
+Every test runs the real tile pipeline (:func:`workers.run.run_scene`) on a real crop of the
+EnMAP Potsdam demo scene, on real multi-process Dask clusters on loopback (a ``LocalCluster`` of
+worker processes, or ``dask scheduler`` + ``dask worker`` subprocesses), and compares the outputs
+byte for byte with an undisturbed run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline import provenance as prov
+from pipeline import tiles as tstore
+from pipeline.config import RunConfig
+from tests.reliability._helpers import (
+    PY,
+    RUN_KW,
+    InstrumentedModel,
+    LoopbackCluster,
+    executions,
+    inner_model,
+    kill_tree,
+    n_records,
+    output_digests,
+    run_dirs,
+    run_sync,
+    session_alive,
+    spawn,
+    wait_for,
+)
+from workers.run import run_scene
+
+N_TILES = 16  # 64x64 crop, tile 16
+
+
+def _model(log: Path, **kw: float) -> InstrumentedModel:
+    log.mkdir(parents=True, exist_ok=True)
+    return InstrumentedModel(inner_model("identity"), str(log), **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(demo_crop: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Digests of an undisturbed run (in-process threads) of the crop."""
+    tmp = tmp_path_factory.mktemp("ref")
+    with ThreadPoolExecutor(2) as ex:
+        res = run_scene(demo_crop, tmp / "out", RunConfig(**RUN_KW), client=ex,
+                        denoise_model=_model(tmp / "log"))
+    assert res.status == "complete" and res.n_tiles == N_TILES
+    return output_digests(res.run_dir)
+
+
+def _ok_verified(run_dir: Path) -> set[str]:
+    """Tile keys whose record says ok and whose stored bytes still match the recorded sha256."""
+    dest = run_dir / "tiles" / "denoise.zarr"
+    if not dest.exists():
+        return set()
+    grid = tstore.open_grid(run_dir / "tiles" / "input.zarr")
+    recs = tstore.load_records(dest)
+    return {t.key for t in grid.tiles if recs.get(t.key, {}).get("status") == "ok"
+            and tstore.verify_tile(dest, grid, t, recs[t.key].get("checksum"))}
+
+
+def _no_complete_outputs(run_dir: Path) -> None:
+    """Nothing in a failed/killed run may look complete."""
+    assert not prov.is_complete(run_dir)
+    z = run_dir / "denoised.zarr"
+    if z.exists():
+        assert not zarr.open_group(str(z), mode="r").attrs.get("hyperdeq_complete")
+    assert not (run_dir / "denoised.tif").exists()
+
+
+def _stage(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())["stages"]["denoise"]
+
+
+# ------------------------------------------------------------------------------- worker killed
+@pytest.mark.integration
+def test_worker_killed_mid_run(case, demo_crop: Path, reference: dict[str, str], tmp_path: Path) -> None:
+    case("fault", "a Dask worker process SIGKILLed mid-run (LocalCluster, 2 worker processes; the 5th tile "
+         "execution kills its own worker)",
+         "run completes; every tile exactly once in the outputs; outputs byte-identical to an undisturbed run")
+    from distributed import Client, LocalCluster
+
+    log = tmp_path / "log"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      memory_limit="2GiB") as cluster, Client(cluster) as client:
+        worker_pids = set(client.run(os.getpid).values())
+        res = run_scene(demo_crop, tmp_path / "out", RunConfig(**RUN_KW), client=client,
+                        denoise_model=_model(log, delay_s=0.05, kill_at=5))
+        pids_after = set(client.run(os.getpid).values())
+    killed = int((log / "killed.marker").read_text())
+    assert killed in worker_pids and killed != os.getpid()  # a worker, not this process, died
+    assert killed not in pids_after  # the nanny replaced it
+    assert res.status == "complete" and not res.failed_tiles
+    recs = tstore.load_records(res.run_dir / "tiles" / "denoise.zarr")
+    assert len(recs) == N_TILES and all(r["status"] == "ok" for r in recs.values())
+    assert _ok_verified(res.run_dir) == set(recs)
+    runs = executions(log, res.run_dir / "tiles" / "input.zarr")
+    assert set(runs) == set(recs)  # no tile lost
+    assert output_digests(res.run_dir) == reference
+    case.measure(killed_worker_pid=killed, tile_executions=sum(runs.values()),
+                 tiles_rerun=sorted(k for k, v in runs.items() if v > 1), outputs_identical=True)
+
+
+# ------------------------------------------------------------------------------- whole run killed
+def _driver(scene: Path, out: Path, log: Path, *extra: str) -> list[str]:
+    log.mkdir(parents=True, exist_ok=True)
+    return [PY, "-m", "tests.reliability._driver", str(scene), str(out), "--log-dir", str(log), *extra]
+
+
+@pytest.mark.integration
+def test_whole_run_killed_and_resumed(case, demo_crop: Path, reference: dict[str, str], tmp_path: Path) -> None:
+    case("fault", "the whole run (driver + LocalCluster of 2 worker processes) SIGKILLed after some tiles "
+         "are recorded; then rerun",
+         "no output looks complete; the rerun recomputes only the unfinished tiles (run record) and "
+         "its outputs are byte-identical")
+    out = tmp_path / "out"
+    proc = spawn(_driver(demo_crop, out, tmp_path / "log1", "--workers", "2", "--delay", "0.4"),
+                 tmp_path / "run1.log")
+    try:
+        wait_for(lambda: n_records(out) >= 4, 240, "4 tile records")
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == -signal.SIGKILL
+    wait_for(lambda: not session_alive(proc.pid), 30, "the killed run's processes to go")
+    (run_dir,) = run_dirs(out)
+    assert prov.load_run_record(run_dir)["status"] == "running"
+    _no_complete_outputs(run_dir)
+    done_before = _ok_verified(run_dir)
+    assert 0 < len(done_before) < N_TILES
+
+    r = run_sync(_driver(demo_crop, out, tmp_path / "log2", "--workers", "2"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["status"] == "complete"
+    stage = _stage(run_dir)
+    assert stage["n_reused"] == len(done_before)
+    rerun = executions(tmp_path / "log2", run_dir / "tiles" / "input.zarr")
+    assert set(rerun) == {t.key for t in tstore.open_grid(run_dir / "tiles" / "input.zarr").tiles} - done_before
+    assert all(v == 1 for v in rerun.values())
+    assert output_digests(run_dir) == reference
+    case.measure(tiles_done_before_kill=len(done_before), reused_on_rerun=stage["n_reused"],
+                 recomputed_on_rerun=len(rerun), outputs_identical=True)
+
+
+# ------------------------------------------------------------------------------- corrupted chunk
+def _chunk_file(dest: Path, pos: int) -> Path:
+    files = list((dest / "data").glob(f"c/{pos}/**/*"))
+    files = [f for f in files if f.is_file()]
+    assert len(files) == 1, files
+    return files[0]
+
+
+def _partial_run(scene: Path, out: Path, log: Path) -> tuple[Path, RunConfig]:
+    """Ingest, tile and denoise only (a run interrupted before blending)."""
+    from workers.run import plan_run, stage_denoise, stage_ingest, stage_tile
+
+    model = _model(log)
+    plan = plan_run(scene, out, RunConfig(**RUN_KW), model)
+    run_dir = Path(plan["run_dir"])
+    run_dir.mkdir(parents=True)
+    cfg = plan["config"]
+    ts = stage_tile(stage_ingest(scene, run_dir, cfg), run_dir, cfg)
+    with ThreadPoolExecutor(2) as ex:
+        stage_denoise(ts, run_dir, cfg, executor=ex, model=model)
+    return run_dir, cfg
+
+
+def _corrupt(dest: Path, key: str, how: str) -> None:
+    grid = tstore.open_grid(dest)
+    tile = next(t for t in grid.tiles if t.key == key)
+    f = _chunk_file(dest, grid.position(tile))
+    data = f.read_bytes()
+    if how == "truncated":
+        f.write_bytes(data[: len(data) // 2])
+    elif how == "bytes-flipped":
+        mid = len(data) // 2
+        f.write_bytes(data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + 64]) + data[mid + 64 :])
+    else:  # "valid-but-wrong": decodes fine, different numbers (silent bit rot)
+        arr = zarr.open_array(str(dest / "data"), mode="r+")
+        block = np.asarray(arr[grid.position(tile)])
+        arr[grid.position(tile)] = np.where(np.isfinite(block), block * np.float32(1.001), block)
+
+
+@pytest.mark.parametrize("how", ["truncated", "bytes-flipped", "valid-but-wrong"])
+def test_corrupted_tile_chunk_recomputed(case, how: str, demo_crop: Path, reference: dict[str, str], tmp_path: Path) -> None:
+    case("fault", f"a tile-output chunk {how} on disk after it was written (run interrupted before blending)",
+         "detected by the sha256 in the tile record; only that tile recomputed on the next run; "
+         "outputs byte-identical")
+    run_dir, _ = _partial_run(demo_crop, tmp_path / "out", tmp_path / "log1")
+    dest = run_dir / "tiles" / "denoise.zarr"
+    key = sorted(tstore.load_records(dest))[5]
+    _corrupt(dest, key, how)
+    assert _ok_verified(run_dir) == set(tstore.load_records(dest)) - {key}
+    with ThreadPoolExecutor(2) as ex:
+        res = run_scene(demo_crop, tmp_path / "out", RunConfig(**RUN_KW), client=ex,
+                        denoise_model=_model(tmp_path / "log2"))
+    assert res.status == "complete"
+    assert executions(tmp_path / "log2", run_dir / "tiles" / "input.zarr") == {key: 1}
+    assert _stage(run_dir)["n_reused"] == N_TILES - 1
+    assert output_digests(res.run_dir) == reference
+    case.measure(corrupted_tile=key, recomputed=1, reused=N_TILES - 1, outputs_identical=True)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "pipeline/blend.py + workers/run.py:stage_blend do not verify tile checksums before blending: a tile "
+    "chunk that rots after the denoise stage and before blending is blended silently. Needed: blend_window "
+    "(or stage_blend) checks tile_checksum(read_tile(...)) against the record's checksum and raises "
+    "ProvenanceError naming the tile (or stage_blend re-runs verify_tile and refuses)"))
+def test_blend_refuses_tile_that_rotted_after_denoise(case, demo_crop: Path, tmp_path: Path) -> None:
+    case("fault", "a tile-output chunk silently altered (still decodes) between the denoise stage and blending",
+         "blending refuses it (ProvenanceError naming the tile), never blends it silently")
+    from pipeline.errors import HyperdeqError
+    from workers.run import stage_blend
+
+    run_dir, cfg = _partial_run(demo_crop, tmp_path / "out", tmp_path / "log")
+    dest = run_dir / "tiles" / "denoise.zarr"
+    key = sorted(tstore.load_records(dest))[5]
+    _corrupt(dest, key, "valid-but-wrong")
+    with ThreadPoolExecutor(2) as ex, pytest.raises(HyperdeqError, match=key):
+        stage_blend("denoise", run_dir, cfg, executor=ex)
+
+
+# ------------------------------------------------------------------------------- disk full
+def _limit_fsize(pgid: int, nbytes: int) -> int:
+    """Set RLIMIT_FSIZE on every process of the session ``pgid`` (a full disk for each of them)."""
+    import psutil
+
+    n = 0
+    for pid in session_alive(pgid):
+        try:
+            psutil.Process(pid).rlimit(psutil.RLIMIT_FSIZE, (nbytes, nbytes))
+            n += 1
+        except psutil.Error:
+            pass
+    return n
+
+
+@pytest.mark.integration
+@pytest.mark.xfail(strict=True, reason=(
+    "workers/run.py:run_scene leaves run.json at status 'running' when a stage raises (here EFBIG from a "
+    "blend task): every other check of this test passes first (exit 2 with the OSError, nothing looks "
+    "complete, the rerun completes byte-identical). Needed: wrap the stages in run_scene in try/except, "
+    "rewrite the run record with status 'failed' and the error (prov.write_run_record), and raise "
+    "WriteError('... check free space ...') from OSError"))
+def test_output_disk_full_partway(case, demo_crop: Path, reference: dict[str, str], tmp_path: Path) -> None:
+    case("fault", "output disk full partway: RLIMIT_FSIZE=4 KiB set on the driver and every worker process "
+         "after 4 tiles (writes fail with EFBIG; Python ignores SIGXFSZ)",
+         "a clear error (exit 2, names the write that failed), run.json status 'failed', no output that "
+         "looks complete; a rerun with space completes byte-identical")
+    out = tmp_path / "out"
+    proc = spawn(_driver(demo_crop, out, tmp_path / "log1", "--workers", "2", "--delay", "0.4"),
+                 tmp_path / "run1.log")
+    try:
+        wait_for(lambda: n_records(out) >= 4, 240, "4 tile records")
+        n_limited = _limit_fsize(proc.pid, 4096)
+        proc.wait(timeout=300)
+    finally:
+        kill_tree(proc)
+    msg = (tmp_path / "run1.log").read_text()
+    assert proc.returncode == 2, msg[-3000:]
+    err = [ln for ln in msg.splitlines() if ln.startswith("error:")]
+    assert err and ("too large" in err[-1].lower() or "space" in err[-1].lower()), msg[-3000:]
+    (run_dir,) = run_dirs(out)
+    _no_complete_outputs(run_dir)
+    status = prov.load_run_record(run_dir)["status"]
+    case.measure(processes_limited=n_limited, error=err[-1][:160], run_status=status)
+    r = run_sync(_driver(demo_crop, out, tmp_path / "log2", "--workers", "2"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert output_digests(run_dirs(out)[0]) == reference
+    assert status == "failed", f"run.json says {status!r} after the failure"
+
+
+# ------------------------------------------------------------------------------- scheduler lost
+@pytest.mark.integration
+@pytest.mark.slow
+def test_scheduler_lost_mid_run(case, demo_crop: Path, reference: dict[str, str], tmp_path: Path) -> None:
+    case("fault", "the Dask scheduler process (dask scheduler + 2 dask worker subprocesses) SIGKILLed mid-run",
+         "the run fails in bounded time with a clear message naming the scheduler; nothing looks "
+         "complete; a rerun on a new cluster resumes (finished tiles reused) byte-identical")
+    out = tmp_path / "out"
+    c1 = LoopbackCluster(tmp_path / "c1")
+    try:
+        c1.wait_ready()
+        proc = spawn(_driver(demo_crop, out, tmp_path / "log1", "--scheduler", c1.address, "--delay", "0.4"),
+                     tmp_path / "run1.log")
+        try:
+            wait_for(lambda: n_records(out) >= 3, 240, "3 tile records")
+            kill_tree(c1.scheduler)
+            proc.wait(timeout=240)
+        finally:
+            kill_tree(proc)
+    finally:
+        c1.close()
+    msg = (tmp_path / "run1.log").read_text()
+    assert proc.returncode not in (0, None), msg[-3000:]
+    (run_dir,) = run_dirs(out)
+    _no_complete_outputs(run_dir)
+    done_before = _ok_verified(run_dir)
+    err = [ln for ln in msg.splitlines() if ln.startswith("error:")]
+    case.measure(exit_code=proc.returncode, error=(err[-1] if err else msg.strip().splitlines()[-1])[:200],
+                 tiles_done_before=len(done_before))
+    c2 = LoopbackCluster(tmp_path / "c2")
+    try:
+        c2.wait_ready()
+        r = run_sync(_driver(demo_crop, out, tmp_path / "log2", "--scheduler", c2.address))
+    finally:
+        c2.close()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _stage(run_dir)["n_reused"] >= len(done_before) > 0
+    assert output_digests(run_dir) == reference
+    assert err and "scheduler" in err[-1].lower(), msg[-2000:]
