@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import xarray as xr
@@ -268,11 +268,11 @@ def ingest_scene(
                 "with enough free space."
             ) from exc
     group = zarr.open_group(dest, mode="r+")
-    arr = group[VARIABLE]
-    meta = dict(group.attrs["hyperdeq"])
-    prog = dict(meta["progress"])
-    done = list(prog["done"])
-    valid = list(prog["valid"])
+    arr: Any = group[VARIABLE]
+    meta: dict[str, Any] = dict(cast(dict[str, Any], group.attrs["hyperdeq"]))
+    prog: dict[str, Any] = dict(meta["progress"])
+    done: list[str] = list(prog["done"])
+    valid: list[int] = [int(v) for v in prog["valid"]]
     good_vec = np.asarray(source.good_band if source.good_band is not None else np.ones(nb, bool), bool)
     order = source.band_order()
     good = np.flatnonzero(good_vec if order is None else good_vec[order])
@@ -296,8 +296,8 @@ def ingest_scene(
                 "reflectance. Mask them as nodata (NaN) or fix the scale factor."
             )
         ok = np.ones(block.shape[1:], dtype=bool)
-        for b in good:  # band by band: no window-sized temporary
-            ok &= np.isfinite(block[b])
+        for g in good:  # band by band: no window-sized temporary
+            ok &= np.isfinite(block[g])
         n_valid_region = int(ok.sum())
         arr[:, y0:y1, x0:x1] = block
         return i, n_valid_region

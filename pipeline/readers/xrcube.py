@@ -82,7 +82,7 @@ class XarraySource(SceneSource):
         if name not in ds.data_vars:
             raise InputValidationError(
                 f"variable {name!r} not found in {str(self.path)!r}; variables: "
-                f"{sorted(ds.data_vars)!r}. Pass variable=<one of these>."
+                f"{sorted(map(str, ds.data_vars))!r}. Pass variable=<one of these>."
             )
         var = ds[name]
         if np.dtype(var.dtype).kind not in "iuf":
@@ -254,7 +254,7 @@ class BareZarrSource(SceneSource):
     def _array(self) -> Any:
         import zarr
 
-        node = zarr.open(str(self.path), mode="r")
+        node: Any = zarr.open(str(self.path), mode="r")
         return node[self.variable] if self.variable is not None else node
 
     def read_raw(
