@@ -163,6 +163,8 @@ def write_cog(
     three_d = arr.ndim == 3
     count = arr.shape[0] if three_d else 1
     ny, nx = arr.shape[-2:]
+    # GeoTIFF tiles are multiples of 16; never pad a small raster up to a large tile
+    block = max(16, min(block, -(-max(ny, nx) // 16) * 16))
     crs = like.rio.crs
     transform = like.rio.transform() if crs is not None else None
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp.tif")

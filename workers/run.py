@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -412,6 +413,9 @@ def _scene_var(store: Path) -> str:
 
 
 def _gpu_name() -> str | None:
+    """The local GPU's name; only asked when torch is already loaded (importing it costs seconds)."""
+    if "torch" not in sys.modules:
+        return None
     try:
         import torch
 
