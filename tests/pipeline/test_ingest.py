@@ -114,17 +114,17 @@ def test_interrupted_ingest_is_refused_then_resumed(tmp_path: Path) -> None:
             raise _Crash("simulated power cut")
 
     with pytest.raises(_Crash):
-        ingest_scene(DEMO, dest, chunk=64, progress=crash_after_three)
+        ingest_scene(TILE, dest, chunk=11, progress=crash_after_three)
     assert store_metadata(dest)["complete"] is False
     with pytest.raises(ReadError, match=r"incomplete: its ingest stopped after 3 of 9 regions.*Re-run"):
         open_zarr_scene(dest)
     seen: list[tuple[int, int]] = []
-    ingest_scene(DEMO, dest, chunk=64, progress=lambda d, t: seen.append((d, t)))
+    ingest_scene(TILE, dest, chunk=11, progress=lambda d, t: seen.append((d, t)))
     assert seen[0] == (3, 9) and len(seen) == 7  # resumed: the 3 finished regions are skipped
-    _assert_same_scene(open_scene(DEMO), open_zarr_scene(dest))
-    assert store_metadata(dest)["nodata_fraction"] == pytest.approx(
-        float(1 - np.isfinite(open_scene(DEMO).values[open_scene(DEMO)["good_band"].values]).all(0).mean())
-    )
+    scene = open_scene(TILE)
+    _assert_same_scene(scene, open_zarr_scene(dest))
+    expected = 1 - np.isfinite(scene.values[scene["good_band"].values]).all(0).mean()
+    assert store_metadata(dest)["nodata_fraction"] == pytest.approx(float(expected))
 
 
 def test_interrupted_ingest_of_other_source_needs_overwrite(tmp_path: Path) -> None:
@@ -135,11 +135,11 @@ def test_interrupted_ingest_of_other_source_needs_overwrite(tmp_path: Path) -> N
             raise _Crash("stop")
 
     with pytest.raises(_Crash):
-        ingest_scene(DEMO, dest, chunk=64, progress=crash)
+        ingest_scene(TILE, dest, chunk=16, progress=crash)
     with pytest.raises(WriteError, match="interrupted ingest of another source"):
-        ingest_scene(TILE, dest, chunk=64)
-    ingest_scene(TILE, dest, chunk=64, overwrite=True)
-    _assert_same_scene(open_scene(TILE), open_zarr_scene(dest))
+        ingest_scene(BERLIN, dest, chunk=16)
+    ingest_scene(BERLIN, dest, chunk=16, overwrite=True)
+    _assert_same_scene(open_scene(BERLIN), open_zarr_scene(dest))
 
 
 def test_existing_destination_and_overwrite(tmp_path: Path) -> None:
