@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import sys
 from pathlib import Path
 
 import typer
@@ -30,6 +29,20 @@ def _split(value: str) -> tuple[str, ...]:
     if cur.strip():
         items.append(cur.strip())
     return tuple(items)
+
+
+def _command_line(opts: dict[str, object]) -> str:
+    """The exact command, rebuilt from the parsed options (also right under a test runner)."""
+    parts = ["hyperdeq", "eval", "denoiser"]
+    for key in ("data", "scenes", "cases", "baselines", "seed", "out", "json_out", "crop",
+                "device", "threads", "cache"):
+        val = opts.get(key)
+        if val is not None:
+            flag = "--json" if key == "json_out" else f"--{key}"
+            parts += [flag, shlex.quote(str(val))]
+    if not opts.get("decsc", True):
+        parts.append("--no-decsc")
+    return " ".join(parts)
 
 
 def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
@@ -61,9 +74,10 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         """Score DECSC and the classical denoisers on the test scenes under every noise case."""
         from workers.denoise.evaluate import EvalConfig, run_eval, write_report
 
+        data = data or _default_data()
         names = _split(baselines)
         config = EvalConfig(
-            data=data or _default_data(),
+            data=data,
             scenes=_split(scenes),
             cases=_split(cases),
             baselines=() if names == ("none",) else names,
@@ -73,7 +87,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
             device=device,
             threads=threads,
             cache=cache,
-            command="hyperdeq " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            command=_command_line(locals()),
         )
         res = run_eval(config, progress=lambda msg: typer.echo(msg, err=True))
         write_report(res, out, json_out)
