@@ -40,7 +40,7 @@ FRAGMENTS: tuple[Fragment, ...] = (
     Fragment("deq_memory", "DECSC training peak memory, implicit vs unrolled, 10/20/40 iterations",
              "deq_memory.md", None),
     Fragment("unmix_memory", "DEQ-Unmix training peak memory, implicit vs unrolled, 10/20/40 iterations",
-             "unmix.md", ("--scene", "crop", "--iters", "10,20,40", "--out", "{tmp}/unmix_memory.json",
+             "unmix.md", ("--scene", "crop", "--iters", "10,20,40", "--batch", "2", "--size", "32", "--out", "{tmp}/unmix_memory.json",
                           "--md", "{tmp}/unmix.md")),
 )
 
@@ -155,4 +155,12 @@ def run(sec: Section, plan: Any, device: str) -> None:
     ingest_rows += _ingest_rows(small, "small run in this bench")
     if ingest_rows:
         sec.tables["Ingest vs plain read-and-write (from benchmarks/ingest.py)"] = ingest_rows
+    for fr in FRAGMENTS:  # modules that report a flat list of rows (training memory, seams)
+        for label, res in (("committed", sec.values.get(f"{fr.name}_committed")),
+                           ("small run in this bench", (sec.values.get(f"{fr.name}_small_run") or {}).get("result"))):
+            rows_ = res.get("rows") if isinstance(res, dict) else None
+            if isinstance(rows_, list) and rows_ and all(isinstance(r, dict) for r in rows_):
+                flat = [{k: v for k, v in r.items() if isinstance(v, int | float | str | bool) or v is None}
+                        for r in rows_]
+                sec.tables[f"benchmarks/{fr.name}.py: {label} ({res.get('command', '')})"] = flat
     sec.notes.append("Their full reports are included at the end of this document (Appendix), as committed.")

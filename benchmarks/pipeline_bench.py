@@ -136,8 +136,8 @@ def overhead(sec: Section, plan: SizePlan, device: str) -> None:
     sec.notes.append(
         f"Whole-scene run: `denoise_cube` on the {h}×{w}×{b} cube in this process with {threads} torch "
         f"threads (reading it took {read_s:.2f} s, not counted). Pipeline: run_scene with a LocalCluster of "
-        f"{n_workers} worker process(es) × 1 thread, denoise only (unmixing adds a per-scene fit, timed in "
-        "the throughput section)."
+        f"{n_workers} worker process(es) × 1 thread, denoise only; the unmixing table is a separate run "
+        "(unmix only, DEQ-Unmix fitted on the scene with the same epochs in both)."
     )
 
 
