@@ -76,6 +76,9 @@ def overhead(sec: Section, plan: SizePlan, device: str) -> None:
             t1 = time.perf_counter()
             res = run_scene(scene, config=cfg, client=handle, denoise_model=model)
             run_s = time.perf_counter() - t1
+            from benchmarks.memory import _worker_peak
+
+            worker_peaks = [v["peak_rss_mib"] for v in handle.client.run(_worker_peak).values()]
         finally:
             handle.close()
         rec = json.loads((res.run_dir / "run.json").read_text())
@@ -117,7 +120,9 @@ def overhead(sec: Section, plan: SizePlan, device: str) -> None:
         "whole-scene model s": whole_s, "whole-scene threads": threads, "overhead ratio": ratio,
         "ratio ÷ halo recompute": ratio / tb["halo_factor"], "weights": wlabel,
         "solver max iterations (whole)": st["iterations"],
+        "worker peak RSS MiB (DECSC tiles)": max(worker_peaks),
     }]
+    sec.values["decsc_worker_peak_mib"] = max(worker_peaks)
     sec.tables["Where the run_scene time goes"] = [
         {"part": k, "seconds": v, "% of run_scene wall": 100 * v / run_s if "not in" not in k else None} for k, v in parts
     ] + [{"part": f"halo recompute: tiles read {tb['read_px']} px for {tb['core_px']} core px",
@@ -129,6 +134,7 @@ def overhead(sec: Section, plan: SizePlan, device: str) -> None:
         f"halo recompute alone is ×{tb['halo_factor']:.2f} at tile {plan.pipeline_tile} + halo {model.halo}; "
         f"fixed costs (ingest, COG) weigh more on small scenes",
     ))
+    sec.tables[HALO_TABLE] = halo_table()
     try:
         _unmix_overhead(sec, plan, device, n_workers)
     except Exception as exc:  # noqa: BLE001 - reported in the section, the denoise figures stand
@@ -139,6 +145,22 @@ def overhead(sec: Section, plan: SizePlan, device: str) -> None:
         f"{n_workers} worker process(es) × 1 thread, denoise only; the unmixing table is a separate run "
         "(unmix only, DEQ-Unmix fitted on the scene with the same epochs in both)."
     )
+
+
+HALO_TABLE = "Halo recompute factor by tile size (geometry only, 1000×1000 px scene, halo 16)"
+
+
+def halo_table(side: int = 1000, halo: int = 16) -> list[dict[str, Any]]:
+    """Pixels read ÷ pixels owned for the pipeline's own grid at several tile sizes (no I/O)."""
+    from pipeline.grid import plan_grid
+
+    rows = []
+    for tile in (64, 128, 256, 512):
+        g = plan_grid((side, side), tile, halo)
+        read = sum(t.read.height * t.read.width for t in g.tiles)
+        rows.append({"tile": tile, "tiles": len(g.tiles),
+                     "read px ÷ core px (floor of the overhead ratio for a per-pixel-cost model)": read / side**2})
+    return rows
 
 
 def _unmix_overhead(sec: Section, plan: SizePlan, device: str, n_workers: int) -> None:
