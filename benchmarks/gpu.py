@@ -69,7 +69,7 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
     sampler = _nvml_sampler()
     t0 = time.perf_counter()
     e0.record()
-    out32, st = denoise_cube(model, cube, device=dev, max_iter=plan.decsc_max_iter)
+    _out32, st = denoise_cube(model, cube, device=dev, max_iter=plan.decsc_max_iter)
     e1.record()
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -96,10 +96,11 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
     sizes = []
     side = 64
     best_thr = thr
-    while side <= 4096:
+    while side <= 2048:  # beyond this a 20-iteration solve takes minutes per tile
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        rep = np.resize(cube, (b, side, side)).astype(np.float32)
+        reps = (1, -(-side // h), -(-side // w))
+        rep = np.ascontiguousarray(np.tile(cube, reps)[:, :side, :side], dtype=np.float32)
         try:
             ts = time.perf_counter()
             denoise_cube(model, rep, device=dev, max_iter=plan.decsc_max_iter)
@@ -115,23 +116,34 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
         side *= 2
     torch.cuda.empty_cache()
 
-    # mixed precision
-    ta = time.perf_counter()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out16, _ = denoise_cube(model, cube, device=dev, max_iter=plan.decsc_max_iter)
-    torch.cuda.synchronize()
-    amp_s = time.perf_counter() - ta
-    valid = np.isfinite(out32) & np.isfinite(out16)
-    mse = float(np.mean((out32[valid] - out16[valid]) ** 2)) if valid.any() else float("nan")
-    psnr = 10 * np.log10(1.0 / mse) if mse > 0 else float("inf")
+    # mixed precision, on one spectral window through the module (denoise_cube returns float32 numpy)
+    amp_s = psnr = float("nan")
+    amp_err = ""
+    try:
+        win = torch.from_numpy(np.nan_to_num(cube[: model.cfg.bands])).to(dev)[None]
+        ta = time.perf_counter()
+        ref, _ = model(win, max_iter=plan.decsc_max_iter)
+        torch.cuda.synchronize()
+        fp32_s = time.perf_counter() - ta
+        ta = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low, _ = model(win, max_iter=plan.decsc_max_iter)
+        torch.cuda.synchronize()
+        amp_s = time.perf_counter() - ta
+        mse = float(((ref.float() - low.float()) ** 2).mean())
+        psnr = 10 * float(np.log10(1.0 / mse)) if mse > 0 else float("inf")
+        amp_speedup = fp32_s / amp_s
+    except Exception as exc:  # noqa: BLE001 - reported: some ops may not support bf16
+        amp_err = f"{type(exc).__name__}: {exc}"
+        amp_speedup = float("nan")
     big = 1000 * 1000 * 224
     sec.tables[f"GPU: {gpu_name()}"] = [{
         "model": "DECSC", "weights": wlabel, "crop": plan.model_crop.label, "seconds (events)": e0.elapsed_time(e1) / 1e3,
         "wall s": wall, "mvox_s": thr, "GPU busy fraction": busy, "busy measured by": busy_how,
         "solver iterations": st["iterations"], "best mvox_s (any tile)": best_thr,
         "est. 1000×1000×224 scene s": big / 1e6 / best_thr,
-        "bf16 autocast s": amp_s, "bf16 speed-up": wall / amp_s, "bf16 vs fp32 PSNR dB": psnr,
-        "bf16 kept": bool(psnr >= 50),
+        "bf16 autocast s (one window)": amp_s, "bf16 speed-up": amp_speedup, "bf16 vs fp32 PSNR dB": psnr,
+        "bf16 kept": bool(psnr >= 50) if not amp_err else amp_err,
     }]
     sec.tables["Largest tile that fits"] = sizes
     sec.values.update({"gpu": gpu_name(), "gpu_mvox_s": thr, "gpu_busy": busy})
