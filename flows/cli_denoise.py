@@ -1,9 +1,52 @@
-"""CLI commands of this area (registered by flows.cli)."""
+"""CLI commands of the denoiser area: ``hyperdeq train denoiser``."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
 
 def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
-    """Add this area's commands to the app (none yet)."""
+    """Add ``train denoiser`` to the ``train`` group."""
+
+    @groups["train"].command("denoiser")
+    def train_denoiser(
+        data: Path = typer.Option(Path("../shared/data"), help="shared real-data folder (CAVE + crops)"),
+        out: Path = typer.Option(Path("runs/decsc"), help="output folder: checkpoint, JSON-lines log, weights"),
+        minutes: float = typer.Option(50.0, help="wall-clock budget (the LR schedule follows it)"),
+        max_steps: int = typer.Option(100_000, help="step cap"),
+        batch: int = typer.Option(4, help="patches per step"),
+        patch: int = typer.Option(40, help="patch size in pixels"),
+        lr: float = typer.Option(1e-3, help="peak learning rate (cosine decay)"),
+        seed: int = typer.Option(0, help="seed for patches, noise and init"),
+        threads: int = typer.Option(2, help="torch CPU threads"),
+        resume: bool = typer.Option(False, help="continue from OUT/checkpoint.pt"),
+        install: bool = typer.Option(False, help="copy the weights to workers/weights/decsc.safetensors"),
+    ) -> None:
+        """Train the DECSC denoiser on real data with blind protocol noise; export safetensors."""
+        import shutil
+
+        from rich.console import Console
+
+        from workers.denoise.train import TrainConfig, train
+        from workers.registry import WEIGHTS_DIR, sha256_file
+
+        console = Console()
+        cfg = TrainConfig(data_dir=data, out_dir=out, minutes=minutes, max_steps=max_steps, batch=batch,
+                          patch=patch, lr=lr, seed=seed, threads=threads, resume=resume)
+
+        def show(rec: dict) -> None:
+            line = (f"step {rec['step']:5d}  {rec['elapsed_s'] / 60:5.1f} min  loss {rec['loss']:.4f}  "
+                    f"psnr {rec['psnr']:.2f} (noisy {rec['psnr_noisy']:.2f})  it {rec['iterations']:.1f}  "
+                    f"res {rec['residual']:.3g}  lr {rec['lr']:.2e}")
+            if "val" in rec:
+                line += "  val " + " ".join(f"{k}={v['out']}/{v['noisy']}" for k, v in rec["val"].items())
+            console.print(line)
+
+        weights = train(cfg, progress=show)
+        console.print(f"weights: {weights}  sha256 {sha256_file(weights)}")
+        if install:
+            dest = WEIGHTS_DIR / "decsc.safetensors"
+            shutil.copyfile(weights, dest)
+            console.print(f"installed to {dest}; update weights_sha256 in workers/denoise/spec.py")

@@ -91,6 +91,9 @@ class DEQFixedPoint(nn.Module):
         self.phantom_steps = phantom_steps
         self.phantom_tau = phantom_tau
         self.last_backward_stats: SolverStats | None = None
+        # differentiable relative residual of the last training forward (for a fixed-point
+        # regulariser that keeps the map contractive); None until a forward with autograd
+        self.last_train_residual: Tensor | None = None
 
     def forward(self, x: Tensor, z0: Tensor | None = None, max_iter: int | None = None) -> tuple[Tensor, SolverStats]:
         """Return ``(z*, stats)``; ``max_iter`` overrides the configured cap for this call."""
@@ -103,9 +106,12 @@ class DEQFixedPoint(nn.Module):
         if self.backward_mode == "phantom":
             z = z_star
             for _ in range(self.phantom_steps):
-                z = (1 - self.phantom_tau) * z + self.phantom_tau * self.func(z, x)
+                fz = self.func(z, x)
+                self.last_train_residual = ((fz - z).flatten(1).norm(dim=1) / (fz.flatten(1).norm(dim=1) + 1e-12))
+                z = (1 - self.phantom_tau) * z + self.phantom_tau * fz
             return z, stats
         z = self.func(z_star, x)  # one re-attached step: gradients to params and x
+        self.last_train_residual = ((z - z_star).flatten(1).norm(dim=1) / (z.flatten(1).norm(dim=1) + 1e-12))
         if z.requires_grad:
             z_in = z_star.clone().requires_grad_()
             f_in = self.func(z_in, x)

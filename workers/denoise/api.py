@@ -1,0 +1,201 @@
+"""Denoiser API for the tile engine: load the shipped DECSC weights, denoise (B, H, W) cubes.
+
+Any band count runs with one set of weights: the model is applied on a sliding spectral window
+(``SPEC.config["bands"]`` bands, stride ``window_stride``) and the overlapping window outputs are
+blended with Hann weights; fewer bands than the window are symmetrically padded along the
+spectrum. Nodata (NaN) pixels are filled with the band mean for the model and NaN again on output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.errors import InputValidationError, WeightsError
+from workers.registry import get_spec, verified_weights_path
+
+from .decsc import DECSC, DECSCConfig, estimate_sigma
+
+MODEL_NAME = "decsc"
+_CFG_KEYS = set(asdict(DECSCConfig()))
+
+
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over tensor names, shapes, dtypes and bytes (stored in the file's metadata)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def weights_metadata(model: DECSC, extra: dict[str, Any] | None = None) -> dict[str, str]:
+    """safetensors metadata recording what these weights are (checked by :func:`load_denoiser`)."""
+    spec = get_spec(MODEL_NAME)
+    meta = {
+        "model": MODEL_NAME,
+        "config": json.dumps({**asdict(model.cfg), "window_stride": spec.config["window_stride"]}, sort_keys=True),
+        "tensors_sha256": tensors_digest(model.state_dict()),
+    }
+    if extra:
+        meta["training"] = json.dumps(extra, sort_keys=True)
+    return meta
+
+
+def build_model(device: str = "cpu") -> DECSC:
+    """An untrained DECSC with the registry's architecture and solver settings."""
+    spec = get_spec(MODEL_NAME)
+    cfg = DECSCConfig(**{k: v for k, v in spec.config.items() if k in _CFG_KEYS})
+    s = spec.solver
+    model = DECSC(cfg, tol=s["tol"], max_iter=s["max_iter"], eval_max_iter=s["eval_max_iter"],
+                  backward=s["backward"], backward_max_iter=s["backward_max_iter"], m=s["m"],
+                  phantom_steps=s["phantom_steps"], phantom_tau=s["phantom_tau"])
+    return model.to(device)
+
+
+def load_denoiser(device: str = "cpu", weights: str | Path | None = None) -> nn.Module:
+    """The DECSC denoiser with its shipped (or given) safetensors weights, in eval mode.
+
+    Raises :class:`WeightsError` when the file is missing, not safetensors, fails its sha256
+    check, was written for another model or configuration, or its tensors were modified.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    spec = get_spec(MODEL_NAME)
+    path = verified_weights_path(spec, weights)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            meta = fh.metadata() or {}
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"cannot read weights file {str(path)!r} as safetensors ({exc}); reinstall hyperdeq or retrain") from exc
+    if meta.get("model") != MODEL_NAME:
+        raise WeightsError(
+            f"weights file {str(path)!r} is for model {meta.get('model')!r}, not {MODEL_NAME!r}; "
+            "pass the DECSC weights (workers/weights/decsc.safetensors)"
+        )
+    expected_cfg = {**{k: v for k, v in spec.config.items()}}
+    got_cfg = json.loads(meta.get("config", "{}"))
+    if got_cfg != expected_cfg:
+        raise WeightsError(
+            f"weights file {str(path)!r} has DECSC config {got_cfg!r} but the registry expects "
+            f"{expected_cfg!r}; retrain or use the matching hyperdeq version"
+        )
+    if meta.get("tensors_sha256") != tensors_digest(state):
+        raise WeightsError(
+            f"weights file {str(path)!r}: tensor contents do not match the digest recorded in its "
+            f"metadata ({meta.get('tensors_sha256')!r}); the file was modified, retrain or reinstall"
+        )
+    model = build_model("cpu")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"weights file {str(path)!r} does not fit the DECSC architecture: {exc}") from exc
+    return model.to(device).eval()
+
+
+def _band_windows(n_bands: int, size: int, stride: int) -> list[int]:
+    """Start indices of spectral windows covering ``n_bands`` (last one flush with the end)."""
+    if n_bands <= size:
+        return [0]
+    starts = list(range(0, n_bands - size + 1, stride))
+    if starts[-1] != n_bands - size:
+        starts.append(n_bands - size)
+    return starts
+
+
+def _hann(size: int) -> np.ndarray:
+    """Strictly positive Hann weights so every band keeps a non-zero total weight."""
+    return np.sin(np.pi * (np.arange(size) + 0.5) / size) ** 2
+
+
+def _symmetric_index(n_bands: int, size: int) -> np.ndarray:
+    """Band indices of a symmetric extension of ``n_bands`` bands to ``size`` (n_bands < size)."""
+    period = np.concatenate([np.arange(n_bands), np.arange(n_bands)[::-1]])
+    return period[np.arange(size) % len(period)]
+
+
+def _check_cube(cube: np.ndarray) -> np.ndarray:
+    cube = np.asarray(cube)
+    if cube.ndim != 3 or min(cube.shape) < 1:
+        raise InputValidationError(f"denoise_cube expects a (bands, y, x) cube, got shape {cube.shape!r}")
+    if not np.issubdtype(cube.dtype, np.floating):
+        raise InputValidationError(
+            f"denoise_cube expects float reflectance (roughly [0, 1]) with NaN nodata, got dtype {cube.dtype!r}; "
+            "scale the cube to reflectance first"
+        )
+    if cube.shape[1] < 2 or cube.shape[2] < 2:
+        raise InputValidationError(f"denoise_cube needs at least 2x2 pixels, got shape {cube.shape!r}")
+    return cube.astype(np.float32, copy=False)
+
+
+@torch.no_grad()
+def denoise_cube(
+    model: nn.Module, cube: np.ndarray, *, device: str = "cpu", max_iter: int | None = None,
+    window_batch: int = 2,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Denoise one (B, H, W) float32 cube; NaN pixels stay NaN.
+
+    Returns the denoised cube and the worst solver statistics over the spectral windows:
+    ``{"iterations": int, "residual": float, "converged": bool, "windows": int}``.
+    """
+    cube = _check_cube(cube)
+    b, h, w = cube.shape
+    valid = np.isfinite(cube).all(axis=0)
+    if not valid.any():
+        return np.full_like(cube, np.nan), {"iterations": 0, "residual": 0.0, "converged": True, "windows": 0}
+    filled = cube.copy()
+    means = np.array([cube[i][valid].mean() for i in range(b)], dtype=np.float32)
+    filled[:, ~valid] = means[:, None]
+    y = torch.from_numpy(filled).to(device)
+    sigma = estimate_sigma(y[None], torch.from_numpy(valid).to(device)[None])[0]
+    size = model.cfg.bands
+    stride = get_spec(MODEL_NAME).config["window_stride"]
+    if b < size:
+        idx = torch.from_numpy(_symmetric_index(b, size)).to(device)
+        ys, ss, starts = y[idx][None], sigma[idx][None], [0]
+    else:
+        starts = _band_windows(b, size, stride)
+        ys = torch.stack([y[s : s + size] for s in starts])
+        ss = torch.stack([sigma[s : s + size] for s in starts])
+    outs, its, res, conv = [], [], [], []
+    for i in range(0, len(starts), window_batch):
+        o, st = model(ys[i : i + window_batch], ss[i : i + window_batch], max_iter=max_iter)
+        outs.append(o)
+        its.append(st.iterations)
+        res.append(st.residual)
+        conv.append(st.converged)
+    out_w = torch.cat(outs).cpu().numpy().astype(np.float32)
+    if b < size:
+        out = out_w[0, :b]
+    else:
+        wgt = _hann(size).astype(np.float32)
+        acc = np.zeros((b, h, w), np.float32)
+        norm = np.zeros(b, np.float32)
+        for k, s in enumerate(starts):
+            acc[s : s + size] += wgt[:, None, None] * out_w[k]
+            norm[s : s + size] += wgt
+        out = acc / norm[:, None, None]
+    out[:, ~valid] = np.nan
+    stats = {
+        "iterations": int(torch.cat(its).max()),
+        "residual": float(torch.cat(res).max()),
+        "converged": bool(torch.cat(conv).all()),
+        "windows": len(starts),
+    }
+    return out, stats
+
+
+def denoise_batch(
+    model: nn.Module, cubes: list[np.ndarray], *, device: str = "cpu", max_iter: int | None = None
+) -> list[tuple[np.ndarray, dict[str, Any]]]:
+    """:func:`denoise_cube` over several tiles in one call (one result per cube, same order)."""
+    return [denoise_cube(model, c, device=device, max_iter=max_iter) for c in cubes]
