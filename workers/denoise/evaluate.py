@@ -474,6 +474,21 @@ def render_markdown(res: dict[str, Any]) -> str:
             f"scaling {meta['scaling']}" + (f", {meta['crop']}" if "crop" in meta else "")
         )
 
+    missing_cases = [c for c in DEFAULT_CASES if c not in res["config"]["cases"]]
+    missing_bl = [b for b in BASELINE_NAMES if b not in res["config"]["baselines"]]
+    if missing_cases or missing_bl or res["config"].get("crop"):
+        lines.append(
+            "- **not part of this run**: "
+            + "; ".join(
+                x
+                for x in (
+                    f"default cases {missing_cases}" if missing_cases else "",
+                    f"baselines {missing_bl}" if missing_bl else "",
+                    f"full scenes (centre crop {res['config']['crop']})" if res["config"].get("crop") else "",
+                )
+                if x
+            )
+        )
     lines += ["", "## Verdict (targets of issue 8: MPSNR ≥ best anchor + margin)", ""]
     lines += [
         "| scene | case | DECSC MPSNR (dB) | best anchor | anchor MPSNR (dB) | margin (dB) | target | status |",
