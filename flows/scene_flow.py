@@ -182,7 +182,7 @@ def open_cluster(cluster: ClusterOptions, config: Any) -> Any:
         kw = {k: v for k, v in kw.items() if v is not None}
         c = LocalCUDACluster(**kw)
     else:
-        kw.setdefault("dashboard_address", None)
+        kw.setdefault("dashboard_address", ":0")  # a free port; never clash with 8787
         c = LocalCluster(**kw)
     client = Client(c)
     handle = ClusterHandle(client=client, cluster=c, gpu=has_gpu_workers(client))
@@ -191,6 +191,13 @@ def open_cluster(cluster: ClusterOptions, config: Any) -> Any:
 
         client.register_plugin(ModelPlugin(models=preload, device=config.device), name=ModelPlugin.name)
     return handle
+
+
+def _dashboard(client: Any) -> str:
+    try:
+        return str(client.dashboard_link)
+    except Exception:  # no dashboard on that scheduler
+        return "none"
 
 
 # ------------------------------------------------------------------------------------- flow
@@ -247,8 +254,9 @@ def process_scene(
     handle = open_cluster(params.cluster, cfg)
     try:
         desc = handle.describe()
-        log.info("tile batches run on %s (%d workers, GPU workers: %s)", desc.get("scheduler"),
-                 desc.get("n_workers", 0), desc.get("gpu_workers") or "none")
+        log.info("tile batches run on %s (%d workers, GPU workers: %s); Dask dashboard: %s",
+                 desc.get("scheduler"), desc.get("n_workers", 0), desc.get("gpu_workers") or "none",
+                 _dashboard(handle.client))
         model_ex, any_ex = quote(handle.model_executor()), quote(handle.executor())
         ingested = _t(ingest_task)(params.scene, plan, label=f"ingest {name}")
         progress.stage_done("ingest")
