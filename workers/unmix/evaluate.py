@@ -80,7 +80,12 @@ def usgs_library(data: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     # names[i] labels column i of datalib; the first three are wavelength/resolution/channel
     names = ["".join(chr(c) for c in row).strip() for row in d["names"]][3:] if "names" in d else []
     ok = np.all(S > -1e30, axis=0) & np.all(S >= 0, axis=0) & np.all(np.isfinite(S), axis=0)
-    return wl, S[:, ok], [n for n, k in zip(names, ok, strict=False) if k]
+    # the library joins several spectrometers whose ranges overlap: sort bands by wavelength and
+    # drop repeated wavelengths so that the band axis is strictly increasing (a valid scene)
+    order = np.argsort(wl, kind="stable")
+    keep = np.concatenate([[True], np.diff(wl[order]) > 0])
+    rows = order[keep]
+    return wl[rows], S[np.ix_(rows, np.flatnonzero(ok))], [n for n, k in zip(names, ok, strict=False) if k]
 
 
 def synthetic_case(data: Path, p: int, snr_db: float, *, seed: int = 0, size: int = 100,

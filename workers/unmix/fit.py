@@ -78,8 +78,10 @@ class UnmixFit:
     def model(self) -> DEQUnmix:
         """Rebuild the module (eval mode) from the stored endmembers, state and config."""
         c = self.config
+        # fresh, aligned copies: tensors memory-mapped from a file can take other SIMD paths, and
+        # last-bit differences must not make a reloaded fit differ from the original
         m = DEQUnmix(
-            torch.from_numpy(np.asarray(self.endmembers, dtype=np.float32)),
+            torch.tensor(np.array(self.endmembers, dtype=np.float32, copy=True)),
             hidden=int(c.get("hidden", DEFAULTS["hidden"])),
             tol=float(c.get("tol", DEFAULTS["tol"])),
             max_iter=int(c.get("max_iter", DEFAULTS["train_max_iter"])),
@@ -129,10 +131,10 @@ class UnmixFit:
                 f"{str(d / _META)!r} has format {meta.get('format')!r}, expected {FIT_FORMAT!r}; "
                 "refit the scene with this version"
             )
-        t = load_file(str(d / _TENSORS))
+        t = {k: v.clone() for k, v in load_file(str(d / _TENSORS)).items()}
         return cls(
-            endmembers=t.pop("endmembers").numpy(),
-            wavelengths=t.pop("wavelengths").numpy(),
+            endmembers=np.array(t.pop("endmembers").numpy(), copy=True),
+            wavelengths=np.array(t.pop("wavelengths").numpy(), copy=True),
             good_band=t.pop("good_band").numpy().astype(bool),
             state=t,
             names=list(meta["names"]),
@@ -349,7 +351,7 @@ def fit_scene(
     wl_all = np.asarray(scene["wavelength"].values, dtype=np.float64)
     good = good_band_index(scene)
     gb = np.asarray(scene["good_band"].values, dtype=bool)
-    E_fit = model.E.detach().numpy().astype(np.float32)
+    E_fit = np.ascontiguousarray(model.E.detach().numpy(), dtype=np.float32)
     names = [f"em{i + 1}" for i in range(P)]
     provenance = {
         "model": "deq-unmix",

@@ -1,0 +1,164 @@
+"""DEQ-Unmix: simplex projection, known-truth recovery, fit/apply/save/load, NaN handling, memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.errors import ConfigError, InputValidationError, ModelError
+from pipeline.metrics import abundance_rmse, match_endmembers, sad_degrees
+from pipeline.scene import build_scene
+from workers.unmix.classical import fcls, vca
+from workers.unmix.deq_unmix import DEQUnmix, simplex_project
+from workers.unmix.fit import UnmixFit, apply_fit, fit_scene, write_endmembers
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def crops(test_data):
+    return dict(np.load(test_data / "unmix" / "unmix_crops.npz"))
+
+
+@pytest.fixture(scope="module")
+def synthetic(crops):
+    """24×24 mixture of 3 real USGS spectra, Dirichlet abundances, 30 dB, with pure pixels."""
+    E = crops["usgs_spectra"][:, [0, 2, 4]].astype(np.float64)
+    rng = np.random.default_rng(0)
+    A = rng.dirichlet(np.ones(3), size=24 * 24).T
+    A[:, [0, 100, 300]] = np.eye(3)
+    Y = E @ A
+    Y = Y + np.sqrt(np.mean(Y**2) / 1e3) * rng.standard_normal(Y.shape)
+    cube = Y.reshape(-1, 24, 24).astype(np.float32)
+    return cube, E, A
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic, crops):
+    cube, E, _ = synthetic
+    scene = build_scene(cube, wavelength=crops["usgs_wavelength_nm"], source="synthetic-usgs")
+    return fit_scene(scene, 3, seed=0, sample_pixels=400, fit_tiles=2, fit_tile_size=24, max_epochs=4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-50, 50, allow_nan=False, width=32), min_size=2, max_size=8))
+def test_simplex_projection_lands_on_simplex(v):
+    x = torch.tensor(v, dtype=torch.float64)[None, :, None]
+    p = simplex_project(x, dim=1)[0, :, 0]
+    assert torch.all(p >= 0)
+    assert abs(float(p.sum()) - 1.0) < 1e-9
+    # it is the closest simplex point: no vertex is closer
+    for k in range(len(v)):
+        e = torch.zeros(len(v), dtype=torch.float64)
+        e[k] = 1
+        assert float((x[0, :, 0] - p).norm()) <= float((x[0, :, 0] - e).norm()) + 1e-9
+
+
+def test_untrained_deq_fixed_point_is_fcls(synthetic):
+    """With the correction net at its zero start the map is projected gradient: FCLS."""
+    cube, E, _ = synthetic
+    L = cube.shape[0]
+    m = DEQUnmix(torch.from_numpy(E.astype(np.float32)), tol=1e-6, eval_max_iter=300).eval()
+    with torch.no_grad():
+        A, stats = m(torch.from_numpy(cube[None]))
+    ref = fcls(cube.reshape(L, -1).astype(np.float64), E)
+    np.testing.assert_allclose(A[0].reshape(3, -1).numpy(), ref, atol=2e-3)
+    assert float(stats.converged.float().mean()) > 0.95
+
+
+def test_known_truth_recovery_and_simplex(fitted, synthetic):
+    cube, E, A_true = synthetic
+    A, rmse_map, stats = apply_fit(fitted, cube)
+    assert A.shape == (3, 24, 24) and rmse_map.shape == (24, 24)
+    assert np.all(A >= 0)
+    np.testing.assert_allclose(A.sum(axis=0), 1.0, atol=1e-5)
+    perm = match_endmembers(E, fitted.endmembers.astype(np.float64))
+    assert np.mean(sad_degrees(E, fitted.endmembers[:, perm].astype(np.float64))) < 2.0
+    assert abundance_rmse(A_true, A.reshape(3, -1)[perm])[0] < 0.05
+    assert set(stats) == {"iterations", "residual", "converged"}
+    assert len(fitted.provenance["loss_curve"]) == 4
+    assert fitted.provenance["sample"]["sample_pixels"] == 400
+
+
+def test_hungarian_matching_undoes_a_permutation(synthetic):
+    _, E, A = synthetic
+    perm_true = np.array([2, 0, 1])
+    perm = match_endmembers(E, E[:, perm_true])
+    np.testing.assert_array_equal(E[:, perm_true][:, perm], E)
+    np.testing.assert_array_equal(A[perm_true][perm], A)
+
+
+def test_save_load_round_trip(fitted, synthetic, tmp_path):
+    cube, _, _ = synthetic
+    fitted.save(tmp_path / "fit")
+    assert not list((tmp_path / "fit").glob("*.pt")) and not list((tmp_path / "fit").glob("*.pkl"))
+    back = UnmixFit.load(tmp_path / "fit")
+    np.testing.assert_array_equal(back.endmembers, fitted.endmembers)
+    np.testing.assert_array_equal(back.good_band, fitted.good_band)
+    np.testing.assert_array_equal(back.wavelengths, fitted.wavelengths)
+    assert back.names == fitted.names and back.provenance["loss_curve"] == fitted.provenance["loss_curve"]
+    a1, r1, s1 = apply_fit(fitted, cube)
+    a2, r2, s2 = apply_fit(back, cube)
+    np.testing.assert_array_equal(a1, a2)
+    np.testing.assert_array_equal(r1, r2)
+    assert s1 == s2
+    write_endmembers(back, tmp_path / "em.csv", tmp_path / "em.json")
+    rows = (tmp_path / "em.csv").read_text().splitlines()
+    assert rows[0] == "wavelength_nm,em1,em2,em3" and len(rows) == 1 + cube.shape[0]
+    with pytest.raises(ModelError, match="run fit_scene"):
+        UnmixFit.load(tmp_path / "nothing")
+
+
+def test_apply_fit_nan_handling(fitted, synthetic):
+    cube, _, _ = synthetic
+    c = cube.copy()
+    c[:, 3, 5] = np.nan
+    c[7, 10:14, 2] = np.nan  # one band missing still makes the pixel nodata
+    A, rmse_map, _ = apply_fit(fitted, c)
+    invalid = ~np.isfinite(c).all(axis=0)
+    assert invalid.sum() == 5
+    assert np.all(np.isnan(A[:, invalid])) and np.all(np.isnan(rmse_map[invalid]))
+    valid = A[:, ~invalid]
+    assert np.all(valid >= 0) and np.allclose(valid.sum(axis=0), 1.0, atol=1e-5)
+    A_all, _, _ = apply_fit(fitted, np.full_like(c, np.nan))
+    assert np.all(np.isnan(A_all))
+    with pytest.raises(InputValidationError, match="good bands"):
+        apply_fit(fitted, cube[:-1])
+
+
+def test_fit_scene_nodata_and_bad_bands(crops):
+    """Real Samson crop with a nodata hole and two bad bands; P estimated by HySime."""
+    cube = crops["samson_cube"].copy()
+    cube[:, :6, :6] = np.nan
+    good = np.ones(cube.shape[0], bool)
+    good[[0, 1]] = False
+    cube[0] = np.nan  # a bad band full of NaN must not invalidate pixels
+    scene = build_scene(cube, good_band=good, source="samson-crop")
+    fit = fit_scene(scene, None, seed=1, sample_pixels=300, fit_tiles=2, fit_tile_size=16, max_epochs=1)
+    assert fit.endmembers.shape[0] == cube.shape[0] - 2
+    assert fit.provenance["n_endmembers"]["method"] == "hysime"
+    assert 2 <= fit.n_endmembers <= 8
+    assert np.all(fit.endmembers >= 0)
+    A, _, _ = apply_fit(fit, cube[good])
+    assert np.all(np.isnan(A[:, :6, :6])) and np.isfinite(A[:, 10:, 10:]).all()
+    with pytest.raises(ConfigError, match="n_endmembers must be"):
+        fit_scene(scene, 1)
+
+
+def test_fit_is_seeded(synthetic, crops):
+    cube, _, _ = synthetic
+    scene = build_scene(cube[:, :16, :16], source="s")
+    kw = dict(sample_pixels=200, fit_tiles=1, fit_tile_size=16, max_epochs=2)
+    f1, f2 = fit_scene(scene, 3, seed=3, **kw), fit_scene(scene, 3, seed=3, **kw)
+    np.testing.assert_array_equal(f1.endmembers, f2.endmembers)
+    assert f1.provenance["loss_curve"] == f2.provenance["loss_curve"]
+
+
+def test_vca_start_on_real_samson_crop(crops):
+    cube = crops["samson_cube"].astype(np.float64)
+    E_est, _ = vca(cube.reshape(cube.shape[0], -1), 3, seed=0)
+    perm = match_endmembers(crops["samson_endmembers"].astype(np.float64), E_est)
+    assert np.mean(sad_degrees(crops["samson_endmembers"].astype(np.float64), E_est[:, perm])) < 15
