@@ -30,7 +30,7 @@ class Fragment:
     doc: str
     #: arguments of a small run; ``{tmp}`` is a temporary folder. None: include committed results only
     small_args: tuple[str, ...] | None
-    timeout_s: int = 600
+    timeout_s: int = 420
 
 
 FRAGMENTS: tuple[Fragment, ...] = (

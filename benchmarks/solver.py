@@ -123,8 +123,12 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
     cold = next(s for s in summary if s["start"] == "cold")
     best = min((s for s in summary if s["start"] != "cold"), key=lambda s: s["iterations mean"], default=None)
     sec.values["cold_iterations_mean"] = cold["iterations mean"]
+    sec.values["cold_residual_max"] = cold["residual max"]
+    sec.values["cold_converged"] = cold["converged"]
     if best is not None:
         sec.values["warm_iterations_mean"] = best["iterations mean"]
+        sec.values["warm_residual_max"] = best["residual max"]
+        sec.values["warm_converged"] = best["converged"]
         sec.values["warm_best"] = best["start"]
         sec.targets.append(Target(f"iterations, {best['start']} ÷ cold", best["iterations mean"] / cold["iterations mean"],
                                   "< 1 at the same tolerance", best["iterations mean"] < cold["iterations mean"],
