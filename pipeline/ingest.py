@@ -314,6 +314,7 @@ def ingest_scene(
 
             def _record(finished: set[Future[tuple[int, int]]]) -> None:
                 nonlocal n_done
+                before = n_done
                 for fut in finished:
                     i, n_valid_region = fut.result()
                     valid[i] = n_valid_region
@@ -322,7 +323,8 @@ def ingest_scene(
                 meta["progress"] = {"done": "".join(done), "valid": valid}
                 group.attrs["hyperdeq"] = meta
                 if progress is not None:
-                    progress(n_done, total)
+                    for n in range(before + 1, n_done + 1):  # one call per region
+                        progress(n, total)
 
             for k, i in enumerate(todo):
                 assert nxt is not None
