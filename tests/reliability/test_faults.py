@@ -283,6 +283,13 @@ def test_output_disk_full_partway(case, demo_crop: Path, reference: dict[str, st
 # ------------------------------------------------------------------------------- scheduler lost
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "workers/run.py:run_scene does not notice a lost scheduler: run_tiles records the cancelled batches as "
+    "failed tiles, then stage_blend goes on and distributed's FutureCancelledError ('... cancelled for "
+    "reason: unknown') escapes unwrapped (exit 1, traceback, run.json left 'running'). Everything else "
+    "passes first (nothing looks complete; a rerun on a new cluster resumes byte-identical). Needed: stop "
+    "after a model stage whose tasks were cancelled/lost, mark the run failed, and raise a HyperdeqError "
+    "like 'lost the Dask scheduler at tcp://...; rerun the same command to resume'"))
 def test_scheduler_lost_mid_run(case, demo_crop: Path, reference: dict[str, str], tmp_path: Path) -> None:
     case("fault", "the Dask scheduler process (dask scheduler + 2 dask worker subprocesses) SIGKILLed mid-run",
          "the run fails in bounded time with a clear message naming the scheduler; nothing looks "
