@@ -337,7 +337,8 @@ def run_eval(config: EvalConfig, progress: Callable[[str], None] | None = None) 
             if model is not None and denoise_cube is not None:
                 t0 = time.perf_counter()
                 try:
-                    out, stats = denoise_cube(model, noisy.astype(np.float32))
+                    kw = {} if config.device == "cpu" else {"device": config.device}
+                    out, stats = denoise_cube(model, noisy.astype(np.float32), **kw)
                     dt = time.perf_counter() - t0
                     res = score(clean, out, noisy_bp) | {"time_s": dt} | _decsc_stats(dict(stats))
                 except HyperdeqError as exc:
