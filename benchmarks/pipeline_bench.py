@@ -136,7 +136,8 @@ def overhead(sec: Section, plan: SizePlan, device: str) -> None:
     ))
     sec.tables[HALO_TABLE] = halo_table()
     try:
-        _unmix_overhead(sec, plan, device, n_workers)
+        if getattr(plan, "unmix_pipeline", True):
+            _unmix_overhead(sec, plan, device, n_workers)
     except Exception as exc:  # noqa: BLE001 - reported in the section, the denoise figures stand
         sec.notes.append(f"unmix overhead run failed: {type(exc).__name__}: {exc}")
     sec.notes.append(

@@ -32,6 +32,8 @@ class SizePlan:
     #: scene of the overhead-ratio run (None: the whole demo scene) and its tile size
     pipeline_crop: Crop | None
     pipeline_tile: int
+    #: also run the unmix-only pipeline against fit + apply on the whole scene
+    unmix_pipeline: bool
     #: scaling: the model stage over this crop with 1 and 2 workers, solver cap
     scaling_crop: Crop
     scaling_tile: int
@@ -64,6 +66,7 @@ _PLANS = {
         bm4d_crop=Crop(0, 0, 8, 8, bands=8),
         pipeline_crop=Crop(0, 0, 32, 32, bands=40),
         pipeline_tile=24,
+        unmix_pipeline=False,
         scaling_crop=Crop(0, 0, 32, 32, bands=40),
         scaling_tile=16,
         scaling_max_iter=1,
@@ -71,7 +74,7 @@ _PLANS = {
         memory_base=Crop(0, 0, 16, 16, bands=16),
         memory_tile=24,
         memory_model="identity",
-        solver_crop=Crop(0, 0, 32, 32, bands=40),
+        solver_crop=Crop(0, 0, 16, 32, bands=40),
         solver_tile=16,
         solver_max_iter=3,
         matmul_n=256,
@@ -88,6 +91,7 @@ _PLANS = {
         bm4d_crop=Crop(0, 0, 32, 32, bands=32),
         pipeline_crop=Crop(0, 0, 48, 64),
         pipeline_tile=48,
+        unmix_pipeline=True,
         scaling_crop=Crop(96, 32, 64, 128),
         scaling_tile=32,
         scaling_max_iter=2,
@@ -112,6 +116,7 @@ _PLANS = {
         bm4d_crop=Crop(0, 0, 64, 64, bands=64),
         pipeline_crop=None,
         pipeline_tile=128,
+        unmix_pipeline=True,
         scaling_crop=Crop(96, 32, 64, 128),
         scaling_tile=32,
         scaling_max_iter=None,

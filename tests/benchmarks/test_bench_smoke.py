@@ -16,6 +16,9 @@ import pytest
 from benchmarks.__main__ import SECTION_KEYS, main, run_bench
 from pipeline.errors import ConfigError
 
+# starts real multi-process Dask clusters (and a child process per memory case)
+pytestmark = pytest.mark.integration
+
 
 def _numbers(v: Any) -> list[float]:
     if isinstance(v, bool):
@@ -78,7 +81,7 @@ def test_report_has_every_section_and_gpu_note(smoke: tuple[dict[str, Any], Path
 
 
 def test_rejects_unknown_size_and_section(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown size 'huge'"):
+    with pytest.raises(ConfigError, match="unknown size 'huge'"):  # refused before anything runs
         run_bench("huge", "cpu", None, tmp_path / "a.json", tmp_path / "a.md")
     with pytest.raises(ConfigError, match="unknown benchmark sections"):
         run_bench("smoke", "cpu", ("nope",), tmp_path / "a.json", tmp_path / "a.md")
