@@ -174,3 +174,64 @@ def load_cases(data: Path, scenes: list[str], seed: int = 0) -> list[Case]:
         else:
             cases.extend(synthetic_case(data, p, snr, seed=seed) for p, snr in SYNTHETIC_CASES)
     return cases
+
+
+def environment() -> dict[str, Any]:
+    """Device and versions for the report."""
+    import os
+    import platform
+
+    import scipy
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"device": f"CPU: {cpu}", "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
+            "python": platform.python_version()}
+
+
+def write_report(results: list[dict[str, Any]], env: dict[str, Any], command: str,
+                 md_path: Path, json_path: Path, settings: dict[str, Any]) -> None:
+    """``docs/benchmarks/unmix_eval.md`` + ``benchmarks/results/unmix_eval.json``."""
+    import json
+
+    rec = {"command": command, "environment": env, "settings": settings, "results": results}
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(rec, indent=1))
+    lines = ["# DEQ-Unmix evaluation", "",
+             f"Command: `{command}`  ",
+             f"Device: {env['device']} ({env['cpu_count']} cores, torch threads {env['torch_threads']}); "
+             f"torch {env['torch']}, numpy {env['numpy']}, scipy {env['scipy']}, Python {env['python']}.  ",
+             f"Settings: {json.dumps(settings)}", "",
+             "Protocol: `/work/shared/PROTOCOL.md` (Unmixing). Endmembers matched to the reference by "
+             "Hungarian assignment on the SAD matrix (degrees); abundance RMSE over all endmembers and "
+             "pixels. Time: wall seconds for extraction + abundances (DEQ: blind fit + apply) on a "
+             "shared, loaded machine: compare times only within a row.", "",
+             "| scene | P | method | mean SAD (°) | per-endmember SAD (°) | aRMSE | time (s) | DEQ solver |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for meth in ("deq-unmix", "vca+fcls", "nfindr+fcls"):
+            if meth not in r:
+                continue
+            v = r[meth]
+            per = ", ".join(f"{k} {s:.2f}" for k, s in v["sad_deg"].items())
+            solver = ""
+            if "solver" in v:
+                s = v["solver"]
+                solver = f"max it {s['iterations']}, res {s['residual']:.1e}, conv {s['converged']}"
+            lines.append(f"| {r['scene']} | {r['p']} | {meth} | {v['sad_mean_deg']:.2f} | {per} | "
+                         f"{v['abundance_rmse']:.4f} | {v['time_s']:.1f} | {solver} |")
+    lines.append("")
+    for r in results:
+        if "deq-unmix" in r and "vca+fcls" in r:
+            d, b = r["deq-unmix"]["abundance_rmse"], r["vca+fcls"]["abundance_rmse"]
+            lines.append(f"- {r['scene']}: DEQ-Unmix aRMSE {d:.4f} vs VCA+FCLS {b:.4f} "
+                         f"({100 * (d - b) / b:+.1f} %); mean SAD {r['deq-unmix']['sad_mean_deg']:.2f}° vs "
+                         f"{r['vca+fcls']['sad_mean_deg']:.2f}°.{(' ' + r['note']) if r.get('note') else ''}")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text("\n".join(lines) + "\n")

@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "train_max_iter": 20,
     "train_crop": 32,  # each step trains on one random crop of this size per fit tile
     "tol": 1e-4,
-    "eval_max_iter": 100,
+    "eval_max_iter": 60,
 }
 
 
