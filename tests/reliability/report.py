@@ -1,7 +1,7 @@
 """Render ``docs/reliability.md`` from the reliability suite's outcome log.
 
-Usage: ``HYPERDEQ_RELIABILITY_REPORT=1 python -m pytest tests/reliability`` writes
-``benchmarks/results/reliability.json`` and this markdown; ``python -m tests.reliability.report``
+Usage: ``HYPERDEQ_RELIABILITY_REPORT=1 python -m pytest tests/reliability`` merges the session's
+cases into ``benchmarks/results/reliability.json`` and writes this markdown; ``python -m tests.reliability.report``
 renders the markdown again from the JSON.
 """
 
@@ -44,12 +44,13 @@ def render(payload: dict[str, Any], dest: Path = DOC) -> Path:
         "",
         "Generated from a real run of the reliability suite:",
         "",
-        "    HYPERDEQ_RELIABILITY_REPORT=1 python -m pytest tests/reliability -m 'slow or not slow' -q",
+        "    HYPERDEQ_RELIABILITY_REPORT=1 python -m pytest tests/reliability -q",
         "",
-        f"Run at {payload['generated']} on {platform.node() or 'unknown host'} "
-        f"(pytest exit status {payload['exitstatus']}). Every row is one test or one parametrised "
-        "case; *outcome* is what the test observed. A *known gap* is a strict xfail naming the "
-        "library change still needed.",
+        f"Last updated {payload['generated']} on {platform.node() or 'unknown host'} (exit status of that "
+        f"pytest session: {payload['exitstatus']}); each row was measured in the session given in its "
+        "last column. Every row is one test or one parametrised case; *outcome* is what the test "
+        "observed. A *known gap* is a strict xfail naming the library change still needed; "
+        "*skipped* says why.",
         "",
     ]
     counts: dict[str, int] = {}
@@ -57,15 +58,17 @@ def render(payload: dict[str, Any], dest: Path = DOC) -> Path:
         counts[r.get("outcome") or "not run"] = counts.get(r.get("outcome") or "not run", 0) + 1
     lines += ["Totals: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())), ""]
     for kind in sorted({r["kind"] for r in rows}, key=lambda k: KIND_ORDER.get(k, 9)):
-        lines += [f"## {TITLES.get(kind, kind)}", "", "| fault / input | expected | outcome | measured / notes |",
-                  "|---|---|---|---|"]
+        lines += [f"## {TITLES.get(kind, kind)}", "",
+                  "| fault / input | expected | outcome | measured / notes | time (s) | run at |",
+                  "|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["kind"] == kind):
             notes = _measured(r.get("measured", {}))
             for key in ("xfail_reason", "error", "skip_reason"):
                 if r.get(key):
                     notes = (notes + "; " if notes else "") + f"{key.split('_')[0]}: {_cell(r[key])}"
             lines.append(f"| {_cell(r['what'])} | {_cell(r['expected'])} | "
-                         f"{_MARK.get(r.get('outcome'), r.get('outcome'))} | {notes} |")
+                         f"{_MARK.get(r.get('outcome'), r.get('outcome'))} | {notes} | "
+                         f"{r.get('duration_s', '')} | {r.get('run_at', '')} |")
         lines.append("")
     lines += ["Test ids: " + ", ".join(f"`{r['nodeid'].split('::', 1)[-1]}`" for r in rows), ""]
     dest.parent.mkdir(parents=True, exist_ok=True)

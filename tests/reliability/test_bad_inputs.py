@@ -145,6 +145,16 @@ def too_many_endmembers(tmp: Path, crop: Path) -> Callable[[], Any]:
     return lambda: fit_scene(scene, n_endmembers=5, max_epochs=1)
 
 
+def endmember_set_band_mismatch(tmp: Path, crop: Path) -> Callable[[], Any]:
+    from pipeline.readers import open_scene
+    from workers.unmix.fit import apply_fit, fit_scene
+
+    scene = open_scene(crop_geotiff(tmp / "small.tif", size=16)).load()
+    fit = fit_scene(scene, 3, max_epochs=1, fit_tiles=1, fit_tile_size=16, sample_pixels=200)
+    cube = np.asarray(scene.values)[:39]  # a tile of another sensor setup: one band fewer
+    return lambda: apply_fit(fit, cube)
+
+
 def wavelengths_count_mismatch(tmp: Path, crop: Path) -> Callable[[], Any]:
     cube, _, wl = _crop_cube(crop)
     return _open(_write_envi(tmp / "scene.bsq", cube, wavelength=wl[:-1]))
@@ -317,6 +327,9 @@ CATALOGUE: dict[str, Bad] = {
     "all-nodata": Bad("every pixel at the nodata value -32768", all_nodata, InputValidationError, r"all-nodata scene"),
     "bands-fewer-than-endmembers": Bad("3-band scene asked for 5 endmembers", too_many_endmembers, ConfigError,
                                        r"5 endmembers cannot be extracted from .* 3 bands; lower n_endmembers"),
+    "endmember-set-band-mismatch": Bad("unmixer fitted on 40 bands applied to a 39-band tile",
+                                       endmember_set_band_mismatch, InputValidationError,
+                                       r"with the fit's 40 good bands, got shape \(39, 16, 16\)"),
     "wavelength-count-mismatch": Bad("ENVI header lists 39 wavelengths for 40 bands", wavelengths_count_mismatch,
                                      InputValidationError, r"wavelength has 39 values but the cube has 40 bands"),
     "wavelengths-not-increasing": Bad("band 11 has the same wavelength as band 10", wavelengths_not_increasing,
