@@ -76,6 +76,8 @@ def run_bench(size: str = "default", device: str = "cpu", sections: tuple[str, .
         log("[bench] --device cuda but no CUDA device: model sections run on CPU are skipped; GPU section says so")
     t0 = time.perf_counter()
     secs: list[Section] = []
+    json_path = json_path or RESULTS_DIR / f"bench_{size}_{device}.json"
+    payload: dict[str, Any] = {}
     for key, title, spec in SECTIONS:
         if key not in chosen:
             continue
@@ -84,23 +86,30 @@ def run_bench(size: str = "default", device: str = "cpu", sections: tuple[str, .
         else:
             s = run_section(key, title, lambda sec, spec=spec: _fn(spec)(sec, plan, device), log)
         secs.append(s)
+        payload = _save(json_path, size, device, plan, env, secs, t0, sections)  # after every section
     env["load_average_at_end"] = load_average()
-    payload = {"size": size, "device": device, "plan": _plan_dict(plan), "environment": env,
-               "wall_s": time.perf_counter() - t0,
-               "sections": {s.key: {**s.to_dict(), "environment": env} for s in secs}}
-    json_path = json_path or RESULTS_DIR / f"bench_{size}_{device}.json"
-    if sections and json_path.is_file():  # a partial rerun updates those sections of the last full run
-        old = json.loads(json_path.read_text())
-        if old.get("size") == size and old.get("device") == device:
-            merged = {k: old["sections"][k] for k in old["sections"]}
-            merged.update(payload["sections"])
-            payload["sections"] = {k: merged[k] for k in SECTION_KEYS if k in merged}
-    write_json(json_path, payload)
+    payload = _save(json_path, size, device, plan, env, secs, t0, sections)
     out = out or DOC
     others = _other_runs(json_path, size) if json_path.parent.resolve() == RESULTS_DIR.resolve() else []
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_report([payload, *others]))
     log(f"[bench] wrote {json_path} and {out} in {payload['wall_s']:.0f} s")
+    return payload
+
+
+def _save(json_path: Path, size: str, device: str, plan: Any, env: dict[str, Any], secs: list[Section],
+          t0: float, sections: tuple[str, ...] | None) -> dict[str, Any]:
+    """Write the results so far (a partial rerun updates those sections of the last full run)."""
+    payload = {"size": size, "device": device, "plan": _plan_dict(plan), "environment": env,
+               "wall_s": time.perf_counter() - t0,
+               "sections": {s.key: {**s.to_dict(), "environment": env} for s in secs}}
+    if sections and json_path.is_file():
+        old = json.loads(json_path.read_text())
+        if old.get("size") == size and old.get("device") == device:
+            merged = dict(old["sections"])
+            merged.update(payload["sections"])
+            payload["sections"] = {k: merged[k] for k in SECTION_KEYS if k in merged}
+    write_json(json_path, payload)
     return payload
 
 
@@ -249,7 +258,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="results JSON (default benchmarks/results/bench_<size>_<device>.json)")
     ap.add_argument("--sections", default=None, help=f"comma list, default all: {','.join(SECTION_KEYS)}")
     ap.add_argument("--render-only", action="store_true", help="rebuild the report from the committed JSON files")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="combine the sections of result JSONs of the same size/device (parallel partial runs) into --json")
     a = ap.parse_args(argv)
+    if a.merge:
+        parts = [json.loads(p.read_text()) for p in a.merge]
+        base = parts[0]
+        for p in parts[1:]:
+            base["sections"].update(p["sections"])
+        base["sections"] = {k: base["sections"][k] for k in SECTION_KEYS if k in base["sections"]}
+        base["wall_s"] = max(p["wall_s"] for p in parts)
+        base["environment"]["command"] = " + ".join(p["environment"]["command"] for p in parts)
+        base["environment"]["load_average_at_end"] = parts[-1]["environment"].get("load_average_at_end")
+        dest = a.json or RESULTS_DIR / f"bench_{base['size']}_{base['device']}.json"
+        write_json(dest, base)
+        runs = [base] + _other_runs(dest, base["size"])
+        (a.out or DOC).write_text(render_report(runs))
+        return 0
     if a.render_only:
         runs = [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("bench_*_*.json")) if "smoke" not in p.name]
         (a.out or DOC).write_text(render_report(runs))
