@@ -27,6 +27,8 @@ from pipeline.grid import Tile, TileGrid
 from pipeline.tiles import (
     load_records,
     read_tile,
+    store_attrs,
+    tile_checksum,
     verify_tile,
     write_record,
     write_tile_output,
@@ -114,6 +116,7 @@ def process_batch(job: TileJob) -> list[dict[str, Any]]:
             "index": list(tile.index),
             "stage": job.stage,
             "model": getattr(job.model, "name", type(job.model).__name__),
+            "weights_sha256": getattr(job.model, "weights_sha256", None),
             "read": [tile.read.y0, tile.read.y1, tile.read.x0, tile.read.x1],
             "core": [tile.core.y0, tile.core.y1, tile.core.x0, tile.core.x1],
             "worker": _worker_name(),
@@ -121,6 +124,7 @@ def process_batch(job: TileJob) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         try:
             cube = read_tile(job.source, job.grid, tile)
+            rec["input_checksum"] = tile_checksum(cube)
             result, stats = job.model(cube)
             stats = dict(stats or {})
             rec["checksum"] = write_tile_output(job.dest, job.grid, tile, np.asarray(result, dtype=np.float32))
@@ -163,7 +167,9 @@ def run_tiles(
     """Run ``model`` over ``tiles`` (default: every run tile of ``grid``) and return their records.
 
     ``dest`` must already exist (:func:`pipeline.tiles.create_output_store`). With ``resume`` a tile
-    whose record says ``ok`` and whose stored output still matches its checksum is reused (status
+    whose record says ``ok``, was computed from the same input bytes (input checksum) with the same
+    weights, and whose
+    stored output still matches its checksum is reused (status
     in the returned record stays ``ok``, with ``reused: True``). ``submit`` overrides
     ``executor.submit`` (e.g. to pass Dask resources per task).
     """
@@ -173,9 +179,12 @@ def run_tiles(
     done_records: dict[str, dict[str, Any]] = {}
     if resume:
         existing = load_records(dest)
+        inputs = store_attrs(source).get("checksums", {})
         for t in todo_tiles:
             rec = existing.get(t.key)
-            if rec and rec.get("status") == OK and verify_tile(dest, grid, t, rec.get("checksum")):
+            if (rec and rec.get("status") == OK and rec.get("input_checksum") == inputs.get(t.key)
+                    and rec.get("weights_sha256") == getattr(model, "weights_sha256", None)
+                    and verify_tile(dest, grid, t, rec.get("checksum"))):
                 done_records[t.key] = {**rec, "reused": True}
     n_done = 0
     for rec in done_records.values():

@@ -191,15 +191,27 @@ def _open_scene_any(path: str | Path) -> Any:
     return open_zarr_scene(path)
 
 
+def _source_digest(scene_zarr: str | Path) -> str:
+    """What identifies the content of a stage input: a blended output's tile digest, else its path."""
+    import zarr
+
+    try:
+        attrs = dict(zarr.open_group(str(scene_zarr), mode="r").attrs)
+    except Exception:
+        return str(scene_zarr)
+    return str(attrs.get("tiles_digest") or scene_zarr)
+
+
 def stage_tile(scene_zarr: str | Path, run_dir: str | Path, config: RunConfig, *, name: str = "input") -> Path:
     """Cut the scene (good bands) into the overlapping tile store ``tiles/<name>.zarr``."""
     from pipeline.scene import good_band_index, valid_mask
 
     run_dir = Path(run_dir)
     dest = run_dir / "tiles" / f"{name}.zarr"
-    if tstore.is_complete(dest):
+    digest = _source_digest(scene_zarr)
+    if tstore.is_complete(dest) and tstore.store_attrs(dest).get("source_digest") == digest:
         return dest
-    if dest.exists():
+    if dest.exists():  # incomplete, or cut from an older version of its source
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -208,7 +220,8 @@ def stage_tile(scene_zarr: str | Path, run_dir: str | Path, config: RunConfig, *
     config.check_tile_memory(len(good))
     valid = np.asarray(valid_mask(scene).values, dtype=bool)
     grid = plan_grid(scene.shape[1:], config.tile, int(config.halo or 0), valid)
-    tstore.write_input_tiles(scene, grid, dest, bands=good, attrs={"source": str(scene_zarr)})
+    tstore.write_input_tiles(scene, grid, dest, bands=good,
+                             attrs={"source": str(scene_zarr), "source_digest": digest})
     tstore.write_valid_mask(valid, dest, config.chunk)
     _save_stage(run_dir, f"tile_{name}", {
         "path": str(dest), "grid": grid.to_dict(), "n_good_bands": len(good), "wall_s": time.perf_counter() - t0,
@@ -257,7 +270,8 @@ def stage_fit_unmixer(scene_zarr: str | Path, run_dir: str | Path, config: RunCo
     run_dir = Path(run_dir)
     dest = run_dir / FIT_DIR
     marker = dest / ".hyperdeq_complete"
-    if marker.is_file():
+    digest = _source_digest(scene_zarr)
+    if marker.is_file() and marker.read_text().strip() == digest:
         return dest
     if dest.exists():
         shutil.rmtree(dest)
@@ -266,7 +280,7 @@ def stage_fit_unmixer(scene_zarr: str | Path, run_dir: str | Path, config: RunCo
     kw = {"max_epochs": config.unmix_epochs} if config.unmix_epochs is not None else {}
     fit = fit_scene(scene, config.n_endmembers, seed=config.seed, **kw)
     fit.save(dest)
-    marker.write_text("complete\n")
+    marker.write_text(digest + "\n")  # the fit is valid for this version of its input only
     _save_stage(run_dir, "fit_unmixer", {
         "path": str(dest), "source": str(scene_zarr), "n_endmembers": len(fit.names),
         "names": [str(n) for n in fit.names], "provenance": getattr(fit, "provenance", {}),

@@ -164,7 +164,7 @@ def _seam_energy(x: np.ndarray, borders: list[int]) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-def test_real_denoiser_blended_tiles_beat_crop_stitching_and_leave_no_seams(tmp_path: Path, crop: xr.DataArray) -> None:
+def test_real_denoiser_blended_tiles_beat_crop_stitching_and_leave_no_seams(tmp_path: Path) -> None:
     import torch
 
     from workers.denoise.api import denoise_cube
@@ -172,10 +172,11 @@ def test_real_denoiser_blended_tiles_beat_crop_stitching_and_leave_no_seams(tmp_
 
     torch.set_num_threads(2)
     model = _real_denoiser()
+    crop = real_crop(0, 0, 32, 32)  # fully valid 32x32 px, all bands: 2x2 tiles of 16 px, halo 8
     good = good_band_index(crop)
     cube = crop.values[good]
     whole, _ = denoise_cube(model, cube)
-    store, grid = _input_store(tmp_path, crop, 24, 8)
+    store, grid = _input_store(tmp_path, crop, 16, 8)
     tm = DenoiseTileModel.from_registry("cpu")
     n = len(good)
     with ThreadPoolExecutor(1) as ex:
@@ -183,15 +184,15 @@ def test_real_denoiser_blended_tiles_beat_crop_stitching_and_leave_no_seams(tmp_
         assert not run_tiles(ex, tm, store, dest, grid).failed
         outs = {}
         for window in ("hann", "crop"):
-            tgt = _target(tmp_path, f"{window}.zarr", n, grid.shape, 24)
+            tgt = _target(tmp_path, f"{window}.zarr", n, grid.shape, 16)
             blend_stage(ex, dest, store, grid, [BlendTarget(tgt, tuple(range(n)), tuple(range(n)))],
-                        chunk=24, blend=window)
+                        chunk=16, blend=window)
             outs[window] = np.asarray(zarr.open_array(tgt, mode="r")[...])
     err = {w: float(np.sqrt(np.nanmean((o - whole) ** 2))) for w, o in outs.items()}
     assert err["hann"] < err["crop"], err
     # seam check, normalised by content: border/interior gradient energy of the blended result
     # relative to the same ratio in the whole-scene result
-    borders = [24]
+    borders = [16]
     b_t, i_t = _seam_energy(outs["hann"], borders)
     b_w, i_w = _seam_energy(whole, borders)
     assert b_t / i_t <= 1.05 * (b_w / i_w), (b_t, i_t, b_w, i_w)

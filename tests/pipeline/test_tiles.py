@@ -175,3 +175,20 @@ def test_wrong_model_output_shape_is_a_failed_tile_not_a_silent_write(store: tup
         res = run_tiles(ex, Shrinks(), path, dest, grid)
     assert len(res.failed) == len(grid.tiles)
     assert "model output has shape" in res.failed[0]["error"]
+
+
+def test_changed_input_or_weights_invalidate_tile_records(store: tuple[Path, Any], tmp_path: Path, crop: xr.DataArray) -> None:
+    path, grid = store
+    dest = ts.create_output_store(tmp_path / "box.zarr", grid, [str(i) for i in range(218)])
+
+    class Reweighted(BoxFilter):
+        weights_sha256 = "f" * 64
+
+    with ThreadPoolExecutor(2) as ex:
+        run_tiles(ex, BoxFilter(), path, dest, grid)
+        assert all(r.get("reused") for r in run_tiles(ex, BoxFilter(), path, dest, grid).records)
+        assert not any(r.get("reused") for r in run_tiles(ex, Reweighted(), path, dest, grid).records)
+        changed = crop.copy(data=crop.values * 2)
+        ts.write_input_tiles(changed, grid, path, bands=good_band_index(crop), overwrite=True)
+        again = run_tiles(ex, Reweighted(), path, dest, grid)
+    assert not any(r.get("reused") for r in again.records)
