@@ -148,7 +148,7 @@ class TileGrid:
         }
 
 
-def _check_geometry(shape: tuple[int, int], tile: int, halo: int) -> tuple[int, int]:
+def _check_geometry(shape: tuple[int, ...], tile: int, halo: int) -> tuple[int, int]:
     if len(shape) != 2:
         raise GridError(f"plan_grid needs a 2-D (y, x) shape, got {shape!r}")
     ny, nx = (int(s) for s in shape)

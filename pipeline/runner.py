@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -46,10 +47,17 @@ class TileModel(Protocol):
     weights lazily, once per process.
     """
 
-    name: str
-    halo: int
-    weights_sha256: str | None
-    out_names: tuple[str, ...] | None
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def halo(self) -> int: ...
+
+    @property
+    def weights_sha256(self) -> str | None: ...
+
+    @property
+    def out_names(self) -> tuple[str, ...] | None: ...
 
     def __call__(self, cube: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]: ...
 
@@ -144,6 +152,10 @@ def process_batch(job: TileJob) -> list[dict[str, Any]]:
     return out
 
 
+def _put(q: queue.Queue[tuple[tuple[Tile, ...], Any]], batch: tuple[Tile, ...], fut: Any) -> None:
+    q.put((batch, fut))
+
+
 def plan_batches(tiles: Sequence[Tile], batch_size: int) -> list[tuple[Tile, ...]]:
     """Consecutive tiles (row-major) in groups of ``batch_size``."""
     ts = sorted(tiles)
@@ -198,7 +210,7 @@ def run_tiles(
     for batch in batches:
         job = TileJob(str(source), str(dest), grid, batch, model, stage)
         fut = do_submit(process_batch, job)
-        fut.add_done_callback(lambda f, b=batch: results.put((b, f)))
+        fut.add_done_callback(partial(_put, results, batch))
     for _ in batches:
         batch, fut = results.get()
         try:

@@ -52,7 +52,7 @@ def grid_from_attrs(d: dict[str, Any]) -> TileGrid:
     return TileGrid(full.shape, full.tile, full.halo, run, skip)
 
 
-def _pad(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def _pad(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     c, h, w = arr.shape
     if (h, w) == shape:
         return np.ascontiguousarray(arr, dtype=np.float32)

@@ -70,10 +70,10 @@ def create_output_zarr(
     like: xr.DataArray,
     *,
     channel_dim: str | None,
-    channel_coords: dict[str, Sequence[Any]] | None = None,
+    channel_coords: dict[str, Any] | None = None,
     chunk: int,
     attrs: dict[str, Any] | None = None,
-    extra: Sequence[tuple[str, str | None, dict[str, Sequence[Any]] | None]] = (),
+    extra: Sequence[tuple[str, str | None, dict[str, Any] | None]] = (),
 ) -> dict[str, str]:
     """Create a zarr v3 store holding ``name`` (and ``extra`` variables) on ``like``'s grid, empty.
 
@@ -178,7 +178,9 @@ def write_cog(
             for y in range(0, ny, block):
                 for x in range(0, nx, block):
                     ys, xs = slice(y, min(y + block, ny)), slice(x, min(x + block, nx))
-                    data = np.asarray(arr[:, ys, xs] if three_d else arr[ys, xs][None])
+                    data = np.asarray(arr[:, ys, xs] if three_d else arr[ys, xs])
+                    if not three_d:
+                        data = data[None]
                     dst.write(data, window=RWindow(x, y, xs.stop - x, ys.stop - y))
             for i in range(count):
                 if descriptions is not None:

@@ -7,6 +7,7 @@ what the tile models use, so tasks on that worker never reload weights.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -36,6 +37,6 @@ class ModelPlugin(WorkerPlugin):
             spec = get_spec(name)
             verified_weights_path(spec)  # raises WeightsError on a missing/tampered file
             if name == "decsc":
-                get_model(("decsc", dev, spec.weights_sha256), lambda d=dev: load_decsc(d))
+                get_model(("decsc", dev, spec.weights_sha256), partial(load_decsc, dev))
             self.loaded[name] = str(spec.weights_sha256)
         worker.hyperdeq_models = dict(self.loaded)

@@ -277,7 +277,7 @@ def stage_fit_unmixer(scene_zarr: str | Path, run_dir: str | Path, config: RunCo
         shutil.rmtree(dest)
     t0 = time.perf_counter()
     scene = _open_scene_any(scene_zarr)
-    kw = {"max_epochs": config.unmix_epochs} if config.unmix_epochs is not None else {}
+    kw: dict[str, Any] = {"max_epochs": config.unmix_epochs} if config.unmix_epochs is not None else {}
     fit = fit_scene(scene, config.n_endmembers, seed=config.seed, **kw)
     fit.save(dest)
     marker.write_text(digest + "\n")  # the fit is valid for this version of its input only
