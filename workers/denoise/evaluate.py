@@ -178,24 +178,31 @@ class _Cache:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self.entries: dict[str, Any] = {}
-        if path is not None and path.is_file():
-            try:
-                self.entries = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise ConfigError(
-                    f"baseline cache {str(path)!r} is not valid JSON ({exc}); delete it to re-measure"
-                ) from exc
+        self.entries: dict[str, Any] = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        if self.path is None or not self.path.is_file():
+            return {}
+        try:
+            data: dict[str, Any] = json.loads(self.path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"baseline cache {str(self.path)!r} is not valid JSON ({exc}); delete it to re-measure"
+            ) from exc
+        return data
 
     def get(self, key: str) -> dict[str, Any] | None:
+        if key not in self.entries:  # another run may have measured it meanwhile
+            self.entries.update(self._read())
         return self.entries.get(key)
 
     def put(self, key: str, value: dict[str, Any]) -> None:
         if self.path is None:
             return
+        self.entries.update(self._read())
         self.entries[key] = value
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
         tmp.replace(self.path)
 
