@@ -6,7 +6,7 @@ from benchmarks.unmix_memory import measure
 
 
 def test_implicit_training_memory_flat_vs_unrolled():
-    kw = dict(scene="crop", batch=8, size=32)
+    kw = dict(scene="crop", batch=16, size=32)
     i10 = measure("implicit", 10, **kw)
     i40 = measure("implicit", 40, **kw)
     u40 = measure("unrolled", 40, **kw)

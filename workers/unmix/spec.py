@@ -7,9 +7,9 @@ from workers.unmix.fit import DEFAULTS
 
 SPEC = ModelSpec(
     name="deq-unmix",
-    # each map application sees 3×3 neighbours; the fixed point spreads influence further, with
-    # geometric decay. 16 pixels each side keeps tiled-vs-whole differences negligible (measured
-    # in docs/benchmarks/unmix.md).
+    # each map application sees 3×3 neighbours, so k solver iterations reach k pixels; the fixed
+    # point spreads influence further with geometric decay. 16 pixels each side is a conservative
+    # choice; the tiled-vs-whole seam error has not been measured yet (see the model card).
     halo=16,
     band_handling="fitted per scene on its own good bands",
     solver={
