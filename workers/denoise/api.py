@@ -37,13 +37,18 @@ def tensors_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def shipped_state(model: DECSC) -> dict[str, torch.Tensor]:
+    """The tensors to ship: the fixed-point map's parameters once (``deq.func`` aliases ``map``)."""
+    return {f"map.{k}": v.detach().contiguous() for k, v in model.map.state_dict().items()}
+
+
 def weights_metadata(model: DECSC, extra: dict[str, Any] | None = None) -> dict[str, str]:
     """safetensors metadata recording what these weights are (checked by :func:`load_denoiser`)."""
     spec = get_spec(MODEL_NAME)
     meta = {
         "model": MODEL_NAME,
         "config": json.dumps({**asdict(model.cfg), "window_stride": spec.config["window_stride"]}, sort_keys=True),
-        "tensors_sha256": tensors_digest(model.state_dict()),
+        "tensors_sha256": tensors_digest(shipped_state(model)),
     }
     if extra:
         meta["training"] = json.dumps(extra, sort_keys=True)
@@ -96,7 +101,9 @@ def load_denoiser(device: str = "cpu", weights: str | Path | None = None) -> nn.
         )
     model = build_model("cpu")
     try:
-        model.load_state_dict(state, strict=True)
+        if not all(k.startswith("map.") for k in state):
+            raise RuntimeError(f"unexpected tensor names {sorted(k for k in state if not k.startswith('map.'))!r}")
+        model.map.load_state_dict({k[4:]: v for k, v in state.items()}, strict=True)
     except RuntimeError as exc:
         raise WeightsError(f"weights file {str(path)!r} does not fit the DECSC architecture: {exc}") from exc
     return model.to(device).eval()

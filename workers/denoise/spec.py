@@ -23,7 +23,7 @@ SPEC = ModelSpec(
         "tol": 1e-3,
         "max_iter": 6,
         "backward_max_iter": 6,
-        "eval_max_iter": 20,
+        "eval_max_iter": 30,
         "m": 5,
         "lam": 1e-4,
         # training backward: phantom gradient (TorchDEQ) after the implicit one diverged at
@@ -33,6 +33,6 @@ SPEC = ModelSpec(
         "phantom_tau": 0.6,
     },
     weights_file="decsc.safetensors",
-    weights_sha256="0" * 64,
+    weights_sha256="831824b6ae1b5942e76ec705743df0aec894a6772c8b537b4cb72569c756d00b",
     config={**asdict(DECSCConfig()), "window_stride": WINDOW_STRIDE},
 )

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pipeline.errors import ConfigError, ReadError
 from pipeline.noise import NOISE_CASES, add_noise
 
-from .api import build_model, weights_metadata
+from .api import build_model, shipped_state, weights_metadata
 from .decsc import DECSC
 
 # CAVE scenes kept out of training for the sanity metric
@@ -254,7 +254,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
     weights = cfg.out_dir / "decsc.safetensors"
     meta = weights_metadata(model, {"steps": step, "wall_s": round(time.time() - t0, 1), "seed": cfg.seed,
                                     "batch": cfg.batch, "patch": cfg.patch, "val": final_val})
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights), metadata=meta)
+    save_file(shipped_state(model), str(weights), metadata=meta)
     return weights
 
 
@@ -285,5 +285,5 @@ def export_checkpoint(checkpoint: Path, dest: Path) -> Path:
     model = build_model("cpu")
     model.load_state_dict(state["model"])
     meta = weights_metadata(model, {"steps": state["step"], "wall_s": round(state["elapsed"], 1), "from": "checkpoint"})
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dest), metadata=meta)
+    save_file(shipped_state(model), str(dest), metadata=meta)
     return dest
