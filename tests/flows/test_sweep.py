@@ -66,9 +66,12 @@ def test_sweep_is_idempotent_and_isolates_failures(prefect_harness: None, small_
     assert [Path(p).name for p in first["processed"]] == ["enmap_potsdam_tile_a.tif"]
     assert [Path(f["scene"]).name for f in first["failed"]] == ["enmap_potsdam_tile_bad.tif"]
     assert first["failed"][0]["reason"]  # the reason is reported
-    records = sorted(out.glob("*/*/run.json"))
+    records = sorted(out.glob("enmap_potsdam_tile_a/*/run.json"))
     assert len(records) == 1
     assert all(json.loads(r.read_text())["status"] == "complete" for r in records)
+    # the failed scene's record never says complete (the commit marker is written last)
+    (bad_rec,) = out.glob("enmap_potsdam_tile_bad/*/run.json")
+    assert json.loads(bad_rec.read_text())["status"] != "complete"
     stamps = {r: r.stat().st_mtime_ns for r in records}
 
     bad.unlink()
@@ -76,7 +79,7 @@ def test_sweep_is_idempotent_and_isolates_failures(prefect_harness: None, small_
     assert second["processed"] == [] and second["failed"] == []
     assert [Path(p).name for p in second["skipped"]] == ["enmap_potsdam_tile_a.tif"]
     assert {r: r.stat().st_mtime_ns for r in records} == stamps  # nothing was rewritten
-    assert sorted(out.glob("*/*/run.json")) == records
+    assert sorted(out.glob("enmap_potsdam_tile_a/*/run.json")) == records
 
     # a crash after the outputs but before the commit marker: the restarted flow resumes from
     # Prefect's persisted task results (keyed on input sha256 + config hash + weights), so no
