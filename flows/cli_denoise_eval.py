@@ -89,7 +89,11 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
             cache=cache,
             command=_command_line(locals()),
         )
-        res = run_eval(config, progress=lambda msg: typer.echo(msg, err=True))
+        res = run_eval(
+            config,
+            progress=lambda msg: typer.echo(msg, err=True),
+            on_result=lambda partial: write_report(partial, out, json_out),
+        )
         write_report(res, out, json_out)
         for v in res["verdict"]:
             typer.echo(

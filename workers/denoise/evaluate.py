@@ -293,8 +293,15 @@ def environment(config: EvalConfig) -> dict[str, Any]:
     }
 
 
-def run_eval(config: EvalConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure every scene × case × method of ``config``; returns the JSON-ready result."""
+def run_eval(
+    config: EvalConfig,
+    progress: Callable[[str], None] | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Measure every scene × case × method of ``config``; returns the JSON-ready result.
+
+    ``on_result`` receives the partial result after each scene × case (to write the report as
+    the run goes, so an interrupted run still leaves what it measured)."""
     say = progress or (lambda _msg: None)
     if config.threads is not None:
         import torch
@@ -378,19 +385,32 @@ def run_eval(config: EvalConfig, progress: Callable[[str], None] | None = None) 
             if groups is not None:
                 row["mixture_group_size"] = len(groups.stripes)
             results.append(row)
+            if on_result is not None:
+                on_result(_assemble(config, env, scenes_meta, decsc_info, skipped, results))
 
+    return _assemble(config, env, scenes_meta, decsc_info, skipped, results)
+
+
+def _assemble(
+    config: EvalConfig,
+    env: dict[str, Any],
+    scenes_meta: dict[str, Any],
+    decsc_info: dict[str, Any],
+    skipped: dict[str, str],
+    results: list[dict[str, Any]],
+) -> dict[str, Any]:
     return {
         "protocol": "docs/evaluation.md (denoising)",
         "environment": env,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-        "scenes": scenes_meta,
+        "scenes": dict(scenes_meta),
         "decsc": decsc_info,
         "baselines": {
             n: {"settings": get_baseline(n).settings, "versions": get_baseline(n).versions()}
             for n in config.baselines
         },
         "skipped_baselines": skipped,
-        "results": results,
+        "results": list(results),
         "decsc_convergence": _convergence(results),
         "verdict": verdict(results),
     }
@@ -577,3 +597,24 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several runs (e.g. one process per scene): results concatenated, the
+    verdict and convergence recomputed, every run's command and environment kept."""
+    if not parts:
+        raise ConfigError("merge_results needs at least one result; got an empty list")
+    base = dict(parts[0])
+    results = [r for p in parts for r in p["results"]]
+    base["results"] = results
+    base["scenes"] = {k: v for p in parts for k, v in p["scenes"].items()}
+    base["skipped_baselines"] = {k: v for p in parts for k, v in p["skipped_baselines"].items()}
+    base["runs"] = [p["environment"] for p in parts]
+    env = dict(parts[0]["environment"])
+    env["command"] = " ; ".join(p["environment"]["command"] for p in parts) + " (merged)"
+    base["environment"] = env
+    base["config"] = dict(parts[0]["config"])
+    base["config"]["scenes"] = list(base["scenes"])
+    base["decsc_convergence"] = _convergence(results)
+    base["verdict"] = verdict(results)
+    return base
