@@ -170,9 +170,20 @@ def plan_grid(
     tile: int,
     halo: int,
     valid: np.ndarray | None = None,
+    *,
+    tile_valid: np.ndarray | None = None,
 ) -> TileGrid:
-    """Plan tiles over a ``(y, x)`` shape. ``valid`` (bool, same shape) skips all-nodata cores."""
+    """Plan tiles over a ``(y, x)`` shape, skipping cores without a valid pixel.
+
+    ``valid``: the full-resolution validity mask; or ``tile_valid``: one bool per tile
+    (``n_rows x n_cols``, "the core holds a valid pixel"), which big scenes compute chunk-wise.
+    """
     ny, nx = _check_geometry(tuple(shape), int(tile), int(halo))
+    if tile_valid is not None:
+        tile_valid = np.asarray(tile_valid, dtype=bool)
+        want = (-(-ny // tile), -(-nx // tile))
+        if tile_valid.shape != want:
+            raise GridError(f"per-tile validity has shape {tile_valid.shape!r}, expected {want!r} tiles")
     if valid is not None:
         valid = np.asarray(valid, dtype=bool)
         if valid.shape != (ny, nx):
@@ -184,7 +195,9 @@ def plan_grid(
     for r, y0 in enumerate(range(0, ny, tile)):
         for c, x0 in enumerate(range(0, nx, tile)):
             t = Tile((r, c), Window(y0, min(y0 + tile, ny), x0, min(x0 + tile, nx)), int(halo), (ny, nx))
-            if valid is not None and not valid[t.core.slices].any():
+            if (valid is not None and not valid[t.core.slices].any()) or (
+                tile_valid is not None and not tile_valid[r, c]
+            ):
                 skipped.append(t)
             else:
                 run.append(t)

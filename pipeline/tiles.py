@@ -135,14 +135,34 @@ def write_input_tiles(
     return path
 
 
-def write_valid_mask(valid: np.ndarray, path: str | Path, chunk: int) -> None:
-    """Store the scene's validity mask beside the tiles (read by the blend tasks)."""
+def write_valid_mask(valid: Any, path: str | Path, chunk: int) -> None:
+    """Store the scene's validity mask beside the tiles (read by the blend tasks).
+
+    ``valid`` may be numpy or dask (then it is written chunk by chunk, never whole in memory).
+    """
     root = zarr.open_group(str(path), mode="r+")
     v = root.create_array(
-        VALID, shape=valid.shape, chunks=(chunk, chunk), dtype="bool", fill_value=False,
+        VALID, shape=tuple(valid.shape), chunks=(chunk, chunk), dtype="bool", fill_value=False,
         dimension_names=("y", "x"), overwrite=True,
     )
-    v[...] = np.asarray(valid, dtype=bool)
+    if hasattr(valid, "rechunk"):
+        import dask.array as dsa
+
+        dsa.store(valid.astype(bool).rechunk((chunk, chunk)), v, lock=False)
+    else:
+        v[...] = np.asarray(valid, dtype=bool)
+
+
+def tile_validity(valid: Any, tile: int) -> np.ndarray:
+    """One bool per tile core ("holds a valid pixel"), computed block-wise for dask masks."""
+    if hasattr(valid, "rechunk"):
+        blocks = valid.astype(bool).rechunk((tile, tile))
+        return np.asarray(
+            blocks.map_blocks(lambda b: np.array([[b.any()]]), chunks=(1, 1), dtype=bool).compute()
+        )
+    v = np.asarray(valid, dtype=bool)
+    ny, nx = v.shape
+    return np.array([[v[y : y + tile, x : x + tile].any() for x in range(0, nx, tile)] for y in range(0, ny, tile)])
 
 
 def read_valid(path: str | Path, window: Any) -> np.ndarray:

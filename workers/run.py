@@ -218,8 +218,9 @@ def stage_tile(scene_zarr: str | Path, run_dir: str | Path, config: RunConfig, *
     scene = _open_scene_any(scene_zarr)
     good = good_band_index(scene)
     config.check_tile_memory(len(good))
-    valid = np.asarray(valid_mask(scene).values, dtype=bool)
-    grid = plan_grid(scene.shape[1:], config.tile, int(config.halo or 0), valid)
+    valid = valid_mask(scene).data  # dask for ingested scenes: never the whole mask in memory
+    grid = plan_grid(scene.shape[1:], config.tile, int(config.halo or 0),
+                     tile_valid=tstore.tile_validity(valid, config.tile))
     tstore.write_input_tiles(scene, grid, dest, bands=good,
                              attrs={"source": str(scene_zarr), "source_digest": digest})
     tstore.write_valid_mask(valid, dest, config.chunk)

@@ -130,3 +130,19 @@ def test_mask_shape_mismatch_is_rejected() -> None:
 def test_window_negative_size_rejected() -> None:
     with pytest.raises(GridError, match="negative size"):
         Window(5, 4, 0, 1)
+
+
+def test_per_tile_validity_matches_the_full_mask() -> None:
+    import dask.array as dsa
+
+    from pipeline.tiles import tile_validity
+
+    rng = np.random.default_rng(3)
+    valid = rng.random((45, 37)) < 0.02
+    full = plan_grid((45, 37), 8, 2, valid)
+    for mask in (valid, dsa.from_array(valid, chunks=(20, 20))):
+        tv = tile_validity(mask, 8)
+        assert tv.shape == (6, 5)
+        assert plan_grid((45, 37), 8, 2, tile_valid=tv) == full
+    with pytest.raises(GridError, match=r"per-tile validity has shape \(2, 2\), expected \(6, 5\)"):
+        plan_grid((45, 37), 8, 2, tile_valid=np.ones((2, 2), bool))
