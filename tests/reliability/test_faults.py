@@ -331,8 +331,8 @@ def test_scheduler_lost_mid_run(case, demo_crop: Path, reference: dict[str, str]
 # ------------------------------------------------------------------------------- the CLI, killed
 @pytest.mark.integration
 @pytest.mark.slow
-def test_cli_run_killed_and_resumed_decsc(case, demo_crop: Path, tmp_path: Path) -> None:
-    case("fault", "`hyperdeq run --no-unmix` (real DECSC weights, LocalCluster of 2 workers) SIGKILLed with its "
+def test_cli_run_killed_and_resumed_decsc(case, tmp_path: Path) -> None:
+    case("fault", "`hyperdeq run --no-unmix` (real DECSC weights, 32x32x31 crop, 4 tiles, LocalCluster of 1 worker process) SIGKILLed with its "
          "whole process tree after some tiles are recorded; then the same command again",
          "the rerun resumes: only unfinished tiles recomputed (run record), outputs byte-identical to an "
          "uninterrupted CLI run")
@@ -340,8 +340,12 @@ def test_cli_run_killed_and_resumed_decsc(case, demo_crop: Path, tmp_path: Path)
 
     if not decsc_available():
         pytest.skip("workers/weights/decsc.safetensors is not installed (or fails its checks)")
+    from tests.reliability._data import crop_geotiff
+
+    # 32x32 px, 31 bands (one DECSC spectral window): 4 tiles, so three CLI runs stay affordable on CPU
+    scene = crop_geotiff(tmp_path / "scene" / "potsdam_31b.tif", size=32, bands=slice(20, 51))
     hyperdeq = str(Path(PY).parent / "hyperdeq")
-    args = ["run", str(demo_crop), "--no-unmix", "--tile", "16", "--halo", "4", "--batch", "1", "--workers", "2"]
+    args = ["run", str(scene), "--no-unmix", "--tile", "16", "--halo", "4", "--batch", "1", "--workers", "1"]
     ref = run_sync([hyperdeq, *args, "--out", str(tmp_path / "ref")], timeout=600)
     assert ref.returncode == 0, ref.stderr[-2000:]
     (ref_dir,) = run_dirs(tmp_path / "ref")
@@ -349,17 +353,18 @@ def test_cli_run_killed_and_resumed_decsc(case, demo_crop: Path, tmp_path: Path)
     out = tmp_path / "out"
     proc = spawn([hyperdeq, *args, "--out", str(out)], tmp_path / "run1.log")
     try:
-        wait_for(lambda: n_records(out) >= 3, 400, "3 DECSC tile records")
+        wait_for(lambda: n_records(out) >= 2, 400, "2 DECSC tile records")
     finally:
         kill_tree(proc)
     (run_dir,) = run_dirs(out)
     _no_complete_outputs(run_dir)
     done_before = _ok_verified(run_dir)
-    assert 0 < len(done_before) < N_TILES
+    n_tiles = len(tstore.open_grid(run_dir / "tiles" / "input.zarr").tiles)
+    assert 0 < len(done_before) < n_tiles
     r = run_sync([hyperdeq, *args, "--out", str(out)], timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     stage = _stage(run_dir)
     assert stage["n_reused"] == len(done_before)
     assert output_digests(run_dir) == want
     case.measure(tiles_done_before_kill=len(done_before), reused_on_rerun=stage["n_reused"],
-                 recomputed_on_rerun=N_TILES - stage["n_reused"], outputs_identical=True)
+                 recomputed_on_rerun=n_tiles - stage["n_reused"], outputs_identical=True)
