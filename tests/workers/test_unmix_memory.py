@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from benchmarks.unmix_memory import measure
 
+#: allocator granularity: peak RSS of one step moves by a few MiB between identical runs
+SLACK_MIB = 4.0
+
 
 def test_implicit_training_memory_flat_vs_unrolled():
     kw = dict(scene="crop", batch=16, size=32)
-    i10 = measure("implicit", 10, **kw)
-    i40 = measure("implicit", 40, **kw)
-    u40 = measure("unrolled", 40, **kw)
-    assert i40["step_peak_increase_mib"] <= 1.2 * i10["step_peak_increase_mib"]
+    i10 = measure("implicit", 10, **kw)["step_peak_increase_mib"]
+    i40 = measure("implicit", 40, **kw)["step_peak_increase_mib"]
+    u40 = measure("unrolled", 40, **kw)["step_peak_increase_mib"]
+    msg = f"implicit@10 {i10:.1f} MiB, implicit@40 {i40:.1f} MiB, unrolled@40 {u40:.1f} MiB"
+    assert i40 <= 1.2 * i10 + SLACK_MIB, msg
     # the unrolled network of the same depth keeps every layer: it must cost clearly more
-    assert u40["step_peak_increase_mib"] > 2 * i40["step_peak_increase_mib"]
+    assert u40 > 2 * i40, msg
