@@ -151,6 +151,10 @@ def findings(pl: dict[str, Any]) -> list[str]:
     tag = f"[{pl['size']}/{pl['device']}]"
     s = {k: v for k, v in pl["sections"].items() if v.get("status") == "ok"}
     out: list[str] = []
+    missing = [k for k in SECTION_KEYS if k not in pl["sections"]]
+    if missing:
+        out.append(f"{tag} Not measured in this run (did not finish before the results were committed, or not "
+                   f"selected): {', '.join(missing)}.")
     la = pl["environment"].get("load_average_at_start")
     if la and la[0] > (pl["environment"].get("cpu_cores") or 1):
         out.append(f"{tag} The machine was oversubscribed while measuring (load average {la[0]} on "
