@@ -3,8 +3,9 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hyperdeq-installed
+BASELINES_STAMP := $(VENV)/.hyperdeq-baselines
 
-.PHONY: install demo test test-fast lint bench clean-venv
+.PHONY: install install-baselines demo test test-fast lint bench clean-venv
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3 ...'" >&2; exit 1; }
@@ -15,12 +16,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# the classical denoisers the evaluation compares against (extra `baselines`): --no-deps so that
+# none of them pulls its own torch (hyde-images declares one); see docs/evaluation.md
+$(BASELINES_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-deps "hyde-images==0.4.3" "pytorch-wavelets==1.3.0" "bm3d>=4.0" \
+		"bm4d>=4.2.5" "kornia>=0.7" "kornia-rs>=0.1" "PyWavelets>=1.4" "six>=1.16" "setuptools<81"
+	touch $(BASELINES_STAMP)
+
 install: $(STAMP)
+
+install-baselines: $(BASELINES_STAMP)
 
 demo: install
 	$(VENV)/bin/hyperdeq demo
 
-test: install
+test: install-baselines
 	$(PY) -m pytest
 
 test-fast: install

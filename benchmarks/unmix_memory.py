@@ -4,7 +4,7 @@
 with implicit differentiation at 10, 20 and 40 solver iterations, and of an unrolled network of
 the same depth (the same map applied 10/20/40 times with autograd through every layer, an
 SNMF-Net-style unrolled projected-gradient network), each in a fresh subprocess. The figure is
-the peak RSS of the step minus the RSS just before it (MiB). Data: a real scene (Jasper Ridge
+the peak RSS of the step (VmHWM, reset just before it) minus the RSS just before it (MiB). Data: a real scene (Jasper Ridge
 from the shared data folder, or the shipped Samson crop with ``--crop``), tiled into a batch.
 """
 
@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -29,6 +28,25 @@ def _rss_mib() -> float:
     with open("/proc/self/statm") as fh:
         pages = int(fh.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _hwm_mib() -> float:
+    """Peak RSS of this process since the last :func:`_reset_hwm` (VmHWM), MiB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line: peak memory cannot be measured here")
+
+
+def _reset_hwm() -> None:
+    """Reset the peak-RSS counter (Linux ``clear_refs`` 5).
+
+    ``ru_maxrss`` cannot be used: Linux carries the parent's RSS at fork into the child's
+    ``ru_maxrss``, so a child spawned from a large pytest process reports the parent's size.
+    """
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
 
 
 def _load(scene: str, data: Path) -> Any:
@@ -69,15 +87,16 @@ def child(mode: str, iters: int, scene: str, data: Path, batch: int, size: int) 
     # warm-up step so that allocator pools and lazy inits are in the baseline
     for step in range(2):
         if step == 1:
+            peak0 = _hwm_mib()
             base = _rss_mib()
-            peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            _reset_hwm()
         t0 = time.perf_counter()
         out = net(Y)
         A = out[0] if isinstance(out, tuple) else out
         loss = ((model.reconstruct(A) - Y) ** 2).mean()
         loss.backward()
         dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _hwm_mib()
     return {"mode": mode, "iterations": iters, "peak_rss_mib": peak, "baseline_rss_mib": base,
             "step_peak_increase_mib": max(peak - base, 0.0), "peak_before_step_mib": peak0,
             "step_time_s": dt, "batch": batch, "tile": s, "bands": L}
