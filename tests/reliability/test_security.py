@@ -174,10 +174,6 @@ def test_prefect_server_auth_documented(case) -> None:
     case.measure(found="PREFECT_SERVER_API_AUTH_STRING + PREFECT_API_AUTH_STRING + HTTPS proxy")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "workers/denoise/train.py loads training checkpoints with torch.load(..., weights_only=False) (lines "
-    "~178 and ~284: --resume): a hostile checkpoint executes code. Needed: save resume checkpoints as "
-    "safetensors (+ JSON optimizer state) or load them with torch.load(..., weights_only=True)"))
 def test_no_unsafe_loaders_in_code(case) -> None:
     case("security", "source scan of pipeline/, workers/, flows/ for unsafe loaders",
          "no yaml.load without SafeLoader, no pickle.load, no torch.load without weights_only=True, no allow_pickle=True")

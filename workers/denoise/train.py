@@ -175,10 +175,10 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
     rng = np.random.default_rng(cfg.seed)
     step, elapsed_before = 0, 0.0
     if cfg.resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        step, elapsed_before = state["step"], state["elapsed"]
+        step, elapsed_before = int(state["step"]), float(state["elapsed"])
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
     cave, extras, names = load_training_data(cfg.data_dir)
@@ -259,10 +259,38 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
 
 
 def _save_ckpt(model: DECSC, opt: torch.optim.Optimizer, step: int, elapsed: float, rng: np.random.Generator, path: Path) -> None:
+    """Write a resume checkpoint that :func:`load_checkpoint` reads with ``weights_only=True``.
+
+    Only tensors and plain Python values go in: the numpy RNG state (a dict holding 128-bit
+    integers) is stored as a JSON string, step and elapsed time as int/float.
+    """
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
-                "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": int(step), "elapsed": float(elapsed),
+                "rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state()}, tmp)
     tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, loaded with ``torch.load(weights_only=True)`` (no arbitrary unpickling).
+
+    Returns ``model``/``opt`` state dicts, ``step``, ``elapsed``, ``torch_rng`` and ``rng`` (the
+    numpy bit-generator state as a dict). A checkpoint holding anything but tensors and plain
+    values (e.g. a hostile pickle) is refused with :class:`ReadError`.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ReadError(
+            f"cannot load training checkpoint {str(path)!r} safely ({type(exc).__name__}: {exc}); "
+            "it holds objects other than tensors and plain values, or is corrupt. Delete it and "
+            "train without --resume"
+        ) from exc
+    if not isinstance(state, dict) or not {"model", "opt", "step", "elapsed", "rng", "torch_rng"} <= set(state):
+        raise ReadError(f"training checkpoint {str(path)!r} lacks model/opt/step/elapsed/rng/torch_rng; "
+                        "delete it and train without --resume")
+    if isinstance(state["rng"], str):
+        state["rng"] = json.loads(state["rng"])
+    return state
 
 
 @torch.no_grad()
@@ -281,7 +309,7 @@ def export_checkpoint(checkpoint: Path, dest: Path) -> Path:
     """Write the model of a training checkpoint as safetensors weights (with metadata)."""
     from safetensors.torch import save_file
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint)
     model = build_model("cpu")
     model.load_state_dict(state["model"])
     meta = weights_metadata(model, {"steps": state["step"], "wall_s": round(state["elapsed"], 1), "from": "checkpoint"})

@@ -1,0 +1,69 @@
+"""Training checkpoints: saved with tensors and plain values only, resumed with weights_only=True."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import ReadError
+from workers.denoise.api import build_model
+from workers.denoise.train import _save_ckpt, load_checkpoint
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("cpu")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss = sum(p.float().square().sum() for p in model.parameters())
+    loss.backward()
+    opt.step()  # the optimizer now has per-parameter state (exp_avg, step, ...)
+    rng = np.random.default_rng(7)
+    rng.random(3)
+    torch_rng = torch.get_rng_state()
+    ckpt = tmp_path / "checkpoint.pt"
+    _save_ckpt(model, opt, 12, 3.5, rng, ckpt)
+
+    torch.load(ckpt, map_location="cpu", weights_only=True)  # the safe loader accepts it as is
+    state = load_checkpoint(ckpt)
+    assert state["step"] == 12 and state["elapsed"] == 3.5
+    assert torch.equal(state["torch_rng"], torch_rng)
+
+    model2 = build_model("cpu")
+    model2.load_state_dict(state["model"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, model2.state_dict()[k]), k
+    opt2 = torch.optim.Adam(model2.parameters(), lr=1e-3)
+    opt2.load_state_dict(state["opt"])
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for i, s in a["state"].items():
+        for k, v in s.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["state"][i][k])), (i, k)
+
+    rng2 = np.random.default_rng(0)
+    rng2.bit_generator.state = state["rng"]
+    assert np.array_equal(rng.random(5), rng2.random(5))  # resumes the same random stream
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.touch, (self.marker,))
+
+
+def test_hostile_checkpoint_refused_without_unpickling(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "opt": {}, "step": 0, "elapsed": 0.0, "rng": _Payload(marker),
+                "torch_rng": torch.get_rng_state()}, ckpt)
+    with pytest.raises(ReadError, match="cannot load training checkpoint"):
+        load_checkpoint(ckpt)
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(_Payload(marker)))  # the payload is live
+    assert marker.exists()
