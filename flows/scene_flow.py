@@ -187,9 +187,14 @@ def open_cluster(cluster: ClusterOptions, config: Any) -> Any:
     client = Client(c)
     handle = ClusterHandle(client=client, cluster=c, gpu=has_gpu_workers(client))
     if preload:
-        from workers.plugin import ModelPlugin
+        from workers.plugin import ModelPlugin, local_torch_threads
 
-        client.register_plugin(ModelPlugin(models=preload, device=config.device), name=ModelPlugin.name)
+        threads = 1
+        if cluster.kind != "cuda":
+            nw = len(client.scheduler_info().get("workers", {})) or int(kw.get("n_workers") or 1)
+            threads = local_torch_threads(nw, int(kw.get("threads_per_worker") or 1))
+        client.register_plugin(ModelPlugin(models=preload, device=config.device, torch_threads=threads),
+                               name=ModelPlugin.name)
     return handle
 
 

@@ -6,11 +6,15 @@ float64, so an identity model blends back to its input bit for bit), masks nodat
 chunk once. No two tasks touch the same chunk, memory per task is bounded by the tiles around one
 chunk whatever the scene size, and the result does not depend on worker count or completion order
 (tiles are summed in index order).
+
+Before a stored tile is blended, the array read for blending is hashed and compared with the
+sha256 its record holds (written with the tile): a tile whose bytes changed after the model stage
+(bit rot, a stray write) raises :class:`~pipeline.errors.ProvenanceError` instead of being blended.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +23,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline.errors import GridError
+from pipeline.errors import GridError, ProvenanceError
 from pipeline.grid import Tile, TileGrid, Window, tile_weight
-from pipeline.tiles import DATA, read_tile, read_valid
+from pipeline.tiles import DATA, read_tile, read_valid, records_dir, tile_checksum
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ class BlendJob:
     window: Window
     blend: str
     targets: tuple[BlendTarget, ...]
+    #: ``(tile key, recorded sha256)`` of the tiles overlapping ``window``; None: not verified
+    checksums: tuple[tuple[str, str | None], ...] | None = None
 
 
 def chunk_windows(shape: tuple[int, int], chunk: int) -> list[Window]:
@@ -57,6 +63,23 @@ def chunk_windows(shape: tuple[int, int], chunk: int) -> list[Window]:
     ]
 
 
+def _check_tile(source: Any, tile: Tile, data: np.ndarray, checksums: Mapping[str, str | None]) -> None:
+    """Raise ProvenanceError unless ``data`` (as read for blending) hashes to the tile's recorded sha256."""
+    want = checksums.get(tile.key)
+    got = tile_checksum(data)
+    if want == got:
+        return
+    where = str(source) if not callable(source) else "the tile source"
+    rec = str(records_dir(source) / f"{tile.key}.json") if not callable(source) else "its record"
+    what = ("no checksum is recorded for it" if not want
+            else f"its data hash to sha256 {got[:16]}... but {want[:16]}... was recorded when it was written")
+    raise ProvenanceError(
+        f"refusing to blend tile {tile.key!r} of {where!r}: {what}, so the stored tile changed after the "
+        f"model stage (corrupt storage or a stray write). Rerun the same command: tiles that fail their "
+        f"checksum are recomputed (or delete the record {rec!r} to force it); if it happens again, check the disk"
+    )
+
+
 def blend_window(
     source: str | Path | Callable[[Tile], np.ndarray],
     grid: TileGrid,
@@ -64,11 +87,14 @@ def blend_window(
     blend: str,
     ok_keys: set[str] | frozenset[str] | None = None,
     valid: np.ndarray | None = None,
+    checksums: Mapping[str, str | None] | None = None,
 ) -> np.ndarray:
     """Blend tile outputs over ``window``: ``(channels, h, w)`` float32, NaN = nodata.
 
     ``source`` is a tile-output store path, or a callable giving a tile's ``(channels, h, w)``
     output over its read window (in-memory use and tests). Pixels no tile covers are NaN.
+    ``checksums`` (tile key -> sha256 recorded when the tile was written): each blended tile's
+    data, as read, must hash to it, else :class:`ProvenanceError` (None: no check).
     """
     reader: Callable[[Tile], np.ndarray]
     if callable(source):
@@ -87,7 +113,10 @@ def blend_window(
         w = tile_weight(t, blend)[rel]
         if not w.any():
             continue
-        data = reader(t)[(slice(None), *rel)]
+        full = reader(t)
+        if checksums is not None:  # the array is read anyway: hashing it costs one pass over it
+            _check_tile(source, t, full, checksums)
+        data = full[(slice(None), *rel)]
         if acc is None:
             acc = np.zeros((data.shape[0], *window.shape), dtype=np.float64)
         dst = (slice(None), *inter.relative_to(window).slices)
@@ -111,7 +140,8 @@ def blend_chunk(job: BlendJob) -> dict[str, Any]:
     if not valid.any():  # the arrays' fill value is already NaN
         rec["written"] = False
         return rec
-    out = blend_window(job.source, job.grid, job.window, job.blend, job.ok_keys, valid)
+    sums = dict(job.checksums) if job.checksums is not None else None
+    out = blend_window(job.source, job.grid, job.window, job.blend, job.ok_keys, valid, sums)
     for tgt in job.targets:
         arr = zarr.open_array(tgt.array, mode="r+")
         if arr.ndim == 2:  # a single-channel (y, x) output
@@ -136,11 +166,15 @@ def blend_stage(
     blend: str = "hann",
     ok_keys: set[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    checksums: Mapping[str, str | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Blend every output chunk (one task each) into the ``targets`` arrays (already created).
 
     Each target array must be chunked ``(bands, chunk, chunk)`` over the grid's shape, so that a
-    task's window is exactly one chunk of every target.
+    task's window is exactly one chunk of every target. ``checksums``: the sha256 recorded for
+    each tile when it was written; every tile is verified as it is read for blending (a mismatch
+    raises :class:`ProvenanceError` naming the tile). Each task carries only the checksums of the
+    tiles around its chunk.
     """
     for tgt in targets:
         arr = zarr.open_array(tgt.array, mode="r")
@@ -152,7 +186,9 @@ def blend_stage(
             )
     keys = frozenset(ok_keys) if ok_keys is not None else frozenset(t.key for t in grid.tiles)
     jobs = [
-        BlendJob(str(source), str(valid_path), grid, keys, w, blend, tuple(targets))
+        BlendJob(str(source), str(valid_path), grid, keys, w, blend, tuple(targets),
+                 None if checksums is None else tuple(
+                     (t.key, checksums.get(t.key)) for t in grid.overlapping(w) if t.key in keys))
         for w in chunk_windows(grid.shape, chunk)
     ]
     futures = [executor.submit(blend_chunk, j) for j in jobs]

@@ -86,7 +86,7 @@ def scene_info(path: str | Path, format: str | None = None, **options: Any) -> S
         bad_bands=[int(i) for i in np.flatnonzero(~np.asarray(da["good_band"].values, bool))],
         bytes_on_disk=_disk_size(p),
         bytes_in_memory=int(np.prod(da.shape)) * 4,
-        scale_factor=float(da.attrs.get("scale_factor", 1.0)),
+        scale_factor=float(da.attrs.get("source_scale_factor", 1.0)),
         complete=complete,
     )
 

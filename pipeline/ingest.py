@@ -397,7 +397,7 @@ def open_zarr_scene(path: str | Path) -> xr.DataArray:
     transform = Affine(*meta["transform"]) if meta.get("transform") else None
     attrs = dict(meta.get("scene_attrs", {}))
     attrs.update(store=str(p), store_sha256=meta.get("source_sha256"))
-    for k in ("source", "reader", "scale_factor", "nodata_convention", "crs_missing"):
+    for k in ("source", "reader", "source_scale_factor", "scale_factor", "nodata_convention", "crs_missing"):
         attrs.pop(k, None)
     return build_scene(
         var.data,
@@ -436,7 +436,7 @@ class ZarrSceneSource(SceneSource):
         self.transform = Affine(*m["transform"]) if m.get("transform") else None
         self.scale_factor = float(m.get("scale_factor", 1.0))
         self.scale_factor_source = str(m.get("scale_factor_source", "none"))
-        self.attrs = {k: v for k, v in self._scene.attrs.items() if k not in ("source", "reader", "scale_factor", "nodata_convention", "crs_missing")}
+        self.attrs = {k: v for k, v in self._scene.attrs.items() if k not in ("source", "reader", "source_scale_factor", "scale_factor", "nodata_convention", "crs_missing")}
 
     def read_raw(
         self, y0: int, y1: int, x0: int, x1: int, bands: np.ndarray | None = None

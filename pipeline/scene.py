@@ -11,7 +11,8 @@ Conventions (defined here once; never rely on axis position elsewhere):
 * **nodata is NaN** in the float cube. A pixel is *valid* when every good band is finite
   (:func:`valid_mask`). Bad bands may hold NaN everywhere; they never make a pixel invalid.
   Zeros are data, never nodata.
-* ``attrs``: ``source`` (path), ``reader`` (name), ``scale_factor`` (what was divided out),
+* ``attrs``: ``source`` (path), ``reader`` (name), ``source_scale_factor`` (what was divided out of the
+  raw values; deliberately not ``scale_factor``, which xarray's CF decoding would apply again),
   ``crs_missing`` (True when the input carried no CRS).
 """
 
@@ -103,7 +104,7 @@ def build_scene(
     da.attrs.update(
         source=str(source),
         reader=reader,
-        scale_factor=float(scale_factor),
+        source_scale_factor=float(scale_factor),
         nodata_convention=NODATA_CONVENTION,
     )
     if crs is not None:

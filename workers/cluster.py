@@ -100,6 +100,7 @@ def get_cluster(
     if workers is not None and scheduler is not None:
         raise ConfigError(f"give either workers={workers!r} or scheduler={scheduler!r}, not both")
     cluster: Any | None = None
+    n_gpu = 0
     if scheduler is not None:
         client = Client(scheduler, timeout="20s")
     else:
@@ -122,7 +123,11 @@ def get_cluster(
         client = Client(cluster)
     handle = ClusterHandle(client=client, cluster=cluster, gpu=has_gpu_workers(client))
     if preload:
-        from workers.plugin import ModelPlugin
+        from workers.plugin import ModelPlugin, local_torch_threads
 
-        client.register_plugin(ModelPlugin(models=preload, device=device), name=ModelPlugin.name)
+        threads = 1
+        if cluster is not None and not n_gpu:
+            threads = local_torch_threads(workers or 2, threads_per_worker)
+        client.register_plugin(ModelPlugin(models=preload, device=device, torch_threads=threads),
+                               name=ModelPlugin.name)
     return handle

@@ -155,3 +155,55 @@ class GeoTiffSource(SceneSource):
 def open_geotiff(path: Path, **options: Any) -> GeoTiffSource:
     """Open a GeoTIFF/COG as a :class:`SceneSource`."""
     return GeoTiffSource(path, **options)
+
+
+def crop_geotiff(src: Path, dest: Path, window: tuple[int, int, int, int]) -> Path:
+    """Write the pixel window ``(row0, row1, col0, col1)`` of GeoTIFF ``src`` to ``dest``.
+
+    Georeferencing (CRS, shifted transform), nodata, dataset and per-band tags (wavelength,
+    fwhm, bbl), band descriptions, scales and offsets are kept, so the crop reads exactly like
+    the source. The file is written beside ``dest`` and renamed into place: a crash never leaves
+    a partial crop under ``dest``. An existing ``dest`` is left as it is and returned.
+    """
+    import os
+
+    import rasterio
+    from rasterio.windows import Window
+
+    src, dest = Path(src), Path(dest)
+    if dest.is_file():
+        return dest
+    r0, r1, c0, c1 = (int(v) for v in window)
+    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _env(), rasterio.open(src) as ds:
+            if not (0 <= r0 < r1 <= ds.height and 0 <= c0 < c1 <= ds.width):
+                raise ReadError(
+                    f"crop window rows {r0}:{r1}, cols {c0}:{c1} is outside {str(src)!r} "
+                    f"({ds.height} × {ds.width} px); pick a window inside the scene"
+                )
+            win = Window(c0, r0, c1 - c0, r1 - r0)
+            profile = ds.profile.copy()
+            blk = 16 if min(r1 - r0, c1 - c0) >= 16 else None
+            profile.update(height=r1 - r0, width=c1 - c0, transform=ds.window_transform(win))
+            if blk is None:
+                profile.update(tiled=False)
+                profile.pop("blockxsize", None)
+                profile.pop("blockysize", None)
+            else:
+                profile.update(blockxsize=blk, blockysize=blk)
+            with rasterio.open(tmp, "w", **profile) as out:
+                out.write(ds.read(window=win))
+                out.update_tags(**ds.tags())
+                for b in range(1, ds.count + 1):
+                    out.update_tags(b, **ds.tags(b))
+                    if ds.descriptions[b - 1]:
+                        out.set_band_description(b, ds.descriptions[b - 1])
+                out.scales, out.offsets = ds.scales, ds.offsets
+        os.replace(tmp, dest)
+    except rasterio.errors.RasterioError as exc:
+        raise _rasterio_error(src, exc, "crop") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest

@@ -39,7 +39,7 @@ def _assert_same_scene(a: xr.DataArray, b: xr.DataArray) -> None:
     assert a.rio.crs == b.rio.crs
     if not a.attrs["crs_missing"]:
         assert a.rio.transform() == b.rio.transform()
-    for k in ("scale_factor", "crs_missing", "reader", "source"):
+    for k in ("source_scale_factor", "crs_missing", "reader", "source"):
         assert a.attrs[k] == b.attrs[k], k
 
 

@@ -88,7 +88,7 @@ def test_geotiff_potsdam_tile_canonical() -> None:
     assert da.dims == ("band", "y", "x") and da.shape == (224, 32, 32)
     assert isinstance(da.data, dsk.Array), "GeoTIFF scenes must be lazy"
     assert da.dtype == np.float32
-    assert da.attrs["reader"] == "geotiff" and da.attrs["scale_factor"] == 10000.0
+    assert da.attrs["reader"] == "geotiff" and da.attrs["source_scale_factor"] == 10000.0
     assert da.attrs["scale_factor_source"] == "GDAL scale tag"
     assert da.rio.crs.to_epsg() == 32633
     assert tuple(da.rio.transform())[:6] == (30.0, 0.0, 366015.0, 0.0, -30.0, 5809965.0)
@@ -111,12 +111,30 @@ def test_geotiff_potsdam_tile_canonical() -> None:
     assert np.isnan(da.values[~da["good_band"].values]).all()
 
 
+def test_plain_xarray_roundtrip_does_not_rescale(tmp_path: Path) -> None:
+    """A scene saved with xarray's own to_zarr/to_netcdf reads back with the same values.
+
+    The scale factor the reader divided out must not sit in a ``scale_factor`` attribute: xarray's
+    CF decoding would multiply the physical values by it again (reflectance x 10^4).
+    """
+    da = open_scene(TILE).load()
+    assert "scale_factor" not in da.attrs and "add_offset" not in da.attrs
+    plain = da.drop_vars("spatial_ref").to_dataset(name="cube")
+    for k, v in list(plain.attrs.items()) + list(plain["cube"].attrs.items()):
+        if not isinstance(v, (str, int, float, np.number)):
+            plain.attrs.pop(k, None)
+            plain["cube"].attrs.pop(k, None)
+    plain.to_zarr(tmp_path / "plain.zarr", mode="w")
+    back = xr.open_zarr(tmp_path / "plain.zarr")["cube"].values
+    np.testing.assert_array_equal(back, da.values)
+
+
 def test_geotiff_berlin_aux_xml_micrometres_and_int16_scaling() -> None:
     da = open_scene(BERLIN)
     assert da.shape == (177, 7, 10)
     assert da["wavelength"].values[0] == pytest.approx(460.0)  # 0.46 µm in the .aux.xml
     assert da["wavelength"].values[-1] == pytest.approx(2409.0)
-    assert da.attrs["scale_factor"] == 10000.0 and "integer" in da.attrs["scale_factor_source"]
+    assert da.attrs["source_scale_factor"] == 10000.0 and "integer" in da.attrs["scale_factor_source"]
     assert da.attrs["source_nodata"] == -9999.0
     with rasterio.open(BERLIN) as src:
         raw = src.read()
@@ -133,7 +151,7 @@ def test_geotiff_explicit_scale_factor_option() -> None:
 def test_demo_mosaic_float_reflectance_x10000_inferred() -> None:
     da = open_scene(DEMO)
     assert da.shape == (224, 192, 160)
-    assert da.attrs["scale_factor"] == 10000.0 and da.attrs["scale_factor_source"].startswith("inferred")
+    assert da.attrs["source_scale_factor"] == 10000.0 and da.attrs["scale_factor_source"].startswith("inferred")
     frac_nan = float(np.isnan(da.values).mean())
     assert 0.40 < frac_nan < 0.43  # 42 % nodata where no tile exists
 
