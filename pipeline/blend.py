@@ -72,7 +72,7 @@ def _check_tile(source: Any, tile: Tile, data: np.ndarray, checksums: Mapping[st
     where = str(source) if not callable(source) else "the tile source"
     rec = str(records_dir(source) / f"{tile.key}.json") if not callable(source) else "its record"
     what = ("no checksum is recorded for it" if not want
-            else f"its data hash to sha256 {got[:16]}... but {want[:16]}... was recorded when it was written")
+            else f"its data hashes to sha256 {got[:16]}... but {want[:16]}... was recorded when it was written")
     raise ProvenanceError(
         f"refusing to blend tile {tile.key!r} of {where!r}: {what}, so the stored tile changed after the "
         f"model stage (corrupt storage or a stray write). Rerun the same command: tiles that fail their "

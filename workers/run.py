@@ -353,11 +353,14 @@ def stage_blend(
             BlendTarget(arrays["abundances"], tuple(range(len(names))), tuple(range(len(names)))),
             BlendTarget(arrays["rmse"], (len(names),), ()),
         ]
-    ok_keys = {k for k, r in tstore.load_records(summary["path"]).items() if r.get("status") == "ok"}
+    recs = tstore.load_records(summary["path"])
+    ok_keys = {k for k, r in recs.items() if r.get("status") == "ok"}
+    # every tile is checked against the sha256 recorded when it was written, as it is read for blending
+    checksums = {k: recs[k].get("checksum") for k in ok_keys}
     cb = (lambda d, t: progress(f"blend_{stage}", d, t)) if progress else None
     with _executor_for(executor, config) as ex:
         blend_stage(ex, summary["path"], summary["source"], grid, targets, chunk=config.chunk,
-                    blend=config.blend, ok_keys=ok_keys, progress=cb)
+                    blend=config.blend, ok_keys=ok_keys, progress=cb, checksums=checksums)
     mark_complete(dest, tiles_digest=digest, failed_tiles=summary["failed"])
     _save_stage(run_dir, f"blend_{stage}", {"path": str(dest), "wall_s": time.perf_counter() - t0})
     return dest

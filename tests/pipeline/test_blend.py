@@ -16,7 +16,7 @@ import zarr
 
 from pipeline import tiles as ts
 from pipeline.blend import BlendTarget, blend_stage, blend_window, chunk_windows
-from pipeline.errors import GridError
+from pipeline.errors import GridError, ProvenanceError
 from pipeline.grid import Window, plan_grid
 from pipeline.runner import run_tiles
 from pipeline.scene import good_band_index, valid_mask
@@ -141,6 +141,21 @@ def test_failed_tile_leaves_nodata_not_a_silent_guess(tmp_path: Path) -> None:
     # pixels only the failed tile covers are NaN; its core pixels inside neighbours' halos are still blended
     assert np.isnan(out[:, : core.y1 - 3, : core.x1 - 3]).all()
     np.testing.assert_array_equal(out[:, 10:, 10:], data[:, 10:, 10:])
+
+
+def test_tile_not_matching_its_recorded_checksum_is_refused(tmp_path: Path) -> None:
+    data = np.arange(2 * 20 * 20, dtype=np.float32).reshape(2, 20, 20)
+    grid = plan_grid((20, 20), 10, 3)
+    read = lambda t: data[(slice(None), *t.read.slices)]  # noqa: E731
+    sums = {t.key: ts.tile_checksum(read(t)) for t in grid.tiles}
+    win = Window(0, 20, 0, 20)
+    np.testing.assert_array_equal(blend_window(read, grid, win, "hann", checksums=sums),
+                                  blend_window(read, grid, win, "hann"))
+    rotten = grid.tiles[2].key
+    with pytest.raises(ProvenanceError, match=f"refusing to blend tile '{rotten}'.*Rerun the same command"):
+        blend_window(read, grid, win, "hann", checksums={**sums, rotten: "0" * 64})
+    with pytest.raises(ProvenanceError, match="no checksum is recorded"):
+        blend_window(read, grid, win, "hann", checksums={k: v for k, v in sums.items() if k != rotten})
 
 
 # ---------------------------------------------------------------------------- real denoiser seams

@@ -210,23 +210,21 @@ def test_corrupted_tile_chunk_recomputed(case, how: str, demo_crop: Path, refere
     case.measure(corrupted_tile=key, recomputed=1, reused=N_TILES - 1, outputs_identical=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline/blend.py + workers/run.py:stage_blend do not verify tile checksums before blending: a tile "
-    "chunk that rots after the denoise stage and before blending is blended silently. Needed: blend_window "
-    "(or stage_blend) checks tile_checksum(read_tile(...)) against the record's checksum and raises "
-    "ProvenanceError naming the tile (or stage_blend re-runs verify_tile and refuses)"))
 def test_blend_refuses_tile_that_rotted_after_denoise(case, demo_crop: Path, tmp_path: Path) -> None:
     case("fault", "a tile-output chunk silently altered (still decodes) between the denoise stage and blending",
          "blending refuses it (ProvenanceError naming the tile), never blends it silently")
-    from pipeline.errors import HyperdeqError
+    from pipeline.errors import HyperdeqError, ProvenanceError
     from workers.run import stage_blend
 
     run_dir, cfg = _partial_run(demo_crop, tmp_path / "out", tmp_path / "log")
     dest = run_dir / "tiles" / "denoise.zarr"
     key = sorted(tstore.load_records(dest))[5]
     _corrupt(dest, key, "valid-but-wrong")
-    with ThreadPoolExecutor(2) as ex, pytest.raises(HyperdeqError, match=key):
+    with ThreadPoolExecutor(2) as ex, pytest.raises(HyperdeqError, match=key) as info:
         stage_blend("denoise", run_dir, cfg, executor=ex)
+    assert info.type is ProvenanceError
+    _no_complete_outputs(run_dir)
+    case.measure(refused_tile=key, error=f"{info.type.__name__}: {info.value}"[:200])
 
 
 # ------------------------------------------------------------------------------- disk full
