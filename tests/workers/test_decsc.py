@@ -139,14 +139,21 @@ def test_deterministic_and_batch_equals_single(model: torch.nn.Module) -> None:
 
 
 def test_converges_and_denoises_real_crop(model: torch.nn.Module) -> None:
-    """Shipped weights: the solver meets its tolerance on a held-out CAVE crop and beats the input."""
+    """Shipped weights: the solver meets its tolerance on a held-out CAVE crop and beats the input.
+
+    The default inference cap (``eval_max_iter``, 12) stops before ``tol``; its output must be as
+    good as the converged one (that is why the cap is 12, see docs/models/decsc.md).
+    """
     clean = _cave()[:, :32, :32]
     for case in ("gauss30", "band[0,55]"):
         noisy = add_noise(clean, case, np.random.default_rng(7))
-        out, st = denoise_cube(model, noisy)
+        out, st = denoise_cube(model, noisy, max_iter=60)
         assert st["converged"], st
         assert st["residual"] <= SPEC.solver["tol"]
         assert _mpsnr(out, clean) > _mpsnr(noisy, clean) + 3.0
+        fast, st_fast = denoise_cube(model, noisy)
+        assert st_fast["iterations"] <= SPEC.solver["eval_max_iter"]
+        assert abs(_mpsnr(fast, clean) - _mpsnr(out, clean)) < 0.3, (st_fast, st)
 
 
 def _tamper(src: Path, dst: Path, *, meta: dict | None = None, flip: bool = False) -> Path:

@@ -23,7 +23,7 @@ SPEC = ModelSpec(
         "tol": 1e-3,
         "max_iter": 6,
         "backward_max_iter": 6,
-        "eval_max_iter": 30,
+        "eval_max_iter": 12,  # measured: same MPSNR as 30 within ±0.12 dB, 2× faster (docs/models/decsc.md)
         "m": 5,
         "lam": 1e-4,
         # training backward: phantom gradient (TorchDEQ) after the implicit one diverged at
