@@ -69,6 +69,9 @@ def _prefect_defaults() -> Iterator[None]:
         temporary_settings,
     )
 
+    # the temporary server's usage telemetry: off unless the user asks for it (clusters are often
+    # offline, and each failed send logs an error that looks like a pipeline failure)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ:
         yield
         return

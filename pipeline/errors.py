@@ -45,3 +45,12 @@ class WriteError(HyperdeqError, OSError):
 
 class ProvenanceError(HyperdeqError):
     """A run record is missing, corrupt or inconsistent with the outputs."""
+
+
+class ClusterError(HyperdeqError):
+    """The Dask cluster went away mid-run: scheduler lost, client disconnected, tasks cancelled.
+
+    Nothing is wrong with the input or the tiles: finished tiles are kept (their records are
+    committed), the run record says ``failed``, and rerunning the same command against a live
+    scheduler (or a new local cluster) resumes.
+    """

@@ -11,10 +11,17 @@ the configuration hash and the model weights' sha256s: rerunning the same scene 
 configuration and weights resumes (completed tiles are skipped, outputs are byte-identical) or
 returns the completed run; any change gives a new run directory. Every stage writes a small
 summary under ``_stages/`` that later stages and the run record read.
+
+When a stage raises, :func:`run_scene` rewrites ``run.json`` with status ``failed``, the stage and
+the error before re-raising: a :class:`~pipeline.errors.HyperdeqError` as is, an ``OSError`` (disk
+full, permissions) as :class:`~pipeline.errors.WriteError`, a lost Dask scheduler (cancelled tasks,
+closed comms, disconnected client) as :class:`~pipeline.errors.ClusterError`. Nothing is marked
+complete on that path and finished tiles stay committed, so the same command resumes.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -33,7 +40,14 @@ from pipeline import provenance as prov
 from pipeline import tiles as tstore
 from pipeline.blend import BlendTarget, blend_stage
 from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, ModelError, ProvenanceError
+from pipeline.errors import (
+    ClusterError,
+    ConfigError,
+    HyperdeqError,
+    ModelError,
+    ProvenanceError,
+    WriteError,
+)
 from pipeline.grid import plan_grid
 from pipeline.runner import StageResult, TileModel, run_tiles
 from pipeline.writers import (
@@ -230,6 +244,48 @@ def stage_tile(scene_zarr: str | Path, run_dir: str | Path, config: RunConfig, *
     return dest
 
 
+#: exception class names meaning "the cluster went away", not "this tile is bad"
+_LOST_NAMES = ("CancelledError", "FutureCancelledError", "CommClosedError", "StreamClosedError")
+
+
+def _is_cluster_loss(exc: BaseException) -> bool:
+    """True for a cancelled task or a closed scheduler connection (also when chained)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if any(c.__name__ in _LOST_NAMES for c in type(e).__mro__):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _client_of(executor: Any) -> Any:
+    """The ``distributed.Client`` behind a ``ClientExecutor`` (else None: thread pools, ...)."""
+    return getattr(executor, "_client", None)
+
+
+def _client_lost(client: Any) -> bool:
+    """True when a distributed client is no longer connected to its scheduler."""
+    if client is None or not hasattr(client, "status"):
+        return False
+    return str(getattr(client, "status", "running")) not in ("running", "newly-created")
+
+
+def _scheduler_address(client: Any, fallback: str | None = None) -> str | None:
+    addr = getattr(getattr(client, "scheduler", None), "address", None) if client is not None else None
+    return str(addr or fallback) if (addr or fallback) else None
+
+
+def _cluster_lost_error(stage: str, address: str | None, detail: str) -> ClusterError:
+    what = f"the Dask scheduler at {address}" if address else "the cluster (tasks cancelled by the executor)"
+    return ClusterError(
+        f"lost {what} during the {stage} stage ({detail}); finished tiles are kept and the run is "
+        "marked failed: make sure the scheduler is up (or run without --scheduler), then rerun the "
+        "same command to resume"
+    )
+
+
 def _model_stage(
     stage: str, model: TileModel, tile_store: Path, run_dir: Path, config: RunConfig,
     executor: Executor | None, progress: StageProgress | None, submit: Callable[..., Any] | None = None,
@@ -244,6 +300,15 @@ def _model_stage(
     with _executor_for(executor, config) as ex:
         res: StageResult = run_tiles(ex, model, tile_store, dest, grid, batch_size=config.batch_size,
                                      stage=stage, progress=cb, submit=submit)
+        client = _client_of(ex)
+    # batches the cluster dropped (scheduler gone) are not tile failures: stop before anything blends them
+    lost = [r["key"] for r in res.records if r.get("status") == "failed"
+            and str(r.get("error", "")).startswith("task failed:")
+            and any(n in str(r.get("error", "")) for n in _LOST_NAMES)]
+    if lost or _client_lost(client):
+        detail = (f"{len(lost)} of {len(res.records)} tiles cancelled or cut off" if lost
+                  else f"the client is {getattr(client, 'status', '?')!s}")
+        raise _cluster_lost_error(stage, _scheduler_address(client), detail)
     summary = {
         "stage": stage, "path": str(dest), "source": str(tile_store), "model": model.name,
         "weights_sha256": model.weights_sha256, "halo": model.halo, "channels": channels,
@@ -366,6 +431,22 @@ def stage_blend(
     return dest
 
 
+@contextmanager
+def _atomic_output(dest: Path) -> Iterator[Path]:
+    """A temporary path beside ``dest`` (same suffix) renamed to ``dest`` only when the body succeeds.
+
+    ``stage_write`` skips outputs that exist, so a half-written file must never carry the final name.
+    """
+    for stale in dest.parent.glob(f".{dest.stem}.*.tmp{dest.suffix}"):  # left by a killed run
+        stale.unlink(missing_ok=True)
+    tmp = dest.with_name(f".{dest.stem}.{os.getpid()}.tmp{dest.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def stage_write(run_dir: str | Path, config: RunConfig) -> dict[str, str]:
     """COGs, quicklooks and endmember tables from the blended zarr outputs; returns ``{key: relative path}``."""
     from pipeline.ingest import open_zarr_scene
@@ -388,12 +469,14 @@ def stage_write(run_dir: str | Path, config: RunConfig) -> dict[str, str]:
         good = like["good_band"].values.astype(bool)
         tif = target("denoised_tif")
         if not tif.exists():
-            write_cog(z / "denoised", tif, like, descriptions=[f"{w:.3f} nm" for w in wl],
-                      band_tags=[{"wavelength": w, "fwhm": f, "good_band": int(g)} for w, f, g in
-                                 zip(wl, like["fwhm"].values, good, strict=True)], tags=tags)
+            with _atomic_output(tif) as tmp:
+                write_cog(z / "denoised", tmp, like, descriptions=[f"{w:.3f} nm" for w in wl],
+                          band_tags=[{"wavelength": w, "fwhm": f, "good_band": int(g)} for w, f, g in
+                                     zip(wl, like["fwhm"].values, good, strict=True)], tags=tags)
         png = target("quicklook_rgb")
         if not png.exists():
-            quicklook_rgb(z / "denoised", rgb_bands(wl, good), png)
+            with _atomic_output(png) as tmp:
+                quicklook_rgb(z / "denoised", rgb_bands(wl, good), tmp)
     if config.unmix:
         z = run_dir / OUT_NAMES["abundances_zarr"]
         outputs["abundances_zarr"] = OUT_NAMES["abundances_zarr"]
@@ -401,21 +484,27 @@ def stage_write(run_dir: str | Path, config: RunConfig) -> dict[str, str]:
         for key, var, desc in (("abundances_tif", "abundances", names), ("rmse_tif", "rmse", ["rmse"])):
             tif = target(key)
             if not tif.exists():
-                write_cog(z / var, tif, like, descriptions=desc, tags=tags)
+                with _atomic_output(tif) as tmp:
+                    write_cog(z / var, tmp, like, descriptions=desc, tags=tags)
         png = target("quicklook_abundances")
         if not png.exists():
-            quicklook_abundances(z / "abundances", png)
+            with _atomic_output(png) as tmp:
+                quicklook_abundances(z / "abundances", tmp)
         csv, js = target("endmembers_csv"), target("endmembers_json")
         if not (csv.exists() and js.exists()):
             from workers.infer import load_fit
             from workers.unmix.fit import write_endmembers
 
-            write_endmembers(load_fit(str(run_dir / FIT_DIR)), csv, js)
+            csv.unlink(missing_ok=True)
+            js.unlink(missing_ok=True)
+            with _atomic_output(csv) as tmp_csv, _atomic_output(js) as tmp_js:
+                write_endmembers(load_fit(str(run_dir / FIT_DIR)), tmp_csv, tmp_js)
         if not config.denoise:
             png = target("quicklook_rgb")
             if not png.exists():
-                quicklook_rgb(run_dir / INGESTED / _scene_var(run_dir / INGESTED),
-                              rgb_bands(like["wavelength"].values, like["good_band"].values.astype(bool)), png)
+                with _atomic_output(png) as tmp:
+                    quicklook_rgb(run_dir / INGESTED / _scene_var(run_dir / INGESTED),
+                                  rgb_bands(like["wavelength"].values, like["good_band"].values.astype(bool)), tmp)
     _save_stage(run_dir, "write", {"outputs": outputs, "wall_s": time.perf_counter() - t0})
     return outputs
 
@@ -509,6 +598,53 @@ def stage_record(
 
 
 # ---------------------------------------------------------------------------- composition
+#: errno values that can only come from writing (disk or quota full, file too large, read-only)
+_WRITE_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EFBIG", "EDQUOT", "EROFS") if hasattr(errno, n))
+#: what each stage of run_scene writes, relative to the run directory (named when an OSError has no filename)
+_STAGE_WHERE = {
+    "ingest": INGESTED, "tile": TILES_INPUT, "denoise": "tiles/denoise.zarr",
+    "blend (denoised)": OUT_NAMES["denoised_zarr"], "fit unmixer": FIT_DIR,
+    "tile (unmix input)": TILES_UNMIX_INPUT, "unmix": "tiles/unmix.zarr",
+    "blend (abundances)": OUT_NAMES["abundances_zarr"], "write outputs": ".", "run record": prov.RUN_JSON,
+}
+
+
+def _fail_run(
+    run_dir: Path, running: dict[str, Any], stage: str, exc: BaseException, client: Any = None,
+    scheduler: str | None = None,
+) -> BaseException:
+    """Mark the run failed in ``run.json`` and return the exception :func:`run_scene` raises.
+
+    HyperdeqErrors (and non-``Exception`` interrupts) come back unchanged; a lost scheduler becomes
+    :class:`ClusterError`, an ``OSError`` :class:`WriteError` saying what failed, where, and what to do.
+    """
+    out: BaseException = exc
+    if isinstance(exc, HyperdeqError) or not isinstance(exc, Exception):
+        pass
+    elif _is_cluster_loss(exc) or _client_lost(client) or (
+            client is not None and isinstance(exc, ConnectionError | TimeoutError)):
+        out = _cluster_lost_error(stage, _scheduler_address(client, scheduler), f"{type(exc).__name__}: {exc}"[:300])
+    elif isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError):
+        where = exc.filename or (run_dir / _STAGE_WHERE.get(stage, "."))
+        why = exc.strerror or str(exc) or type(exc).__name__
+        code = f"[Errno {exc.errno}] " if exc.errno else ""
+        verb = "could not write" if exc.errno in _WRITE_ERRNOS else "failed on"
+        out = WriteError(
+            f"{code}{why}: the {stage} stage {verb} {str(where)!r}; check free space / permissions "
+            "there, then rerun the same command to resume"
+        )
+        if exc.errno is not None:
+            out.errno = exc.errno
+    err = f"{type(out).__name__}: {out}"
+    record = {**running, "status": prov.FAILED, "end": prov.now(), "failed_stage": stage,
+              "error": err[:1500], "outputs": {}}
+    try:
+        prov.write_run_record(run_dir, record)
+    except Exception as wexc:  # a full disk may refuse even this small file; the record then stays 'running'
+        out.add_note(f"(could not mark {str(run_dir / prov.RUN_JSON)!r} failed either: {wexc})")
+    return out
+
+
 def run_scene(
     scene_path: str | Path,
     out_dir: str | Path | None = None,
@@ -538,10 +674,12 @@ def run_scene(
                          n_tiles=len(next(iter(rec["tiles"].values()), [])))
     run_dir.mkdir(parents=True, exist_ok=True)
     start = prov.now()
-    prov.write_run_record(run_dir, {"run_id": plan["run_id"], "status": prov.RUNNING, "start": start,
-                                    "input": plan["input"], "config_hash": plan["config_hash"]})
+    running = {"run_id": plan["run_id"], "status": prov.RUNNING, "start": start,
+               "input": plan["input"], "config_hash": plan["config_hash"]}
+    prov.write_run_record(run_dir, running)
 
     owned = None
+    dist_client: Any = None  # the distributed.Client, when running on Dask
     cluster_desc: dict[str, Any] = {}
     model_ex: Executor
     any_ex: Executor
@@ -559,24 +697,40 @@ def run_scene(
         else:
             handle = ClusterHandle(client=client, gpu=has_gpu_workers(client))
         model_ex, any_ex = handle.model_executor(), handle.executor()
+        dist_client = handle.client
         cluster_desc = handle.describe()
+    current = "ingest"
     try:
         ingested = stage_ingest(scene_path, run_dir, cfg)
+        current = "tile"
         tile_store = stage_tile(ingested, run_dir, cfg)
         n_tiles = len(tstore.open_grid(tile_store).tiles)
         unmix_source = ingested
         unmix_tiles = tile_store
         if cfg.denoise:
+            current = "denoise"
             stage_denoise(tile_store, run_dir, cfg, executor=model_ex, progress=progress, model=denoise_model)
+            current = "blend (denoised)"
             unmix_source = stage_blend("denoise", run_dir, cfg, executor=any_ex, progress=progress)
         if cfg.unmix:
+            current = "fit unmixer"
             fit_dir = stage_fit_unmixer(unmix_source, run_dir, cfg)
             if cfg.denoise:
+                current = "tile (unmix input)"
                 unmix_tiles = stage_tile(unmix_source, run_dir, cfg, name="unmix_input")
+            current = "unmix"
             stage_unmix(unmix_tiles, fit_dir, run_dir, cfg, executor=model_ex, progress=progress)
+            current = "blend (abundances)"
             stage_blend("unmix", run_dir, cfg, executor=any_ex, progress=progress)
+        current = "write outputs"
         outputs = stage_write(run_dir, cfg)
+        current = "run record"
         rec_path = stage_record(run_dir, plan, outputs=outputs, start=start, cluster=cluster_desc)
+    except BaseException as exc:
+        err = _fail_run(run_dir, running, current, exc, dist_client, cluster_desc.get("scheduler"))
+        if err is exc:
+            raise
+        raise err from exc
     finally:
         if owned is not None:
             owned.close()

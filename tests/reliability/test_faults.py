@@ -244,12 +244,6 @@ def _limit_fsize(pgid: int, nbytes: int) -> int:
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "workers/run.py:run_scene leaves run.json at status 'running' when a stage raises (here EFBIG from a "
-    "blend task): every other check of this test passes first (exit 2 with the OSError, nothing looks "
-    "complete, the rerun completes byte-identical). Needed: wrap the stages in run_scene in try/except, "
-    "rewrite the run record with status 'failed' and the error (prov.write_run_record), and raise "
-    "WriteError('... check free space ...') from OSError"))
 def test_output_disk_full_partway(case, demo_crop: Path, reference: dict[str, str], tmp_path: Path) -> None:
     case("fault", "output disk full partway: RLIMIT_FSIZE=4 KiB set on the driver and every worker process "
          "after 4 tiles (writes fail with EFBIG; Python ignores SIGXFSZ)",
@@ -281,13 +275,6 @@ def test_output_disk_full_partway(case, demo_crop: Path, reference: dict[str, st
 # ------------------------------------------------------------------------------- scheduler lost
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "workers/run.py:run_scene does not notice a lost scheduler: run_tiles records the cancelled batches as "
-    "failed tiles, then stage_blend goes on and distributed's FutureCancelledError ('... cancelled for "
-    "reason: unknown') escapes unwrapped (exit 1, traceback, run.json left 'running'). Everything else "
-    "passes first (nothing looks complete; a rerun on a new cluster resumes byte-identical). Needed: stop "
-    "after a model stage whose tasks were cancelled/lost, mark the run failed, and raise a HyperdeqError "
-    "like 'lost the Dask scheduler at tcp://...; rerun the same command to resume'"))
 def test_scheduler_lost_mid_run(case, demo_crop: Path, reference: dict[str, str], tmp_path: Path) -> None:
     case("fault", "the Dask scheduler process (dask scheduler + 2 dask worker subprocesses) SIGKILLed mid-run",
          "the run fails in bounded time with a clear message naming the scheduler; nothing looks "

@@ -131,6 +131,78 @@ def test_failed_tile_is_listed_never_complete_and_retried(scene: Path, tmp_path:
     assert prov.find_completed_run(tmp_path, rec["input"]["sha256"], rec["config_hash"], {"identity": None}) == good.run_dir
 
 
+def test_disk_full_in_a_stage_marks_the_run_failed_and_leaves_no_output_that_looks_complete(
+        scene: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import workers.run as wr
+    from pipeline.errors import WriteError
+
+    real = wr.quicklook_rgb
+
+    def half_written(src: Any, bands: Any, dest: Path) -> Path:
+        Path(dest).write_bytes(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(dest))
+
+    monkeypatch.setattr(wr, "quicklook_rgb", half_written)
+    with pytest.raises(WriteError, match=r"^\[Errno 28\] No space left on device: the write outputs stage could "
+                                         r"not write .*quicklook_rgb.*; check free space / permissions there, "
+                                         r"then rerun the same command to resume"):
+        _run(scene, tmp_path)
+    (run_dir,) = [p.parent for p in tmp_path.glob("*/*/run.json")]
+    rec = prov.load_run_record(run_dir)
+    assert rec["status"] == "failed" and rec["failed_stage"] == "write outputs"
+    assert "No space left on device" in rec["error"] and not prov.is_complete(run_dir)
+    assert not (run_dir / "quicklook_rgb.png").exists()  # the half-written file never got its final name
+    assert not list(run_dir.glob(".*.tmp.*"))
+    monkeypatch.setattr(wr, "quicklook_rgb", real)
+    res = _run(scene, tmp_path)  # the same command resumes
+    assert res.status == "complete" and res.run_dir == run_dir and prov.is_complete(run_dir)
+
+
+class _LostScheduler(ThreadPoolExecutor):
+    """Model tasks come back cancelled, as a distributed client cancels them when its scheduler dies."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        from concurrent.futures import Future
+
+        from pipeline.runner import process_batch
+
+        if fn is process_batch:
+            f: Future[Any] = Future()
+            f.cancel()
+            f.set_running_or_notify_cancel()
+            return f
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_lost_cluster_stops_before_blending_and_marks_the_run_failed(scene: Path, tmp_path: Path) -> None:
+    from pipeline.errors import ClusterError
+
+    with _LostScheduler(2) as ex, pytest.raises(ClusterError, match=r"during the denoise stage .*rerun the same "
+                                                                     r"command to resume"):
+        run_scene(scene, tmp_path, CFG, client=ex, denoise_model=IdentityTileModel())
+    (run_dir,) = [p.parent for p in tmp_path.glob("*/*/run.json")]
+    rec = prov.load_run_record(run_dir)
+    assert rec["status"] == "failed" and rec["failed_stage"] == "denoise" and "ClusterError" in rec["error"]
+    assert not (run_dir / "denoised.zarr").exists()  # never blended
+    assert _run(scene, tmp_path).status == "complete"
+
+
+def test_lost_scheduler_error_names_the_scheduler(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from pipeline.errors import ClusterError
+    from workers.run import _fail_run
+
+    client = SimpleNamespace(status="connecting", scheduler=SimpleNamespace(address="tcp://10.0.0.7:8786"))
+    running = {"run_id": "x", "status": "running", "start": "t", "input": {}, "config_hash": "h"}
+    err = _fail_run(tmp_path, running, "blend (denoised)", RuntimeError("cancelled for reason: unknown"), client)
+    assert isinstance(err, ClusterError)
+    assert "lost the Dask scheduler at tcp://10.0.0.7:8786 during the blend (denoised) stage" in str(err)
+    assert prov.load_run_record(tmp_path)["status"] == "failed"
+
+
 @pytest.mark.slow
 def test_unmix_stage_on_the_denoised_cube(tmp_path: Path) -> None:
     scene = write_crop_tif(tmp_path / "valid_crop.tif", 0, 0, 48, 48)  # fully valid: the fit samples windows

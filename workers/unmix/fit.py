@@ -22,7 +22,7 @@ import xarray as xr
 
 from pipeline.errors import ConfigError, InputValidationError, ModelError, WriteError
 from pipeline.scene import good_band_index, valid_mask, validate_scene
-from workers.unmix.classical import estimate_n_endmembers, vca
+from workers.unmix.classical import estimate_n_endmembers, fcls, nfindr, vca
 from workers.unmix.deq_unmix import DEQUnmix
 
 FIT_FORMAT = "hyperdeq-unmix-fit/1"
@@ -33,7 +33,9 @@ _META = "unmix_fit.json"
 DEFAULTS: dict[str, Any] = {
     "hidden": 32,
     "lr_net": 2e-3,
-    "lr_endmembers": 2e-3,  # relative to the largest endmember value
+    # endmembers are parametrised multiplicatively, E = E_init·exp(S) (positive, relative steps
+    # of the same size for dark and bright spectra); this is the Adam step on S
+    "lr_endmembers": 2e-3,
     "holdout_fraction": 0.5,
     "lambda_volume": 0.0,
     "lambda_sad": 0.0,
@@ -41,6 +43,15 @@ DEFAULTS: dict[str, Any] = {
     "train_crop": 32,  # each step trains on one random crop of this size per fit tile
     "tol": 1e-4,
     "eval_max_iter": 60,
+    # endmember start: "vca", "nfindr", or "best": VCA and N-FINDR, each also with every
+    # endmember replaced by the mean of its k purest sample pixels (k in init_topk, by FCLS
+    # abundance), and the candidate with the lowest FCLS reconstruction error on the sample wins
+    "init": "best",
+    "init_topk": [10, 30, 100],
+    # early stopping: a fixed held-out-band validation loss every val_every epochs (epoch 0 =
+    # the start); the best state is kept; stop after `patience` evaluations without improvement
+    "val_every": 5,
+    "patience": 2,
 }
 
 
@@ -229,6 +240,50 @@ def _sample_tiles(
     return np.stack(tiles), np.stack(masks), origins
 
 
+# ------------------------------------------------------------------ endmember start
+
+
+def init_endmembers(Ys: np.ndarray, P: int, seed: int, method: str = "best",
+                    topk: list[int] | tuple[int, ...] = (10, 30, 100)) -> tuple[np.ndarray, dict]:
+    """Blind endmember start from the pixel sample ``Ys`` (L×N): ``(E (L×P) ≥ 0, record)``.
+
+    ``method="best"`` scores candidates by the FCLS reconstruction RMSE of the sample (no ground
+    truth): VCA and N-FINDR, and each with every endmember replaced by the mean of its ``k``
+    purest sample pixels (largest FCLS abundance; averaging cuts the noise of a single extracted
+    pixel; only ``k <= N/(4P)``). Averaging shrinks the simplex, so it wins only where it fits
+    the data at least as well.
+    """
+    if method not in ("vca", "nfindr", "best"):
+        raise ConfigError(f"init must be 'vca', 'nfindr' or 'best', got {method!r}")
+    base: list[tuple[str, np.ndarray, list[int]]] = []
+    if method in ("vca", "best"):
+        E, idx = vca(Ys, P, seed=seed)
+        base.append(("vca", np.clip(E, 0.0, None), idx.tolist()))
+    if method in ("nfindr", "best"):
+        E, idx = nfindr(Ys, P, seed=seed)
+        base.append(("nfindr", np.clip(E, 0.0, None), idx.tolist()))
+    if method != "best":
+        name, E, idx = base[0]
+        return E, {"method": name, "seed": seed, "sample_indices": idx}
+    N = Ys.shape[1]
+    cands: list[tuple[str, np.ndarray, float]] = []
+    for name, E, _ in base:
+        A = fcls(Ys, E)
+        cands.append((name, E, float(np.sqrt(np.mean((Ys - E @ A) ** 2)))))
+        for k in sorted({int(k) for k in topk}):
+            if k < 2 or k > N // (4 * P):
+                continue
+            pure = np.argsort(-A, axis=1)[:, :k]
+            Ek = np.stack([Ys[:, pure[i]].mean(axis=1) for i in range(P)], axis=1)
+            Ak = fcls(Ys, Ek)
+            cands.append((f"{name}-top{k}", Ek, float(np.sqrt(np.mean((Ys - Ek @ Ak) ** 2)))))
+    name, E, _ = min(cands, key=lambda c: c[2])
+    rec = {"method": name, "seed": seed, "selection": "lowest FCLS reconstruction RMSE on the sample",
+           "candidates_rmse": {c[0]: c[2] for c in cands},
+           "sample_indices": {b[0]: b[2] for b in base}}
+    return np.clip(E, 0.0, None), rec
+
+
 # ------------------------------------------------------------------ fit
 
 
@@ -285,8 +340,7 @@ def fit_scene(
             f"{P!r} endmembers cannot be extracted from {Ys.shape[1]!r} pixels × {Ys.shape[0]!r} "
             "bands; lower n_endmembers or sample more pixels"
         )
-    E0, idx = vca(Ys, P, seed=seed)
-    E0 = np.clip(E0, 0.0, None)
+    E0, init_rec = init_endmembers(Ys, P, seed, str(opts["init"]), list(opts["init_topk"]))
     fill = E0.mean(axis=1)
     tiles, tmask, origins = _sample_tiles(scene, fit_tiles, fit_tile_size, seed, fill)
 
@@ -302,36 +356,62 @@ def fit_scene(
     Yt = torch.from_numpy(tiles)
     M = torch.from_numpy(tmask[:, None].astype(np.float32))
     E_start = model.E.detach().clone()
-    scale_e = float(E_start.max())
+    # E = E_start·exp(S): positive by construction, relative steps for dark and bright spectra
+    S = torch.zeros_like(E_start, requires_grad=True)
     opt = torch.optim.Adam(
         [
             {"params": model.net.parameters(), "lr": float(opts["lr_net"])},
-            {"params": [model.E], "lr": float(opts["lr_endmembers"]) * scale_e},
+            {"params": [S], "lr": float(opts["lr_endmembers"])},
         ]
     )
     gen = torch.Generator().manual_seed(seed + 2)
     L = Yt.shape[1]
     n_hold = max(1, int(round(float(opts["holdout_fraction"]) * L))) if opts["holdout_fraction"] > 0 else 0
-    curve: list[float] = []
-    iters: list[float] = []
-    model.train()
     t = Yt.shape[-1]
     crop = int(min(int(opts["train_crop"]), t))
-    for epoch in range(max_epochs):
-        oy, ox = (int(v) for v in torch.randint(0, t - crop + 1, (2,), generator=gen))
-        Yc, Mc = Yt[..., oy : oy + crop, ox : ox + crop], M[..., oy : oy + crop, ox : ox + crop]
-        if n_hold:
-            perm = torch.randperm(L, generator=gen)
-            fit_mask = torch.ones(L, dtype=torch.bool)
-            fit_mask[perm[:n_hold]] = False
-            score = ~fit_mask
-        else:
-            fit_mask, score = None, torch.ones(L, dtype=torch.bool)
+
+    def band_split(g: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if not n_hold:
+            return None, torch.ones(L, dtype=torch.bool)
+        perm = torch.randperm(L, generator=g)
+        fit_mask = torch.ones(L, dtype=torch.bool)
+        fit_mask[perm[:n_hold]] = False
+        return fit_mask, ~fit_mask
+
+    def heldout_loss(Yc: torch.Tensor, Mc: torch.Tensor, fit_mask: torch.Tensor | None,
+                     score: torch.Tensor) -> tuple[torch.Tensor, Any]:
         A, st = model(Yc, band_mask=fit_mask)
         rec = torch.einsum("lp,nphw->nlhw", model.E[score], A)
         target = Yc[:, score]
-        err = (((target - rec) ** 2) * Mc).sum() / (Mc.sum() * int(score.sum())).clamp_min(1.0)
-        loss = err / ((target**2) * Mc).sum().div((Mc.sum() * int(score.sum())).clamp_min(1.0)).clamp_min(1e-12)
+        n = (Mc.sum() * int(score.sum())).clamp_min(1.0)
+        err = (((target - rec) ** 2) * Mc).sum() / n
+        return err / ((target**2) * Mc).sum().div(n).clamp_min(1e-12), st
+
+    # fixed validation: the central crop of every fit tile, a fixed band split of its own seed
+    c0 = (t - crop) // 2
+    Yv, Mv = Yt[..., c0 : c0 + crop, c0 : c0 + crop], M[..., c0 : c0 + crop, c0 : c0 + crop]
+    v_fit, v_score = band_split(torch.Generator().manual_seed(seed + 3))
+    val_every, patience = int(opts["val_every"]), int(opts["patience"])
+
+    def validate() -> float:
+        with torch.no_grad():
+            return float(heldout_loss(Yv, Mv, v_fit, v_score)[0])
+
+    curve: list[float] = []
+    iters: list[float] = []
+    val_curve: list[list[float]] = []
+    model.train()
+    best_val, best_epoch, bad = np.inf, 0, 0
+    best_state = (E_start.clone(), {k: v.detach().clone() for k, v in model.net.state_dict().items()})
+    if max_epochs > 0 and val_every > 0:
+        best_val = validate()
+        val_curve.append([0, best_val])
+    stopped_early = False
+    for epoch in range(max_epochs):
+        oy, ox = (int(v) for v in torch.randint(0, t - crop + 1, (2,), generator=gen))
+        Yc, Mc = Yt[..., oy : oy + crop, ox : ox + crop], M[..., oy : oy + crop, ox : ox + crop]
+        fit_mask, score = band_split(gen)
+        loss, st = heldout_loss(Yc, Mc, fit_mask, score)
         E = model.E
         if opts["lambda_volume"] > 0:
             c = E - E.mean(dim=1, keepdim=True)
@@ -340,13 +420,34 @@ def fit_scene(
             cos = (E * E_start).sum(0) / (E.norm(dim=0) * E_start.norm(dim=0) + 1e-12)
             loss = loss + float(opts["lambda_sad"]) * (1 - cos).mean()
         opt.zero_grad()
+        model.E.grad = None
         loss.backward()
+        with torch.no_grad():  # chain rule through E = E_start·exp(S)
+            S.grad = model.E.grad * model.E if model.E.grad is not None else torch.zeros_like(S)
         opt.step()
+        with torch.no_grad():
+            model.E.copy_(E_start * torch.exp(S))
         model.project_()
         curve.append(float(loss.detach()))
         iters.append(float(st.iterations.float().mean()))
         if progress is not None:
             progress(epoch, curve[-1])
+        if val_every > 0 and ((epoch + 1) % val_every == 0 or epoch + 1 == max_epochs):
+            v = validate()
+            val_curve.append([epoch + 1, v])
+            if v < best_val:
+                best_val, best_epoch, bad = v, epoch + 1, 0
+                best_state = (model.E.detach().clone(),
+                              {k: x.detach().clone() for k, x in model.net.state_dict().items()})
+            else:
+                bad += 1
+                if bad >= patience:
+                    stopped_early = True
+                    break
+    if val_every > 0 and max_epochs > 0:  # keep the best validated state (epoch 0: the start)
+        with torch.no_grad():
+            model.E.copy_(best_state[0])
+        model.net.load_state_dict(best_state[1])
     model.eval()
     wl_all = np.asarray(scene["wavelength"].values, dtype=np.float64)
     good = good_band_index(scene)
@@ -360,12 +461,15 @@ def fit_scene(
         "good_bands": int(good.size),
         "sample": sample_rec,
         "n_endmembers": p_rec,
-        "endmember_init": {"method": "vca", "seed": seed, "sample_indices": idx.tolist()},
+        "endmember_init": init_rec,
         "fit_tiles": {"count": int(tiles.shape[0]), "size": int(tiles.shape[-1]),
                       "origins_yx": origins, "seed": seed + 1},
         "options": opts,
         "max_epochs": max_epochs,
         "loss_curve": curve,
+        "val_curve": val_curve,
+        "best_epoch": best_epoch,
+        "stopped_early": stopped_early,
         "train_solver_iterations_mean": iters,
         "wall_time_s": time.perf_counter() - t_start,
         "torch": torch.__version__,
@@ -374,7 +478,7 @@ def fit_scene(
         "endmembers": {
             "wavelength_nm": wl_all[good].tolist(),
             "spectra": {n: E_fit[:, i].tolist() for i, n in enumerate(names)},
-            "vca_start": {n: E0[:, i].tolist() for i, n in enumerate(names)},
+            "start": {n: E0[:, i].tolist() for i, n in enumerate(names)},
         },
     }
     config = {**model.config(), "tol": float(opts["tol"]), "eval_max_iter": int(opts["eval_max_iter"])}
