@@ -85,9 +85,10 @@ def start_record_task(plan: dict[str, Any], label: str) -> str:
 
     run_dir = Path(plan["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    prov.write_run_record(run_dir, {"run_id": plan["run_id"], "status": prov.RUNNING, "start": prov.now(),
+    start = prov.now()
+    prov.write_run_record(run_dir, {"run_id": plan["run_id"], "status": prov.RUNNING, "start": start,
                                     "input": plan["input"], "config_hash": plan["config_hash"]})
-    return prov.now()
+    return start
 
 
 def _ingest(scene: str, plan: dict[str, Any], label: str) -> Path:
@@ -257,14 +258,17 @@ def process_scene(
     start = start_record_task(plan, label=name)
     t0 = time.perf_counter()
     handle = open_cluster(params.cluster, cfg)
+    current = "cluster"
     try:
         desc = handle.describe()
         log.info("tile batches run on %s (%d workers, GPU workers: %s); Dask dashboard: %s",
                  desc.get("scheduler"), desc.get("n_workers", 0), desc.get("gpu_workers") or "none",
                  _dashboard(handle.client))
         model_ex, any_ex = quote(handle.model_executor()), quote(handle.executor())
+        current = "ingest"
         ingested = _t(ingest_task)(params.scene, plan, label=f"ingest {name}")
         progress.stage_done("ingest")
+        current = "tile"
         tiles = _t(tile_task)(ingested, plan, label=f"tile {name}")
         from pipeline.tiles import open_grid
 
@@ -273,28 +277,48 @@ def process_scene(
         progress.stage_done("tile")
         unmix_source, unmix_tiles = ingested, tiles
         if cfg.denoise:
+            current = "denoise"
             s = _t(denoise_task)(tiles, plan, label=f"denoise {name} {rng}", executor=model_ex,
                                  progress=quote(progress))
             log.info("denoise %s: %d/%d tiles ok, %d not converged, %d failed", name, s["n_ok"],
                      s["n_tiles"], len(s["not_converged"]), len(s["failed"]))
+            current = "blend (denoised)"
             unmix_source = _t(blend_denoise_task)("denoise", plan, label=f"blend denoised {name}",
                                                   executor=any_ex, progress=quote(progress))
         if cfg.unmix:
+            current = "fit unmixer"
             fit_dir = _t(fit_task)(unmix_source, plan, label=f"fit unmixer {name}")
             progress.stage_done("fit_unmixer")
             if cfg.denoise:
+                current = "tile (unmix input)"
                 unmix_tiles = _t(tile_unmix_task)(unmix_source, plan, label=f"tile denoised {name}",
                                                   name="unmix_input")
                 progress.stage_done("tile_unmix_input")
+            current = "unmix"
             s = _t(unmix_task)(unmix_tiles, fit_dir, plan, label=f"unmix {name} {rng}",
                                executor=model_ex, progress=quote(progress))
             log.info("unmix %s: %d/%d tiles ok, %d failed", name, s["n_ok"], s["n_tiles"], len(s["failed"]))
+            current = "blend (abundances)"
             _t(blend_unmix_task)("unmix", plan, label=f"blend abundances {name}", executor=any_ex,
                                  progress=quote(progress))
+        current = "write outputs"
         outputs = _t(write_task)(plan, label=f"write {name}")
         progress.stage_done("write")
+        current = "run record"
         record = record_task(plan, outputs, start, desc, label=f"run record {name}")
         progress.stage_done("record")
+    except Exception as exc:
+        # the record says 'failed' with the stage and the error (never 'running' after a crash);
+        # a lost scheduler becomes ClusterError, an OSError a WriteError saying where and what to do
+        from workers.run import _fail_run
+
+        running = {"run_id": plan["run_id"], "status": "running", "start": start,
+                   "input": plan["input"], "config_hash": plan["config_hash"]}
+        err = _fail_run(run_dir, running, current, exc, client=getattr(handle, "client", None))
+        log.error("scene %s failed in stage %s: %s", name, current, err)
+        if err is exc:
+            raise
+        raise err from exc
     finally:
         handle.close()  # closes the client, and the cluster when this run started it
     log.info("scene %s processed in %.1f s; run record %s", name, time.perf_counter() - t0, record)

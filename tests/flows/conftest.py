@@ -14,23 +14,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def crop_geotiff(src: Path, dst: Path, y0: int, x0: int, size: int) -> Path:
     """Copy a window of a real GeoTIFF with its georeferencing, nodata, scales and band tags."""
-    import rasterio
-    from rasterio.windows import Window
+    from pipeline.readers.geotiff import crop_geotiff as crop
 
-    with rasterio.open(src) as s:
-        win = Window(x0, y0, size, size)
-        prof = s.profile.copy()
-        prof.update(width=size, height=size, transform=s.window_transform(win), tiled=False)
-        prof.pop("blockxsize", None)
-        prof.pop("blockysize", None)
-        with rasterio.open(dst, "w", **prof) as d:
-            d.write(s.read(window=win))
-            d.update_tags(**s.tags())
-            d.scales, d.offsets = s.scales, s.offsets
-            for b in range(1, s.count + 1):
-                d.update_tags(b, **s.tags(b))
-                d.set_band_description(b, s.descriptions[b - 1] or "")
-    return dst
+    return crop(src, dst, (y0, y0 + size, x0, x0 + size))
 
 
 @pytest.fixture(scope="session")

@@ -71,7 +71,9 @@ def test_sweep_is_idempotent_and_isolates_failures(prefect_harness: None, small_
     assert all(json.loads(r.read_text())["status"] == "complete" for r in records)
     # the failed scene's record never says complete (the commit marker is written last)
     (bad_rec,) = out.glob("enmap_potsdam_tile_bad/*/run.json")
-    assert json.loads(bad_rec.read_text())["status"] != "complete"
+    bad_record = json.loads(bad_rec.read_text())
+    assert bad_record["status"] == "failed" and bad_record["failed_stage"] == "ingest", bad_record
+    assert "enmap_potsdam_tile_bad.tif" in bad_record["error"] and not bad_record["outputs"]
     stamps = {r: r.stat().st_mtime_ns for r in records}
 
     bad.unlink()
