@@ -9,6 +9,9 @@ import typer
 
 _ROOT = Path(__file__).resolve().parents[1]
 
+#: fit_scene's default (workers.unmix.fit.DEFAULT_EPOCHS), kept here so that --help needs no torch
+DEFAULT_EPOCHS = 60
+
 
 def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
     """Add ``eval unmixer`` and ``unmix`` to the app."""
@@ -19,7 +22,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         scenes: str = typer.Option("samson,jasper,synthetic", help="comma list: samson, jasper, synthetic"),
         out: Path = typer.Option(_ROOT / "docs" / "benchmarks" / "unmix_eval.md", help="markdown report"),
         json_out: Path = typer.Option(_ROOT / "benchmarks" / "results" / "unmix_eval.json", help="JSON report"),
-        epochs: int = typer.Option(150, help="DEQ-Unmix fit epochs (Adam steps) per scene"),
+        epochs: int = typer.Option(DEFAULT_EPOCHS, help="DEQ-Unmix fit epochs (max Adam steps, early stopping) per scene"),
         seed: int = typer.Option(0, help="seed of sampling, VCA, N-FINDR, synthetic data and training"),
         threads: int = typer.Option(2, help="torch threads"),
     ) -> None:
@@ -51,7 +54,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         scene: Path = typer.Argument(..., help="input scene (any format open_scene reads)"),
         out: Path = typer.Option(..., "--out", help="output directory"),
         p: int = typer.Option(0, "-p", help="number of endmembers (0: estimate with HySime)"),
-        epochs: int = typer.Option(150, help="fit epochs"),
+        epochs: int = typer.Option(DEFAULT_EPOCHS, help="fit epochs (max Adam steps, early stopping)"),
         seed: int = typer.Option(0),
     ) -> None:
         """Fit DEQ-Unmix to one scene and write abundances (.npy), RMSE map, endmembers, fit."""

@@ -162,3 +162,46 @@ def test_vca_start_on_real_samson_crop(crops):
     E_est, _ = vca(cube.reshape(cube.shape[0], -1), 3, seed=0)
     perm = match_endmembers(crops["samson_endmembers"].astype(np.float64), E_est)
     assert np.mean(sad_degrees(crops["samson_endmembers"].astype(np.float64), E_est[:, perm])) < 15
+
+
+def test_init_endmembers_picks_lowest_reconstruction(synthetic):
+    """The blind start is the candidate with the lowest FCLS reconstruction error on the sample."""
+    from workers.unmix.fit import init_endmembers
+
+    cube, E, _ = synthetic
+    Y = cube.reshape(cube.shape[0], -1).astype(np.float64)
+    E0, rec = init_endmembers(Y, 3, seed=0)
+    cands = rec["candidates_rmse"]
+    assert {"vca", "nfindr"} <= set(cands) and any("-top" in k for k in cands)
+    assert rec["method"] == min(cands, key=cands.get)
+    assert E0.shape == (Y.shape[0], 3) and np.all(E0 >= 0)
+    A = fcls(Y, E0)
+    assert np.sqrt(np.mean((Y - E0 @ A) ** 2)) == pytest.approx(cands[rec["method"]], rel=1e-6)
+    Ev, rv = init_endmembers(Y, 3, seed=0, method="vca")
+    np.testing.assert_array_equal(Ev, np.clip(vca(Y, 3, seed=0)[0], 0, None))
+    assert rv["method"] == "vca"
+    with pytest.raises(ConfigError, match="init must be"):
+        init_endmembers(Y, 3, seed=0, method="ppi")
+
+
+def test_fit_keeps_best_validated_state(fitted):
+    """Early stopping: the returned state is the best of the validation curve (start included)."""
+    val = fitted.provenance["val_curve"]
+    assert val[0][0] == 0 and len(val) >= 2
+    best = min(val, key=lambda ev: ev[1])
+    assert fitted.provenance["best_epoch"] == best[0]
+    if best[0] == 0:  # nothing improved: the fit is its start, with the zero correction net
+        start = fitted.provenance["endmembers"]["start"]
+        np.testing.assert_array_equal(
+            fitted.endmembers, np.asarray([start[n] for n in fitted.names], dtype=np.float32).T
+        )
+
+
+def test_cli_and_fit_default_epochs_agree():
+    import inspect
+
+    from flows.cli_unmix import DEFAULT_EPOCHS as cli_default
+    from workers.unmix.fit import DEFAULT_EPOCHS
+
+    assert cli_default == DEFAULT_EPOCHS
+    assert inspect.signature(fit_scene).parameters["max_epochs"].default == DEFAULT_EPOCHS

@@ -68,7 +68,8 @@ def load_jasper(data: Path) -> Case:
     if not np.allclose(d["A"].T.reshape(rows, cols, -1, order="F"), d["S_GT"]):
         raise ReadError("Jasper.mat: A reshaped column-major does not equal S_GT; the file layout changed")
     A = d["S_GT"].reshape(rows * cols, -1).T.astype(np.float64)  # pixel order of cube.reshape(L, -1)
-    return Case("jasper", cube, d["GT"].T.astype(np.float64) / 10000.0, A, ["tree", "water", "soil", "road"], None)
+    # GT is already reflectance (max ≈ 0.63), unlike Y (×10⁴): do not rescale it
+    return Case("jasper", cube, d["GT"].T.astype(np.float64), A, ["tree", "water", "soil", "road"], None)
 
 
 def usgs_library(data: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -125,12 +126,13 @@ def _score(case: Case, E_est: np.ndarray, A_est: np.ndarray, seconds: float) -> 
     }
 
 
-def run_case(case: Case, *, seed: int = 0, max_epochs: int = 150, options: dict | None = None,
+def run_case(case: Case, *, seed: int = 0, max_epochs: int | None = None, options: dict | None = None,
              methods: tuple[str, ...] = ("deq-unmix", "vca+fcls", "nfindr+fcls")) -> dict[str, Any]:
     """Run every method on one case; returns per-method scores and the DEQ solver stats."""
     from workers.unmix.classical import fcls, nfindr, vca
-    from workers.unmix.fit import apply_fit, fit_scene
+    from workers.unmix.fit import DEFAULT_EPOCHS, apply_fit, fit_scene
 
+    max_epochs = DEFAULT_EPOCHS if max_epochs is None else max_epochs
     L, H, W = case.cube.shape
     P = case.E.shape[1]
     Y = case.cube.reshape(L, -1)
