@@ -48,6 +48,14 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
             batch_size=batch,
         )
         console = Console(stderr=True)
+        import logging
+
+        from rich.logging import RichHandler
+
+        hlog = logging.getLogger("hyperdeq")  # stage messages (e.g. the unmixer fit's epochs)
+        hlog.setLevel(logging.INFO)
+        if not any(isinstance(h, RichHandler) for h in hlog.handlers):
+            hlog.addHandler(RichHandler(console=console, show_path=False, show_level=False))
         with Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as bar:
             tasks: dict[str, int] = {}

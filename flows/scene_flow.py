@@ -118,7 +118,8 @@ def _blend(stage: str, plan: dict[str, Any], label: str, executor: Executor, pro
 def _fit(scene_zarr: Path, plan: dict[str, Any], label: str) -> Path:
     from workers.run import stage_fit_unmixer
 
-    return stage_fit_unmixer(scene_zarr, plan["run_dir"], plan["config"])
+    logger = get_run_logger()
+    return stage_fit_unmixer(scene_zarr, plan["run_dir"], plan["config"], log=logger.info)
 
 
 def _unmix(tile_store: Path, fit_dir: Path, plan: dict[str, Any], label: str, executor: Executor,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import sys
@@ -64,6 +65,8 @@ from pipeline.writers import (
 )
 
 StageProgress = Callable[[str, int, int], None]
+
+_log = logging.getLogger("hyperdeq.run")
 
 STAGES = "_stages"
 INGESTED = "ingest/scene.zarr"
@@ -329,8 +332,13 @@ def stage_denoise(
     return _model_stage("denoise", m, Path(tile_store), Path(run_dir), config, executor, progress, submit)
 
 
-def stage_fit_unmixer(scene_zarr: str | Path, run_dir: str | Path, config: RunConfig) -> Path:
-    """Fit DEQ-Unmix on the scene (the denoised one when denoising is on); reused when saved."""
+def stage_fit_unmixer(scene_zarr: str | Path, run_dir: str | Path, config: RunConfig,
+                      log: Callable[[str], None] | None = None) -> Path:
+    """Fit DEQ-Unmix on the scene (the denoised one when denoising is on); reused when saved.
+
+    ``log`` receives a progress line at most every 10 s (default: the ``hyperdeq.run`` logger).
+    """
+    say = log or _log.info
     from workers.unmix.fit import fit_scene
 
     run_dir = Path(run_dir)
@@ -344,7 +352,20 @@ def stage_fit_unmixer(scene_zarr: str | Path, run_dir: str | Path, config: RunCo
     t0 = time.perf_counter()
     scene = _open_scene_any(scene_zarr)
     kw: dict[str, Any] = {"max_epochs": config.unmix_epochs} if config.unmix_epochs is not None else {}
-    fit = fit_scene(scene, config.n_endmembers, seed=config.seed, **kw)
+    max_epochs = int(kw.get("max_epochs", 0)) or None
+    last = [0.0]
+
+    def _log_epoch(epoch: int, loss: float) -> None:  # progress on the longest single-process stage
+        now = time.perf_counter()
+        if epoch == 0 or now - last[0] >= 10.0:
+            last[0] = now
+            cap = f"/{max_epochs}" if max_epochs else ""
+            say(f"fit unmixer: epoch {epoch + 1}{cap} (stops early when the held-out loss stalls), "
+                f"loss {loss:.3g}, {now - t0:.0f} s")
+
+    fit = fit_scene(scene, config.n_endmembers, seed=config.seed, progress=_log_epoch, **kw)
+    say(f"fit unmixer: {len(fit.names)} endmembers ({', '.join(map(str, fit.names))}) "
+        f"in {time.perf_counter() - t0:.0f} s")
     fit.save(dest)
     marker.write_text(digest + "\n")  # the fit is valid for this version of its input only
     _save_stage(run_dir, "fit_unmixer", {
