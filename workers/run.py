@@ -159,6 +159,29 @@ def model_weights(config: RunConfig, denoise_model: TileModel | None = None) -> 
     return out
 
 
+def run_config_hash(config: RunConfig) -> str:
+    """The configuration hash a run is named by: the user's settings plus the models' algorithm.
+
+    ``RunConfig.config_hash()`` covers what the user chose; the enabled models' solver settings
+    (DECSC's registry spec) and DEQ-Unmix's fit defaults are folded in, so a release that changes
+    how a model computes never resumes tiles or reuses a fit computed the old way.
+    """
+    import hashlib
+
+    from workers.registry import get_spec
+
+    algo: dict[str, Any] = {}
+    if config.denoise:
+        spec = get_spec("decsc")
+        algo["decsc"] = {"solver": spec.solver, "config": spec.config}
+    if config.unmix:
+        from workers.unmix.fit import DEFAULTS
+
+        algo["deq-unmix"] = {"solver": get_spec("deq-unmix").solver, "fit": DEFAULTS}
+    blob = json.dumps([config.config_hash(), algo], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def plan_run(
     scene_path: str | Path, out_root: str | Path, config: RunConfig, denoise_model: TileModel | None = None
 ) -> dict[str, Any]:
@@ -170,12 +193,13 @@ def plan_run(
     cfg = config.with_model_halos(list(halos.values()))
     weights = model_weights(cfg, denoise_model)
     input_sha = prov.sha256_path(scene_path)
-    run_id = prov.make_run_id(input_sha, cfg.config_hash(), weights)
+    config_hash = run_config_hash(cfg)
+    run_id = prov.make_run_id(input_sha, config_hash, weights)
     name = safe_name(scene_path.name.split(".")[0])
     run_dir = confined_path(out_root, name, run_id)
     return {
         "run_id": run_id, "run_dir": str(run_dir), "input": {"path": str(scene_path.resolve()), "sha256": input_sha},
-        "config": cfg, "config_hash": cfg.config_hash(), "weights": weights, "halos": halos,
+        "config": cfg, "config_hash": config_hash, "weights": weights, "halos": halos,
     }
 
 
