@@ -197,7 +197,8 @@ def good_band_index(da: xr.DataArray) -> np.ndarray:
 def valid_mask(da: xr.DataArray) -> xr.DataArray:
     """Per-pixel validity (``y``, ``x``): True where every good band is finite. Lazy for dask."""
     good = da.isel(band=good_band_index(da))
-    return np.isfinite(good).all("band").rename("valid")
+    finite: xr.DataArray = np.isfinite(good)  # type: ignore[assignment]
+    return finite.all("band").rename("valid")
 
 
 def nodata_fraction(da: xr.DataArray) -> float:

@@ -148,7 +148,7 @@ def write_valid_mask(valid: Any, path: str | Path, chunk: int) -> None:
     if hasattr(valid, "rechunk"):
         import dask.array as dsa
 
-        dsa.store(valid.astype(bool).rechunk((chunk, chunk)), v, lock=False)
+        dsa.store(valid.astype(bool).rechunk((chunk, chunk)), v, lock=False)  # type: ignore[arg-type]
     else:
         v[...] = np.asarray(valid, dtype=bool)
 

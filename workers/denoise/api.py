@@ -164,7 +164,7 @@ def denoise_cube(
     filled[:, ~valid] = means[:, None]
     y = torch.from_numpy(filled).to(device)
     sigma = estimate_sigma(y[None], torch.from_numpy(valid).to(device)[None])[0]
-    size = model.cfg.bands
+    size = int(model.cfg.bands)  # type: ignore[union-attr,arg-type]
     stride = get_spec(MODEL_NAME).config["window_stride"]
     if b < size:
         idx = torch.from_numpy(_symmetric_index(b, size)).to(device)

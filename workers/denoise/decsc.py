@@ -96,8 +96,10 @@ class WindowAttention(nn.Module):
         self.register_buffer("rel_index", rel[..., 0] * (2 * window - 1) + rel[..., 1], persistent=False)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
-        nn.init.zeros_(self.mlp[2].weight)
-        nn.init.zeros_(self.mlp[2].bias)
+        last = self.mlp[2]
+        assert isinstance(last, nn.Linear)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def _mask(self, h: int, w: int, device: torch.device) -> Tensor | None:
         if not self.shift:
@@ -122,7 +124,8 @@ class WindowAttention(nn.Module):
         win = t.reshape(n, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
         qkv = self.qkv(self.norm1(win)).reshape(win.shape[0], ws * ws, 3, self.heads, c // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        bias = self.rel_bias[self.rel_index].permute(2, 0, 1)  # (heads, T, T)
+        rel_index: Tensor = self.rel_index  # type: ignore[assignment]
+        bias = self.rel_bias[rel_index].permute(2, 0, 1)  # (heads, T, T)
         mask = self._mask(h, w, x.device)
         if mask is not None:
             bias = (bias[None, :] + mask[:, None]).repeat(n, 1, 1, 1)  # (n*nW, heads, T, T)
@@ -145,10 +148,12 @@ def conv3d_folded(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     """
     n, cin, b, h, w = x.shape
     cout = weight.shape[0]
-    folded = 0
+    folded: Tensor | None = None
     for d in (-1, 0, 1):  # band offset: output band j reads input band j + d
         shift = torch.diag(torch.ones(b - abs(d), dtype=weight.dtype, device=weight.device), d)
-        folded = folded + torch.einsum("oikl,bc->obickl", weight[:, :, d + 1], shift)
+        term = torch.einsum("oikl,bc->obickl", weight[:, :, d + 1], shift)
+        folded = term if folded is None else folded + term
+    assert folded is not None
     folded = folded.reshape(cout * b, cin * b, weight.shape[-2], weight.shape[-1])
     fb = None if bias is None else bias.repeat_interleave(b)
     out = F.conv2d(x.reshape(n, cin * b, h, w), folded, fb, padding=weight.shape[-1] // 2)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -210,6 +211,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
             ts = time.time()
             out, st = model(y)
             fp_res = model.deq.last_train_residual
+            assert fp_res is not None, "the DEQ did not record its training residual"
             rec_loss = F.l1_loss(out, x)
             loss = rec_loss + cfg.residual_weight * fp_res.mean()
             opt.zero_grad(set_to_none=True)
@@ -231,7 +233,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
                 good = {k: v.clone() for k, v in model.state_dict().items()}
                 good_opt = copy.deepcopy(opt.state_dict())
             bst = model.deq.last_backward_stats
-            rec = {
+            rec: dict[str, Any] = {
                 "step": step, "loss": loss.item(), "l1": rec_loss.item(), "fp_res": fp_res.mean().item(), "psnr": mpsnr(out.detach(), x), "psnr_noisy": mpsnr(y, x),
                 "iterations": float(st.iterations.float().mean()), "residual": float(st.residual.mean()),
                 "bwd_iterations": None if bst is None else float(bst.iterations.float().mean()),

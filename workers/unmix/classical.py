@@ -176,8 +176,8 @@ def fcls(Y: np.ndarray, E: np.ndarray, *, delta: float | None = None) -> np.ndar
     best_score = np.full(N, -np.inf)  # score = a_Sᵀ b_S; residual = ‖ỹ‖² − score
     tol = 1e-10
     for k in range(1, P + 1):
-        for S in itertools.combinations(range(P), k):
-            S = list(S)
+        for comb in itertools.combinations(range(P), k):
+            S = list(comb)
             GSS = G[np.ix_(S, S)]
             try:
                 aS = np.linalg.solve(GSS, b[S])
@@ -188,7 +188,7 @@ def fcls(Y: np.ndarray, E: np.ndarray, *, delta: float | None = None) -> np.ndar
             take = feas & (score > best_score)
             if np.any(take):
                 best[:, take] = 0.0
-                best[np.ix_(S, np.flatnonzero(take))] = np.maximum(aS[:, take], 0.0)
+                best[np.ix_(np.asarray(S), np.flatnonzero(take))] = np.maximum(aS[:, take], 0.0)
                 best_score = np.where(take, score, best_score)
     return best
 

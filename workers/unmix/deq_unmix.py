@@ -58,6 +58,7 @@ class CorrectionNet(nn.Module):
         self.conv2 = nn.Conv2d(hidden, hidden, 1)
         self.out = nn.Conv2d(hidden, p, 1)
         nn.init.zeros_(self.out.weight)
+        assert self.out.bias is not None
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: Tensor) -> Tensor:

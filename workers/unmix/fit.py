@@ -221,7 +221,9 @@ def _sample_tiles(
     t = int(min(size, H, W))
     valid = np.asarray(valid_mask(scene).values)
     rng = np.random.default_rng(seed + 1)
-    tiles, masks, origins = [], [], []
+    tiles: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    origins: list[list[int]] = []
     for _ in range(50 * count):
         if len(tiles) == count:
             break
@@ -268,8 +270,8 @@ def init_endmembers(Ys: np.ndarray, P: int, seed: int, method: str = "best",
         E, idx = nfindr(Ys, P, seed=seed)
         base.append(("nfindr", np.clip(E, 0.0, None), idx.tolist()))
     if method != "best":
-        name, E, idx = base[0]
-        return E, {"method": name, "seed": seed, "sample_indices": idx}
+        name, E, idx_list = base[0]
+        return E, {"method": name, "seed": seed, "sample_indices": idx_list}
     N = Ys.shape[1]
     cands: list[tuple[str, np.ndarray, float]] = []
     for name, E, _ in base:
