@@ -47,6 +47,13 @@ SECTIONS: tuple[tuple[str, str, str], ...] = (
 SECTION_KEYS = tuple(k for k, _, _ in SECTIONS)
 
 
+def _busy(pl: dict[str, Any]) -> bool:
+    """Whether other jobs loaded the machine: 1-min load average above 1 when the run started
+    (the load at the end includes the benchmark's own processes)."""
+    la = pl.get("environment", {}).get("load_average_at_start")
+    return bool(la and la[0] > 1.0)
+
+
 def _fn(spec: str) -> Callable[[Section, Any, str], None]:
     import importlib
 
@@ -177,7 +184,8 @@ def findings(pl: dict[str, Any]) -> list[str]:
     v = s.get("scaling", {}).get("values", {})
     if v:
         out.append(f"{tag} Two workers deliver ×{v['scaling_2_over_1']:.2f} the model-stage throughput of one "
-                   "(goal ≥ 1.7); on a shared, oversubscribed machine the second core is not free, which caps this.")
+                   "(goal ≥ 1.7 on 2 cores); the scheduler, the driver and tile I/O share those cores"
+                   + (", and other jobs were running (see the load average)." if _busy(pl) else "."))
     v = s.get("memory", {}).get("values", {})
     if v:
         out.append(f"{tag} Peak worker RSS across the area steps: "

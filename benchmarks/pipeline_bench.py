@@ -250,7 +250,8 @@ def scaling(sec: Section, plan: SizePlan, device: str) -> None:
     sec.values["scaling_2_over_1"] = ratio
     cap = plan.scaling_max_iter
     sec.targets.append(Target("throughput 2 workers ÷ 1 worker", ratio, "≥ 1.7 on 2 cores", ratio >= 1.7,
-                              "machine shared with other jobs while measuring (see load average)"))
+                              "the same 2 cores also carry the scheduler, the driver and tile I/O; other jobs "
+                              "on the machine show in the load average"))
     sec.notes.append(
         "Each worker is a separate process with torch threads = 1 (set by the tile model), models preloaded "
         "before timing; " + (f"solver capped at {cap} iterations to keep the run short (the ratio measures "
