@@ -44,6 +44,35 @@ class Crop:
         return f"demo[{self.y0}:{self.y0 + self.h}, {self.x0}:{self.x0 + self.w}], {b}"
 
 
+#: optional export of the demo scene (``python -m benchmarks.data export FILE.npz``): a GPU machine
+#: without GDAL/rasterio reads the same cube from it (set this environment variable to its path)
+CUBE_ENV = "HYPERDEQ_BENCH_CUBE"
+
+
+def export_cube(dest: str | Path) -> Path:
+    """Write the whole demo scene (all bands, NaN nodata), good-band flags and wavelengths to ``dest`` (npz)."""
+    from pipeline.readers import open_scene
+
+    s = open_scene(demo_path())
+    dest = Path(dest)
+    np.savez_compressed(dest, cube=np.asarray(s.values, dtype=np.float32),
+                        good_band=np.asarray(s["good_band"].values, dtype=bool),
+                        wavelength=np.asarray(s["wavelength"].values, dtype=np.float64))
+    return dest
+
+
+def _exported() -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    import os
+
+    p = os.environ.get(CUBE_ENV)
+    if not p:
+        return None
+    if not Path(p).is_file():
+        raise ConfigError(f"{CUBE_ENV}={p!r} is not a file; write it with `python -m benchmarks.data export {p}`")
+    with np.load(p) as d:
+        return d["cube"], d["good_band"], d["wavelength"]
+
+
 def demo_path() -> Path:
     if not DEMO.is_file():
         raise ConfigError(f"demo scene {str(DEMO)!r} is missing; the benchmarks need the shipped tests/data")
@@ -55,6 +84,16 @@ def read_cube(crop: Crop | None = None, good_only: bool = True) -> tuple[np.ndar
 
     ``good_only`` keeps the good bands (what the models see).
     """
+    ex = _exported()
+    if ex is not None:
+        cube, good, wl = ex
+        if crop is not None:
+            nb = crop.bands or cube.shape[0]
+            cube = cube[:nb, crop.y0:crop.y0 + crop.h, crop.x0:crop.x0 + crop.w]
+            good, wl = good[:nb], wl[:nb]
+        if good_only:
+            cube, wl = cube[good], wl[good]
+        return np.ascontiguousarray(cube, dtype=np.float32), np.asarray(wl, dtype=np.float64)
     from pipeline.readers import open_scene
 
     s = open_scene(demo_path())
@@ -144,3 +183,11 @@ def write_mirrored(dest: str | Path, factor: int, base: Crop | None = None) -> P
             if desc[i]:
                 dst.set_band_description(i + 1, desc[i])
     return dest
+
+
+if __name__ == "__main__":  # python -m benchmarks.data export FILE.npz
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "export":
+        raise SystemExit("usage: python -m benchmarks.data export FILE.npz")
+    print(export_cube(sys.argv[2]))

@@ -7,7 +7,13 @@
   with the peak allocated memory of each;
 * estimated time for a 1000×1000×224 scene at the best measured throughput;
 * mixed precision (bfloat16 autocast): speed-up and PSNR of its output against float32
-  (kept only where the PSNR stays above 50 dB).
+  (kept only where the PSNR stays above 50 dB);
+* FLOPs per voxel (``FlopCounterMode``: matmul/conv/attention) and achieved vs peak FLOP/s, the
+  peak measured with large float32, TF32 and bfloat16 matmuls on the same GPU;
+* DEQ-Unmix throughput on the GPU, from a fit saved on the CPU machine (``UnmixFit.save``; path
+  in ``HYPERDEQ_BENCH_UNMIX_FIT``), so the GPU machine needs no geospatial stack;
+* DEQ training memory on the GPU (peak allocated): implicit differentiation vs an unrolled
+  network of the same depth at 10/20/40 solver iterations.
 
 Without a CUDA device the section is skipped with that reason: nothing is estimated from CPU.
 """
@@ -93,7 +99,7 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
     thr = mvox_per_s(h * w, b, wall)
 
     # largest tile that fits
-    sizes = []
+    sizes: list[dict[str, Any]] = []
     side = 64
     best_thr = thr
     while side <= 2048:  # beyond this a 20-iteration solve takes minutes per tile
@@ -111,8 +117,15 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
             break
         t_thr = mvox_per_s(side * side, b, s)
         best_thr = max(best_thr, t_thr)
-        sizes.append({"tile side": side, "fits": True, "seconds": s, "mvox_s": t_thr,
-                      "peak GiB": torch.cuda.max_memory_allocated() / 2**30})
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        sizes.append({"tile side": side, "fits": True, "seconds": s, "mvox_s": t_thr, "peak GiB": peak_gib})
+        if s > 15:  # the next size takes ~4x as long: estimate from memory ∝ area instead of trying
+            total = torch.cuda.get_device_properties(0).total_memory / 2**30
+            est = int(side * (0.9 * total / peak_gib) ** 0.5)
+            sizes.append({"tile side": f"≈{est} (estimated)", "fits": None,
+                          "note": f"not run (a {2 * side}-px tile would take ~{4 * s:.0f} s); peak memory ∝ area → "
+                                  f"side × √(0.9 × {total:.0f} GiB ÷ {peak_gib:.2f} GiB)"})
+            break
         side *= 2
     torch.cuda.empty_cache()
 
@@ -147,3 +160,149 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
     }]
     sec.tables["Largest tile that fits"] = sizes
     sec.values.update({"gpu": gpu_name(), "gpu_mvox_s": thr, "gpu_busy": busy})
+    _flops(sec, model, cube, thr, st, plan)
+    _unmixer(sec, cube)
+    _train_memory(sec, cube)
+
+
+def _sync(dev: str) -> None:
+    import torch
+
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def _gpu_peaks() -> list[dict[str, Any]]:
+    """Measured matmul peaks (8192³, best of 5) in float32, TF32 and bfloat16."""
+    import torch
+
+    n = 8192
+    rows: list[dict[str, Any]] = []
+    for label, dtype, tf32 in (("float32", torch.float32, False), ("TF32", torch.float32, True),
+                               ("bfloat16", torch.bfloat16, False)):
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            a = torch.randn(n, n, device="cuda", dtype=dtype)
+            b = torch.randn(n, n, device="cuda", dtype=dtype)
+            a @ b
+            torch.cuda.synchronize()
+            best = float("inf")
+            for _ in range(5):
+                t = time.perf_counter()
+                a @ b
+                torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t)
+            rows.append({"matmul": f"{n}³ {label}", "seconds": best, "TFLOP/s": 2 * n**3 / best / 1e12})
+            del a, b
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _flops(sec: Section, model: Any, cube: np.ndarray, thr: float, st: dict, plan: SizePlan) -> None:
+    from benchmarks.throughput import count_flops
+    from workers.denoise.api import denoise_cube
+
+    peaks = _gpu_peaks()
+    sec.tables["GPU peak estimate (measured matmul)"] = peaks
+    sub = np.ascontiguousarray(cube[:, :16, :16])
+    fl1, _ = count_flops(lambda: denoise_cube(model, sub, device="cuda", max_iter=1))
+    per_vox_it = fl1 / sub.size
+    it = max(1, int(st["iterations"]))
+    achieved = per_vox_it * it * thr * 1e6 / 1e12  # TFLOP/s at the measured throughput
+    sec.tables["GPU FLOPs per voxel and achieved vs peak"] = [{
+        "model": "DECSC (float32)", "FLOP/voxel/iteration": per_vox_it, "iterations (worst window)": it,
+        "FLOP/voxel": per_vox_it * it, "achieved TFLOP/s (upper bound)": achieved,
+        **{f"% of {p['matmul'].split()[-1]} peak": 100 * achieved / p["TFLOP/s"] for p in peaks},
+    }]
+
+
+def _unmixer(sec: Section, cube: np.ndarray, dev: str = "cuda") -> None:
+    import json
+    import os
+    from pathlib import Path
+
+    import torch
+
+    d = os.environ.get("HYPERDEQ_BENCH_UNMIX_FIT")
+    if not d or not Path(d).is_dir():
+        sec.notes.append("DEQ-Unmix on the GPU: not measured (HYPERDEQ_BENCH_UNMIX_FIT names no saved fit).")
+        return
+    from safetensors.torch import load_file
+
+    from workers.unmix.deq_unmix import DEQUnmix
+
+    t = load_file(str(Path(d) / "unmix_fit.safetensors"))
+    cfg = json.loads((Path(d) / "unmix_fit.json").read_text())["config"]
+    E = t["endmembers"].float()
+    m = DEQUnmix(E.clone(), hidden=int(cfg["hidden"]), tol=float(cfg["tol"]), max_iter=int(cfg["max_iter"]),
+                 eval_max_iter=int(cfg["eval_max_iter"]), backward_max_iter=int(cfg["max_iter"]))
+    m.net.load_state_dict({k.removeprefix("net."): v for k, v in t.items() if k.startswith("net.")})
+    m = m.eval().to(dev)
+    b = E.shape[0]
+    rows: list[dict[str, Any]] = []
+    for side in (32, 128, 512, 1024):
+        reps = (1, -(-side // cube.shape[1]), -(-side // cube.shape[2]))
+        x = np.tile(np.nan_to_num(cube[:b]), reps)[:, :side, :side]
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(dev)
+        with torch.no_grad():
+            m(xt[..., :8, :8])
+            _sync(dev)
+            ts = time.perf_counter()
+            _A, ust = m(xt)
+            _sync(dev)
+            s = time.perf_counter() - ts
+        rows.append({"model": "DEQ-Unmix (module)", "tile": f"{side}×{side}", "bands": b, "P": int(E.shape[1]),
+                     "seconds": s, "mvox_s": mvox_per_s(side * side, b, s),
+                     "iterations (max)": int(ust.iterations.max()), "converged": bool(ust.converged.all())})
+    sec.tables["GPU: DEQ-Unmix throughput (fit from the CPU machine)"] = rows
+    sec.values["gpu_unmix_mvox_s"] = max(r["mvox_s"] for r in rows)
+
+
+def _train_memory(sec: Section, cube: np.ndarray, dev: str = "cuda") -> None:
+    import torch
+
+    from workers.denoise.decsc import DECSC, DECSCConfig, estimate_sigma
+    from workers.deq import DEQFixedPoint
+
+    torch.manual_seed(0)
+    size = 64
+    model = DECSC(DECSCConfig()).to(dev)
+    fmap = model.map
+    bands = model.cfg.bands
+    reps = (1, -(-size // cube.shape[1]), -(-size // cube.shape[2]))
+    clean = np.tile(np.nan_to_num(cube[:bands]), reps)[:, :size, :size].clip(0, 1)
+    rng = np.random.default_rng(0)
+    y = torch.from_numpy((clean + rng.normal(0, 30 / 255, clean.shape)).astype(np.float32))[None].repeat(4, 1, 1, 1).to(dev)
+    sig = estimate_sigma(y)
+    x = torch.cat([y, sig[:, :, None, None].expand_as(y)], 1)
+
+    def init(v: Any) -> Any:
+        return v.new_zeros(v.shape[0], sum(fmap.sizes(size, size)))
+
+    rows: list[dict[str, Any]] = []
+    for n in (10, 20, 40):
+        for mode in ("implicit", "unrolled"):
+            fmap.zero_grad(set_to_none=True)
+            _sync(dev)
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated() if dev == "cuda" else 0
+            ts = time.perf_counter()
+            if mode == "implicit":
+                deq = DEQFixedPoint(fmap, init=init, tol=1e-12, max_iter=n, backward_tol=1e-12, backward_max_iter=n)
+                z, _st = deq(x)
+            else:
+                z = init(x)
+                for _ in range(n):
+                    z = fmap(z, x)
+            fmap.synth(z, size, size).square().mean().backward()
+            _sync(dev)
+            rows.append({"backward": mode, "solver iterations": n, "batch": 4, "tile": f"{size}×{size}×{bands}",
+                         "peak MiB above start": (torch.cuda.max_memory_allocated() - base) / 2**20 if dev == "cuda" else None,
+                         "seconds": time.perf_counter() - ts})
+            del z
+    sec.tables["GPU: DEQ training memory, implicit vs unrolled (DECSC map)"] = rows

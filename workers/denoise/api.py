@@ -39,7 +39,7 @@ def tensors_digest(state: dict[str, torch.Tensor]) -> str:
 
 def shipped_state(model: DECSC) -> dict[str, torch.Tensor]:
     """The tensors to ship: the fixed-point map's parameters once (``deq.func`` aliases ``map``)."""
-    return {f"map.{k}": v.detach().contiguous() for k, v in model.map.state_dict().items()}
+    return {f"map.{k}": v.detach().cpu().contiguous() for k, v in model.map.state_dict().items()}
 
 
 def weights_metadata(model: DECSC, extra: dict[str, Any] | None = None) -> dict[str, str]:
@@ -55,10 +55,20 @@ def weights_metadata(model: DECSC, extra: dict[str, Any] | None = None) -> dict[
     return meta
 
 
-def build_model(device: str = "cpu") -> DECSC:
-    """An untrained DECSC with the registry's architecture and solver settings."""
+#: architecture presets: ``shipped`` is the registry's (CPU-sized) model, ``full`` the larger
+#: configuration of the model card (trained on a GPU; not loadable as the shipped weights)
+ARCH_PRESETS: dict[str, dict[str, int]] = {
+    "shipped": {},
+    "full": {"shared_features": 96, "unshared_features": 16, "heads": 4},
+}
+
+
+def build_model(device: str = "cpu", arch: str = "shipped") -> DECSC:
+    """An untrained DECSC with the registry's architecture (or a preset of ``ARCH_PRESETS``) and solver settings."""
+    if arch not in ARCH_PRESETS:
+        raise InputValidationError(f"unknown DECSC architecture {arch!r}; choose from {sorted(ARCH_PRESETS)!r}")
     spec = get_spec(MODEL_NAME)
-    cfg = DECSCConfig(**{k: v for k, v in spec.config.items() if k in _CFG_KEYS})
+    cfg = DECSCConfig(**{**{k: v for k, v in spec.config.items() if k in _CFG_KEYS}, **ARCH_PRESETS[arch]})
     s = spec.solver
     model = DECSC(cfg, tol=s["tol"], max_iter=s["max_iter"], eval_max_iter=s["eval_max_iter"],
                   backward=s["backward"], backward_max_iter=s["backward_max_iter"], m=s["m"],

@@ -52,6 +52,9 @@ class TrainConfig:
     val_every: int = 100
     threads: int = 2
     resume: bool = False
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    arch: str = "shipped"  # ARCH_PRESETS key: shipped (registry config) or full
+    loader_workers: int = 0  # >0: batches built in that many processes (GPU training)
     cases: tuple[str, ...] = field(default=NOISE_CASES)
 
     def __post_init__(self) -> None:
@@ -62,6 +65,8 @@ class TrainConfig:
             )
         if not 0 <= self.extra_fraction <= 1:
             raise ConfigError(f"extra_fraction must be in [0, 1], got {self.extra_fraction!r}")
+        if self.loader_workers < 0:
+            raise ConfigError(f"loader_workers must be >= 0, got {self.loader_workers!r}")
         bad = [c for c in self.cases if c not in NOISE_CASES]
         if bad:
             raise ConfigError(f"unknown noise cases {bad!r}; valid: {list(NOISE_CASES)!r}")
@@ -136,6 +141,35 @@ def sample_patch(cube: np.ndarray, bands: int, patch: int, rng: np.random.Genera
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def make_batch(cave: list[np.ndarray], extras: list[np.ndarray], cfg: TrainConfig, bands: int,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(clean, noisy, noise cases) for one step: ``cfg.batch`` augmented patches with seeded noise."""
+    clean, noisy, cases = [], [], []
+    for _ in range(cfg.batch):
+        pool = extras if (extras and rng.random() < cfg.extra_fraction) else cave
+        c = sample_patch(pool[int(rng.integers(len(pool)))], bands, cfg.patch, rng)
+        case = cfg.cases[int(rng.integers(len(cfg.cases)))]
+        clean.append(c)
+        noisy.append(add_noise(c, case, rng))
+        cases.append(case)
+    return np.stack(clean), np.stack(noisy), cases
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Endless batches built in DataLoader worker processes, each with its own seeded generator."""
+
+    def __init__(self, cave: list[np.ndarray], extras: list[np.ndarray], cfg: TrainConfig, bands: int, start: int) -> None:
+        self.cave, self.extras, self.cfg, self.bands, self.start = cave, extras, cfg, bands, start
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        info = torch.utils.data.get_worker_info()
+        wid = 0 if info is None else info.id
+        rng = np.random.default_rng([self.cfg.seed, self.start, wid])
+        while True:
+            x, y, cases = make_batch(self.cave, self.extras, self.cfg, self.bands, rng)
+            yield torch.from_numpy(x), torch.from_numpy(y), cases
+
+
 def mpsnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Mean over samples and bands of 10 log10(1 / MSE_band), output clamped to [0, 1]."""
     mse = ((x.clamp(0, 1) - ref) ** 2).flatten(2).mean(2).clamp_min(1e-12)
@@ -171,7 +205,10 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = cfg.out_dir / "checkpoint.pt"
     log_path = cfg.out_dir / "train_log.jsonl"
-    model: DECSC = build_model("cpu")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"training device {cfg.device!r} asked for but torch sees no CUDA device; use --device cpu")
+    model: DECSC = build_model("cpu", cfg.arch).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)
     step, elapsed_before = 0, 0.0
@@ -183,7 +220,13 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
     cave, extras, names = load_training_data(cfg.data_dir)
-    val = validation_set(cfg.data_dir, model.cfg.bands)
+    val = [(n, a.to(dev), b.to(dev)) for n, a, b in validation_set(cfg.data_dir, model.cfg.bands)]
+    stream = None
+    if cfg.loader_workers > 0:
+        stream = iter(torch.utils.data.DataLoader(
+            _BatchStream(cave, extras, cfg, model.cfg.bands, step), batch_size=None,
+            num_workers=cfg.loader_workers, prefetch_factor=4, persistent_workers=True,
+            pin_memory=dev.type == "cuda"))
     bands = model.cfg.bands
     t0 = time.time() - elapsed_before
     model.train()
@@ -195,16 +238,12 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
         log.write(json.dumps({"event": "start", "step": step, "config": {k: str(v) for k, v in asdict(cfg).items()},
                               "cave_scenes": names, "extras": len(extras)}) + "\n")
         while step < cfg.max_steps and (time.time() - t0) < cfg.minutes * 60:
-            clean, noisy, cases = [], [], []
-            for _ in range(cfg.batch):
-                pool = extras if (extras and rng.random() < cfg.extra_fraction) else cave
-                c = sample_patch(pool[int(rng.integers(len(pool)))], bands, cfg.patch, rng)
-                case = cfg.cases[int(rng.integers(len(cfg.cases)))]
-                clean.append(c)
-                noisy.append(add_noise(c, case, rng))
-                cases.append(case)
-            x = torch.from_numpy(np.stack(clean))
-            y = torch.from_numpy(np.stack(noisy))
+            if stream is not None:
+                x, y, cases = next(stream)
+            else:
+                xc, yc, cases = make_batch(cave, extras, cfg, bands, rng)
+                x, y = torch.from_numpy(xc), torch.from_numpy(yc)
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             lr = lr_scale * _lr(cfg, step, time.time() - t0)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -255,9 +294,16 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
         log.write(json.dumps({"event": "end", "step": step, "elapsed_s": time.time() - t0, "val": final_val}) + "\n")
     weights = cfg.out_dir / "decsc.safetensors"
     meta = weights_metadata(model, {"steps": step, "wall_s": round(time.time() - t0, 1), "seed": cfg.seed,
-                                    "batch": cfg.batch, "patch": cfg.patch, "val": final_val})
+                                    "batch": cfg.batch, "patch": cfg.patch, "val": final_val, "arch": cfg.arch,
+                                    "device": _device_name(dev)})
     save_file(shipped_state(model), str(weights), metadata=meta)
     return weights
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(dev)})"
+    return "cpu"
 
 
 def _save_ckpt(model: DECSC, opt: torch.optim.Optimizer, step: int, elapsed: float, rng: np.random.Generator, path: Path) -> None:
@@ -307,12 +353,12 @@ def evaluate(model: DECSC, val: list[tuple[str, torch.Tensor, torch.Tensor]]) ->
     return res
 
 
-def export_checkpoint(checkpoint: Path, dest: Path) -> Path:
+def export_checkpoint(checkpoint: Path, dest: Path, arch: str = "shipped") -> Path:
     """Write the model of a training checkpoint as safetensors weights (with metadata)."""
     from safetensors.torch import save_file
 
     state = load_checkpoint(checkpoint)
-    model = build_model("cpu")
+    model = build_model("cpu", arch)
     model.load_state_dict(state["model"])
     meta = weights_metadata(model, {"steps": state["step"], "wall_s": round(state["elapsed"], 1), "from": "checkpoint"})
     save_file(shipped_state(model), str(dest), metadata=meta)
