@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.data import read_cube
-from benchmarks.harness import Section, gpu_name, mvox_per_s
+from benchmarks.harness import Section, Target, gpu_name, mvox_per_s
 from benchmarks.models import denoiser
 from benchmarks.plan import SizePlan
 
@@ -160,6 +160,8 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
     }]
     sec.tables["Largest tile that fits"] = sizes
     sec.values.update({"gpu": gpu_name(), "gpu_mvox_s": thr, "gpu_busy": busy})
+    sec.targets.append(Target("GPU busy fraction (DECSC, model crop)", busy, "≥ 0.8", bool(busy >= 0.8),
+                              f"sampled while denoising the {plan.model_crop.label} crop ({busy_how})"))
     _flops(sec, model, cube, thr, st, plan)
     _unmixer(sec, cube)
     _train_memory(sec, cube)
