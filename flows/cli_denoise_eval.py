@@ -70,6 +70,8 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         cache: Path = typer.Option(
             None, help="JSON cache of baseline results (keyed by noisy-cube sha256 and versions)"
         ),
+        weights: Path = typer.Option(None, help="DECSC weights file other than the shipped one"),
+        arch: str = typer.Option("shipped", help="architecture of --weights: shipped or full"),
     ) -> None:
         """Score DECSC and the classical denoisers on the test scenes under every noise case."""
         from workers.denoise.evaluate import EvalConfig, run_eval, write_report
@@ -87,6 +89,8 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
             device=device,
             threads=threads,
             cache=cache,
+            weights=weights,
+            arch=arch,
             command=_command_line(locals()),
         )
         res = run_eval(

@@ -67,3 +67,49 @@ def test_hostile_checkpoint_refused_without_unpickling(tmp_path: Path) -> None:
     assert not marker.exists()
     pickle.loads(pickle.dumps(_Payload(marker)))  # the payload is live
     assert marker.exists()
+
+
+def test_architecture_presets() -> None:
+    from pipeline.errors import InputValidationError
+    from workers.denoise.api import ARCH_PRESETS
+
+    small, full = build_model("cpu"), build_model("cpu", "full")
+    assert full.cfg.shared_features == ARCH_PRESETS["full"]["shared_features"]
+    n = [sum(p.numel() for p in m.map.parameters()) for m in (small, full)]
+    assert n[1] > 4 * n[0]
+    with pytest.raises(InputValidationError, match="unknown DECSC architecture"):
+        build_model("cpu", "huge")
+
+
+@pytest.mark.slow
+def test_training_with_loader_workers_on_real_data(shared_data: Path, tmp_path: Path) -> None:
+    """Two real steps with batches built in worker processes; the exported weights load back."""
+    import json
+
+    from safetensors import safe_open
+
+    from workers.denoise.api import load_denoiser
+    from workers.denoise.train import TrainConfig, train
+
+    cfg = TrainConfig(data_dir=shared_data, out_dir=tmp_path / "run", max_steps=2, batch=2, patch=24,
+                      loader_workers=2, threads=1, val_every=1000, checkpoint_every=1000)
+    weights = train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and r["psnr_noisy"] < 60 for r in steps)
+    with safe_open(str(weights), framework="pt") as fh:
+        meta = json.loads(fh.metadata()["training"])
+    assert meta["steps"] == 2 and meta["arch"] == "shipped" and meta["device"] == "cpu"
+    model = load_denoiser("cpu", weights)  # same architecture as the registry: loads and verifies
+    assert not model.training
+
+
+def test_training_refuses_cuda_without_a_gpu(tmp_path: Path) -> None:
+    from pipeline.errors import ConfigError
+    from workers.denoise.train import TrainConfig, train
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        train(TrainConfig(data_dir=tmp_path, out_dir=tmp_path / "run", device="cuda"))

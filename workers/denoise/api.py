@@ -76,14 +76,21 @@ def build_model(device: str = "cpu", arch: str = "shipped") -> DECSC:
     return model.to(device)
 
 
-def load_denoiser(device: str = "cpu", weights: str | Path | None = None) -> nn.Module:
+def load_denoiser(device: str = "cpu", weights: str | Path | None = None, arch: str = "shipped") -> nn.Module:
     """The DECSC denoiser with its shipped (or given) safetensors weights, in eval mode.
+
+    ``arch`` names the architecture preset the weights were trained with (``ARCH_PRESETS``);
+    anything but ``shipped`` needs an explicit ``weights`` file.
 
     Raises :class:`WeightsError` when the file is missing, not safetensors, fails its sha256
     check, was written for another model or configuration, or its tensors were modified.
     """
     from safetensors import SafetensorError, safe_open
 
+    if arch not in ARCH_PRESETS:
+        raise InputValidationError(f"unknown DECSC architecture {arch!r}; choose from {sorted(ARCH_PRESETS)!r}")
+    if arch != "shipped" and weights is None:
+        raise WeightsError(f"DECSC architecture {arch!r} has no shipped weights here; pass its weights file")
     spec = get_spec(MODEL_NAME)
     path = verified_weights_path(spec, weights)
     try:
@@ -97,7 +104,7 @@ def load_denoiser(device: str = "cpu", weights: str | Path | None = None) -> nn.
             f"weights file {str(path)!r} is for model {meta.get('model')!r}, not {MODEL_NAME!r}; "
             "pass the DECSC weights (workers/weights/decsc.safetensors)"
         )
-    expected_cfg = {**{k: v for k, v in spec.config.items()}}
+    expected_cfg = {**spec.config, **ARCH_PRESETS[arch]}
     got_cfg = json.loads(meta.get("config", "{}"))
     if got_cfg != expected_cfg:
         raise WeightsError(
@@ -109,7 +116,7 @@ def load_denoiser(device: str = "cpu", weights: str | Path | None = None) -> nn.
             f"weights file {str(path)!r}: tensor contents do not match the digest recorded in its "
             f"metadata ({meta.get('tensors_sha256')!r}); the file was modified, retrain or reinstall"
         )
-    model = build_model("cpu")
+    model = build_model("cpu", arch)
     try:
         if not all(k.startswith("map.") for k in state):
             raise RuntimeError(f"unexpected tensor names {sorted(k for k in state if not k.startswith('map.'))!r}")

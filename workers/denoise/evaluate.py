@@ -114,6 +114,8 @@ class EvalConfig:
     device: str = "cpu"
     threads: int | None = None
     cache: Path | None = None
+    weights: Path | None = None  # DECSC weights other than the shipped file
+    arch: str = "shipped"  # architecture preset of those weights (workers.denoise.api.ARCH_PRESETS)
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -210,14 +212,18 @@ class _Cache:
 # ---------------------------------------------------------------- DECSC
 
 
-def _load_decsc(device: str) -> tuple[Any, Any, dict[str, Any]] | tuple[None, None, dict[str, Any]]:
-    """(model, denoise_cube, info) from ``workers.denoise.api``, or (None, None, why-skipped)."""
+def _load_decsc(device: str, weights: Path | None = None,
+                arch: str = "shipped") -> tuple[Any, Any, dict[str, Any]] | tuple[None, None, dict[str, Any]]:
+    """(model, denoise_cube, info) from ``workers.denoise.api``, or (None, None, why-skipped).
+
+    ``weights``/``arch``: another weights file (e.g. the GPU-sized ``full`` model) instead of the
+    shipped one; its own metadata digest is still verified."""
     try:
         from workers.denoise import api
     except ImportError as exc:
         return None, None, {"status": "skipped", "note": f"workers.denoise.api not importable: {exc}"}
     try:
-        model = api.load_denoiser(device=device)
+        model = api.load_denoiser(device=device, weights=weights, arch=arch)
     except (HyperdeqError, OSError) as exc:
         return None, None, {"status": "skipped", "note": f"DECSC weights not loadable: {exc}"}
     info: dict[str, Any] = {"status": "ok", "device": device}
@@ -225,7 +231,11 @@ def _load_decsc(device: str) -> tuple[Any, Any, dict[str, Any]] | tuple[None, No
         from workers.registry import get_spec, sha256_file
 
         spec = get_spec("decsc")
-        if spec.weights_path is not None and spec.weights_path.is_file():
+        info["arch"] = arch
+        if weights is not None:
+            info["weights_file"] = str(weights)
+            info["weights_sha256"] = sha256_file(Path(weights))
+        elif spec.weights_path is not None and spec.weights_path.is_file():
             info["weights_file"] = spec.weights_file
             info["weights_sha256"] = sha256_file(spec.weights_path)
         info["solver"] = dict(spec.solver)
@@ -322,7 +332,7 @@ def run_eval(
     model = denoise_cube = None
     decsc_info: dict[str, Any] = {"status": "off", "note": "DECSC not requested (--no-decsc)"}
     if config.decsc:
-        model, denoise_cube, decsc_info = _load_decsc(config.device)
+        model, denoise_cube, decsc_info = _load_decsc(config.device, config.weights, config.arch)
         if model is None:
             say(f"DECSC skipped: {decsc_info['note']}")
 

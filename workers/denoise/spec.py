@@ -33,6 +33,6 @@ SPEC = ModelSpec(
         "phantom_tau": 0.6,
     },
     weights_file="decsc.safetensors",
-    weights_sha256="831824b6ae1b5942e76ec705743df0aec894a6772c8b537b4cb72569c756d00b",
+    weights_sha256="ac1eb2db843b9db2b8b1f272c6805eab56700c4d91aa974fb636681f54271dbd",
     config={**asdict(DECSCConfig()), "window_stride": WINDOW_STRIDE},
 )
