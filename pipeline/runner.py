@@ -162,6 +162,20 @@ def plan_batches(tiles: Sequence[Tile], batch_size: int) -> list[tuple[Tile, ...
     return [tuple(ts[i : i + batch_size]) for i in range(0, len(ts), batch_size)]
 
 
+#: seconds between checks, while waiting for batches, that a Dask client is still connected
+_POLL_S = 2.0
+
+
+def _client_closed(client: Any) -> bool:
+    """True when a distributed client has closed (it gave up reconnecting to its scheduler)."""
+    return client is not None and str(getattr(client, "status", "running")) in ("closing", "closed")
+
+
+def _failed_records(batch: Sequence[Tile], stage: str, why: str) -> list[dict[str, Any]]:
+    return [{"key": t.key, "index": list(t.index), "stage": stage, "status": FAILED, "error": f"task failed: {why}"}
+            for t in batch]
+
+
 def run_tiles(
     executor: Executor,
     model: TileModel,
@@ -211,16 +225,29 @@ def run_tiles(
         job = TileJob(str(source), str(dest), grid, batch, model, stage)
         fut = do_submit(process_batch, job)
         fut.add_done_callback(partial(_put, results, batch))
-    for _ in batches:
-        batch, fut = results.get()
+    unreported = set(range(len(batches)))
+    index_of = {id(b): i for i, b in enumerate(batches)}
+    client = getattr(executor, "_client", None)  # a Dask ClientExecutor's client (else None)
+    while unreported:
+        try:
+            batch, fut = results.get(timeout=_POLL_S)
+        except queue.Empty:
+            if not _client_closed(client):
+                continue
+            # the client gave up on its scheduler: futures that were being gathered may never
+            # resolve, so the batches still out are recorded as cut off instead of waited for
+            for i in sorted(unreported):
+                recs = _failed_records(batches[i], stage, "CancelledError: the Dask client closed "
+                                       f"(status {getattr(client, 'status', '?')!s}) before this batch reported")
+                for r in recs:
+                    write_record(dest, r)
+                    done_records[r["key"]] = r
+            break
+        unreported.discard(index_of[id(batch)])
         try:
             recs = fut.result()
         except Exception as exc:  # the task itself died (worker lost, unpicklable model, ...)
-            recs = [
-                {"key": t.key, "index": list(t.index), "stage": stage, "status": FAILED,
-                 "error": f"task failed: {type(exc).__name__}: {exc}"}
-                for t in batch
-            ]
+            recs = _failed_records(batch, stage, f"{type(exc).__name__}: {exc}")
             for r in recs:
                 write_record(dest, r)
         for rec in recs:

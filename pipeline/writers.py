@@ -173,8 +173,12 @@ def write_cog(
         transform=transform, nodata=float("nan"), tiled=True, blockxsize=block, blockysize=block,
         interleave="band", compress="deflate", predictor=3, bigtiff="IF_SAFER",
     )
+    from pipeline.readers.geotiff import GDAL_CACHE_MB
+
     try:
-        with rasterio.open(tmp, "w", **profile) as dst:
+        # GDAL keeps dirty blocks in its cache (default 5 % of RAM) until the file closes: capped,
+        # the writer's memory stays bounded instead of growing with the scene
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(tmp, "w", **profile) as dst:
             for y in range(0, ny, block):
                 for x in range(0, nx, block):
                     ys, xs = slice(y, min(y + block, ny)), slice(x, min(x + block, nx))
@@ -192,11 +196,12 @@ def write_cog(
             factors = [f for f in (2, 4, 8, 16, 32) if min(ny, nx) // f >= 16]
             if factors:
                 dst.build_overviews(factors, Resampling.average)
-        rasterio.shutil.copy(
-            tmp, dest, driver="GTiff", tiled=True, blockxsize=block, blockysize=block,
-            interleave="band", compress="deflate", predictor=3, copy_src_overviews=True,
-            bigtiff="IF_SAFER",
-        )
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+            rasterio.shutil.copy(
+                tmp, dest, driver="GTiff", tiled=True, blockxsize=block, blockysize=block,
+                interleave="band", compress="deflate", predictor=3, copy_src_overviews=True,
+                bigtiff="IF_SAFER",
+            )
     except Exception as exc:
         dest.unlink(missing_ok=True)
         raise WriteError(f"writing the GeoTIFF {str(dest)!r} failed: {exc}; check free space and permissions") from exc

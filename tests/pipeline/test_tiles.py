@@ -192,3 +192,43 @@ def test_changed_input_or_weights_invalidate_tile_records(store: tuple[Path, Any
         ts.write_input_tiles(changed, grid, path, bands=good_band_index(crop), overwrite=True)
         again = run_tiles(ex, Reweighted(), path, dest, grid)
     assert not any(r.get("reused") for r in again.records)
+
+
+def test_batches_never_reported_by_a_closed_client_are_cut_off_not_awaited(
+    store: tuple[Path, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the scheduler dies while results are being gathered, a Dask future can stay pending
+    forever after its client closed; the runner must stop waiting and record those batches as
+    cut off (the integration fault test kills a real scheduler; this pins the waiting logic)."""
+    from concurrent.futures import Future
+
+    import pipeline.runner as runner
+
+    monkeypatch.setattr(runner, "_POLL_S", 0.05)
+    path, grid = store
+
+    class _Client:
+        status = "running"
+
+    class StallingExecutor(ThreadPoolExecutor):
+        def __init__(self) -> None:
+            super().__init__(1)
+            self._client = _Client()
+            self.n = 0
+
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:  # type: ignore[override]
+            self.n += 1
+            if self.n == 1:  # the first batch completes before the scheduler "dies"
+                f = super().submit(fn, *args, **kwargs)
+                f.result()
+                return f
+            self._client.status = "closed"
+            return Future()  # never resolved
+
+    dest = ts.create_output_store(tmp_path / "box.zarr", grid, [str(i) for i in range(218)])
+    with StallingExecutor() as ex:
+        res = run_tiles(ex, BoxFilter(), path, dest, grid, batch_size=2)
+    ok = [r for r in res.records if r["status"] == "ok"]
+    cut = [r for r in res.records if r["status"] != "ok"]
+    assert len(ok) == 2 and len(cut) == len(grid.tiles) - 2
+    assert all(r["error"].startswith("task failed: CancelledError: the Dask client closed") for r in cut)
