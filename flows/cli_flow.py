@@ -111,11 +111,13 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         address: str | None = typer.Option(None, help="scheduler address for --cluster address"),
         workers: int | None = typer.Option(None, help="local worker processes"),
         recipe: str | None = typer.Option(None, help="deploy/cluster recipe (local, gpu-dask-cuda, or a path)"),
+        denoiser: str = typer.Option("shipped", help="DECSC weights: shipped (small, default) or full (for GPUs)"),
     ) -> None:
         """Process one scene through the Prefect flow (ingest → denoise → unmix → outputs)."""
         opts, cl = _options(tile=tile, halo=halo, blend=blend, denoise=denoise, unmix=unmix,
                             n_endmembers=endmembers, seed=seed, device=device, batch_size=batch_size,
-                            kind=cluster, address=address, n_workers=workers, recipe=recipe)
+                            kind=cluster, address=address, n_workers=workers, recipe=recipe,
+                            denoise_arch=denoiser)
         if not scene.exists():
             raise ConfigError(f"scene {str(scene)!r} does not exist; give the path of a scene file")
         from flows.scene_flow import process_scene
@@ -147,6 +149,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         cluster: str = typer.Option("local"),
         address: str | None = typer.Option(None),
         workers: int | None = typer.Option(None),
+        denoiser: str = typer.Option("shipped", help="DECSC weights: shipped (small, default) or full (for GPUs)"),
     ) -> None:
         """Process every scene under ROOT (or in --list-file) that has no completed run yet."""
         from pydantic import ValidationError
@@ -154,7 +157,8 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         from flows.settings import SweepParams
 
         opts, cl = _options(tile=tile, denoise=denoise, unmix=unmix, n_endmembers=endmembers,
-                            device=device, kind=cluster, address=address, n_workers=workers)
+                            device=device, kind=cluster, address=address, n_workers=workers,
+                            denoise_arch=denoiser)
         try:
             p = SweepParams(root=None if root is None else str(root),
                             list_file=None if list_file is None else str(list_file), out_root=str(out),

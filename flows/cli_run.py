@@ -25,6 +25,8 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
         batch: int = typer.Option(4, "--batch", help="Tiles per task."),
         seed: int = typer.Option(0, "--seed", help="Seed of the unmixer fit."),
+        denoiser: str = typer.Option("shipped", "--denoiser",
+                                     help="DECSC weights: shipped (small, default) or full (full-size; for GPUs)."),
     ) -> None:
         """Denoise (DECSC) and unmix (DEQ-Unmix) SCENE into georeferenced zarr + COG with a run record."""
         from rich.console import Console
@@ -45,7 +47,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         cfg = RunConfig(
             out_root=out, tile=tile, halo=halo, blend=blend, denoise=denoise, unmix=not no_unmix,
             n_endmembers=unmix, seed=seed, workers=workers, scheduler=scheduler, device=device,
-            batch_size=batch,
+            batch_size=batch, denoise_arch=denoiser,
         )
         console = Console(stderr=True)
         import logging

@@ -174,7 +174,8 @@ def open_cluster(cluster: ClusterOptions, config: Any) -> Any:
 
     preload = ("decsc",) if config.denoise else ()
     if cluster.kind == "address":
-        return get_cluster(scheduler=cluster.address, device=config.device, preload=preload)
+        return get_cluster(scheduler=cluster.address, device=config.device, preload=preload,
+                           decsc_arch=config.denoise_arch)
     kw = cluster.cluster_kwargs()
     if cluster.kind == "cuda":
         from dask_cuda import LocalCUDACluster
@@ -195,8 +196,8 @@ def open_cluster(cluster: ClusterOptions, config: Any) -> Any:
         if cluster.kind != "cuda":
             nw = len(client.scheduler_info().get("workers", {})) or int(kw.get("n_workers") or 1)
             threads = local_torch_threads(nw, int(kw.get("threads_per_worker") or 1))
-        client.register_plugin(ModelPlugin(models=preload, device=config.device, torch_threads=threads),
-                               name=ModelPlugin.name)
+        client.register_plugin(ModelPlugin(models=preload, device=config.device, torch_threads=threads,
+                                           decsc_arch=config.denoise_arch), name=ModelPlugin.name)
     return handle
 
 

@@ -43,6 +43,8 @@ class RunOptions(BaseModel):
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     batch_size: int = Field(4, gt=0, description="tiles per Dask task")
     tile_memory_mb: float = Field(2048.0, gt=0)
+    denoise_arch: Literal["shipped", "full"] = Field(
+        "shipped", description="DECSC weights: shipped (small, CPU-friendly) or full (full-size, for GPUs)")
 
     @model_validator(mode="after")
     def _consistent(self) -> RunOptions:

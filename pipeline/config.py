@@ -22,6 +22,9 @@ BlendWindow = Literal["hann", "uniform", "crop"]
 BLEND_WINDOWS: tuple[str, ...] = ("hann", "uniform", "crop")
 _DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 
+#: DECSC weights the pipeline can run (workers.denoise.api.ARCH_PRESETS)
+DENOISE_ARCHS: tuple[str, ...] = ("shipped", "full")
+
 # fields that may change the numbers of a run (and so enter the hash)
 HASHED_FIELDS: tuple[str, ...] = (
     "tile",
@@ -34,6 +37,7 @@ HASHED_FIELDS: tuple[str, ...] = (
     "unmix_epochs",
     "seed",
     "device",
+    "denoise_arch",
 )
 
 # bytes per pixel-band a model needs at peak, relative to the float32 input (input, output,
@@ -51,6 +55,8 @@ class RunConfig:
     endmembers. ``workers``/``scheduler``: a local cluster of N workers or an existing scheduler.
     ``tile_memory_mb``: the most memory one tile may need on a worker; a tile over it is refused.
     ``out_chunk``: spatial chunk of the outputs (one blend task per chunk; default: ``tile``).
+    ``denoise_arch``: which DECSC weights run: ``shipped`` (small, the default, fast on CPUs) or
+    ``full`` (the full-size model: better, ~7× the compute; meant for GPUs).
     """
 
     out_root: Path = Path("hyperdeq-out")
@@ -68,6 +74,7 @@ class RunConfig:
     device: str = "cpu"
     batch_size: int = 4
     tile_memory_mb: float = 2048.0
+    denoise_arch: str = "shipped"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -121,6 +128,11 @@ class RunConfig:
         if not _DEVICE_RE.match(str(self.device)):
             raise ConfigError(
                 f"unknown device {self.device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'"
+            )
+        if self.denoise_arch not in DENOISE_ARCHS:
+            raise ConfigError(
+                f"unknown denoiser {self.denoise_arch!r}; choose one of {list(DENOISE_ARCHS)!r} "
+                "(shipped: the small default model; full: the full-size model, best on a GPU)"
             )
         if not (self.tile_memory_mb > 0):
             raise ConfigError(f"tile_memory_mb must be > 0, got {self.tile_memory_mb!r}")

@@ -92,6 +92,7 @@ def get_cluster(
     processes: bool = True,
     preload: tuple[str, ...] = (),
     memory_limit: str | float | None = "auto",
+    decsc_arch: str = "shipped",
 ) -> ClusterHandle:
     """Connect to ``scheduler`` or start a local (CUDA when asked and present) cluster.
 
@@ -128,6 +129,6 @@ def get_cluster(
         threads = 1
         if cluster is not None and not n_gpu:
             threads = local_torch_threads(workers or 2, threads_per_worker)
-        client.register_plugin(ModelPlugin(models=preload, device=device, torch_threads=threads),
-                               name=ModelPlugin.name)
+        client.register_plugin(ModelPlugin(models=preload, device=device, torch_threads=threads,
+                                           decsc_arch=decsc_arch), name=ModelPlugin.name)
     return handle

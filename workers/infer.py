@@ -84,11 +84,11 @@ class IdentityTileModel:
         }
 
 
-def load_decsc(device: str) -> Any:
-    """Load the DECSC denoiser on ``device`` (weights hash checked by the denoiser's loader)."""
+def load_decsc(device: str, arch: str = "shipped") -> Any:
+    """Load the DECSC denoiser (architecture ``arch``) on ``device``; weights hash checked by its loader."""
     from workers.denoise.api import load_denoiser
 
-    return load_denoiser(device=device)
+    return load_denoiser(device=device, arch=arch)
 
 
 @dataclass(frozen=True)
@@ -100,17 +100,19 @@ class DenoiseTileModel:
     weights_sha256: str | None = None
     name: str = "decsc"
     out_names: tuple[str, ...] | None = None
+    arch: str = "shipped"  # DECSC architecture preset: shipped (default) or full
 
     @classmethod
-    def from_registry(cls, device: str = "cpu") -> DenoiseTileModel:
+    def from_registry(cls, device: str = "cpu", arch: str = "shipped") -> DenoiseTileModel:
+        from workers.denoise.api import arch_weights
         from workers.registry import get_spec
 
         spec = get_spec("decsc")
-        return cls(device=device, halo=int(spec.halo), weights_sha256=spec.weights_sha256)
+        return cls(device=device, halo=int(spec.halo), weights_sha256=arch_weights(arch)[1], arch=arch)
 
     def module(self) -> Any:
         dev = resolve_device(self.device)
-        return get_model(("decsc", dev, self.weights_sha256), lambda: load_decsc(dev))
+        return get_model(("decsc", dev, self.weights_sha256), lambda: load_decsc(dev, self.arch))
 
     def __call__(self, cube: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         from workers.denoise.api import denoise_cube

@@ -30,12 +30,14 @@ class ModelPlugin(WorkerPlugin):
     name = "hyperdeq-models"
 
     def __init__(self, models: tuple[str, ...] = ("decsc",), device: str = "cpu",
-                 torch_threads: int | None = 1) -> None:
+                 torch_threads: int | None = 1, decsc_arch: str = "shipped") -> None:
         """``torch_threads``: intra-op threads per worker process (None leaves torch's default).
 
         Use :func:`local_torch_threads` for a local CPU cluster so the workers share the cores.
+        ``decsc_arch``: which DECSC weights to preload (``shipped`` or ``full``).
         """
         self.models = tuple(models)
+        self.decsc_arch = decsc_arch
         self.device = device
         self.torch_threads = torch_threads
         self.loaded: dict[str, str] = {}
@@ -52,7 +54,11 @@ class ModelPlugin(WorkerPlugin):
         for name in self.models:
             spec = get_spec(name)
             verified_weights_path(spec)  # raises WeightsError on a missing/tampered file
+            sha = spec.weights_sha256
             if name == "decsc":
-                get_model(("decsc", dev, spec.weights_sha256), partial(load_decsc, dev))
-            self.loaded[name] = str(spec.weights_sha256)
+                from workers.denoise.api import arch_weights
+
+                sha = arch_weights(self.decsc_arch)[1]
+                get_model(("decsc", dev, sha), partial(load_decsc, dev, self.decsc_arch))
+            self.loaded[name] = str(sha)
         worker.hyperdeq_models = dict(self.loaded)

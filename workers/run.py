@@ -153,7 +153,9 @@ def model_weights(config: RunConfig, denoise_model: TileModel | None = None) -> 
         if denoise_model is not None:
             out[denoise_model.name] = denoise_model.weights_sha256
         else:
-            out["decsc"] = get_spec("decsc").weights_sha256
+            from workers.denoise.api import arch_weights
+
+            out["decsc"] = arch_weights(config.denoise_arch)[1]
     if config.unmix:
         out["deq-unmix"] = get_spec("deq-unmix").weights_sha256
     return out
@@ -172,8 +174,10 @@ def run_config_hash(config: RunConfig) -> str:
 
     algo: dict[str, Any] = {}
     if config.denoise:
+        from workers.denoise.api import ARCH_PRESETS
+
         spec = get_spec("decsc")
-        algo["decsc"] = {"solver": spec.solver, "config": spec.config}
+        algo["decsc"] = {"solver": spec.solver, "config": {**spec.config, **ARCH_PRESETS[config.denoise_arch]}}
     if config.unmix:
         from workers.unmix.fit import DEFAULTS
 
@@ -352,7 +356,7 @@ def stage_denoise(
     """Run the denoiser (DECSC, or ``model``) over every tile; returns the stage summary."""
     from workers.infer import DenoiseTileModel
 
-    m = model if model is not None else DenoiseTileModel.from_registry(config.device)
+    m = model if model is not None else DenoiseTileModel.from_registry(config.device, config.denoise_arch)
     return _model_stage("denoise", m, Path(tile_store), Path(run_dir), config, executor, progress, submit)
 
 
@@ -736,7 +740,8 @@ def run_scene(
 
         if client is None:
             preload = ("decsc",) if cfg.denoise and denoise_model is None else ()
-            owned = handle = get_cluster(cfg.workers, cfg.scheduler, device=cfg.device, preload=preload)
+            owned = handle = get_cluster(cfg.workers, cfg.scheduler, device=cfg.device, preload=preload,
+                                         decsc_arch=cfg.denoise_arch)
         elif isinstance(client, ClusterHandle):
             handle = client
         else:

@@ -14,6 +14,8 @@ def test_run_options_defaults_map_to_run_config(tmp_path: Path) -> None:
     cfg = RunOptions(tile=64, n_endmembers=3).to_run_config(tmp_path)
     assert cfg.tile == 64 and cfg.n_endmembers == 3 and cfg.denoise and cfg.unmix
     assert cfg.out_root == tmp_path
+    assert cfg.denoise_arch == "shipped"
+    assert RunOptions(denoise_arch="full").to_run_config(tmp_path).denoise_arch == "full"
 
 
 @pytest.mark.parametrize(
@@ -26,6 +28,7 @@ def test_run_options_defaults_map_to_run_config(tmp_path: Path) -> None:
         ({"n_endmembers": 1}, "greater than or equal to 2"),
         ({"blend": "gauss"}, "hann"),
         ({"tiles": 3}, "Extra inputs"),
+        ({"denoise_arch": "huge"}, "'shipped' or 'full'"),
     ],
 )
 def test_run_options_rejects(kwargs: dict, match: str) -> None:
@@ -106,6 +109,7 @@ def test_flow_rejects_bad_parameters_before_any_work(tmp_path: Path) -> None:
         (["flow", "run", "x.tif", "--cluster", "address"], "needs address="),
         (["flow", "run", "missing.tif"], "scene 'missing.tif' does not exist"),
         (["sweep", "--out", "o"], "exactly one of"),
+        (["flow", "run", "x.tif", "--denoiser", "huge"], "'shipped' or 'full'"),
     ],
 )
 def test_cli_rejects_bad_options_with_clear_errors(args: list[str], match: str, tmp_path: Path,

@@ -75,7 +75,8 @@ def test_plugin_refuses_unverified_weights_or_loads_them_once() -> None:
     plugin.setup(worker)
     plugin.setup(worker)
     assert worker.hyperdeq_models == {"decsc": get_spec("decsc").weights_sha256}
-    assert sum(k[0] == "decsc" for k in infer.cached_keys()) == 1
+    sha = get_spec("decsc").weights_sha256
+    assert sum(k[0] == "decsc" and k[-1] == sha for k in infer.cached_keys()) == 1
 
 
 @pytest.mark.slow

@@ -226,3 +226,33 @@ def test_unmix_stage_on_the_denoised_cube(tmp_path: Path) -> None:
     assert [m["name"] for m in rec["models"]] == ["identity", "deq-unmix"]
     assert len(rec["tiles"]["unmix"]) == 4
     assert open(res.outputs["endmembers_csv"]).readline().startswith("wavelength_nm,")
+
+
+@pytest.mark.slow
+def test_full_size_denoiser_is_chosen_by_config_and_recorded(tmp_path: Path) -> None:
+    """``denoise_arch="full"`` runs the full-size weights end to end (real DECSC, no model passed
+    in): a new run id, the full weights' sha256 in the record, a different (finite) output."""
+    from workers.denoise.spec import FULL_WEIGHTS_SHA256
+    from workers.registry import get_spec
+
+    scene = write_crop_tif(tmp_path / "valid_crop.tif", 0, 0, 24, 24)
+    runs = {}
+    for arch in ("shipped", "full"):
+        cfg = RunConfig(tile=16, halo=4, unmix=False, denoise_arch=arch)
+        with ThreadPoolExecutor(1) as ex:
+            runs[arch] = run_scene(scene, tmp_path / "out", cfg, client=ex)
+        assert runs[arch].status == "complete"
+    assert runs["shipped"].run_dir != runs["full"].run_dir
+    shas = {a: json.loads((r.run_dir / "run.json").read_text())["models"][0]["weights_sha256"] for a, r in runs.items()}
+    assert shas == {"shipped": get_spec("decsc").weights_sha256, "full": FULL_WEIGHTS_SHA256}
+    a, b = (open_output(r.outputs["denoised_zarr"], "denoised").values for r in runs.values())
+    good = np.isfinite(a).all(axis=(1, 2))
+    assert good.sum() > 200 and np.isfinite(b[good]).all()
+    assert not np.allclose(a[good], b[good], atol=1e-4)
+
+
+def test_unknown_denoiser_is_refused() -> None:
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown denoiser 'huge'"):
+        RunConfig(denoise_arch="huge")

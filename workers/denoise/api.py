@@ -63,10 +63,29 @@ ARCH_PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-def build_model(device: str = "cpu", arch: str = "shipped") -> DECSC:
-    """An untrained DECSC with the registry's architecture (or a preset of ``ARCH_PRESETS``) and solver settings."""
+def check_arch(arch: str) -> str:
     if arch not in ARCH_PRESETS:
         raise InputValidationError(f"unknown DECSC architecture {arch!r}; choose from {sorted(ARCH_PRESETS)!r}")
+    return arch
+
+
+def arch_weights(arch: str = "shipped") -> tuple[Path, str]:
+    """(path, expected sha256) of the weights shipped for architecture ``arch``."""
+    from workers.registry import WEIGHTS_DIR
+
+    from .spec import FULL_WEIGHTS_FILE, FULL_WEIGHTS_SHA256
+
+    check_arch(arch)
+    spec = get_spec(MODEL_NAME)
+    if arch == "full":
+        return WEIGHTS_DIR / FULL_WEIGHTS_FILE, FULL_WEIGHTS_SHA256
+    assert spec.weights_path is not None and spec.weights_sha256 is not None
+    return spec.weights_path, spec.weights_sha256
+
+
+def build_model(device: str = "cpu", arch: str = "shipped") -> DECSC:
+    """An untrained DECSC with the registry's architecture (or a preset of ``ARCH_PRESETS``) and solver settings."""
+    check_arch(arch)
     spec = get_spec(MODEL_NAME)
     cfg = DECSCConfig(**{**{k: v for k, v in spec.config.items() if k in _CFG_KEYS}, **ARCH_PRESETS[arch]})
     s = spec.solver
@@ -80,19 +99,27 @@ def load_denoiser(device: str = "cpu", weights: str | Path | None = None, arch: 
     """The DECSC denoiser with its shipped (or given) safetensors weights, in eval mode.
 
     ``arch`` names the architecture preset the weights were trained with (``ARCH_PRESETS``);
-    anything but ``shipped`` needs an explicit ``weights`` file.
+    without ``weights`` the file shipped for that architecture is used, its sha256 checked.
 
     Raises :class:`WeightsError` when the file is missing, not safetensors, fails its sha256
     check, was written for another model or configuration, or its tensors were modified.
     """
     from safetensors import SafetensorError, safe_open
 
-    if arch not in ARCH_PRESETS:
-        raise InputValidationError(f"unknown DECSC architecture {arch!r}; choose from {sorted(ARCH_PRESETS)!r}")
-    if arch != "shipped" and weights is None:
-        raise WeightsError(f"DECSC architecture {arch!r} has no shipped weights here; pass its weights file")
+    check_arch(arch)
     spec = get_spec(MODEL_NAME)
-    path = verified_weights_path(spec, weights)
+    if arch != "shipped" and weights is None:
+        from workers.registry import sha256_file
+
+        path, want = arch_weights(arch)
+        path = verified_weights_path(spec, path)  # exists, is safetensors
+        if sha256_file(path) != want:
+            raise WeightsError(
+                f"weights file {str(path)!r} for DECSC architecture {arch!r} has sha256 "
+                f"{sha256_file(path)!r}, expected {want!r}: the file was modified; reinstall hyperdeq"
+            )
+    else:
+        path = verified_weights_path(spec, weights)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             meta = fh.metadata() or {}

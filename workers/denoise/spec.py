@@ -11,6 +11,11 @@ from .decsc import DECSCConfig
 # spectral windowing used for band counts other than the trained window (see docs/models/decsc.md)
 WINDOW_STRIDE = 16
 
+#: the full-size model (``ARCH_PRESETS["full"]`` in :mod:`workers.denoise.api`), GPU-trained; it
+#: ships beside the default weights and is chosen with ``denoise_arch="full"`` (``--denoiser full``)
+FULL_WEIGHTS_FILE = "decsc_full.safetensors"
+FULL_WEIGHTS_SHA256 = "af9cc774585d2388cc56834e027a03983fe54d7a4974a3efc72a3c30abf254b9"
+
 SPEC = ModelSpec(
     name="decsc",
     halo=16,
