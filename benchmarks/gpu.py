@@ -107,6 +107,7 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
         reps = (1, -(-side // h), -(-side // w))
         rep = np.ascontiguousarray(np.tile(cube, reps)[:, :side, :side], dtype=np.float32)
+        tile_sampler = _nvml_sampler()
         try:
             ts = time.perf_counter()
             denoise_cube(model, rep, device=dev, max_iter=plan.decsc_max_iter)
@@ -115,10 +116,18 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
         except torch.cuda.OutOfMemoryError:
             sizes.append({"tile side": side, "fits": False})
             break
+        finally:
+            tile_busy = float("nan")
+            if tile_sampler is not None:
+                (t_stop, t_th), t_samples = tile_sampler
+                t_stop.set()
+                t_th.join()
+                tile_busy = float(np.mean(t_samples)) / 100 if t_samples else float("nan")
         t_thr = mvox_per_s(side * side, b, s)
         best_thr = max(best_thr, t_thr)
         peak_gib = torch.cuda.max_memory_allocated() / 2**30
-        sizes.append({"tile side": side, "fits": True, "seconds": s, "mvox_s": t_thr, "peak GiB": peak_gib})
+        sizes.append({"tile side": side, "fits": True, "seconds": s, "mvox_s": t_thr, "peak GiB": peak_gib,
+                      "GPU busy (NVML)": tile_busy})
         if s > 15:  # the next size takes ~4x as long: estimate from memory ∝ area instead of trying
             total = torch.cuda.get_device_properties(0).total_memory / 2**30
             est = int(side * (0.9 * total / peak_gib) ** 0.5)
@@ -134,6 +143,10 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
     amp_err = ""
     try:
         win = torch.from_numpy(np.nan_to_num(cube[: model.cfg.bands])).to(dev)[None]
+        model(win, max_iter=2)  # warm-up of both precisions: first bf16 calls pick kernels
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(win, max_iter=2)
+        torch.cuda.synchronize()
         ta = time.perf_counter()
         ref, _ = model(win, max_iter=plan.decsc_max_iter)
         torch.cuda.synchronize()
@@ -143,7 +156,7 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
             low, _ = model(win, max_iter=plan.decsc_max_iter)
         torch.cuda.synchronize()
         amp_s = time.perf_counter() - ta
-        mse = float(((ref.float() - low.float()) ** 2).mean())
+        mse = float(((ref.detach().float() - low.detach().float()) ** 2).mean())
         psnr = 10 * float(np.log10(1.0 / mse)) if mse > 0 else float("inf")
         amp_speedup = fp32_s / amp_s
     except Exception as exc:  # noqa: BLE001 - reported: some ops may not support bf16
@@ -162,6 +175,13 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
     sec.values.update({"gpu": gpu_name(), "gpu_mvox_s": thr, "gpu_busy": busy})
     sec.targets.append(Target("GPU busy fraction (DECSC, model crop)", busy, "≥ 0.8", bool(busy >= 0.8),
                               f"sampled while denoising the {plan.model_crop.label} crop ({busy_how})"))
+    steady = [r for r in sizes if r.get("fits") and np.isfinite(r.get("GPU busy (NVML)", float("nan")))]
+    if steady:
+        big = steady[-1]
+        sec.values["gpu_busy_steady"] = big["GPU busy (NVML)"]
+        sec.targets.append(Target("GPU busy fraction in steady state (largest tile run)", big["GPU busy (NVML)"],
+                                  "≥ 0.8", bool(big["GPU busy (NVML)"] >= 0.8),
+                                  f"NVML utilisation sampled through the {big['tile side']}-px tile"))
     _flops(sec, model, cube, thr, st, plan)
     _unmixer(sec, cube)
     _train_memory(sec, cube)
