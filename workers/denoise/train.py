@@ -11,11 +11,12 @@ every step appends a JSON line (loss, PSNR, solver statistics) to the log.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,19 +156,61 @@ def make_batch(cave: list[np.ndarray], extras: list[np.ndarray], cfg: TrainConfi
     return np.stack(clean), np.stack(noisy), cases
 
 
-class _BatchStream(torch.utils.data.IterableDataset):
-    """Endless batches built in DataLoader worker processes, each with its own seeded generator."""
+#: (cave, extras, cfg, bands) for the forked batch workers (set before the pool forks; never pickled)
+_POOL_STATE: tuple[list[np.ndarray], list[np.ndarray], TrainConfig, int] | None = None
 
-    def __init__(self, cave: list[np.ndarray], extras: list[np.ndarray], cfg: TrainConfig, bands: int, start: int) -> None:
-        self.cave, self.extras, self.cfg, self.bands, self.start = cave, extras, cfg, bands, start
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        info = torch.utils.data.get_worker_info()
-        wid = 0 if info is None else info.id
-        rng = np.random.default_rng([self.cfg.seed, self.start, wid])
-        while True:
-            x, y, cases = make_batch(self.cave, self.extras, self.cfg, self.bands, rng)
-            yield torch.from_numpy(x), torch.from_numpy(y), cases
+def _pool_batch(step: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Batch of training step ``step``, built in a worker process from its own per-step generator."""
+    assert _POOL_STATE is not None, "batch workers start from train(), which sets their data"
+    cave, extras, cfg, bands = _POOL_STATE
+    return make_batch(cave, extras, cfg, bands, np.random.default_rng([cfg.seed, step]))
+
+
+class _BatchPrefetch:
+    """Batches built ahead in ``workers`` forked processes, ``depth`` steps in flight.
+
+    Each step's batch comes from a generator seeded with ``[seed, step]``, so the data do not
+    depend on the number of workers or their timing, and a resumed run continues the same stream.
+    ``close`` terminates the workers (no stray processes, no shutdown errors).
+    """
+
+    def __init__(self, cave: list[np.ndarray], extras: list[np.ndarray], cfg: TrainConfig, bands: int,
+                 start: int, workers: int, depth: int) -> None:
+        import collections
+        import multiprocessing
+
+        global _POOL_STATE
+        _POOL_STATE = (cave, extras, cfg, bands)
+        self.pool = multiprocessing.get_context("fork").Pool(workers)
+        self.next_step = start
+        self.pending: collections.deque[Any] = collections.deque()
+        for _ in range(max(1, depth)):
+            self._submit()
+
+    def _submit(self) -> None:
+        self.pending.append(self.pool.apply_async(_pool_batch, (self.next_step,)))
+        self.next_step += 1
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        x, y, cases = self.pending.popleft().get()
+        self._submit()
+        return torch.from_numpy(x), torch.from_numpy(y), cases
+
+    def close(self) -> None:
+        global _POOL_STATE
+        self.pool.terminate()
+        self.pool.join()
+        _POOL_STATE = None
+
+
+@contextlib.contextmanager
+def _closing(stream: _BatchPrefetch | None) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if stream is not None:
+            stream.close()
 
 
 def mpsnr(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -223,10 +266,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
     val = [(n, a.to(dev), b.to(dev)) for n, a, b in validation_set(cfg.data_dir, model.cfg.bands)]
     stream = None
     if cfg.loader_workers > 0:
-        stream = iter(torch.utils.data.DataLoader(
-            _BatchStream(cave, extras, cfg, model.cfg.bands, step), batch_size=None,
-            num_workers=cfg.loader_workers, prefetch_factor=4, persistent_workers=True,
-            pin_memory=dev.type == "cuda"))
+        stream = _BatchPrefetch(cave, extras, cfg, model.cfg.bands, step, cfg.loader_workers,
+                                depth=2 * cfg.loader_workers)
     bands = model.cfg.bands
     t0 = time.time() - elapsed_before
     model.train()
@@ -234,12 +275,12 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
     good = {k: v.clone() for k, v in model.state_dict().items()}
     good_opt = copy.deepcopy(opt.state_dict())
     ema, lr_scale, rollbacks = None, 1.0, 0
-    with log_path.open("a") as log:
+    with _closing(stream), log_path.open("a") as log:
         log.write(json.dumps({"event": "start", "step": step, "config": {k: str(v) for k, v in asdict(cfg).items()},
                               "cave_scenes": names, "extras": len(extras)}) + "\n")
         while step < cfg.max_steps and (time.time() - t0) < cfg.minutes * 60:
             if stream is not None:
-                x, y, cases = next(stream)
+                x, y, cases = stream.get()
             else:
                 xc, yc, cases = make_batch(cave, extras, cfg, bands, rng)
                 x, y = torch.from_numpy(xc), torch.from_numpy(yc)
