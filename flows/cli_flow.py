@@ -217,6 +217,8 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         tile: int = typer.Option(64, help="tile core size (px)"),
         full: bool = typer.Option(False, "--full", help="the whole 192×160 px mosaic instead of the 96×96 px "
                                   "window (about 3× the work: ~4 min instead of ~1.5 min on 2 idle cores)"),
+        denoiser: str = typer.Option("shipped", help="DECSC weights: shipped (small, default) or full "
+                                     "(full-size: ~7× the compute on a CPU)"),
     ) -> None:
         """Run the full flow on the bundled EnMAP Potsdam demo scene and say where to look.
 
@@ -230,16 +232,16 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(workers, 1))))
         if not DEMO_SCENE.is_file():
             raise ConfigError(f"demo scene {str(DEMO_SCENE)!r} is missing; reinstall hyperdeq from a checkout")
+        denoise = _decsc_available()
+        if not denoise:
+            typer.secho("warning: the DECSC weights are not installed (workers/weights/decsc.safetensors); "
+                        "the demo runs unmixing only.", fg=typer.colors.YELLOW, err=True)
+        opts, cl = _options(tile=tile, denoise=denoise, unmix=True, n_workers=workers, denoise_arch=denoiser)
         scene_path = DEMO_SCENE
         if not full:
             r0, r1, c0, c1 = DEMO_WINDOW
             scene_path = crop_geotiff(DEMO_SCENE, out / "input" / f"enmap_potsdam_demo_{r1 - r0}x{c1 - c0}.tif",
                                       DEMO_WINDOW)
-        denoise = _decsc_available()
-        if not denoise:
-            typer.secho("warning: the DECSC weights are not installed (workers/weights/decsc.safetensors); "
-                        "the demo runs unmixing only.", fg=typer.colors.YELLOW, err=True)
-        opts, cl = _options(tile=tile, denoise=denoise, unmix=True, n_workers=workers)
         from flows.scene_flow import process_scene
 
         typer.echo(f"hyperdeq demo: {scene_path.name} -> {out.resolve()}")

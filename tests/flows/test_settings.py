@@ -110,6 +110,7 @@ def test_flow_rejects_bad_parameters_before_any_work(tmp_path: Path) -> None:
         (["flow", "run", "missing.tif"], "scene 'missing.tif' does not exist"),
         (["sweep", "--out", "o"], "exactly one of"),
         (["flow", "run", "x.tif", "--denoiser", "huge"], "'shipped' or 'full'"),
+        (["demo", "--denoiser", "huge"], "'shipped' or 'full'"),
     ],
 )
 def test_cli_rejects_bad_options_with_clear_errors(args: list[str], match: str, tmp_path: Path,
