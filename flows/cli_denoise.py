@@ -22,6 +22,8 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         seed: int = typer.Option(0, help="seed for patches, noise and init"),
         threads: int = typer.Option(2, help="torch CPU threads"),
         resume: bool = typer.Option(False, help="continue from OUT/checkpoint.pt"),
+        init_weights: Path = typer.Option(None, help="fine-tune from these safetensors weights (same --arch; "
+                                          "fresh optimiser and schedule; use another --seed for new batches)"),
         device: str = typer.Option("cpu", help="cpu, cuda or cuda:N"),
         arch: str = typer.Option("shipped", help="shipped (the registry's model) or full (larger; GPU)"),
         loader_workers: int = typer.Option(0, help="processes building batches (0: in the training loop)"),
@@ -38,7 +40,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         console = Console()
         cfg = TrainConfig(data_dir=data, out_dir=out, minutes=minutes, max_steps=max_steps, batch=batch,
                           patch=patch, lr=lr, seed=seed, threads=threads, resume=resume,
-                          device=device, arch=arch, loader_workers=loader_workers)
+                          device=device, arch=arch, loader_workers=loader_workers, init_weights=init_weights)
 
         def show(rec: dict) -> None:
             line = (f"step {rec['step']:5d}  {rec['elapsed_s'] / 60:5.1f} min  loss {rec['loss']:.4f}  "

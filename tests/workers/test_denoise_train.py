@@ -138,3 +138,36 @@ def test_batch_prefetch_is_seeded_per_step_and_shuts_down_cleanly(tmp_path: Path
         assert torch.equal(x1, x2) and torch.equal(y1, y2) and c1 == c2
         assert x1.shape == (2, 31, 24, 24) and not torch.equal(x1, y1)
     assert not torch.equal(got[0][0][0], got[0][1][0])  # consecutive steps differ
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_the_given_weights(shared_data: Path, tmp_path: Path) -> None:
+    """``init_weights``: training starts from a weights file (here the shipped one) and says so."""
+    import json
+
+    from safetensors import safe_open
+
+    from workers.denoise.api import load_denoiser
+    from workers.denoise.train import TrainConfig, train
+    from workers.registry import WEIGHTS_DIR, get_spec
+
+    shipped = WEIGHTS_DIR / "decsc.safetensors"
+    cfg = TrainConfig(data_dir=shared_data, out_dir=tmp_path / "ft", max_steps=1, batch=1, patch=24,
+                      lr=1e-9, min_lr=1e-9, threads=1, init_weights=shipped, seed=1)
+    weights = train(cfg)
+    a, b = load_denoiser("cpu"), load_denoiser("cpu", weights)
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.allclose(x, y, atol=1e-6), k  # one step at lr 1e-9: still the starting weights
+    with safe_open(str(weights), framework="pt") as fh:
+        meta = json.loads(fh.metadata()["training"])
+    assert meta["init_sha256"] == get_spec("decsc").weights_sha256
+    start = json.loads((tmp_path / "ft" / "train_log.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["init_sha256"] == get_spec("decsc").weights_sha256
+
+
+def test_resume_and_init_weights_conflict(tmp_path: Path) -> None:
+    from pipeline.errors import ConfigError
+    from workers.denoise.train import TrainConfig
+
+    with pytest.raises(ConfigError, match="not both"):
+        TrainConfig(data_dir=tmp_path, out_dir=tmp_path, resume=True, init_weights=tmp_path / "w.safetensors")

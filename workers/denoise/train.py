@@ -53,6 +53,7 @@ class TrainConfig:
     val_every: int = 100
     threads: int = 2
     resume: bool = False
+    init_weights: Path | None = None  # start from these safetensors weights (fine-tuning; fresh optimiser)
     device: str = "cpu"  # cpu | cuda | cuda:N
     arch: str = "shipped"  # ARCH_PRESETS key: shipped (registry config) or full
     loader_workers: int = 0  # >0: batches built in that many processes (GPU training)
@@ -66,6 +67,9 @@ class TrainConfig:
             )
         if not 0 <= self.extra_fraction <= 1:
             raise ConfigError(f"extra_fraction must be in [0, 1], got {self.extra_fraction!r}")
+        if self.resume and self.init_weights is not None:
+            raise ConfigError("give either --resume (continue OUT/checkpoint.pt) or --init-weights (fine-tune "
+                              "from a weights file), not both")
         if self.loader_workers < 0:
             raise ConfigError(f"loader_workers must be >= 0, got {self.loader_workers!r}")
         bad = [c for c in self.cases if c not in NOISE_CASES]
@@ -255,6 +259,15 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)
     step, elapsed_before = 0, 0.0
+    init_note: dict[str, str] = {}
+    if cfg.init_weights is not None:
+        from workers.registry import sha256_file
+
+        from .api import load_denoiser
+
+        start = load_denoiser("cpu", weights=cfg.init_weights, arch=cfg.arch)  # digest + config checked
+        model.map.load_state_dict(start.map.state_dict())  # type: ignore[union-attr]
+        init_note = {"init_weights": str(cfg.init_weights), "init_sha256": sha256_file(Path(cfg.init_weights))}
     if cfg.resume and ckpt.is_file():
         state = load_checkpoint(ckpt)
         model.load_state_dict(state["model"])
@@ -277,7 +290,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
     ema, lr_scale, rollbacks = None, 1.0, 0
     with _closing(stream), log_path.open("a") as log:
         log.write(json.dumps({"event": "start", "step": step, "config": {k: str(v) for k, v in asdict(cfg).items()},
-                              "cave_scenes": names, "extras": len(extras)}) + "\n")
+                              "cave_scenes": names, "extras": len(extras), **init_note}) + "\n")
         while step < cfg.max_steps and (time.time() - t0) < cfg.minutes * 60:
             if stream is not None:
                 x, y, cases = stream.get()
@@ -336,7 +349,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
     weights = cfg.out_dir / "decsc.safetensors"
     meta = weights_metadata(model, {"steps": step, "wall_s": round(time.time() - t0, 1), "seed": cfg.seed,
                                     "batch": cfg.batch, "patch": cfg.patch, "val": final_val, "arch": cfg.arch,
-                                    "device": _device_name(dev)})
+                                    "device": _device_name(dev), **init_note})
     save_file(shipped_state(model), str(weights), metadata=meta)
     return weights
 
