@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "deq_memory.json"
@@ -26,7 +27,6 @@ _CHILD = r"""
 import json, resource, sys, time
 import numpy as np, psutil, torch
 torch.set_num_threads(1)
-from workers.deq import DEQFixedPoint
 from workers.denoise.decsc import DECSC, DECSCConfig, estimate_sigma
 mode, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)
@@ -38,25 +38,38 @@ y = torch.from_numpy(clean + rng.normal(0, 30 / 255, clean.shape).astype(np.floa
 sig = estimate_sigma(y)
 x = torch.cat([y, sig[:, :, None, None].expand_as(y)], 1)
 fmap = model.map
-init = lambda x: x.new_zeros(x.shape[0], sum(fmap.sizes(size, size)))
+from benchmarks.deq_memory import training_step
 with torch.no_grad():  # warm-up: library initialisation is not training memory
-    fmap(init(x), x)
+    fmap(x.new_zeros(x.shape[0], sum(fmap.sizes(size, size))), x)
 rss0 = psutil.Process().memory_info().rss
 t0 = time.perf_counter()
-if mode == "implicit":
-    deq = DEQFixedPoint(fmap, init=init, tol=1e-12, max_iter=n, backward_tol=1e-12, backward_max_iter=n)
-    z, st = deq(x)
-else:
-    z = init(x)
-    for _ in range(n):
-        z = fmap(z, x)
-loss = fmap.synth(z, size, size).square().mean()
-loss.backward()
+training_step(fmap, x, size, mode, n)
 dt = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"mode": mode, "iterations": n, "peak_delta_mib": round((peak - rss0) / 2**20, 1),
                   "seconds": round(dt, 2)}))
 """
+
+
+def training_step(fmap: Any, x: Any, size: int, mode: str, n: int) -> None:
+    """One training step (forward + backward) of the DECSC map on ``x`` with ``n`` solver iterations.
+
+    ``implicit``: the DEQ solver without autograd, then the adjoint fixed point (same iteration
+    count); ``unrolled``: the map applied ``n`` times with autograd. Loss: mean square of the synthesis.
+    """
+    from workers.deq import DEQFixedPoint
+
+    def init(v: Any) -> Any:
+        return v.new_zeros(v.shape[0], sum(fmap.sizes(size, size)))
+
+    if mode == "implicit":
+        deq = DEQFixedPoint(fmap, init=init, tol=1e-12, max_iter=n, backward_tol=1e-12, backward_max_iter=n)
+        z, _st = deq(x)
+    else:
+        z = init(x)
+        for _ in range(n):
+            z = fmap(z, x)
+    fmap.synth(z, size, size).square().mean().backward()
 
 
 def run(iterations: list[int], size: int) -> dict:

@@ -286,8 +286,8 @@ def _unmixer(sec: Section, cube: np.ndarray, dev: str = "cuda") -> None:
 def _train_memory(sec: Section, cube: np.ndarray, dev: str = "cuda") -> None:
     import torch
 
+    from benchmarks.deq_memory import training_step
     from workers.denoise.decsc import DECSC, DECSCConfig, estimate_sigma
-    from workers.deq import DEQFixedPoint
 
     torch.manual_seed(0)
     size = 64
@@ -301,9 +301,6 @@ def _train_memory(sec: Section, cube: np.ndarray, dev: str = "cuda") -> None:
     sig = estimate_sigma(y)
     x = torch.cat([y, sig[:, :, None, None].expand_as(y)], 1)
 
-    def init(v: Any) -> Any:
-        return v.new_zeros(v.shape[0], sum(fmap.sizes(size, size)))
-
     rows: list[dict[str, Any]] = []
     for n in (10, 20, 40):
         for mode in ("implicit", "unrolled"):
@@ -314,17 +311,9 @@ def _train_memory(sec: Section, cube: np.ndarray, dev: str = "cuda") -> None:
                 torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated() if dev == "cuda" else 0
             ts = time.perf_counter()
-            if mode == "implicit":
-                deq = DEQFixedPoint(fmap, init=init, tol=1e-12, max_iter=n, backward_tol=1e-12, backward_max_iter=n)
-                z, _st = deq(x)
-            else:
-                z = init(x)
-                for _ in range(n):
-                    z = fmap(z, x)
-            fmap.synth(z, size, size).square().mean().backward()
+            training_step(fmap, x, size, mode, n)
             _sync(dev)
             rows.append({"backward": mode, "solver iterations": n, "batch": 4, "tile": f"{size}×{size}×{bands}",
                          "peak MiB above start": (torch.cuda.max_memory_allocated() - base) / 2**20 if dev == "cuda" else None,
                          "seconds": time.perf_counter() - ts})
-            del z
     sec.tables["GPU: DEQ training memory, implicit vs unrolled (DECSC map)"] = rows

@@ -113,10 +113,11 @@ def load_denoiser(device: str = "cpu", weights: str | Path | None = None, arch: 
 
         path, want = arch_weights(arch)
         path = verified_weights_path(spec, path)  # exists, is safetensors
-        if sha256_file(path) != want:
+        got = sha256_file(path)
+        if got != want:
             raise WeightsError(
                 f"weights file {str(path)!r} for DECSC architecture {arch!r} has sha256 "
-                f"{sha256_file(path)!r}, expected {want!r}: the file was modified; reinstall hyperdeq"
+                f"{got!r}, expected {want!r}: the file was modified; reinstall hyperdeq"
             )
     else:
         path = verified_weights_path(spec, weights)
