@@ -63,8 +63,8 @@ def test_sweep_is_idempotent_and_isolates_failures(prefect_harness: None, small_
               options=opts, cluster=ClusterOptions(n_workers=1))
 
     first = sweep_archive(**kw)
-    assert [Path(p).name for p in first["processed"]] == ["enmap_potsdam_tile_a.tif"]
-    assert [Path(f["scene"]).name for f in first["failed"]] == ["enmap_potsdam_tile_bad.tif"]
+    assert [Path(p).name for p in first["processed"]] == ["enmap_potsdam_tile_a.tif"], first
+    assert [Path(f["scene"]).name for f in first["failed"]] == ["enmap_potsdam_tile_bad.tif"], first
     assert first["failed"][0]["reason"]  # the reason is reported
     records = sorted(out.glob("enmap_potsdam_tile_a/*/run.json"))
     assert len(records) == 1

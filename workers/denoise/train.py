@@ -164,48 +164,57 @@ def make_batch(cave: list[np.ndarray], extras: list[np.ndarray], cfg: TrainConfi
 _POOL_STATE: tuple[list[np.ndarray], list[np.ndarray], TrainConfig, int] | None = None
 
 
+def _pool_init(cave: list[np.ndarray], extras: list[np.ndarray], cfg: TrainConfig, bands: int) -> None:
+    """Batch worker start-up: keep the training data (sent once per worker) and use one torch thread."""
+    global _POOL_STATE
+    torch.set_num_threads(1)
+    _POOL_STATE = (cave, extras, cfg, bands)
+
+
 def _pool_batch(step: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Batch of training step ``step``, built in a worker process from its own per-step generator."""
-    assert _POOL_STATE is not None, "batch workers start from train(), which sets their data"
+    assert _POOL_STATE is not None, "batch workers start through _pool_init, which sets their data"
     cave, extras, cfg, bands = _POOL_STATE
     return make_batch(cave, extras, cfg, bands, np.random.default_rng([cfg.seed, step]))
 
 
 class _BatchPrefetch:
-    """Batches built ahead in ``workers`` forked processes, ``depth`` steps in flight.
+    """Batches built ahead in ``workers`` processes, ``depth`` steps in flight.
 
     Each step's batch comes from a generator seeded with ``[seed, step]``, so the data do not
     depend on the number of workers or their timing, and a resumed run continues the same stream.
-    ``close`` terminates the workers (no stray processes, no shutdown errors).
+    The workers are *spawned* (a fork of a process that already runs threads -- torch's pool, a
+    Prefect or Dask client -- can deadlock the child), and ``close`` cancels what is queued and
+    waits for the at most ``workers`` batches being built (a ``multiprocessing.Pool.terminate``
+    hung here once, its task thread blocked on the queue lock). A worker that dies raises
+    ``BrokenProcessPool`` in :meth:`get` instead of leaving the training waiting forever.
     """
 
     def __init__(self, cave: list[np.ndarray], extras: list[np.ndarray], cfg: TrainConfig, bands: int,
                  start: int, workers: int, depth: int) -> None:
         import collections
         import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-        global _POOL_STATE
-        _POOL_STATE = (cave, extras, cfg, bands)
-        self.pool = multiprocessing.get_context("fork").Pool(workers)
+        self.pool = ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_pool_init, initargs=(cave, extras, cfg, bands))
         self.next_step = start
         self.pending: collections.deque[Any] = collections.deque()
         for _ in range(max(1, depth)):
             self._submit()
 
     def _submit(self) -> None:
-        self.pending.append(self.pool.apply_async(_pool_batch, (self.next_step,)))
+        self.pending.append(self.pool.submit(_pool_batch, self.next_step))
         self.next_step += 1
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        x, y, cases = self.pending.popleft().get()
+        x, y, cases = self.pending.popleft().result()
         self._submit()
         return torch.from_numpy(x), torch.from_numpy(y), cases
 
     def close(self) -> None:
-        global _POOL_STATE
-        self.pool.terminate()
-        self.pool.join()
-        _POOL_STATE = None
+        self.pending.clear()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 @contextlib.contextmanager
