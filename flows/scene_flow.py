@@ -187,7 +187,7 @@ def open_cluster(cluster: ClusterOptions, config: Any) -> Any:
     else:
         kw.setdefault("dashboard_address", ":0")  # a free port; never clash with 8787
         c = LocalCluster(**kw)
-    client = Client(c)
+    client = Client(c, set_as_default=False)  # never the process-wide default: see workers.cluster
     handle = ClusterHandle(client=client, cluster=c, gpu=has_gpu_workers(client))
     if preload:
         from workers.plugin import ModelPlugin, local_torch_threads

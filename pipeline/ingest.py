@@ -28,6 +28,7 @@ from typing import Any, cast
 import numpy as np
 import xarray as xr
 
+from pipeline import LOCAL_SCHEDULER
 from pipeline.errors import ConfigError, InputValidationError, ReadError, WriteError
 from pipeline.readers import is_hyperdeq_zarr, is_zarr_dir, open_source
 from pipeline.readers._base import SceneSource, check_path
@@ -392,6 +393,11 @@ def open_zarr_scene(path: str | Path) -> xr.DataArray:
     except Exception as exc:
         raise ReadError(f"cannot open zarr store {str(p)!r}: {exc}; ingest the source again.") from exc
     var = ds[VARIABLE]
+    # the per-band coordinates are dask-backed too: read them here (small), never through a
+    # process-wide default Dask client
+    band_coords = {k: np.asarray(ds[k].data.compute(scheduler=LOCAL_SCHEDULER)
+                                 if hasattr(ds[k].data, "compute") else ds[k].data)
+                   for k in ("wavelength", "fwhm", "good_band")}
     from affine import Affine
 
     transform = Affine(*meta["transform"]) if meta.get("transform") else None
@@ -401,9 +407,9 @@ def open_zarr_scene(path: str | Path) -> xr.DataArray:
         attrs.pop(k, None)
     return build_scene(
         var.data,
-        wavelength=ds["wavelength"].values,
-        fwhm=ds["fwhm"].values,
-        good_band=ds["good_band"].values.astype(bool),
+        wavelength=band_coords["wavelength"],
+        fwhm=band_coords["fwhm"],
+        good_band=band_coords["good_band"].astype(bool),
         transform=transform,
         crs=meta.get("crs_wkt"),
         source=meta.get("source", ""),
@@ -441,7 +447,7 @@ class ZarrSceneSource(SceneSource):
     def read_raw(
         self, y0: int, y1: int, x0: int, x1: int, bands: np.ndarray | None = None
     ) -> np.ndarray:
-        out = np.asarray(self._scene.data[:, y0:y1, x0:x1].compute())
+        out = np.asarray(self._scene.data[:, y0:y1, x0:x1].compute(scheduler=LOCAL_SCHEDULER))
         return out if bands is None else out[bands]
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:

@@ -22,6 +22,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from pipeline import LOCAL_SCHEDULER
 from pipeline.errors import GridError, WriteError
 from pipeline.grid import Tile, TileGrid, plan_grid
 
@@ -148,7 +149,8 @@ def write_valid_mask(valid: Any, path: str | Path, chunk: int) -> None:
     if hasattr(valid, "rechunk"):
         import dask.array as dsa
 
-        dsa.store(valid.astype(bool).rechunk((chunk, chunk)), v, lock=False)  # type: ignore[arg-type]
+        dsa.store(valid.astype(bool).rechunk((chunk, chunk)), v, lock=False,  # type: ignore[arg-type]
+                  scheduler=LOCAL_SCHEDULER)
     else:
         v[...] = np.asarray(valid, dtype=bool)
 
@@ -158,7 +160,8 @@ def tile_validity(valid: Any, tile: int) -> np.ndarray:
     if hasattr(valid, "rechunk"):
         blocks = valid.astype(bool).rechunk((tile, tile))
         return np.asarray(
-            blocks.map_blocks(lambda b: np.array([[b.any()]]), chunks=(1, 1), dtype=bool).compute()
+            blocks.map_blocks(lambda b: np.array([[b.any()]]), chunks=(1, 1), dtype=bool).compute(
+                scheduler=LOCAL_SCHEDULER)
         )
     v = np.asarray(valid, dtype=bool)
     ny, nx = v.shape

@@ -103,7 +103,7 @@ def get_cluster(
     cluster: Any | None = None
     n_gpu = 0
     if scheduler is not None:
-        client = Client(scheduler, timeout="20s")
+        client = Client(scheduler, timeout="20s", set_as_default=False)
     else:
         n_gpu = _cuda_count() if device != "cpu" else 0
         if n_gpu:
@@ -121,7 +121,7 @@ def get_cluster(
                 n_workers=workers or 2, threads_per_worker=threads_per_worker, processes=processes,
                 dashboard_address=None, memory_limit=memory_limit,
             )
-        client = Client(cluster)
+        client = Client(cluster, set_as_default=False)
     handle = ClusterHandle(client=client, cluster=cluster, gpu=has_gpu_workers(client))
     if preload:
         from workers.plugin import ModelPlugin, local_torch_threads

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from pipeline import LOCAL_SCHEDULER
 from pipeline.errors import ConfigError, InputValidationError, ModelError, WriteError
 from pipeline.scene import good_band_index, valid_mask, validate_scene
 from workers.unmix.classical import estimate_n_endmembers, fcls, nfindr, vca
@@ -173,8 +174,9 @@ def _json_default(o: Any) -> Any:
 def _gather(data: Any, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """Spectra (L, k) at pixel positions; dask arrays read only the chunks they touch."""
     if hasattr(data, "vindex"):
-        out = np.asarray(data.vindex[:, ys, xs].compute())
-        return out if out.shape[0] == data.shape[0] and out.shape[1] == ys.size else out.T
+        # dask's vindex puts the point dimension first: (k, L), whatever k and L are (a shape
+        # test would pick the wrong axis when k == L)
+        return np.asarray(data.vindex[:, ys, xs].compute(scheduler=LOCAL_SCHEDULER)).T
     return np.asarray(data[:, ys, xs])
 
 
