@@ -58,3 +58,25 @@ def test_markdown_and_json_cleaning() -> None:
     assert _clean({"v": float("nan"), "w": [np.float32(2.0)]}) == {"v": None, "w": [2.0]}
     assert fmt(float("inf")) == "–" and fmt(1234.5) == "1,234" and math.isclose(float(fmt(0.5)), 0.5)
     assert md_table([]) == "_(no rows)_\n"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_unmix_seams_tiled_matches_whole_scene(tmp_path: Path) -> None:
+    """DEQ-Unmix through the tile engine (real demo crop, 4 tiles) agrees with the whole-scene run.
+
+    The fit's 3x3 net couples neighbouring pixels at every solver iteration, so tiles see their
+    halo; with the spec's halo the blended abundances must match the whole-scene ones closely.
+    """
+    import json
+
+    from benchmarks.seams import main
+
+    r = main(["--model", "deq-unmix", "--crop", "48", "--tile", "24", "--epochs", "3", "--threads", "1",
+              "--json", str(tmp_path / "s.json"), "--md", str(tmp_path / "s.md")])
+    assert json.loads((tmp_path / "s.json").read_text())["model"] == "deq-unmix"
+    assert r["n_tiles"] == 4 and r["shape"][1:] == [48, 48]
+    for window, v in r["windows"].items():
+        assert v["max_abs_error"] < 0.02, (window, v)
+        assert 0.9 < v["seam_ratio"] < 1.1, (window, v)
+    assert "DEQ-Unmix" in (tmp_path / "s.md").read_text()
