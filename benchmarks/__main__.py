@@ -39,7 +39,7 @@ SECTIONS: tuple[tuple[str, str, str], ...] = (
     ("throughput", "Model throughput, FLOPs per voxel, achieved vs peak", "throughput:run"),
     ("overhead", "Pipeline overhead ratio and where the time goes", "pipeline_bench:overhead"),
     ("scaling", "Scaling: 2 workers ÷ 1 worker (model stage)", "pipeline_bench:scaling"),
-    ("memory", "Memory: peak RSS per worker at 1×, 4×, 16× the scene area", "memory:run"),
+    ("memory", "Memory: peak RSS per worker at 1×, 4×, 16× (and 36×) the scene area", "memory:run"),
     ("solver", "DEQ solver: iterations per tile, cold vs warm start", "solver:run"),
     ("fragments", "Seams, training memory, ingest (benchmarks owned by other areas)", "fragments:run"),
     ("gpu", "GPU", "gpu:run"),
@@ -190,7 +190,8 @@ def findings(pl: dict[str, Any]) -> list[str]:
     if v:
         out.append(f"{tag} Peak worker RSS across the area steps: "
                    + ", ".join(f"{x:.0f}" for x in v.get("worker_peak_mib", [])) + " MiB "
-                   f"(×{v['worker_peak_growth']:.2f} from smallest to largest; driver ×{v['driver_peak_growth']:.2f}).")
+                   f"(highest ÷ smallest scene ×{v['worker_peak_growth']:.2f}; driver "
+                   + ", ".join(f"{x:.0f}" for x in v.get("driver_peak_mib", [])) + f" MiB, ×{v['driver_peak_growth']:.2f}).")
     v = s.get("solver", {}).get("values", {})
     if v and "warm_iterations_mean" in v:
         out.append(f"{tag} DEQ solver: {v['cold_iterations_mean']:.1f} iterations per tile from a cold start vs "

@@ -1,4 +1,4 @@
-"""Peak RSS per Dask worker (and of the driver) as the scene grows 1×, 4×, 16× in area.
+"""Peak RSS per Dask worker (and of the driver) as the scene grows 1×, 4×, 16× (default size: also 36×) in area.
 
 Each scene is the demo mosaic mirrored into a k×k grid (real pixels, see :mod:`benchmarks.data`).
 Each case runs in a fresh child process (``python -m benchmarks.memory --case ...``) that starts
@@ -98,25 +98,39 @@ def run(sec: Section, plan: Any, device: str) -> None:
                          "driver peak RSS MiB": r["driver_peak_mib"]})
             shutil_rm(scene)
     sec.tables["Peak RSS per worker vs scene area"] = rows
-    first, last = rows[0]["worker peak RSS MiB (max)"], rows[-1]["worker peak RSS MiB (max)"]
-    growth = last / first
+    # flat = the highest peak at any size over the smallest scene's (the peaks are not monotonic:
+    # allocator high-water marks vary run to run, so the last size alone could flatter)
+    wk = [r["worker peak RSS MiB (max)"] for r in rows]
+    growth = max(wk) / wk[0]
+    at = rows[wk.index(max(wk))]["area"]
     sec.values["worker_peak_growth"] = growth
-    sec.values["worker_peak_mib"] = [r["worker peak RSS MiB (max)"] for r in rows]
-    sec.targets.append(Target(f"worker peak RSS {rows[-1]['area']} ÷ 1×", growth, "≈ 1 (flat)", growth <= 1.15,
+    sec.values["worker_peak_mib"] = wk
+    sec.targets.append(Target(f"worker peak RSS, max over sizes ({at}) ÷ 1×", growth, "≈ 1 (flat)", growth <= 1.15,
                               "per-tile work is bounded by the tile size, not the scene" if growth <= 1.15 else
-                              "not flat: grows with the scene; cause not yet isolated (allocator high-water mark, "
-                              "the number of tile records and futures held, zarr/GDAL caches are candidates)"))
-    dgrowth = rows[-1]["driver peak RSS MiB"] / rows[0]["driver peak RSS MiB"]
+                              _why(wk, rows, "worker")))
+    dr = [r["driver peak RSS MiB"] for r in rows]
+    dgrowth = max(dr) / dr[0]
+    dat = rows[dr.index(max(dr))]["area"]
     sec.values["driver_peak_growth"] = dgrowth
-    sec.targets.append(Target(f"driver peak RSS {rows[-1]['area']} ÷ 1×", dgrowth, "≈ 1 (flat)", dgrowth <= 1.15,
+    sec.values["driver_peak_mib"] = dr
+    sec.targets.append(Target(f"driver peak RSS, max over sizes ({dat}) ÷ 1×", dgrowth, "≈ 1 (flat)", dgrowth <= 1.15,
                               "ingest and tiling run in the driver process" if dgrowth <= 1.15 else
-                              "not flat: the driver (ingest, tiling, blending coordination) grows with the scene; "
-                              "cause not yet isolated"))
+                              _why(dr, rows, "driver")))
     what = ("DECSC" + (f" (solver capped at {plan.decsc_max_iter})" if plan.decsc_max_iter else "")
             if plan.memory_model == "decsc" else "the identity tile model (data plane only: ingest, tile, blend, "
             "write; DECSC's own per-tile memory is constant by construction and is timed in the other sections)")
     sec.notes.append(f"run_scene, denoise only, tile {plan.memory_tile}, model: {what}; 2 workers × 1 thread; "
                      "each case in a fresh process.")
+
+
+def _why(peaks: list[float], rows: list[dict[str, Any]], who: str) -> str:
+    """The reason printed beside a missed flatness target: the measured steps, no verdict beyond them."""
+    steps = ", ".join(f"{b - a:+.0f} MiB for {r0['area']}→{r1['area']}"
+                      for a, b, r0, r1 in zip(peaks, peaks[1:], rows, rows[1:], strict=False))
+    scene = f"{rows[0]['scene MiB (float32)']:.0f}→{rows[-1]['scene MiB (float32)']:.0f} MiB"
+    return (f"not flat: the {who} peak rises {steps} (the scene itself grows {scene}). Per-chunk buffers "
+            "explain the first steps (ingest and tiling read regions of 256 px × all bands, and the 1× "
+            "scene is smaller than one); what keeps growing past that is not isolated")
 
 
 def shutil_rm(p: Path) -> None:

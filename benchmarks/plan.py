@@ -95,7 +95,10 @@ _PLANS = {
         scaling_crop=Crop(96, 32, 64, 128),
         scaling_tile=32,
         scaling_max_iter=2,
-        memory_factors=(1, 4, 16),
+        # 36x (1152x960 px) beyond the 1x/4x/16x: the first size at which the
+        # scene holds many whole 256 px ingest chunks in both directions, i.e. where the
+        # per-chunk bounds of ingest, tiling and blending are reached
+        memory_factors=(1, 4, 16, 36),
         memory_base=None,
         memory_tile=128,
         memory_model="identity",
