@@ -178,6 +178,26 @@ class Target:
     why: str = ""
 
 
+
+def peak_rss_since_reset_mib() -> float:
+    """Peak RSS of this process since the last :func:`reset_peak_rss` (or since exec), MiB (VmHWM)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line: peak memory cannot be measured here")
+
+
+def reset_peak_rss() -> None:
+    """Reset the peak-RSS counter (Linux ``clear_refs`` 5).
+
+    ``ru_maxrss`` cannot be used for a child process: Linux carries the parent's RSS at fork into
+    the child's ``ru_maxrss`` (also across exec), so a child spawned from a large process reports
+    the parent's size.
+    """
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
 @dataclass
 class Section:
     """One block of the report: tables plus the command and device they came from."""

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import peak_rss_since_reset_mib, reset_peak_rss
+
 ROOT = Path(__file__).resolve().parents[1]
 CROP = ROOT / "tests" / "data" / "unmix" / "unmix_crops.npz"
 
@@ -28,25 +30,6 @@ def _rss_mib() -> float:
     with open("/proc/self/statm") as fh:
         pages = int(fh.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _hwm_mib() -> float:
-    """Peak RSS of this process since the last :func:`_reset_hwm` (VmHWM), MiB."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("/proc/self/status has no VmHWM line: peak memory cannot be measured here")
-
-
-def _reset_hwm() -> None:
-    """Reset the peak-RSS counter (Linux ``clear_refs`` 5).
-
-    ``ru_maxrss`` cannot be used: Linux carries the parent's RSS at fork into the child's
-    ``ru_maxrss``, so a child spawned from a large pytest process reports the parent's size.
-    """
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
 
 
 def _load(scene: str, data: Path) -> Any:
@@ -87,16 +70,16 @@ def child(mode: str, iters: int, scene: str, data: Path, batch: int, size: int) 
     # warm-up step so that allocator pools and lazy inits are in the baseline
     for step in range(2):
         if step == 1:
-            peak0 = _hwm_mib()
+            peak0 = peak_rss_since_reset_mib()
             base = _rss_mib()
-            _reset_hwm()
+            reset_peak_rss()
         t0 = time.perf_counter()
         out = net(Y)
         A = out[0] if isinstance(out, tuple) else out
         loss = ((model.reconstruct(A) - Y) ** 2).mean()
         loss.backward()
         dt = time.perf_counter() - t0
-    peak = _hwm_mib()
+    peak = peak_rss_since_reset_mib()
     return {"mode": mode, "iterations": iters, "peak_rss_mib": peak, "baseline_rss_mib": base,
             "step_peak_increase_mib": max(peak - base, 0.0), "peak_before_step_mib": peak0,
             "step_time_s": dt, "batch": batch, "tile": s, "bands": L}
