@@ -130,5 +130,6 @@ def get_cluster(
         if cluster is not None and not n_gpu:
             threads = local_torch_threads(workers or 2, threads_per_worker)
         client.register_plugin(ModelPlugin(models=preload, device=device, torch_threads=threads,
-                                           decsc_arch=decsc_arch), name=ModelPlugin.name)
+                                           decsc_arch=decsc_arch, keep_threads=scheduler is not None),
+                               name=ModelPlugin.name)
     return handle

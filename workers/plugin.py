@@ -30,16 +30,22 @@ class ModelPlugin(WorkerPlugin):
     name = "hyperdeq-models"
 
     def __init__(self, models: tuple[str, ...] = ("decsc",), device: str = "cpu",
-                 torch_threads: int | None = 1, decsc_arch: str = "shipped") -> None:
+                 torch_threads: int | None = 1, decsc_arch: str = "shipped",
+                 keep_threads: bool = False) -> None:
         """``torch_threads``: intra-op threads per worker process (None leaves torch's default).
 
         Use :func:`local_torch_threads` for a local CPU cluster so the workers share the cores.
         ``decsc_arch``: which DECSC weights to preload (``shipped`` or ``full``).
+        ``keep_threads``: leave the thread count an earlier hyperdeq plugin set on the worker (a
+        client that merely connects to a running cluster -- each scene of a sweep -- must not
+        lower what the cluster's owner chose; torch fixes a thread's count at its first parallel
+        op, so a later change would only reach new task threads anyway).
         """
         self.models = tuple(models)
         self.decsc_arch = decsc_arch
         self.device = device
         self.torch_threads = torch_threads
+        self.keep_threads = keep_threads
         self.loaded: dict[str, str] = {}
 
     def setup(self, worker: Any) -> None:
@@ -48,8 +54,9 @@ class ModelPlugin(WorkerPlugin):
         from workers.infer import get_model, load_decsc, resolve_device
         from workers.registry import get_spec, verified_weights_path
 
-        if self.torch_threads:
+        if self.torch_threads and not (self.keep_threads and getattr(worker, "hyperdeq_torch_threads", None)):
             torch.set_num_threads(int(self.torch_threads))
+            worker.hyperdeq_torch_threads = int(self.torch_threads)
         dev = resolve_device(self.device)
         for name in self.models:
             spec = get_spec(name)

@@ -102,3 +102,31 @@ def test_unmix_tile_model_on_a_real_fit(tmp_path: Path) -> None:
     np.testing.assert_allclose(ab.sum(axis=0), 1.0, atol=1e-3)
     assert np.isfinite(out[3, 5:, 5:]).all() and (out[3, 5:, 5:] >= 0).all()
     assert set(st) >= {"iterations", "residual", "converged", "device", "worker"}
+
+
+def test_plugin_of_a_connecting_client_keeps_the_owners_thread_count() -> None:
+    """A sweep's scenes connect to the sweep's cluster and register the plugin again: with
+    ``keep_threads`` they must not lower the torch threads the cluster's owner chose."""
+    from workers.plugin import ModelPlugin
+    from workers.registry import get_spec, verified_weights_path
+
+    try:
+        verified_weights_path(get_spec("decsc"))
+    except WeightsError:
+        pytest.skip("shipped DECSC weights not installed")
+    import torch
+
+    before = torch.get_num_threads()
+    worker = SimpleNamespace()
+    try:
+        ModelPlugin(models=("decsc",), torch_threads=2).setup(worker)
+        assert worker.hyperdeq_torch_threads == 2 and torch.get_num_threads() == 2
+        ModelPlugin(models=("decsc",), torch_threads=1, keep_threads=True).setup(worker)
+        assert worker.hyperdeq_torch_threads == 2 and torch.get_num_threads() == 2
+        ModelPlugin(models=("decsc",), torch_threads=1).setup(worker)  # the owner may change it
+        assert worker.hyperdeq_torch_threads == 1 and torch.get_num_threads() == 1
+        fresh = SimpleNamespace()  # nothing set yet: a connecting client's count applies
+        ModelPlugin(models=("decsc",), torch_threads=2, keep_threads=True).setup(fresh)
+        assert fresh.hyperdeq_torch_threads == 2
+    finally:
+        torch.set_num_threads(before)
