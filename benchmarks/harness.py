@@ -124,7 +124,9 @@ def command_line() -> str:
         prog = "python -m benchmarks"
     elif prog == "hyperdeq":
         prog = "hyperdeq"
-    return " ".join([prog, *[shlex.quote(a) for a in argv[1:]]])
+    from pipeline.provenance import portable
+
+    return portable(" ".join([prog, *[shlex.quote(a) for a in argv[1:]]]))
 
 
 # ---------------------------------------------------------------------------- measuring

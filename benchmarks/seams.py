@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.provenance import portable
+
 ROOT = Path(__file__).resolve().parents[1]
 MOSAIC = ROOT / "tests" / "data" / "demo" / "enmap_potsdam_mosaic_18tiles.tif"
 #: per model: results JSON and markdown report
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "threads": args.threads, "weights_sha256": weights, "code_version": code_version(),
         "versions": {k: v for k, v in package_versions().items() if k in ("torch", "numpy", "zarr", "dask")},
         "python": platform.python_version(),
-        "command": "python -m benchmarks.seams " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": portable("python -m benchmarks.seams " + " ".join(argv if argv is not None else sys.argv[1:])),
     }
     results, doc = OUTPUTS[args.model]
     results, doc = args.json or results, args.md or doc

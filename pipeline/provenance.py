@@ -30,6 +30,21 @@ _PACKAGES = ("hyperdeq", "numpy", "xarray", "zarr", "dask", "distributed", "rast
              "torch", "prefect", "pystac", "scipy")
 
 
+def portable(text: str) -> str:
+    """``text`` (a command line, a path) with this machine's paths made portable, for results that
+    are committed: the repository root becomes relative, the shared data folder beside it
+    ``../shared``, the temporary directory ``<tmp>`` and the home directory ``~``."""
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    subs = [(str(root) + "/", ""), (str(root.parent / "shared"), "../shared"),
+            (str(Path(tempfile.gettempdir())), "<tmp>"), (str(Path.home()), "~")]
+    for old, new in subs:
+        if old not in ("/", ""):
+            text = text.replace(old, new)
+    return text
+
+
 def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 

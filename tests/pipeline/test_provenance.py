@@ -94,3 +94,15 @@ def test_environment_capture() -> None:
     assert prov.code_version()
     h = prov.host_info("NVIDIA H100")
     assert h["cpu_count"] >= 1 and h["gpu"] == "NVIDIA H100"
+
+
+def test_portable_removes_this_machines_paths() -> None:
+    import tempfile
+
+    from pipeline.provenance import portable
+
+    root = Path(__file__).resolve().parents[2]
+    tmp = Path(tempfile.gettempdir())
+    text = f"hyperdeq eval --data {root.parent / 'shared' / 'data'} --out {tmp / 'ev.md'} {root / 'tests' / 'x.tif'}"
+    assert portable(text) == "hyperdeq eval --data ../shared/data --out <tmp>/ev.md tests/x.tif"
+    assert portable("python -m benchmarks --size smoke") == "python -m benchmarks --size smoke"

@@ -83,6 +83,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     rows = sorted(merged.values(), key=lambda r: (report.KIND_ORDER.get(r["kind"], 9), r["nodeid"]))
     payload = {"generated": now, "exitstatus": int(exitstatus), "cases": rows}
     report.RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+    from pipeline.provenance import portable
+
+    # committed: no paths of this machine (pytest's temporary folders, the checkout)
+    payload = json.loads(portable(json.dumps(payload, default=str)))
     report.RESULTS_JSON.write_text(json.dumps(payload, indent=1, default=str))
     report.render(payload)
 

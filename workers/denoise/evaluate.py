@@ -32,6 +32,7 @@ import numpy as np
 from pipeline.errors import ConfigError, HyperdeqError, ReadError
 from pipeline.metrics import band_psnr, ergas, mssim, sam_degrees
 from pipeline.noise import NOISE_CASES, add_noise_with_info, check_case, is_iid_gaussian
+from pipeline.provenance import portable
 from workers.baselines import BASELINE_NAMES, CaseInfo, availability, get_baseline
 
 DEFAULT_CASES: tuple[str, ...] = ("gauss30", "gauss50", "band[0,55]", "band[0,95]", "corr", "mixture")
@@ -288,7 +289,7 @@ def environment(config: EvalConfig) -> dict[str, Any]:
     if dev.startswith("cuda") and torch.cuda.is_available():
         dev = f"{dev} ({torch.cuda.get_device_name(0)})"
     return {
-        "command": config.command,
+        "command": portable(config.command),
         "date_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
@@ -412,7 +413,7 @@ def _assemble(
     return {
         "protocol": "docs/evaluation.md (denoising)",
         "environment": env,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "config": {k: (portable(str(v)) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "scenes": dict(scenes_meta),
         "decsc": decsc_info,
         "baselines": {

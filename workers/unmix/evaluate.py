@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError, ReadError
+from pipeline.provenance import portable
 from pipeline.scene import build_scene
 
 try:  # the shared metrics module (pipeline/metrics.py)
@@ -202,6 +203,7 @@ def write_report(results: list[dict[str, Any]], env: dict[str, Any], command: st
     """``docs/benchmarks/unmix_eval.md`` + ``benchmarks/results/unmix_eval.json``."""
     import json
 
+    command = portable(command)
     rec = {"command": command, "environment": env, "settings": settings, "results": results}
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(rec, indent=1))
@@ -210,7 +212,7 @@ def write_report(results: list[dict[str, Any]], env: dict[str, Any], command: st
              f"Device: {env['device']} ({env['cpu_count']} cores, torch threads {env['torch_threads']}); "
              f"torch {env['torch']}, numpy {env['numpy']}, scipy {env['scipy']}, Python {env['python']}.  ",
              f"Settings: {json.dumps(settings)}", "",
-             "Protocol: `/work/shared/PROTOCOL.md` (Unmixing). Endmembers matched to the reference by "
+             "Protocol: `../shared/PROTOCOL.md` (Unmixing). Endmembers matched to the reference by "
              "Hungarian assignment on the SAD matrix (degrees); abundance RMSE over all endmembers and "
              "pixels. Time: wall seconds for extraction + abundances (DEQ: blind fit + apply) on a "
              "shared, loaded machine: compare times only within a row.", "",
