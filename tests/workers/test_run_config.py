@@ -72,3 +72,11 @@ def test_config_is_frozen() -> None:
         cfg.tile = 3  # type: ignore[misc]
     with pytest.raises(ConfigError, match="halo"):
         cfg.replace(tile=16, halo=20)
+
+
+def test_pipeline_denoiser_choices_match_the_decsc_presets() -> None:
+    """pipeline.config cannot import workers (layering), so its list is checked against the presets."""
+    from pipeline.config import DENOISE_ARCHS
+    from workers.denoise.api import ARCH_PRESETS
+
+    assert sorted(DENOISE_ARCHS) == sorted(ARCH_PRESETS)
