@@ -8,7 +8,7 @@ from scipy.optimize import minimize
 
 from pipeline.errors import ConfigError, InputValidationError
 from pipeline.metrics import match_endmembers, sad_degrees
-from workers.unmix.classical import estimate_n_endmembers, fcls, hysime, nfindr, vca
+from workers.unmix.classical import estimate_n_endmembers, fcls, hysime, minvol, nfindr, noise_floor, vca
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,32 @@ def test_endmember_finders_recover_truth_noiseless(usgs, finder):
     perm = match_endmembers(E, E_est)
     assert np.max(sad_degrees(E, E_est[:, perm])) < 1e-3
     assert sorted(idx.tolist()) == [0, 1, 2, 3]
+
+
+def test_minvol_recovers_truth_without_pure_pixels(usgs):
+    """No pixel holds more than 70 % of one endmember: VCA and N-FINDR can only return mixed
+    pixels; the minimum-volume simplex lands near the true vertices (noiseless; the finite hinge
+    weight lets a few sparse corner points stay outside, hence not exact)."""
+    E = usgs[:, :4]
+    rng = np.random.default_rng(7)
+    A = rng.dirichlet(np.ones(4), size=6000).T
+    A = A[:, A.max(axis=0) < 0.7]
+    Y = E @ A
+    E_mv = minvol(Y, 4, seed=0)
+    sad_mv = sad_degrees(E, E_mv[:, match_endmembers(E, E_mv)])
+    E_v, _ = vca(Y, 4, seed=0)
+    sad_v = sad_degrees(E, E_v[:, match_endmembers(E, E_v)])
+    assert np.mean(sad_mv) < 1.5 and np.mean(sad_mv) < 0.25 * np.mean(sad_v)
+    with pytest.raises(ConfigError, match="start must be"):
+        minvol(Y, 4, start=E[:, :3])
+
+
+def test_noise_floor_matches_known_white_noise(usgs):
+    Y, _ = _mix(usgs[:, :4], 4000, seed=8)
+    sigma = 0.01
+    Yn = Y + sigma * np.random.default_rng(9).standard_normal(Y.shape)
+    L = Y.shape[0]
+    assert noise_floor(Yn, 4) == pytest.approx(sigma * np.sqrt((L - 4) / L), rel=0.05)
 
 
 def test_hysime_finds_number_of_endmembers(usgs):

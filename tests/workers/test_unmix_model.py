@@ -164,13 +164,15 @@ def test_vca_start_on_real_samson_crop(crops):
     assert np.mean(sad_degrees(crops["samson_endmembers"].astype(np.float64), E_est[:, perm])) < 15
 
 
-def test_init_endmembers_picks_lowest_reconstruction(synthetic):
-    """The blind start is the candidate with the lowest FCLS reconstruction error on the sample."""
-    from workers.unmix.fit import init_endmembers
+def test_init_endmembers_picks_lowest_reconstruction_beyond_the_linear_model(crops):
+    """Real data (a Samson crop) is not a linear mixture to its noise floor: the blind start is
+    the pure-pixel candidate with the lowest FCLS reconstruction error on the sample."""
+    from workers.unmix.fit import LMM_TOLERANCE, init_endmembers
 
-    cube, E, _ = synthetic
-    Y = cube.reshape(cube.shape[0], -1).astype(np.float64)
+    cube = crops["samson_cube"].astype(np.float64)
+    Y = cube.reshape(cube.shape[0], -1)
     E0, rec = init_endmembers(Y, 3, seed=0)
+    assert rec["minvol_rmse_over_floor"] > LMM_TOLERANCE
     cands = rec["candidates_rmse"]
     assert {"vca", "nfindr"} <= set(cands) and any("-top" in k for k in cands)
     assert rec["method"] == min(cands, key=cands.get)
@@ -182,6 +184,27 @@ def test_init_endmembers_picks_lowest_reconstruction(synthetic):
     assert rv["method"] == "vca"
     with pytest.raises(ConfigError, match="init must be"):
         init_endmembers(Y, 3, seed=0, method="ppi")
+
+
+def test_init_endmembers_takes_min_volume_for_a_linear_mixture_without_pure_pixels(crops):
+    """A linear mixture without pure pixels (4 real USGS spectra, Dirichlet abundances clipped
+    away from the vertices, 30 dB): the minimum-volume simplex reaches the noise floor and is
+    the start; it is closer to the truth than VCA, whose vertices are mixed pixels."""
+    from workers.unmix.fit import LMM_TOLERANCE, init_endmembers
+
+    E = crops["usgs_spectra"][:, [0, 1, 2, 4]].astype(np.float64)
+    rng = np.random.default_rng(3)
+    A = rng.dirichlet(np.ones(4), size=3000).T
+    A = A[:, A.max(axis=0) < 0.8]  # no pixel above 80 % of one endmember
+    Y = E @ A
+    Y = Y + np.sqrt(np.mean(Y**2) / 1e3) * rng.standard_normal(Y.shape)
+    E0, rec = init_endmembers(Y, 4, seed=0)
+    assert rec["method"] == "minvol" and rec["minvol_rmse_over_floor"] <= LMM_TOLERANCE
+    sad = sad_degrees(E, E0[:, match_endmembers(E, E0)])
+    Ev = vca(Y, 4, seed=0)[0]
+    sad_vca = sad_degrees(E, Ev[:, match_endmembers(E, Ev)])
+    assert np.mean(sad) < 0.5 * np.mean(sad_vca)
+    assert np.mean(sad) < 2.0
 
 
 def test_fit_keeps_best_validated_state(fitted):

@@ -5,6 +5,8 @@ Linear mixing model ``Y = E·A + N``: ``Y`` is ``L×N`` (bands × pixels), ``E``
 
 * :func:`vca`: Vertex Component Analysis (Nascimento & Bioucas-Dias, 2005).
 * :func:`nfindr`: N-FINDR (Winter, 1999), simplex-volume maximisation by vertex replacement.
+* :func:`minvol`: minimum-volume simplex (the SISAL criterion, Bioucas-Dias 2009: log-volume plus
+  a hinge on negative abundances), for linear mixtures without pure pixels.
 * :func:`fcls`: fully constrained least squares, solved as NNLS on the sum-to-one augmented
   system (Heinz & Chang, 2001) and vectorised over pixels.
 * :func:`hysime`: HySime subspace identification (Bioucas-Dias & Nascimento, 2008), used to
@@ -140,6 +142,70 @@ def nfindr(Y: np.ndarray, p: int, *, seed: int = 0, max_sweeps: int | None = Non
         if not changed:
             break
     return Y[:, idx], idx.astype(np.int64)
+
+
+#: hinge weight of :func:`minvol` (per pixel, abundance units); chosen on the synthetic evaluation
+#: sets among 1, 10, 100 and 1000 (docs/models/deq_unmix.md)
+MINVOL_HINGE = 100.0
+
+
+def minvol(Y: np.ndarray, p: int, *, seed: int = 0, hinge: float = MINVOL_HINGE, steps: int = 1500,
+           start: np.ndarray | None = None) -> np.ndarray:
+    """Minimum-volume simplex: ``E`` (L×P) whose simplex is the smallest that holds the data.
+
+    The SISAL criterion (Bioucas-Dias, 2009) in the ``p-1``-dimensional affine signal subspace:
+    with the vertices ``V`` and ``M = [V; 1ᵀ]``, abundances ``A = M⁻¹[X; 1]`` sum to one by
+    construction, and ``log|det M| + hinge·mean_n Σ_i max(0, −A_in)`` trades the simplex volume
+    against pixels left outside it (noise puts some there: a finite ``hinge`` tolerates them).
+    Minimised by Adam (cosine learning rate, ``steps`` full-batch steps, analytic gradient) from
+    the VCA simplex (``seed``) or ``start``. Unlike VCA and N-FINDR it needs no pure pixels, but it
+    trusts the linear model: outliers and spectral variability inflate the simplex.
+    """
+    Y = _check_matrix(Y)
+    _check_p(p, Y)
+    L, N = Y.shape
+    if start is None:
+        start, _ = vca(Y, p, seed=seed)
+    start = _check_matrix(start, "start")
+    if start.shape != (L, p):
+        raise ConfigError(f"start must be bands×p = {(L, p)!r}, got {start.shape!r}")
+    mu = Y.mean(axis=1, keepdims=True)
+    U = np.linalg.svd((Y - mu) @ (Y - mu).T / N)[0][:, : p - 1]
+    X = U.T @ (Y - mu)
+    scale = float(np.sqrt(np.mean(np.sum(X**2, axis=0)))) or 1.0
+    Z = np.vstack([X / scale, np.ones((1, N))])
+    V = U.T @ (start - mu) / scale
+    m = np.zeros_like(V)
+    v = np.zeros_like(V)
+    b1, b2, lr0 = 0.9, 0.999, 0.01
+    for t in range(1, steps + 1):
+        M = np.vstack([V, np.ones((1, p))])
+        try:
+            Minv = np.linalg.inv(M)
+        except np.linalg.LinAlgError:
+            break  # a degenerate simplex: keep the last vertices
+        A = Minv @ Z
+        gA = np.where(A < 0, -hinge / N, 0.0)
+        # d log|det M| = M⁻ᵀ; dA = −M⁻¹ dM A  ⇒  ∂/∂M of the hinge term = −M⁻ᵀ gA Aᵀ
+        g = (Minv.T - Minv.T @ gA @ A.T)[: p - 1]
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        lr = lr0 * 0.5 * (1 + np.cos(np.pi * (t - 1) / steps))
+        V = V - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + 1e-8)
+    return U @ (V * scale) + mu
+
+
+def noise_floor(Y: np.ndarray, p: int) -> float:
+    """The reconstruction RMSE a perfect ``p``-endmember linear model would leave on ``Y``.
+
+    Per-band noise from :func:`estimate_noise` (HySime's regression); a model with ``p``
+    endmembers absorbs ``p`` of the ``L`` noise dimensions, so the floor is
+    ``sqrt(mean σ_b² · (L − p)/L)``.
+    """
+    Y = _check_matrix(Y)
+    L = Y.shape[0]
+    _, Rw = estimate_noise(Y)
+    return float(np.sqrt(np.mean(np.diag(Rw)) * max(L - p, 1) / L))
 
 
 def _delta(E: np.ndarray) -> float:
