@@ -75,13 +75,16 @@ def test_minvol_recovers_truth_without_pure_pixels(usgs):
     A = rng.dirichlet(np.ones(4), size=6000).T
     A = A[:, A.max(axis=0) < 0.7]
     Y = E @ A
-    E_mv = minvol(Y, 4, seed=0)
+    E_mv, info = minvol(Y, 4, seed=0)
+    assert 30 <= info["hinge"] <= 300
     sad_mv = sad_degrees(E, E_mv[:, match_endmembers(E, E_mv)])
     E_v, _ = vca(Y, 4, seed=0)
     sad_v = sad_degrees(E, E_v[:, match_endmembers(E, E_v)])
     assert np.mean(sad_mv) < 1.5 and np.mean(sad_mv) < 0.25 * np.mean(sad_v)
     with pytest.raises(ConfigError, match="start must be"):
         minvol(Y, 4, start=E[:, :3])
+    with pytest.raises(ConfigError, match="hinge must be"):
+        minvol(Y, 4, hinge=0.0)
 
 
 def test_noise_floor_matches_known_white_noise(usgs):

@@ -25,6 +25,9 @@ except ImportError:  # pragma: no cover - fallback while the shared module is mi
     from workers.unmix.metrics import abundance_rmse, match_endmembers, sad_degrees  # type: ignore
 
 SCENES = ("samson", "jasper", "synthetic")
+#: everything from this line on in an existing markdown report (targets, diagnosis written by
+#: hand) is carried over when the report is regenerated
+NOTES_MARKER = "<!-- notes below are kept when this report is regenerated -->"
 SYNTHETIC_CASES = ((4, 30.0), (4, 15.0), (6, 30.0), (6, 15.0))
 
 
@@ -200,7 +203,10 @@ def environment() -> dict[str, Any]:
 
 def write_report(results: list[dict[str, Any]], env: dict[str, Any], command: str,
                  md_path: Path, json_path: Path, settings: dict[str, Any]) -> None:
-    """``docs/benchmarks/unmix_eval.md`` + ``benchmarks/results/unmix_eval.json``."""
+    """``docs/benchmarks/unmix_eval.md`` + ``benchmarks/results/unmix_eval.json``.
+
+    Notes after :data:`NOTES_MARKER` in an existing markdown report are kept (appended again).
+    """
     import json
 
     command = portable(command)
@@ -237,5 +243,10 @@ def write_report(results: list[dict[str, Any]], env: dict[str, Any], command: st
             lines.append(f"- {r['scene']}: DEQ-Unmix aRMSE {d:.4f} vs VCA+FCLS {b:.4f} "
                          f"({100 * (d - b) / b:+.1f} %); mean SAD {r['deq-unmix']['sad_mean_deg']:.2f}° vs "
                          f"{r['vca+fcls']['sad_mean_deg']:.2f}°.{(' ' + r['note']) if r.get('note') else ''}")
+    text = "\n".join(lines) + "\n"
+    if md_path.is_file():
+        old = md_path.read_text()
+        if NOTES_MARKER in old:
+            text += "\n" + old[old.index(NOTES_MARKER):]
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text("\n".join(lines) + "\n")
+    md_path.write_text(text)

@@ -24,7 +24,8 @@ from pipeline import LOCAL_SCHEDULER
 from pipeline.errors import ConfigError, InputValidationError, ModelError, WriteError
 from pipeline.scene import good_band_index, valid_mask, validate_scene
 from workers.unmix.classical import (
-    MINVOL_HINGE,
+    MINVOL_HINGE_C,
+    MINVOL_HINGE_RANGE,
     estimate_n_endmembers,
     fcls,
     minvol,
@@ -284,8 +285,8 @@ def init_endmembers(Ys: np.ndarray, P: int, seed: int, method: str = "best",
     if method not in ("vca", "nfindr", "minvol", "best"):
         raise ConfigError(f"init must be 'vca', 'nfindr', 'minvol' or 'best', got {method!r}")
     if method == "minvol":
-        return np.clip(minvol(Ys, P, seed=seed), 0.0, None), {"method": "minvol", "seed": seed,
-                                                             "hinge": MINVOL_HINGE}
+        E, info = minvol(Ys, P, seed=seed)
+        return np.clip(E, 0.0, None), {"method": "minvol", "seed": seed, "minvol": info}
     base: list[tuple[str, np.ndarray, list[int]]] = []
     if method in ("vca", "best"):
         E, idx = vca(Ys, P, seed=seed)
@@ -302,11 +303,12 @@ def init_endmembers(Ys: np.ndarray, P: int, seed: int, method: str = "best",
         return float(np.sqrt(np.mean((Ys - E @ A) ** 2))), A
 
     floor = noise_floor(Ys, P)
-    E_mv = np.clip(minvol(Ys, P, seed=seed, start=base[0][1]), 0.0, None)
+    E_mv, mv_info = minvol(Ys, P, seed=seed, start=base[0][1])
+    E_mv = np.clip(E_mv, 0.0, None)
     r_mv, _ = rmse(E_mv)
     rec: dict[str, Any] = {"seed": seed, "noise_floor_rmse": floor, "minvol_rmse": r_mv,
                            "minvol_rmse_over_floor": r_mv / floor if floor > 0 else float("inf"),
-                           "lmm_tolerance": LMM_TOLERANCE, "minvol_hinge": MINVOL_HINGE,
+                           "lmm_tolerance": LMM_TOLERANCE, "minvol": {**mv_info, "hinge_c": MINVOL_HINGE_C, "hinge_range": list(MINVOL_HINGE_RANGE)},
                            "sample_indices": {b[0]: b[2] for b in base}}
     if floor > 0 and r_mv <= LMM_TOLERANCE * floor:
         rec.update(method="minvol", selection="linear model explains the sample (minimum-volume "
