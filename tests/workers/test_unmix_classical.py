@@ -8,7 +8,15 @@ from scipy.optimize import minimize
 
 from pipeline.errors import ConfigError, InputValidationError
 from pipeline.metrics import match_endmembers, sad_degrees
-from workers.unmix.classical import estimate_n_endmembers, fcls, hysime, minvol, nfindr, noise_floor, vca
+from workers.unmix.classical import (
+    estimate_n_endmembers,
+    fcls,
+    hysime,
+    minvol,
+    nfindr,
+    noise_floor,
+    vca,
+)
 
 
 @pytest.fixture(scope="module")
