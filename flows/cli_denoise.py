@@ -27,6 +27,8 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         device: str = typer.Option("cpu", help="cpu, cuda or cuda:N"),
         arch: str = typer.Option("shipped", help="shipped (the registry's model) or full (larger; GPU)"),
         loader_workers: int = typer.Option(0, help="processes building batches (0: in the training loop)"),
+        loss: str = typer.Option("l1", help="l1, or l1-noise-relative (each band's error divided by its noise "
+                                 "level: nearly clean bands count as much as noisy ones in dB)"),
         install: bool = typer.Option(False, help="copy the weights to workers/weights/decsc.safetensors"),
     ) -> None:
         """Train the DECSC denoiser on real data with blind protocol noise; export safetensors."""
@@ -40,7 +42,8 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         console = Console()
         cfg = TrainConfig(data_dir=data, out_dir=out, minutes=minutes, max_steps=max_steps, batch=batch,
                           patch=patch, lr=lr, seed=seed, threads=threads, resume=resume,
-                          device=device, arch=arch, loader_workers=loader_workers, init_weights=init_weights)
+                          device=device, arch=arch, loader_workers=loader_workers, init_weights=init_weights,
+                          loss=loss)
 
         def show(rec: dict) -> None:
             line = (f"step {rec['step']:5d}  {rec['elapsed_s'] / 60:5.1f} min  loss {rec['loss']:.4f}  "

@@ -171,3 +171,25 @@ def test_resume_and_init_weights_conflict(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="not both"):
         TrainConfig(data_dir=tmp_path, out_dir=tmp_path, resume=True, init_weights=tmp_path / "w.safetensors")
+
+
+def test_noise_relative_band_weights() -> None:
+    """Equal noise in every band: plain L1 (weights 1); a nearly clean band outweighs a noisy one
+    by about (σ_noisy + floor) / (σ_clean + floor); an unknown loss name is refused."""
+    from pipeline.errors import ConfigError
+    from pipeline.noise import add_noise_with_info
+    from workers.denoise.train import LOSS_NOISE_FLOOR, TrainConfig, band_weights
+
+    rng = np.random.default_rng(0)
+    clean = rng.uniform(0.2, 0.8, size=(6, 32, 32)).astype(np.float32)
+    noisy, sig, _ = add_noise_with_info(clean, "gauss30", rng)
+    w = band_weights(torch.from_numpy(clean)[None], torch.from_numpy(noisy)[None])
+    assert w.shape == (1, 6, 1, 1)
+    torch.testing.assert_close(w, torch.ones_like(w), atol=0.03, rtol=0)
+    noisy2 = clean.copy()
+    noisy2[0] += 0.3 * rng.standard_normal((32, 32)).astype(np.float32)  # one very noisy band
+    w2 = band_weights(torch.from_numpy(clean)[None], torch.from_numpy(noisy2)[None])[0, :, 0, 0]
+    assert float(w2.mean()) == pytest.approx(1.0, abs=1e-5)
+    assert float(w2[1] / w2[0]) == pytest.approx((0.3 + LOSS_NOISE_FLOOR) / LOSS_NOISE_FLOOR, rel=0.05)
+    with pytest.raises(ConfigError, match="loss must be one of"):
+        TrainConfig(data_dir=Path("."), out_dir=Path("."), loss="l2")
