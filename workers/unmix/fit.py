@@ -307,7 +307,7 @@ def init_endmembers(Ys: np.ndarray, P: int, seed: int, method: str = "best",
     E_mv = np.clip(E_mv, 0.0, None)
     r_mv, _ = rmse(E_mv)
     rec: dict[str, Any] = {"seed": seed, "noise_floor_rmse": floor, "minvol_rmse": r_mv,
-                           "minvol_rmse_over_floor": r_mv / floor if floor > 0 else float("inf"),
+                           "minvol_rmse_over_floor": r_mv / floor if floor > 0 else None,
                            "lmm_tolerance": LMM_TOLERANCE, "minvol": {**mv_info, "hinge_c": MINVOL_HINGE_C, "hinge_range": list(MINVOL_HINGE_RANGE)},
                            "sample_indices": {b[0]: b[2] for b in base}}
     if floor > 0 and r_mv <= LMM_TOLERANCE * floor:
