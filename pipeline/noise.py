@@ -1,4 +1,4 @@
-"""Seeded noise generators for the denoising protocol (``/work/shared/PROTOCOL.md``, docs/evaluation.md).
+"""Seeded noise generators for the denoising protocol (``../shared/PROTOCOL.md``, docs/evaluation.md).
 
 All σ values in the protocol are on the 0–255 scale; here they are divided by 255 so that they
 apply to a clean cube in [0, 1]. Cubes are ``(B, H, W)`` (band, y, x). Every random draw comes
