@@ -102,9 +102,14 @@ def vca(Y: np.ndarray, p: int, *, seed: int = 0, snr_input: float | None = None)
     return Yp[:, idx], idx
 
 
-def _pca_reduce(Y: np.ndarray, d: int) -> np.ndarray:
+def _pca_basis(Y: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(L, 1)`` and the ``d`` leading principal directions ``(L, d)`` of ``Y``."""
     mu = Y.mean(axis=1, keepdims=True)
-    U = np.linalg.svd((Y - mu) @ (Y - mu).T / Y.shape[1])[0][:, :d]
+    return mu, np.linalg.svd((Y - mu) @ (Y - mu).T / Y.shape[1])[0][:, :d]
+
+
+def _pca_reduce(Y: np.ndarray, d: int) -> np.ndarray:
+    mu, U = _pca_basis(Y, d)
     return U.T @ (Y - mu)
 
 
@@ -154,7 +159,7 @@ MINVOL_HINGE_RANGE = (30.0, 300.0)
 
 
 def minvol(Y: np.ndarray, p: int, *, seed: int = 0, hinge: float | None = None, steps: int = 1500,
-           start: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+           start: np.ndarray | None = None, noise_var: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Minimum-volume simplex: ``(E, info)``, ``E`` (L×P) spanning the smallest simplex that
     holds the data; ``info``: the hinge weight used and the relative subspace noise ρ.
 
@@ -162,7 +167,8 @@ def minvol(Y: np.ndarray, p: int, *, seed: int = 0, hinge: float | None = None, 
     with the vertices ``V`` and ``M = [V; 1ᵀ]``, abundances ``A = M⁻¹[X; 1]`` sum to one by
     construction, and ``log|det M| + hinge·mean_n Σ_i max(0, −A_in)`` trades the simplex volume
     against pixels left outside it (noise puts some there: a finite ``hinge`` tolerates them;
-    ``None``: from the noise, see :data:`MINVOL_HINGE_C`).
+    ``None``: from the noise, see :data:`MINVOL_HINGE_C`; ``noise_var``: the per-band noise
+    variances if already known, else :func:`noise_variances`).
     Minimised by Adam (cosine learning rate, ``steps`` full-batch steps, analytic gradient) from
     the VCA simplex (``seed``) or ``start``. Unlike VCA and N-FINDR it needs no pure pixels, but it
     trusts the linear model: outliers and spectral variability inflate the simplex.
@@ -175,14 +181,13 @@ def minvol(Y: np.ndarray, p: int, *, seed: int = 0, hinge: float | None = None, 
     start = _check_matrix(start, "start")
     if start.shape != (L, p):
         raise ConfigError(f"start must be bands×p = {(L, p)!r}, got {start.shape!r}")
-    mu = Y.mean(axis=1, keepdims=True)
-    U = np.linalg.svd((Y - mu) @ (Y - mu).T / N)[0][:, : p - 1]
+    mu, U = _pca_basis(Y, p - 1)
     X = U.T @ (Y - mu)
     scale = float(np.sqrt(np.mean(np.sum(X**2, axis=0)))) or 1.0
     rho = None
     if hinge is None:
-        _, Rw = estimate_noise(Y)
-        rho = float(np.sqrt(np.trace(U.T @ Rw @ U))) / scale
+        nv = noise_variances(Y) if noise_var is None else np.asarray(noise_var, dtype=np.float64)
+        rho = float(np.sqrt(np.trace(U.T @ np.diag(nv) @ U))) / scale  # RMS noise norm in the subspace
         hinge = float(np.clip(MINVOL_HINGE_C / max(rho, 1e-12), *MINVOL_HINGE_RANGE))
     elif not hinge > 0:
         raise ConfigError(f"hinge must be > 0, got {hinge!r}")
@@ -208,17 +213,22 @@ def minvol(Y: np.ndarray, p: int, *, seed: int = 0, hinge: float | None = None, 
     return U @ (V * scale) + mu, {"hinge": float(hinge), "noise_rel": rho, "steps": steps}
 
 
-def noise_floor(Y: np.ndarray, p: int) -> float:
+def noise_variances(Y: np.ndarray) -> np.ndarray:
+    """Per-band noise variances σ_b² of ``Y`` (the diagonal of :func:`estimate_noise`'s ``Rw``)."""
+    return np.diag(estimate_noise(Y)[1]).copy()
+
+
+def noise_floor(Y: np.ndarray, p: int, *, noise_var: np.ndarray | None = None) -> float:
     """The reconstruction RMSE a perfect ``p``-endmember linear model would leave on ``Y``.
 
-    Per-band noise from :func:`estimate_noise` (HySime's regression); a model with ``p``
-    endmembers absorbs ``p`` of the ``L`` noise dimensions, so the floor is
-    ``sqrt(mean σ_b² · (L − p)/L)``.
+    Per-band noise variances ``noise_var`` (default :func:`noise_variances`, HySime's
+    regression); a model with ``p`` endmembers absorbs ``p`` of the ``L`` noise dimensions, so
+    the floor is ``sqrt(mean σ_b² · (L − p)/L)``.
     """
     Y = _check_matrix(Y)
     L = Y.shape[0]
-    _, Rw = estimate_noise(Y)
-    return float(np.sqrt(np.mean(np.diag(Rw)) * max(L - p, 1) / L))
+    nv = noise_variances(Y) if noise_var is None else np.asarray(noise_var, dtype=np.float64)
+    return float(np.sqrt(np.mean(nv) * max(L - p, 1) / L))
 
 
 def _delta(E: np.ndarray) -> float:

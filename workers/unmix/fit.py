@@ -31,6 +31,7 @@ from workers.unmix.classical import (
     minvol,
     nfindr,
     noise_floor,
+    noise_variances,
     vca,
 )
 from workers.unmix.deq_unmix import DEQUnmix
@@ -302,8 +303,9 @@ def init_endmembers(Ys: np.ndarray, P: int, seed: int, method: str = "best",
         A = fcls(Ys, E)
         return float(np.sqrt(np.mean((Ys - E @ A) ** 2))), A
 
-    floor = noise_floor(Ys, P)
-    E_mv, mv_info = minvol(Ys, P, seed=seed, start=base[0][1])
+    noise_var = noise_variances(Ys)  # one noise estimate for the floor and the hinge
+    floor = noise_floor(Ys, P, noise_var=noise_var)
+    E_mv, mv_info = minvol(Ys, P, seed=seed, start=base[0][1], noise_var=noise_var)
     E_mv = np.clip(E_mv, 0.0, None)
     r_mv, _ = rmse(E_mv)
     rec: dict[str, Any] = {"seed": seed, "noise_floor_rmse": floor, "minvol_rmse": r_mv,
