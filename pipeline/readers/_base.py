@@ -310,11 +310,21 @@ def nm_factor(values: np.ndarray | None, units: str | None, *, source: Any = "")
         return 1000.0
     if u in ("nanometers", "nanometer", "nm", "nanometres", "nanometre"):
         return 1.0
-    if u in ("millimeters", "mm"):
+    if u in ("millimeters", "millimetres", "mm"):
         return 1e6
+    if u in ("centimeters", "centimetres", "cm"):
+        return 1e7
+    if u in ("meters", "metres", "m"):
+        return 1e9
+    if u in ("angstroms", "angstrom"):
+        return 0.1
     if u in ("wavenumber", "cm-1", "1/cm"):
         raise InputValidationError(
             f"wavelength units {units!r} in {str(source)!r} are wavenumbers; convert to nm first."
+        )
+    if u in ("ghz", "mhz", "thz", "hz"):
+        raise InputValidationError(
+            f"wavelength units {units!r} in {str(source)!r} are a frequency; convert to nm first."
         )
     if values is None:
         return 1.0

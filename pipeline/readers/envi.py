@@ -89,6 +89,22 @@ def _int(hdr: dict[str, str], key: str, src: Any, default: int | None = None) ->
         ) from None
 
 
+def _float(hdr: dict[str, str], key: str, src: Any) -> float | None:
+    """The first number of ``key`` (None when absent); a non-numeric value is a header error."""
+    if key not in hdr:
+        return None
+    try:
+        values = parse_number_list(hdr[key])
+    except ValueError:
+        values = []
+    if not values:
+        raise ReadError(
+            f"ENVI header {str(src)!r}: {key!r} must be a number, got {hdr[key].strip()!r}; "
+            "fix the header or remove the key."
+        )
+    return values[0]
+
+
 def _list(hdr: dict[str, str], key: str) -> list[str] | None:
     if key not in hdr:
         return None
@@ -141,10 +157,20 @@ def _map_info(hdr: dict[str, str], src: Any) -> tuple[Any, Any]:
             f"ENVI header {str(src)!r}: 'map info' {hdr['map info']!r} does not hold projection, "
             "reference pixel, map coordinates and pixel size; fix the header."
         ) from None
+    if not (np.isfinite([refx, refy, mapx, mapy, px, py]).all() and px != 0 and py != 0):
+        raise ReadError(
+            f"ENVI header {str(src)!r}: 'map info' pixel size ({px!r}, {py!r}) must be non-zero and "
+            f"finite (reference pixel and map coordinates too); fix the header or remove 'map info'."
+        )
     rotation = 0.0
     for it in items[7:]:
         if it.lower().startswith("rotation="):
-            rotation = float(it.split("=", 1)[1])
+            try:
+                rotation = float(it.split("=", 1)[1])
+            except ValueError:
+                raise ReadError(
+                    f"ENVI header {str(src)!r}: 'map info' rotation {it!r} is not a number; fix the header."
+                ) from None
     if rotation:
         raise ReadError(
             f"ENVI header {str(src)!r}: rotated map info (rotation={rotation!r}) is not supported; "
@@ -152,11 +178,19 @@ def _map_info(hdr: dict[str, str], src: Any) -> tuple[Any, Any]:
         )
     if crs is None:
         if proj == "utm" and len(items) >= 9:
-            zone = int(float(items[7]))
+            try:
+                zone = float(items[7])
+            except ValueError:
+                zone = float("nan")
+            if not (zone.is_integer() and 1 <= zone <= 60):
+                raise ReadError(
+                    f"ENVI header {str(src)!r}: 'map info' UTM zone {items[7]!r} is not a zone "
+                    "number 1-60; fix the header (or give the CRS in 'coordinate system string')."
+                )
             south = items[8].strip().lower().startswith("s")
             datum = " ".join(items[9:10]).lower()
             if "wgs" in datum or not datum:
-                crs = CRS.from_epsg((32700 if south else 32600) + zone)
+                crs = CRS.from_epsg((32700 if south else 32600) + int(zone))
         elif proj.startswith("geographic"):
             crs = CRS.from_epsg(4326)
     # ENVI reference pixel (1, 1) is the upper-left corner of the upper-left pixel
@@ -181,6 +215,12 @@ class EnviSource(SceneSource):
         self.header = hdr
         ns, nl, nb = (_int(hdr, k, hdr_path) for k in ("samples", "lines", "bands"))
         self.offset = _int(hdr, "header offset", hdr_path, default=0)
+        for key, value in (("samples", ns), ("lines", nl), ("bands", nb), ("header offset", self.offset)):
+            if value < 0:
+                raise ReadError(
+                    f"ENVI header {str(hdr_path)!r}: {key!r} must be zero or positive, got {value!r}; "
+                    "fix the header."
+                )
         code = _int(hdr, "data type", hdr_path)
         if code not in ENVI_DTYPES:
             raise ReadError(
@@ -229,13 +269,20 @@ class EnviSource(SceneSource):
             ) from None
         if units and units.strip().lower() == "unknown":
             units = None
+        if units and units.strip().lower() == "index":  # ENVI: the values are band numbers, not wavelengths
+            wl_v = fw_v = None
         self.wavelength = wavelengths_to_nm(wl_v, units, source=hdr_path)
         self.fwhm = wavelengths_to_nm(wl_v, units, source=hdr_path, fwhm=fw_v) if fw_v is not None else None
         bbl = _list(hdr, "bbl")
-        self.good_band = np.asarray([float(b) != 0 for b in bbl], dtype=bool) if bbl else None
-        ignore = hdr.get("data ignore value")
-        nodata = options.get("nodata", float(ignore) if ignore is not None else None)
-        self.nodata = nodata
+        try:
+            self.good_band = np.asarray([float(b) != 0 for b in bbl], dtype=bool) if bbl else None
+        except ValueError as exc:
+            raise InputValidationError(
+                f"ENVI header {str(hdr_path)!r}: non-numeric 'bbl' entry ({exc}); bbl holds 1 (good "
+                "band) or 0 (bad band) per band. Fix the header."
+            ) from None
+        ignore = _float(hdr, "data ignore value", hdr_path)
+        self.nodata = options.get("nodata", ignore)
         self.transform, self.crs = _map_info(hdr, hdr_path)
         if nb * nl * ns and looks_byteswapped(self.sample_raw()):
             raise InputValidationError(
@@ -243,8 +290,7 @@ class EnviSource(SceneSource):
                 f"{bo!r}' the values are absurd, with byte order {1 - bo!r} they are plausible. "
                 f"Fix the header ('byte order = {1 - bo}')."
             )
-        rsf = hdr.get("reflectance scale factor")
-        meta_scale = parse_number_list(rsf)[0] if rsf and parse_number_list(rsf) else None
+        meta_scale = _float(hdr, "reflectance scale factor", hdr_path)
         if nb * nl * ns:
             self.resolve_scale(options.get("scale_factor"), meta_scale, "ENVI 'reflectance scale factor'")
         if "description" in hdr:
