@@ -30,6 +30,9 @@ from pipeline.errors import InputValidationError
 
 DIMS: tuple[str, str, str] = ("band", "y", "x")
 NODATA_CONVENTION = "NaN in float outputs; a pixel is valid when all good bands are finite"
+#: wavelengths (nm) an imaging spectrometer can have, UV to thermal infrared; values outside come
+#: from a unit mix-up (µm declared as nm or the reverse) or from band numbers given as wavelengths
+WAVELENGTH_RANGE_NM: tuple[float, float] = (100.0, 20_000.0)
 
 
 class MissingCRSWarning(UserWarning):
@@ -149,6 +152,17 @@ def validate_scene(da: xr.DataArray, *, check_values: bool = False) -> xr.DataAr
     if known.size and known.size != wl.size:
         raise InputValidationError(
             f"wavelengths are known for {known.size} of {wl.size} bands; give all or none."
+        )
+    lo, hi = WAVELENGTH_RANGE_NM
+    outside = np.flatnonzero((wl < lo) | (wl > hi))
+    if outside.size:
+        i = int(outside[0])
+        raise InputValidationError(
+            f"wavelength {float(wl[i])!r} nm of band {i} (range {float(known.min())!r}-"
+            f"{float(known.max())!r} nm) is outside {lo:g}-{hi:g} nm, where imaging spectrometers "
+            "measure: the wavelength units are probably wrong (values in micrometres declared as "
+            "nanometres or the reverse, or band numbers given as wavelengths). Fix 'wavelength "
+            "units' or the wavelength values in the metadata."
         )
     if known.size > 1 and not np.all(np.diff(known) > 0):
         bad = int(np.argmax(np.diff(known) <= 0))
