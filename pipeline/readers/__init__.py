@@ -144,6 +144,14 @@ def _canonical_format(fmt: str) -> str:
 def open_source(path: str | Path, format: str | None = None, **options: Any) -> SceneSource:
     """Open ``path`` as a :class:`SceneSource` (metadata + window reader), without reading it all."""
     p = check_path(path)
+    nodata = options.get("nodata")
+    if nodata is not None:
+        try:
+            options["nodata"] = float(nodata)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"nodata must be a number (the raw value that marks missing pixels), got {nodata!r}."
+            ) from None
     fmt = _canonical_format(format) if format else detect_format(p)
     if p.is_dir() and fmt != "zarr":
         raise ReadError(

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import ReadError
+from pipeline.errors import InputValidationError, ReadError
 from pipeline.readers._base import SceneSource, check_options, parse_number_list, wavelengths_to_nm
 
 OPTIONS: tuple[str, ...] = ()
@@ -68,14 +68,20 @@ class GeoTiffSource(SceneSource):
         except Exception as exc:  # rasterio raises RasterioIOError and friends
             raise _rasterio_error(path, exc, "open") from exc
         meta_scale = None
+        for what, vals in (("scale", scales), ("offset", offsets)):
+            if len(vals) > 1 and not (what == "scale" and options.get("scale_factor") is not None):
+                raise InputValidationError(
+                    f"bands of {str(path)!r} have different GDAL {what}s {sorted(vals)!r}; hyperdeq "
+                    f"applies one {what} to the whole cube, so some bands would come out wrong. "
+                    "Rewrite the file with one scale and offset for all bands (or, for scales, pass "
+                    "scale_factor=<number> if one value is right for every band)."
+                )
         if len(scales) == 1 and scales != {1.0}:
             s = scales.pop()
             meta_scale = round(1.0 / s, 9) if s else s  # GDAL scale multiplies; we divide
         if len(offsets) == 1 and offsets != {0.0}:
             self.add_offset = float(offsets.pop())
         if self.raw_dtype.kind not in "iuf":
-            from pipeline.errors import InputValidationError
-
             raise InputValidationError(
                 f"non-numeric data type {str(self.raw_dtype)!r} in {str(path)!r}; hyperdeq reads "
                 "real integer or floating-point cubes only. Convert the data first."
@@ -97,8 +103,32 @@ class GeoTiffSource(SceneSource):
                 return vals  # type: ignore[return-value]
             for src in (dstags, envi):
                 if key in src:
-                    return [str(v) for v in parse_number_list(src[key])]
+                    try:
+                        return [str(v) for v in parse_number_list(src[key])]
+                    except ValueError:
+                        raise InputValidationError(
+                            f"GeoTIFF {str(self.path)!r}: the dataset tag {key!r} = {src[key][:80]!r} "
+                            "is not a list of numbers; fix the tag (e.g. with gdal_edit.py -mo)."
+                        ) from None
+            tagged = [i + 1 for i, v in enumerate(vals) if v is not None]
+            if tagged:
+                missing = [i + 1 for i, v in enumerate(vals) if v is None]
+                raise InputValidationError(
+                    f"GeoTIFF {str(self.path)!r}: {len(tagged)} of {nb} bands have a {key!r} tag "
+                    f"(band(s) {missing[:5]!r}{'...' if len(missing) > 5 else ''} have none); tag every "
+                    "band or none (e.g. with gdal_edit.py -mo)."
+                )
             return None
+
+        def numbers(key: str, vals: list[str]) -> np.ndarray:
+            try:
+                return np.asarray([float(v) for v in vals], dtype=np.float64)
+            except ValueError:
+                bad = next(i for i, v in enumerate(vals) if not _is_number(v))
+                raise InputValidationError(
+                    f"GeoTIFF {str(self.path)!r}: band {bad + 1} has {key!r} tag {vals[bad]!r}, "
+                    "not a number; fix the tag (e.g. with gdal_edit.py -mo)."
+                ) from None
 
         units = (
             btags[0].get("wavelength_units")
@@ -109,16 +139,14 @@ class GeoTiffSource(SceneSource):
         wl = per_band("wavelength")
         fw = per_band("fwhm")
         bbl = per_band("bbl")
-        wl_raw = np.asarray(wl, dtype=np.float64) if wl else None
+        wl_raw = numbers("wavelength", wl) if wl else None
         self.wavelength = wavelengths_to_nm(wl_raw, units, source=self.path)
         self.fwhm = (
-            wavelengths_to_nm(wl_raw, units, source=self.path, fwhm=np.asarray(fw, dtype=np.float64))
+            wavelengths_to_nm(wl_raw, units, source=self.path, fwhm=numbers("fwhm", fw))
             if fw
             else None
         )
-        self.good_band = (
-            np.asarray([float(b) != 0 for b in bbl], dtype=bool) if bbl else None
-        )
+        self.good_band = numbers("bbl", bbl) != 0 if bbl else None
         if "start_time" in dstags:
             self.attrs["start_time"] = dstags["start_time"]
 
@@ -150,6 +178,14 @@ class GeoTiffSource(SceneSource):
                 return ds.read(indexes=indexes, window=Window(x0, y0, x1 - x0, y1 - y0))
         except Exception as exc:
             raise _rasterio_error(self.path, exc, f"read window rows {y0}:{y1} cols {x0}:{x1} of") from exc
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def open_geotiff(path: Path, **options: Any) -> GeoTiffSource:
