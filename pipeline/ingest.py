@@ -392,6 +392,12 @@ def open_zarr_scene(path: str | Path) -> xr.DataArray:
         ds = xr.open_zarr(p, consolidated=False, chunks={}, mask_and_scale=False)
     except Exception as exc:
         raise ReadError(f"cannot open zarr store {str(p)!r}: {exc}; ingest the source again.") from exc
+    if VARIABLE not in ds.data_vars:
+        raise ReadError(
+            f"zarr store {str(p)!r} is damaged: its {VARIABLE!r} array is missing (arrays: "
+            f"{sorted(map(str, ds.variables))!r}); ingest the source again with overwrite=True."
+        )
+    _check_chunks(p, meta)
     var = ds[VARIABLE]
     # the per-band coordinates are dask-backed too: read them here (small), never through a
     # process-wide default Dask client
@@ -417,6 +423,43 @@ def open_zarr_scene(path: str | Path) -> xr.DataArray:
         scale_factor=meta.get("scale_factor", 1.0),
         attrs=attrs,
     )
+
+
+def _check_chunks(p: Path, meta: dict[str, Any]) -> None:
+    """Every region the ingest recorded with valid pixels must have its chunk on disk.
+
+    zarr reads a missing chunk as its fill value (NaN), so a store copied incompletely would
+    otherwise turn data into nodata without a word. Regions without a valid pixel may lack their
+    chunk (zarr does not write all-NaN chunks).
+    """
+    import zarr
+
+    valid = [int(v) for v in meta.get("progress", {}).get("valid", [])]
+    shape = meta.get("shape")
+    if not valid or not shape:
+        return
+    try:
+        arr: Any = zarr.open_array(str(p / VARIABLE), mode="r")
+    except Exception as exc:
+        raise ReadError(
+            f"cannot open the {VARIABLE!r} array of zarr store {str(p)!r}: {exc}; ingest the source "
+            "again with overwrite=True."
+        ) from exc
+    _, cy, cx = arr.chunks
+    ny, nx = int(shape[1]), int(shape[2])
+    keys = [(0, iy, ix) for iy in range(-(-ny // cy)) for ix in range(-(-nx // cx))]
+    if len(keys) != len(valid):
+        return  # a store of another layout: nothing to compare with
+    missing = [(k, n) for k, n in zip(keys, valid, strict=True)
+               if n > 0 and not (p / VARIABLE / arr.metadata.encode_chunk_key(k)).is_file()]
+    if missing:
+        (_, iy, ix), n = missing[0]
+        raise ReadError(
+            f"zarr store {str(p)!r} is damaged: {len(missing)!r} of {len(keys)!r} data chunks are "
+            f"missing, e.g. the chunk of rows {iy * cy}:{min((iy + 1) * cy, ny)}, cols "
+            f"{ix * cx}:{min((ix + 1) * cx, nx)} that held {n!r} valid pixels when it was ingested "
+            "(an incomplete copy?). Copy the store again or ingest the source again with overwrite=True."
+        )
 
 
 class ZarrSceneSource(SceneSource):
@@ -447,7 +490,14 @@ class ZarrSceneSource(SceneSource):
     def read_raw(
         self, y0: int, y1: int, x0: int, x1: int, bands: np.ndarray | None = None
     ) -> np.ndarray:
-        out = np.asarray(self._scene.data[:, y0:y1, x0:x1].compute(scheduler=LOCAL_SCHEDULER))
+        try:
+            out = np.asarray(self._scene.data[:, y0:y1, x0:x1].compute(scheduler=LOCAL_SCHEDULER))
+        except Exception as exc:  # a chunk that does not decode: truncated or overwritten
+            raise ReadError(
+                f"cannot read rows {y0}:{y1}, cols {x0}:{x1} of zarr store {str(self.path)!r}: "
+                f"{type(exc).__name__}: {exc}; a chunk is corrupt (an interrupted copy?). Copy the "
+                "store again or ingest the source again with overwrite=True."
+            ) from exc
         return out if bands is None else out[bands]
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:

@@ -1,0 +1,72 @@
+"""A hyperdeq zarr store that lost or damaged a chunk (an incomplete copy) is refused, never read as nodata.
+
+The store is an ingest of a real EnMAP crop (tests/data), chunked 16 px so that it has 4 chunks.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from pipeline.errors import ReadError
+from pipeline.ingest import ingest_scene, open_zarr_scene
+from pipeline.readers import open_scene
+from tests.pipeline.test_tiles import write_crop_tif
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("store")
+    src = write_crop_tif(tmp / "crop.tif", 96, 64, 32, 32)  # fully valid block of the demo mosaic
+    return ingest_scene(src, tmp / "scene.zarr", chunk=16)
+
+
+def _copy(store: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "copy.zarr"
+    shutil.copytree(store, dest)
+    return dest
+
+
+def test_missing_data_chunk_is_refused(store: Path, tmp_path: Path) -> None:
+    p = _copy(store, tmp_path)
+    (p / "reflectance" / "c" / "0" / "1" / "1").unlink()
+    msg = r"is damaged: 1 of 4 data chunks are missing, e.g. the chunk of rows 16:32, cols 16:32 that held 256 valid"
+    with pytest.raises(ReadError, match=msg + r".*Copy the store again or ingest the source again"):
+        open_zarr_scene(p)
+    with pytest.raises(ReadError, match=msg):
+        open_scene(p)
+    with pytest.raises(ReadError, match=msg):
+        ingest_scene(p, tmp_path / "again.zarr")
+
+
+def test_missing_data_array_is_refused(store: Path, tmp_path: Path) -> None:
+    p = _copy(store, tmp_path)
+    shutil.rmtree(p / "reflectance")
+    with pytest.raises(ReadError, match=r"is damaged: its 'reflectance' array is missing"):
+        open_zarr_scene(p)
+
+
+def test_corrupt_chunk_is_a_read_error_naming_the_window(store: Path, tmp_path: Path) -> None:
+    p = _copy(store, tmp_path)
+    chunk = p / "reflectance" / "c" / "0" / "0" / "1"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    with pytest.raises(ReadError, match=r"cannot read rows 0:32, cols 0:32 of zarr store .*a chunk is corrupt"):
+        ingest_scene(p, tmp_path / "again.zarr")
+
+
+def test_all_nodata_region_without_a_chunk_is_fine(tmp_path: Path) -> None:
+    """zarr does not write all-NaN chunks: a nodata hole has no chunk, and that is not damage."""
+    src = write_crop_tif(tmp_path / "crop.tif", 96, 64, 32, 32)
+    with rasterio.open(src, "r+") as f:
+        cube = f.read()
+        cube[:, :16, :16] = f.nodata
+        f.write(cube)
+    p = ingest_scene(src, tmp_path / "holes.zarr", chunk=16)
+    assert not (p / "reflectance" / "c" / "0" / "0" / "0").exists()
+    scene = open_zarr_scene(p)
+    v = scene.values[scene["good_band"].values]  # bad bands are nodata everywhere in EnMAP L2A
+    assert np.isnan(v[:, :16, :16]).all() and np.isfinite(v[:, 16:, :]).all()
