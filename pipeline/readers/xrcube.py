@@ -153,6 +153,7 @@ class XarraySource(SceneSource):
             crs = None
         if crs is not None:
             self.crs = crs
+            self._check_regular(var, ydim, xdim)
             try:
                 self.transform = var.rio.set_spatial_dims(x_dim=xdim, y_dim=ydim).rio.transform(
                     recalc=True
@@ -161,6 +162,27 @@ class XarraySource(SceneSource):
                 self.transform = None
         if self.reader == "zarr" and crs is None:
             self.attrs["foreign_zarr"] = True
+
+    def _check_regular(self, var: xr.DataArray, ydim: str, xdim: str) -> None:
+        """Map coordinates must be evenly spaced: an affine transform cannot describe anything else."""
+        for dim in (ydim, xdim):
+            if dim not in var.coords or var[dim].ndim != 1 or var.sizes[dim] < 3:
+                continue
+            raw = np.asarray(var[dim].values)
+            if raw.dtype.kind not in "iuf":
+                continue
+            c = raw.astype(np.float64)
+            steps = np.diff(c)
+            # tolerate rounding: 0.1 % of a pixel, or a few ulps of the stored (maybe float32) values
+            eps = np.finfo(raw.dtype).eps if raw.dtype.kind == "f" else 0.0
+            tol = max(1e-3 * abs(float(steps[0])), 8.0 * eps * float(np.nanmax(np.abs(c))))
+            if not np.isfinite(steps).all() or float(np.abs(steps - steps[0]).max()) > tol:
+                raise InputValidationError(
+                    f"the {dim!r} coordinates of {str(self.path)!r} are not evenly spaced (steps "
+                    f"from {float(np.nanmin(steps))!r} to {float(np.nanmax(steps))!r}); hyperdeq "
+                    "needs a regular grid to georeference the outputs. Resample the scene to a "
+                    "regular grid first (e.g. gdalwarp or rioxarray's reproject)."
+                )
 
     def read_raw(
         self, y0: int, y1: int, x0: int, x1: int, bands: np.ndarray | None = None
