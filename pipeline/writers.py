@@ -42,6 +42,12 @@ def confined_path(root: str | Path, *parts: str) -> Path:
             f"output path {str(Path(root).joinpath(*parts))!r} escapes the output root {str(base)!r}; "
             "use a plain file name"
         )
+    for folder in (base, *(q for q in p.parents if base in q.parents)):
+        if folder.exists() and not folder.is_dir():
+            raise WriteError(
+                f"output folder {str(folder)!r} exists but is a file, not a directory; choose "
+                "another output root (--out) or move the file away."
+            )
     return p
 
 
