@@ -1,4 +1,4 @@
-"""CLI commands of the denoiser area: ``hyperdeq train denoiser``."""
+"""CLI commands of the denoiser area: ``hyperdeq train denoiser`` and ``hyperdeq train guard``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import typer
 
 
 def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
-    """Add ``train denoiser`` to the ``train`` group."""
+    """Add ``train denoiser`` and ``train guard`` to the ``train`` group."""
 
     @groups["train"].command("denoiser")
     def train_denoiser(
@@ -59,3 +59,36 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
             dest = WEIGHTS_DIR / "decsc.safetensors"
             shutil.copyfile(weights, dest)
             console.print(f"installed to {dest}; update weights_sha256 in workers/denoise/spec.py")
+
+    @groups["train"].command("guard")
+    def train_guard_cmd(
+        data: Path = typer.Option(Path("../shared/data"), help="shared real-data folder (CAVE + crops)"),
+        out: Path = typer.Option(Path("runs/decsc_guard.safetensors"), help="output safetensors file"),
+        patches: int = typer.Option(480, help="training patches (64x64x31; a quarter from remote-sensing crops)"),
+        val_patches: int = typer.Option(120, help="validation patches from the held-out CAVE scenes"),
+        seed: int = typer.Option(0, help="seed for patches and noise (+11/+12/+13) and the fit"),
+        threads: int = typer.Option(2, help="torch CPU threads"),
+        install: bool = typer.Option(False, help="copy the result to workers/weights/decsc_guard.safetensors"),
+    ) -> None:
+        """Train the DECSC band guard (per-band blend toward the input where the model over-smooths)."""
+        import json
+        import shutil
+
+        import torch
+        from rich.console import Console
+
+        from workers.denoise.guard import GUARD_FILE, train_guard
+
+        console = Console()
+        torch.set_num_threads(max(1, threads))
+        path, sha, report = train_guard(data, out, patches=patches, val_patches=val_patches, seed=seed,
+                                        say=console.print)
+        console.print("held-out CAVE patches (MPSNR gain dB; bands worse than the input before -> after):")
+        for case, r in report.items():
+            console.print(f"  {case:11s} {r['gain_db']:+.3f} dB  {r['bands_worse_than_input_before']} -> "
+                          f"{r['bands_worse_than_input_after']} of {r['bands']}")
+        console.print(f"guard: {path}  sha256 {sha}")
+        (Path(out).with_suffix(".json")).write_text(json.dumps({"sha256": sha, "validation": report}, indent=1))
+        if install:
+            shutil.copyfile(path, GUARD_FILE)
+            console.print(f"installed to {GUARD_FILE}; set GUARD_WEIGHTS_SHA256 = {sha!r} in workers/denoise/spec.py")

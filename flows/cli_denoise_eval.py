@@ -35,13 +35,17 @@ def _command_line(opts: dict[str, object]) -> str:
     """The exact command, rebuilt from the parsed options (also right under a test runner)."""
     parts = ["hyperdeq", "eval", "denoiser"]
     for key in ("data", "scenes", "cases", "baselines", "seed", "out", "json_out", "crop",
-                "device", "threads", "cache"):
+                "device", "threads", "cache", "weights"):
         val = opts.get(key)
         if val is not None:
             flag = "--json" if key == "json_out" else f"--{key}"
             parts += [flag, shlex.quote(str(val))]
+    if opts.get("arch", "shipped") != "shipped":
+        parts += ["--arch", shlex.quote(str(opts["arch"]))]
     if not opts.get("decsc", True):
         parts.append("--no-decsc")
+    if not opts.get("guard", True):
+        parts.append("--no-guard")
     return " ".join(parts)
 
 
@@ -72,6 +76,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         ),
         weights: Path = typer.Option(None, help="DECSC weights file other than the shipped one"),
         arch: str = typer.Option("shipped", help="architecture of --weights: shipped or full"),
+        guard: bool = typer.Option(True, "--guard/--no-guard", help="DECSC's band guard (on in the pipeline)"),
     ) -> None:
         """Score DECSC and the classical denoisers on the test scenes under every noise case."""
         from workers.denoise.evaluate import EvalConfig, run_eval, write_report
@@ -91,6 +96,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
             cache=cache,
             weights=weights,
             arch=arch,
+            guard=guard,
             command=_command_line(locals()),
         )
         res = run_eval(

@@ -177,7 +177,10 @@ def run_config_hash(config: RunConfig) -> str:
         from workers.denoise.api import ARCH_PRESETS
 
         spec = get_spec("decsc")
-        algo["decsc"] = {"solver": spec.solver, "config": {**spec.config, **ARCH_PRESETS[config.denoise_arch]}}
+        from workers.denoise.spec import GUARD_WEIGHTS_SHA256
+
+        algo["decsc"] = {"solver": spec.solver, "config": {**spec.config, **ARCH_PRESETS[config.denoise_arch]},
+                         "band_guard_sha256": GUARD_WEIGHTS_SHA256}
     if config.unmix:
         from workers.unmix.fit import DEFAULTS
 

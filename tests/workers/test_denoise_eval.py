@@ -87,6 +87,8 @@ def test_eval_end_to_end_on_real_crops(shared_data, tmp_path):
     if res["decsc"]["status"] == "ok":
         d = g30["methods"]["decsc"]
         assert "mpsnr_db" in d and d["converged_fraction"] in (0.0, 1.0)
+        assert d["guard"] is True and 0.0 <= d["guard_w_mean"] <= d["guard_w_max"] <= 1.0
+        assert res["decsc"]["band_guard"]["status"] == "on" and len(res["decsc"]["band_guard"]["sha256"]) == 64
         assert "DECSC convergence" in md.read_text()
     else:
         assert res["decsc"]["note"] and "DECSC: **skipped**" in md.read_text()

@@ -4,10 +4,13 @@ Any band count runs with one set of weights: the model is applied on a sliding s
 (``SPEC.config["bands"]`` bands, stride ``window_stride``) and the overlapping window outputs are
 blended with Hann weights; fewer bands than the window are symmetrically padded along the
 spectrum. Nodata (NaN) pixels are filled with the band mean for the model and NaN again on output.
+The band guard (:mod:`workers.denoise.guard`) then hands part of the input back per band where
+the model over-smooths (on by default; ``guard=False`` turns it off).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict
@@ -189,15 +192,30 @@ def _check_cube(cube: np.ndarray) -> np.ndarray:
     return cube.astype(np.float32, copy=False)
 
 
+@functools.lru_cache(maxsize=1)
+def shipped_guard() -> Any:
+    """The shipped band guard (:mod:`workers.denoise.guard`), loaded once per process."""
+    from .guard import load_guard
+
+    return load_guard()
+
+
 @torch.no_grad()
 def denoise_cube(
     model: nn.Module, cube: np.ndarray, *, device: str = "cpu", max_iter: int | None = None,
-    window_batch: int = 2,
+    window_batch: int = 2, guard: Any = True,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Denoise one (B, H, W) float32 cube; NaN pixels stay NaN.
 
+    ``guard``: ``True`` (default) applies the shipped band guard after the model (per band,
+    ``out = d + w_b (y − d)``: part of the input handed back where the model over-smooths a
+    band, see :mod:`workers.denoise.guard`); ``False`` returns the model's output as is; a
+    :class:`workers.denoise.guard.BandGuard` uses that guard.
+
     Returns the denoised cube and the worst solver statistics over the spectral windows:
-    ``{"iterations": int, "residual": float, "converged": bool, "windows": int}``.
+    ``{"iterations": int, "residual": float, "converged": bool, "windows": int}``, plus the
+    guard's per-band weights summarised (``guard``, ``guard_w_mean``, ``guard_w_max``,
+    ``guard_bands_half``: bands with ``w > 0.5``).
     """
     cube = _check_cube(cube)
     b, h, w = cube.shape
@@ -236,18 +254,28 @@ def denoise_cube(
             acc[s : s + size] += wgt[:, None, None] * out_w[k]
             norm[s : s + size] += wgt
         out = acc / norm[:, None, None]
+    guard_stats: dict[str, Any] = {"guard": False}
+    if guard is not False and guard is not None:
+        from .guard import apply_guard
+
+        g = shipped_guard() if guard is True else guard
+        out, w = apply_guard(g, filled, out, sigma.cpu().numpy())
+        guard_stats = {"guard": True, "guard_w_mean": float(w.mean()), "guard_w_max": float(w.max()),
+                       "guard_bands_half": int(np.sum(w > 0.5))}
     out[:, ~valid] = np.nan
     stats = {
         "iterations": int(torch.cat(its).max()),
         "residual": float(torch.cat(res).max()),
         "converged": bool(torch.cat(conv).all()),
         "windows": len(starts),
+        **guard_stats,
     }
     return out, stats
 
 
 def denoise_batch(
-    model: nn.Module, cubes: list[np.ndarray], *, device: str = "cpu", max_iter: int | None = None
+    model: nn.Module, cubes: list[np.ndarray], *, device: str = "cpu", max_iter: int | None = None,
+    guard: Any = True,
 ) -> list[tuple[np.ndarray, dict[str, Any]]]:
     """:func:`denoise_cube` over several tiles in one call (one result per cube, same order)."""
-    return [denoise_cube(model, c, device=device, max_iter=max_iter) for c in cubes]
+    return [denoise_cube(model, c, device=device, max_iter=max_iter, guard=guard) for c in cubes]

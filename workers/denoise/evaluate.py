@@ -117,6 +117,7 @@ class EvalConfig:
     cache: Path | None = None
     weights: Path | None = None  # DECSC weights other than the shipped file
     arch: str = "shipped"  # architecture preset of those weights (workers.denoise.api.ARCH_PRESETS)
+    guard: bool = True  # the band guard after DECSC (workers.denoise.guard), as in the pipeline
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -245,6 +246,16 @@ def _load_decsc(device: str, weights: Path | None = None,
     return model, api.denoise_cube, info
 
 
+def _guard_info(on: bool) -> dict[str, Any]:
+    """Provenance of the band guard: on/off, its file and sha256."""
+    if not on:
+        return {"status": "off"}
+    from .guard import GUARD_FILE
+    from .spec import GUARD_WEIGHTS_SHA256
+
+    return {"status": "on", "file": GUARD_FILE.name, "sha256": GUARD_WEIGHTS_SHA256}
+
+
 def _decsc_stats(stats: dict[str, Any]) -> dict[str, Any]:
     """Solver statistics of one cube: ``denoise_cube`` gives the worst over its spectral windows
     (``converged`` True only when every window converged), so the fraction is per cube."""
@@ -257,6 +268,7 @@ def _decsc_stats(stats: dict[str, Any]) -> dict[str, Any]:
         "iterations_mean": float(it.mean()) if it.size else None,
         "iterations_max": float(it.max()) if it.size else None,
         "residual_max": float(resid.max()) if resid.size else None,
+        **{k: stats[k] for k in ("guard", "guard_w_mean", "guard_w_max", "guard_bands_half") if k in stats},
     }
 
 
@@ -336,6 +348,8 @@ def run_eval(
         model, denoise_cube, decsc_info = _load_decsc(config.device, config.weights, config.arch)
         if model is None:
             say(f"DECSC skipped: {decsc_info['note']}")
+        else:
+            decsc_info["band_guard"] = _guard_info(config.guard)
 
     env = environment(config)
     results: list[dict[str, Any]] = []
@@ -362,8 +376,8 @@ def run_eval(
             if model is not None and denoise_cube is not None:
                 t0 = time.perf_counter()
                 try:
-                    kw = {} if config.device == "cpu" else {"device": config.device}
-                    out, stats = denoise_cube(model, noisy.astype(np.float32), **kw)
+                    kw: dict[str, Any] = {} if config.device == "cpu" else {"device": config.device}
+                    out, stats = denoise_cube(model, noisy.astype(np.float32), guard=config.guard, **kw)
                     dt = time.perf_counter() - t0
                     res = score(clean, out, noisy_bp) | {"time_s": dt} | _decsc_stats(dict(stats))
                 except HyperdeqError as exc:

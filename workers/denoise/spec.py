@@ -16,6 +16,11 @@ WINDOW_STRIDE = 16
 FULL_WEIGHTS_FILE = "decsc_full.safetensors"
 FULL_WEIGHTS_SHA256 = "af9cc774585d2388cc56834e027a03983fe54d7a4974a3efc72a3c30abf254b9"
 
+#: the band guard (``workers.denoise.guard``): per band, hands part of the noisy input back where
+#: the model over-smooths (nearly clean bands among noisy ones); trained with ``hyperdeq train guard``
+GUARD_WEIGHTS_FILE = "decsc_guard.safetensors"
+GUARD_WEIGHTS_SHA256 = "da869ab7df975450369acb783e2f686fcbb528752e00b8e8b841afcdf0cda733"
+
 SPEC = ModelSpec(
     name="decsc",
     halo=16,

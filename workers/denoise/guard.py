@@ -1,0 +1,339 @@
+"""Band guard: hand part of the noisy input back where DECSC over-smooths a band.
+
+DECSC synthesises every band of a 31-band window from one shared code, so a band that is nearly
+clean while its neighbours are noisy (``band[0,95]``: σ_b drawn uniformly from 0 to 95/255) is
+smoothed like its neighbours and ends up *worse* than its input. The guard blends per band
+
+    out_b = d_b + w_b · (y_b − d_b),    w_b = g(features_b) ∈ [0, 1]
+
+(``y`` the noisy input, ``d`` the DECSC output). ``g`` is a tiny MLP over scale-free statistics of
+the removed residual ``r = y − d`` (its energy against the blind noise estimate, its correlation
+with the output's edges and with the neighbouring bands' residuals, its outlier and line
+fractions), trained on real training cubes (never the test scenes) to minimise the mean
+per-band log-MSE, i.e. to maximise MPSNR. A fixed rule cannot do this: the SURE-optimal blend
+``1 − w = σ̂²(1 − div/n) / mean(r²)`` gains +0.6 dB on Jasper Ridge ``band[0,95]`` but hands
+stripes, dead lines and impulses back in the ``mixture`` case (−2.4 dB), and simple gates that
+protect ``mixture`` also remove the gain (``docs/models/decsc.md``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.errors import ConfigError, WeightsError
+
+FEATURES = (
+    "log_sigma",  # log10 of the blind noise estimate σ̂_b
+    "log_residual_energy",  # log10 mean(r²)/σ̂²: 0 when exactly the noise was removed
+    "log_residual_mad",  # log10 of the robust scale of r over σ̂
+    "edge_corr",  # correlation of |r| with the output's gradient magnitude (signal loss at edges)
+    "neighbour_corr",  # mean correlation of r with the neighbouring bands' r (shared smoothing)
+    "outliers_3",  # fraction of |r| > 3σ̂
+    "outliers_6",  # fraction of |r| > 6σ̂ (impulses, dead lines)
+    "lines",  # fraction of columns or rows whose median r is off by > 5 standard errors (stripes)
+    "log_relative_sigma",  # log10 σ̂_b over the median σ̂ of the cube (band-dependent noise)
+    "log_level",  # log10 mean |d| (brightness)
+)
+GUARD_FILE = Path(__file__).resolve().parents[1] / "weights" / "decsc_guard.safetensors"  # sha256 in spec.py
+_EPS = 1e-12
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise Pearson correlation of two (B, n) arrays (0 where either is constant)."""
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    den = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    return np.where(den > _EPS, (a * b).sum(axis=1) / np.maximum(den, _EPS), 0.0)
+
+
+def band_features(y: np.ndarray, d: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """``(B, len(FEATURES))`` float32 features of one cube: ``y`` noisy, ``d`` denoised, both
+    ``(B, H, W)`` without NaN (fill nodata first), ``sigma`` the ``(B,)`` blind noise estimate."""
+    y = np.asarray(y, np.float64)
+    d = np.asarray(d, np.float64)
+    b, h, w = y.shape
+    s = np.maximum(np.asarray(sigma, np.float64), 1e-5)
+    r = y - d
+    rf = r.reshape(b, -1)
+    gy = np.abs(np.diff(d, axis=1, append=d[:, -1:, :]))
+    gx = np.abs(np.diff(d, axis=2, append=d[:, :, -1:]))
+    edge = _corr(np.abs(rf), (gx + gy).reshape(b, -1))
+    if b > 1:
+        c = _corr(rf[1:], rf[:-1])  # correlation of band k with band k - 1
+        nb = np.zeros(b)
+        cnt = np.zeros(b)
+        nb[1:] += c
+        cnt[1:] += 1
+        nb[:-1] += c
+        cnt[:-1] += 1
+        nb /= cnt
+    else:
+        nb = np.zeros(b)
+    med = np.median(rf, axis=1, keepdims=True)
+    mad = 1.4826 * np.median(np.abs(rf - med), axis=1)
+    absr = np.abs(rf)
+    se_col = 5 * 1.253 * s / np.sqrt(h)
+    se_row = 5 * 1.253 * s / np.sqrt(w)
+    cols = (np.abs(np.median(r, axis=1)) > se_col[:, None]).mean(axis=1)
+    rows = (np.abs(np.median(r, axis=2)) > se_row[:, None]).mean(axis=1)
+    feats = np.stack(
+        [
+            np.log10(s),
+            np.log10((rf**2).mean(axis=1) / s**2 + 1e-6),
+            np.log10(mad / s + 1e-6),
+            edge,
+            nb,
+            (absr > 3 * s[:, None]).mean(axis=1),
+            (absr > 6 * s[:, None]).mean(axis=1),
+            np.maximum(cols, rows),
+            np.log10(s / np.median(s)),
+            np.log10(np.abs(d).reshape(b, -1).mean(axis=1) + 1e-3),
+        ],
+        axis=1,
+    )
+    return np.nan_to_num(feats, nan=0.0, posinf=6.0, neginf=-6.0).astype(np.float32)
+
+
+def gain_terms(clean: np.ndarray, y: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Per band ``(A, B, C)`` with ``mse(w) = A + 2wB + w²C`` for ``d + w(y − d)`` vs ``clean``."""
+    b = clean.shape[0]
+    e = (np.asarray(d, np.float64) - clean).reshape(b, -1)
+    r = (np.asarray(y, np.float64) - d).reshape(b, -1)
+    return np.stack([(e * e).mean(1), (e * r).mean(1), (r * r).mean(1)], axis=1).astype(np.float64)
+
+
+class BandGuard(nn.Module):
+    """``features (N, F) -> w (N,)`` in [0, 1]: standardisation, one hidden layer, sigmoid."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        f = len(FEATURES)
+        self.register_buffer("mean", torch.zeros(f))
+        self.register_buffer("std", torch.ones(f))
+        self.net = nn.Sequential(nn.Linear(f, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        last = self.net[2]
+        assert isinstance(last, nn.Linear)
+        with torch.no_grad():  # start near "keep the denoiser's output" (w ≈ 0.05)
+            last.bias.fill_(-3.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net((x - self.mean) / self.std))[:, 0]
+
+
+def guard_loss(w: torch.Tensor, abc: torch.Tensor) -> torch.Tensor:
+    """Mean per-band log10 MSE of the blended output (what MPSNR averages, negated / 10)."""
+    mse = abc[:, 0] + 2 * w * abc[:, 1] + w * w * abc[:, 2]
+    return torch.log10(mse.clamp_min(1e-10)).mean()
+
+
+def fit_guard(X: np.ndarray, abc: np.ndarray, *, seed: int = 0, steps: int = 3000, lr: float = 1e-2,
+              hidden: int = 16, weight_decay: float = 1e-4) -> BandGuard:
+    """Fit a :class:`BandGuard` to features ``X (N, F)`` and gain terms ``abc (N, 3)`` (full batch Adam)."""
+    if X.ndim != 2 or X.shape[1] != len(FEATURES) or abc.shape != (X.shape[0], 3):
+        raise ConfigError(f"guard training data has shapes {X.shape!r} / {abc.shape!r}; expected (N, {len(FEATURES)}) / (N, 3)")
+    torch.manual_seed(seed)
+    g = BandGuard(hidden)
+    xt = torch.from_numpy(X.astype(np.float32))
+    at = torch.from_numpy(abc.astype(np.float64))
+    g.mean.copy_(xt.mean(0))
+    g.std.copy_(xt.std(0).clamp_min(1e-3))
+    opt = torch.optim.Adam(g.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        loss = guard_loss(g(xt).double(), at)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return g.eval()
+
+
+def apply_guard(guard: BandGuard, y: np.ndarray, d: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(d + w(y − d), w)`` for one NaN-free ``(B, H, W)`` cube; ``w`` per band."""
+    feats = band_features(y, d, sigma)
+    with torch.no_grad():
+        w = guard(torch.from_numpy(feats)).numpy().astype(np.float32)
+    out = d + w[:, None, None] * (y - d)
+    return out.astype(np.float32), w
+
+
+def guard_state(guard: BandGuard) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().clone() for k, v in guard.state_dict().items()}
+
+
+def save_guard(guard: BandGuard, path: Path, meta: dict[str, Any]) -> str:
+    """Write the guard as safetensors with string metadata; returns its sha256."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    first = guard.net[0]
+    assert isinstance(first, nn.Linear)
+    hidden = int(first.out_features)
+    meta = {**meta, "format": "hyperdeq-decsc-guard/1", "features": list(FEATURES), "hidden": hidden}
+    save_file(guard_state(guard), str(path),
+              metadata={k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()})
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_guard(path: str | Path | None = None) -> BandGuard:
+    """The shipped guard (or ``path``); a clear error when the file is missing or does not fit."""
+    from safetensors import safe_open
+
+    from workers.registry import sha256_file
+
+    from .spec import GUARD_WEIGHTS_SHA256
+
+    p = Path(path) if path is not None else GUARD_FILE
+    if not p.is_file():
+        raise WeightsError(f"band-guard weights {str(p)!r} not found; reinstall hyperdeq or pass guard=False")
+    if path is None and sha256_file(p) != GUARD_WEIGHTS_SHA256:
+        raise WeightsError(
+            f"band-guard weights {str(p)!r} have sha256 {sha256_file(p)!r}, expected {GUARD_WEIGHTS_SHA256!r}: "
+            "the file was modified; reinstall hyperdeq (or retrain with `hyperdeq train guard --install`)"
+        )
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
+        if json.loads(meta.get("features", "[]")) != list(FEATURES):
+            raise WeightsError(f"band-guard file {str(p)!r} was trained on other features: {meta.get('features')!r}")
+        g = BandGuard(int(meta.get("hidden", "16")))
+        g.load_state_dict(state, strict=True)
+    except WeightsError:
+        raise
+    except Exception as exc:  # safetensors / torch raise several types for a corrupt file
+        raise WeightsError(f"band-guard weights {str(p)!r} cannot be read ({exc}); reinstall hyperdeq") from exc
+    return g.eval()
+
+
+#: an extra noise case for the guard's data only: nearly clean bands (σ_b ~ U(0, 15)/255), some with
+#: stripes, dead lines or impulses. The protocol's ``mixture`` pairs structured noise with σ ≥ 10/255
+#: only, so without this case the guard learns "low σ̂ → hand the input back" and returns the
+#: stripes of a clean but striped band (a pushbroom sensor's typical defect)
+STRUCTURED_LOW = "structured-low"
+
+
+def structured_low_noise(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``clean`` (B, H, W) + weak Gaussian noise; each band also gets, with probability 0.2 each,
+    stripes (offsets U(−0.25, 0.25) on 5–15 % of the columns or rows), dead lines (set to 0) or
+    impulses (density 1–30 %, salt and pepper)."""
+    b, h, w = clean.shape
+    sig = np.asarray(rng.uniform(0, 15 / 255, b))
+    y = clean.astype(np.float64) + rng.standard_normal(clean.shape) * sig[:, None, None]
+    kinds = np.asarray(rng.choice(4, size=b, p=[0.4, 0.2, 0.2, 0.2]))  # none, stripes, dead lines, impulses
+    for k in np.nonzero(kinds)[0]:
+        rows = bool(rng.random() < 0.5)
+        band = y[k].T if rows else y[k]  # a view: lines along the other axis
+        n_lines = band.shape[1]
+        cols = np.asarray(rng.choice(n_lines, size=max(1, int(rng.uniform(0.05, 0.15) * n_lines)), replace=False))
+        if kinds[k] == 1:
+            band[:, cols] += np.asarray(rng.uniform(-0.25, 0.25, size=cols.size))[None, :]
+        elif kinds[k] == 2:
+            band[:, cols] = 0.0
+        else:
+            hit = rng.random((h, w)) < float(rng.choice([0.01, 0.05, 0.1, 0.3]))
+            salt = rng.random((h, w)) < 0.5
+            y[k][hit & salt] = 1.0
+            y[k][hit & ~salt] = 0.0
+    return y.astype(np.float32)
+
+
+def collect(model: nn.Module, cubes: list[np.ndarray], n_patches: int, *, seed: int, patch: int = 64,
+            cases: tuple[str, ...] | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features and gain terms of ``n_patches`` seeded, augmented training patches.
+
+    Each patch: a random 31-band window of a random cube (as in training), one noise case drawn
+    uniformly (the protocol's cases plus :data:`STRUCTURED_LOW`), DECSC at its evaluation setting,
+    then :func:`band_features` / :func:`gain_terms`.
+    """
+    from pipeline.noise import NOISE_CASES, add_noise
+
+    from .decsc import estimate_sigma
+    from .train import sample_patch
+
+    rng = np.random.default_rng(seed)
+    cases = tuple(cases or (*NOISE_CASES, STRUCTURED_LOW))
+    bands = int(model.cfg.bands)  # type: ignore[union-attr,arg-type]
+    X, A, used = [], [], []
+    t0 = time.perf_counter()
+    for i in range(n_patches):
+        c = sample_patch(cubes[int(rng.integers(len(cubes)))], bands, patch, rng)
+        case = cases[int(rng.integers(len(cases)))]
+        y = structured_low_noise(c, rng) if case == STRUCTURED_LOW else add_noise(c, case, rng)
+        with torch.no_grad():
+            yt = torch.from_numpy(y)[None]
+            s = estimate_sigma(yt)
+            d = model(yt, s)[0][0].numpy()
+        X.append(band_features(y, d, s[0].numpy()))
+        A.append(gain_terms(c, y, d))
+        used += [case] * bands
+        if progress and (i + 1) % 50 == 0:
+            print(f"  guard data: {i + 1}/{n_patches} patches, {time.perf_counter() - t0:.0f} s", flush=True)
+    return np.concatenate(X), np.concatenate(A), used
+
+
+def validation_report(w: np.ndarray, abc: np.ndarray, cases: list[str] | np.ndarray) -> dict[str, Any]:
+    """MPSNR gain (dB, mean over bands and patches) and bands worse than the input, per noise case."""
+    cases = np.asarray(cases)
+    mse0 = abc[:, 0]
+    mse = abc[:, 0] + 2 * w * abc[:, 1] + w * w * abc[:, 2]
+    mse_in = abc[:, 0] + 2 * abc[:, 1] + abc[:, 2]
+    gain = -10 * (np.log10(np.maximum(mse, 1e-10)) - np.log10(np.maximum(mse0, 1e-10)))
+    out: dict[str, Any] = {}
+    for c in ["all", *sorted(set(cases.tolist()))]:
+        m = np.ones(len(cases), bool) if c == "all" else cases == c
+        out[c] = {"gain_db": round(float(gain[m].mean()), 3), "bands_worse_than_input_before": int(np.sum(mse0[m] > mse_in[m])),
+                  "bands_worse_than_input_after": int(np.sum(mse[m] > mse_in[m])), "bands": int(m.sum())}
+    return out
+
+
+def train_guard(data: Path, out: Path, *, patches: int = 480, val_patches: int = 120, seed: int = 0,
+                hidden: int = 16, steps: int = 2000, weight_decay: float = 1e-4, arch: str = "shipped",
+                say: Any = print) -> tuple[Path, str, dict[str, Any]]:
+    """Collect guard data with the shipped DECSC (training cubes: CAVE minus the held-out scenes,
+    a quarter of the patches from the remote-sensing crops; never the test scenes), fit the guard,
+    report it on held-out CAVE patches and write ``out`` (safetensors). Returns (path, sha256, report)."""
+    from workers.registry import sha256_file
+
+    from .api import arch_weights, load_denoiser
+    from .train import HELD_OUT_CAVE, load_cave, load_training_data
+
+    if patches < 8 or val_patches < 1:
+        raise ConfigError(f"need at least 8 training patches and 1 validation patch, got {patches!r} / {val_patches!r}")
+    model = load_denoiser(arch=arch)
+    cave, extras, names = load_training_data(Path(data))
+    n_rs = patches // 4 if extras else 0
+    t0 = time.perf_counter()
+    say(f"guard: {patches} training patches ({n_rs} remote-sensing), {val_patches} validation patches")
+    X1, A1, c1 = collect(model, cave, patches - n_rs, seed=seed + 11)
+    parts = [(X1, A1)]
+    if n_rs:
+        X2, A2, _ = collect(model, extras, n_rs, seed=seed + 12)
+        parts.append((X2, A2))
+    X = np.concatenate([p[0] for p in parts])
+    A = np.concatenate([p[1] for p in parts])
+    val_cubes = [load_cave(Path(data) / "cave" / n) for n in HELD_OUT_CAVE if (Path(data) / "cave" / n).is_file()]
+    if not val_cubes:
+        raise ConfigError(f"held-out CAVE scenes {HELD_OUT_CAVE!r} not found under {str(Path(data) / 'cave')!r}")
+    Xv, Av, cv = collect(model, val_cubes, val_patches, seed=seed + 13)
+    guard = fit_guard(X, A, seed=seed, steps=steps, hidden=hidden, weight_decay=weight_decay)
+    with torch.no_grad():
+        report = validation_report(guard(torch.from_numpy(Xv)).numpy(), Av, cv)
+    meta = {
+        "decsc_arch": arch, "decsc_weights_sha256": arch_weights(arch)[1], "training_cubes": names,
+        "patches": patches, "val_patches": val_patches, "seed": seed, "steps": steps, "hidden": hidden,
+        "weight_decay": weight_decay, "validation": report, "wall_time_s": round(time.perf_counter() - t0, 1),
+        "torch": torch.__version__,
+    }
+    sha = save_guard(guard, Path(out), meta)
+    assert sha == sha256_file(Path(out))
+    return Path(out), sha, report
