@@ -515,6 +515,12 @@ def render_markdown(res: dict[str, Any]) -> str:
         lines.append(
             f"- DECSC weights: `{d.get('weights_file', '?')}` sha256 `{d.get('weights_sha256', '?')}`"
         )
+        g = d.get("band_guard") or {}
+        if g.get("status") == "on":
+            lines.append(f"- DECSC band guard: on, `{g.get('file')}` sha256 `{g.get('sha256')}` "
+                         "(`--no-guard` for the model's output alone)")
+        elif g:
+            lines.append("- DECSC band guard: **off** (`--no-guard`)")
     else:
         lines.append(f"- DECSC: **{d.get('status')}**: {d.get('note')}")
     for name, why in res["skipped_baselines"].items():
@@ -594,6 +600,9 @@ def render_markdown(res: dict[str, Any]) -> str:
                     f"iters mean {_fmt(mm.get('iterations_mean'), 1)} max {_fmt(mm.get('iterations_max'), 0)}, "
                     f"max residual {_fmt(mm.get('residual_max'), 4)}"
                 )
+                if mm.get("guard"):
+                    notes.append(f"guard w mean {_fmt(mm.get('guard_w_mean'), 3)} max {_fmt(mm.get('guard_w_max'), 2)}, "
+                                 f"{mm.get('guard_bands_half')} bands w > 0.5")
             lines.append(
                 f"| {m} | {_fmt(mm['mpsnr_db'])} | {_fmt(mm['mssim'], 4)} | {_fmt(mm['sam_deg'])} | "
                 f"{_fmt(mm['ergas'])} | {_fmt(mm['time_s'], 1)} | "
