@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite the markdown report")
+    ap.add_argument("--no-guard", action="store_true",
+                    help="decsc: the model alone, without its band guard (default files *_noguard)")
     ap.add_argument("--json", type=Path, default=None, help="results JSON (default: the model's file in benchmarks/results)")
     ap.add_argument("--md", type=Path, default=None, help="markdown report (default: the model's file in docs/benchmarks)")
     args = ap.parse_args(argv)
@@ -113,8 +115,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             from workers.denoise.api import denoise_cube, load_denoiser
             from workers.infer import DenoiseTileModel
 
-            whole, wstats = denoise_cube(load_denoiser(args.device), cube, device=args.device)
-            tile_model: Any = DenoiseTileModel(args.device, halo, spec.weights_sha256)
+            guard = not args.no_guard
+            whole, wstats = denoise_cube(load_denoiser(args.device), cube, device=args.device, guard=guard)
+            tile_model: Any = DenoiseTileModel(args.device, halo, spec.weights_sha256, guard=guard)
+            extra = {"band_guard": guard}
             names, compared, weights = [str(b) for b in good], len(good), spec.weights_sha256
         else:
             from workers.infer import UnmixTileModel, dir_sha256
@@ -175,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": portable("python -m benchmarks.seams " + " ".join(argv if argv is not None else sys.argv[1:])),
     }
     results, doc = OUTPUTS[args.model]
+    if args.model == "decsc" and args.no_guard:
+        results, doc = (p.with_name(p.stem + "_noguard" + p.suffix) for p in (results, doc))
     results, doc = args.json or results, args.md or doc
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(result, indent=1))
@@ -214,8 +220,10 @@ def write_doc(r: dict[str, Any], doc: Path, results: Path) -> None:
         units = "Errors are over valid pixels, in abundance units (the P abundance maps; PSNR peak 1.0)."
         weights = f"- fit directory sha256: `{r['weights_sha256']}`"
     else:
-        title = "DECSC"
-        what = "the shipped DECSC denoiser applied"
+        title = "DECSC" + ("" if r.get("band_guard", True) else " (model alone, no band guard)")
+        what = ("the shipped DECSC denoiser with its band guard (per tile: each tile's own per-band "
+                "weights, so tiled and whole-scene outputs differ where tiles decide differently) applied"
+                if r.get("band_guard", True) else "the shipped DECSC denoiser without its band guard applied")
         units = "Errors are over valid pixels, reflectance units (PSNR peak 1.0)."
         weights = f"- weights sha256: `{r['weights_sha256']}`"
     crop = f", top-left {r['crop']} × {r['crop']} px crop" if r.get("crop") else ""

@@ -101,6 +101,7 @@ class DenoiseTileModel:
     name: str = "decsc"
     out_names: tuple[str, ...] | None = None
     arch: str = "shipped"  # DECSC architecture preset: shipped (default) or full
+    guard: bool = True  # DECSC's band guard after the model (workers.denoise.guard)
 
     @classmethod
     def from_registry(cls, device: str = "cpu", arch: str = "shipped") -> DenoiseTileModel:
@@ -118,7 +119,7 @@ class DenoiseTileModel:
         from workers.denoise.api import denoise_cube
 
         dev = resolve_device(self.device)
-        out, stats = denoise_cube(self.module(), np.asarray(cube, dtype=np.float32), device=dev)
+        out, stats = denoise_cube(self.module(), np.asarray(cube, dtype=np.float32), device=dev, guard=self.guard)
         return np.asarray(out, dtype=np.float32), {**_scalar_stats(stats), "device": dev, "worker": worker_name()}
 
 

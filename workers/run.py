@@ -161,6 +161,15 @@ def model_weights(config: RunConfig, denoise_model: TileModel | None = None) -> 
     return out
 
 
+def _band_guard_record(tiles: list[dict[str, Any]]) -> dict[str, Any]:
+    """The band guard of a denoise stage (file and sha256) when its tiles used it."""
+    if not any(t.get("guard") for t in tiles):
+        return {}
+    from workers.denoise.spec import GUARD_WEIGHTS_FILE, GUARD_WEIGHTS_SHA256
+
+    return {"band_guard": {"file": GUARD_WEIGHTS_FILE, "sha256": GUARD_WEIGHTS_SHA256}}
+
+
 def run_config_hash(config: RunConfig) -> str:
     """The configuration hash a run is named by: the user's settings plus the models' algorithm.
 
@@ -606,15 +615,18 @@ def stage_record(
         stages[stage] = s
         recs = tstore.load_records(s["path"])
         tiles[stage] = [
-            {k: r.get(k) for k in ("key", "index", "status", "worker", "device", "wall_s", "iterations",
-                                   "residual", "converged", "checksum", "error")}
+            {**{k: r.get(k) for k in ("key", "index", "status", "worker", "device", "wall_s", "iterations",
+                                      "residual", "converged", "checksum", "error")},
+             # DECSC's band guard: per-band weights of this tile (mean, max, bands with w > 0.5)
+             **{k: v for k, v in (r.get("stats") or {}).items() if k.startswith("guard")}}
             for _, r in sorted(recs.items())
         ]
         failed += [f"{stage}:{k}" for k in s["failed"]]
         not_conv += [f"{stage}:{k}" for k in s["not_converged"]]
         models.append({"name": s["model"], "weights_sha256": s["weights_sha256"] if stage == "denoise"
                        else plan["weights"].get("deq-unmix"), "halo": s["halo"], "stage": stage,
-                       **({"fit_sha256": s["weights_sha256"]} if stage == "unmix" else {})})
+                       **({"fit_sha256": s["weights_sha256"]} if stage == "unmix" else {}),
+                       **(_band_guard_record(tiles[stage]) if stage == "denoise" else {})})
     for extra in ("ingest", "tile_input", "fit_unmixer", "tile_unmix_input", "blend_denoise", "blend_unmix", "write"):
         s = load_stage(run_dir, extra)
         if s is not None:

@@ -44,6 +44,25 @@ def test_gain_terms_give_the_blend_mse() -> None:
         np.testing.assert_allclose(abc[:, 0] + 2 * w * abc[:, 1] + w * w * abc[:, 2], direct, rtol=1e-10)
 
 
+def test_features_leave_nodata_out() -> None:
+    """A crop embedded in filled nodata gives the crop's own features when the mask is given."""
+    clean = _cave()
+    rng = np.random.default_rng(4)
+    y = clean + rng.standard_normal(clean.shape).astype(np.float32) * 0.03
+    d = clean + rng.standard_normal(clean.shape).astype(np.float32) * 0.005
+    s = np.full(31, 0.03)
+    crop = G.band_features(y[:, 8:40, 8:40], d[:, 8:40, 8:40], s)
+    Y = np.repeat(y.mean(axis=(1, 2), keepdims=True), 48, 1).repeat(48, 2)
+    D = Y.copy()
+    Y[:, 8:40, 8:40], D[:, 8:40, 8:40] = y[:, 8:40, 8:40], d[:, 8:40, 8:40]
+    mask = np.zeros((48, 48), bool)
+    mask[8:40, 8:40] = True
+    np.testing.assert_allclose(G.band_features(Y, D, s, mask), crop, atol=0.02)
+    assert np.abs(G.band_features(Y, D, s) - crop).max() > 0.2  # without the mask the fill distorts them
+    with pytest.raises(ConfigError, match="valid mask"):
+        G.band_features(Y, D, s, np.zeros((48, 48), bool))
+
+
 def test_fit_learns_a_known_rule() -> None:
     """Bands whose first feature is low should be handed back (w* ≈ 0.9), the others kept (w* = 0)."""
     rng = np.random.default_rng(1)

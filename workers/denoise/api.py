@@ -259,7 +259,7 @@ def denoise_cube(
         from .guard import apply_guard
 
         g = shipped_guard() if guard is True else guard
-        out, w = apply_guard(g, filled, out, sigma.cpu().numpy())
+        out, w = apply_guard(g, filled, out, sigma.cpu().numpy(), valid)
         guard_stats = {"guard": True, "guard_w_mean": float(w.mean()), "guard_w_max": float(w.max()),
                        "guard_bands_half": int(np.sum(w > 0.5))}
     out[:, ~valid] = np.nan

@@ -54,18 +54,26 @@ def _corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > _EPS, (a * b).sum(axis=1) / np.maximum(den, _EPS), 0.0)
 
 
-def band_features(y: np.ndarray, d: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+def band_features(y: np.ndarray, d: np.ndarray, sigma: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     """``(B, len(FEATURES))`` float32 features of one cube: ``y`` noisy, ``d`` denoised, both
-    ``(B, H, W)`` without NaN (fill nodata first), ``sigma`` the ``(B,)`` blind noise estimate."""
+    ``(B, H, W)`` without NaN (nodata filled), ``sigma`` the ``(B,)`` blind noise estimate,
+    ``valid`` the ``(H, W)`` mask of real pixels (None: all); filled pixels are left out."""
     y = np.asarray(y, np.float64)
     d = np.asarray(d, np.float64)
     b, h, w = y.shape
+    ok = np.ones((h, w), bool) if valid is None else np.asarray(valid, bool)
+    if ok.shape != (h, w) or not ok.any():
+        raise ConfigError(f"band guard: valid mask of shape {ok.shape!r} with {int(ok.sum())} pixels for a "
+                          f"{h}x{w} cube; give a (H, W) mask with at least one valid pixel")
     s = np.maximum(np.asarray(sigma, np.float64), 1e-5)
     r = y - d
-    rf = r.reshape(b, -1)
+    px = ok.ravel()
+    rf = r.reshape(b, -1)[:, px]
     gy = np.abs(np.diff(d, axis=1, append=d[:, -1:, :]))
     gx = np.abs(np.diff(d, axis=2, append=d[:, :, -1:]))
-    edge = _corr(np.abs(rf), (gx + gy).reshape(b, -1))
+    # gradients only where the pixel and its lower and right neighbours are real
+    ok_g = (ok & np.concatenate([ok[1:], ok[-1:]], axis=0) & np.concatenate([ok[:, 1:], ok[:, -1:]], axis=1)).ravel()
+    edge = _corr(np.abs(r.reshape(b, -1)[:, ok_g]), (gx + gy).reshape(b, -1)[:, ok_g]) if ok_g.any() else np.zeros(b)
     if b > 1:
         c = _corr(rf[1:], rf[:-1])  # correlation of band k with band k - 1
         nb = np.zeros(b)
@@ -80,10 +88,17 @@ def band_features(y: np.ndarray, d: np.ndarray, sigma: np.ndarray) -> np.ndarray
     med = np.median(rf, axis=1, keepdims=True)
     mad = 1.4826 * np.median(np.abs(rf - med), axis=1)
     absr = np.abs(rf)
-    se_col = 5 * 1.253 * s / np.sqrt(h)
-    se_row = 5 * 1.253 * s / np.sqrt(w)
-    cols = (np.abs(np.median(r, axis=1)) > se_col[:, None]).mean(axis=1)
-    rows = (np.abs(np.median(r, axis=2)) > se_row[:, None]).mean(axis=1)
+    # line medians over real pixels; standard error of a median ≈ 1.253 σ / sqrt(n)
+    n_col, n_row = ok.sum(axis=0), ok.sum(axis=1)
+    if ok.all():
+        col_med, row_med = np.median(r, axis=1), np.median(r, axis=2)
+    else:
+        rm = np.where(ok[None], r, np.nan)
+        col_med = np.nanmedian(rm[:, :, n_col > 0], axis=1)
+        row_med = np.nanmedian(rm[:, n_row > 0, :], axis=2)
+        n_col, n_row = n_col[n_col > 0], n_row[n_row > 0]
+    cols = (np.abs(col_med) > 5 * 1.253 * s[:, None] / np.sqrt(n_col)[None, :]).mean(axis=1)
+    rows = (np.abs(row_med) > 5 * 1.253 * s[:, None] / np.sqrt(n_row)[None, :]).mean(axis=1)
     feats = np.stack(
         [
             np.log10(s),
@@ -95,7 +110,7 @@ def band_features(y: np.ndarray, d: np.ndarray, sigma: np.ndarray) -> np.ndarray
             (absr > 6 * s[:, None]).mean(axis=1),
             np.maximum(cols, rows),
             np.log10(s / np.median(s)),
-            np.log10(np.abs(d).reshape(b, -1).mean(axis=1) + 1e-3),
+            np.log10(np.abs(d).reshape(b, -1)[:, px].mean(axis=1) + 1e-3),
         ],
         axis=1,
     )
@@ -157,9 +172,10 @@ def fit_guard(X: np.ndarray, abc: np.ndarray, *, seed: int = 0, steps: int = 300
     return g.eval()
 
 
-def apply_guard(guard: BandGuard, y: np.ndarray, d: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(d + w(y − d), w)`` for one NaN-free ``(B, H, W)`` cube; ``w`` per band."""
-    feats = band_features(y, d, sigma)
+def apply_guard(guard: BandGuard, y: np.ndarray, d: np.ndarray, sigma: np.ndarray,
+                valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(d + w(y − d), w)`` for one NaN-free ``(B, H, W)`` cube (``valid``: its real pixels); ``w`` per band."""
+    feats = band_features(y, d, sigma, valid)
     with torch.no_grad():
         w = guard(torch.from_numpy(feats)).numpy().astype(np.float32)
     out = d + w[:, None, None] * (y - d)
