@@ -399,6 +399,7 @@ def open_zarr_scene(path: str | Path) -> xr.DataArray:
         )
     _check_chunks(p, meta)
     var = ds[VARIABLE]
+    data = _guarded_data(p, var)
     # the per-band coordinates are dask-backed too: read them here (small), never through a
     # process-wide default Dask client
     band_coords = {k: np.asarray(ds[k].data.compute(scheduler=LOCAL_SCHEDULER)
@@ -412,7 +413,7 @@ def open_zarr_scene(path: str | Path) -> xr.DataArray:
     for k in ("source", "reader", "source_scale_factor", "scale_factor", "nodata_convention", "crs_missing"):
         attrs.pop(k, None)
     return build_scene(
-        var.data,
+        data,
         wavelength=band_coords["wavelength"],
         fwhm=band_coords["fwhm"],
         good_band=band_coords["good_band"].astype(bool),
@@ -422,6 +423,73 @@ def open_zarr_scene(path: str | Path) -> xr.DataArray:
         reader=meta.get("reader", ""),
         scale_factor=meta.get("scale_factor", 1.0),
         attrs=attrs,
+    )
+
+
+class _ChunkReadError(ReadError):
+    """A data chunk of a store does not decode; keeps the window and the codec error."""
+
+    def __init__(self, message: str, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+class _StoreArray:
+    """The store's data array for ``dask.array.from_array``, read straight through zarr.
+
+    xarray's lazy zarr array lets a chunk that does not decode escape from ``.values`` as a bare
+    codec ``RuntimeError``; here it is a :class:`ReadError` naming the store and the chunk.
+    Picklable (path only), so dask can ship it to workers.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], chunks: tuple[int, ...]) -> None:
+        self.path = path
+        self.shape = shape
+        self.chunks = chunks
+        self.dtype = np.dtype(np.float32)
+        self.ndim = 3
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        import zarr
+
+        try:
+            arr: Any = zarr.open_array(str(self.path / VARIABLE), mode="r")
+            return np.asarray(arr[key])
+        except Exception as exc:
+            _, ysl, xsl = (k if isinstance(k, slice) else slice(k, k + 1) for k in key)
+            y0, y1, _ = ysl.indices(self.shape[1])
+            x0, x1, _ = xsl.indices(self.shape[2])
+            cy, cx = self.chunks[1], self.chunks[2]
+            cy0, cx0 = y0 // cy * cy, x0 // cx * cx
+            chunk = (
+                f"the chunk of rows {cy0}:{min(cy0 + cy, self.shape[1])}, "
+                f"cols {cx0}:{min(cx0 + cx, self.shape[2])}"
+            )
+            error = f"{type(exc).__name__}: {exc}"
+            raise _ChunkReadError(
+                f"cannot read rows {y0}:{y1}, cols {x0}:{x1} ({chunk}) of zarr store "
+                f"{str(self.path)!r}: {error}; the chunk is corrupt (an interrupted copy?). Copy "
+                "the store again or ingest the source again with overwrite=True.",
+                f"{chunk}: {error}",
+            ) from exc
+
+
+def _guarded_data(p: Path, var: xr.DataArray) -> Any:
+    """A dask array over the store's chunks whose decode errors are ReadErrors (see _StoreArray)."""
+    import dask.array as da
+    from dask.base import tokenize
+
+    chunks = tuple(int(c[0]) if len(c) else 1 for c in var.chunks or ())
+    if len(chunks) != 3:
+        return var.data
+    mtime = (p / VARIABLE / "zarr.json").stat().st_mtime_ns if (p / VARIABLE / "zarr.json").is_file() else 0
+    return da.from_array(
+        _StoreArray(p, tuple(int(s) for s in var.shape), chunks),
+        chunks=var.chunks,
+        meta=np.empty((0, 0, 0), dtype=np.float32),
+        asarray=False,
+        lock=False,
+        name=f"hyperdeq-store-{tokenize(str(p), mtime, var.shape, var.chunks)}",
     )
 
 
@@ -493,9 +561,10 @@ class ZarrSceneSource(SceneSource):
         try:
             out = np.asarray(self._scene.data[:, y0:y1, x0:x1].compute(scheduler=LOCAL_SCHEDULER))
         except Exception as exc:  # a chunk that does not decode: truncated or overwritten
+            detail = exc.detail if isinstance(exc, _ChunkReadError) else f"{type(exc).__name__}: {exc}"
             raise ReadError(
                 f"cannot read rows {y0}:{y1}, cols {x0}:{x1} of zarr store {str(self.path)!r}: "
-                f"{type(exc).__name__}: {exc}; a chunk is corrupt (an interrupted copy?). Copy the "
+                f"{detail}; a chunk is corrupt (an interrupted copy?). Copy the "
                 "store again or ingest the source again with overwrite=True."
             ) from exc
         return out if bands is None else out[bands]

@@ -70,3 +70,22 @@ def test_all_nodata_region_without_a_chunk_is_fine(tmp_path: Path) -> None:
     scene = open_zarr_scene(p)
     v = scene.values[scene["good_band"].values]  # bad bands are nodata everywhere in EnMAP L2A
     assert np.isnan(v[:, :16, :16]).all() and np.isfinite(v[:, 16:, :]).all()
+
+
+def test_corrupt_chunk_read_lazily_is_a_read_error_naming_store_and_chunk(
+    store: Path, tmp_path: Path
+) -> None:
+    """open_zarr_scene is lazy: the chunk is decoded on .values / .compute(), outside the reader."""
+    p = _copy(store, tmp_path)
+    chunk = p / "reflectance" / "c" / "0" / "0" / "1"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    scene = open_zarr_scene(p)  # metadata only: opening still works
+    chunk = r"\(the chunk of rows 0:16, cols 16:32\) of zarr store '.*copy\.zarr': RuntimeError: "
+    advice = r".*the chunk is corrupt .*Copy the store again or ingest the source again"
+    with pytest.raises(ReadError, match=r"cannot read rows 0:16, cols 16:32 " + chunk + advice):
+        _ = scene.values
+    with pytest.raises(ReadError, match=r"cannot read rows 2:5, cols 20:30 " + chunk + advice):
+        scene.isel(y=slice(2, 5), x=slice(20, 30)).compute()
+    # the undamaged chunks still read, and exactly as before
+    good = open_zarr_scene(store).isel(x=slice(0, 16)).values
+    np.testing.assert_array_equal(scene.isel(x=slice(0, 16)).values, good)
