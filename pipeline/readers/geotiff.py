@@ -60,6 +60,8 @@ class GeoTiffSource(SceneSource):
                     )
                 self.crs = ds.crs if ds.crs else None
                 self.transform = None if ds.transform.is_identity else ds.transform
+                if self.transform is not None:
+                    self._check_north_up(self.transform)
                 self.nodata = options.get("nodata", ds.nodata)
                 self._read_metadata(ds)
                 scales, offsets = set(ds.scales), set(ds.offsets)
@@ -88,6 +90,20 @@ class GeoTiffSource(SceneSource):
             )
         self._check_readable()
         self.resolve_scale(options.get("scale_factor"), meta_scale, "GDAL scale tag")
+
+    def _check_north_up(self, t: Any) -> None:
+        """Refuse rotation/shear terms: the scene's x/y coordinates (and the zarr store) would drop
+        them while the COG output kept them. Terms moving pixels by < 0.001 px over the whole
+        scene are rounding noise (GDAL writes such values after reprojections) and pass."""
+        _, ny, nx = self.shape
+        if abs(t.b) * max(ny, 1) <= 1e-3 * abs(t.a) and abs(t.d) * max(nx, 1) <= 1e-3 * abs(t.e):
+            return
+        raise InputValidationError(
+            f"GeoTIFF {str(self.path)!r} has a rotated or sheared geotransform (rotation/shear "
+            f"terms {t.b!r}, {t.d!r}; transform {tuple(t)[:6]!r}); hyperdeq needs a north-up grid "
+            "(its x/y coordinates cannot describe a rotation). Warp the scene to a north-up grid "
+            "first, e.g. `gdalwarp -r near in.tif north_up.tif`."
+        )
 
     def _read_metadata(self, ds: Any) -> None:
         nb = ds.count
