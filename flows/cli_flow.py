@@ -112,12 +112,13 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         workers: int | None = typer.Option(None, help="local worker processes"),
         recipe: str | None = typer.Option(None, help="deploy/cluster recipe (local, gpu-dask-cuda, or a path)"),
         denoiser: str = typer.Option("shipped", help="DECSC weights: shipped (small, default) or full (for GPUs)"),
+        guard: bool = typer.Option(True, "--guard/--no-guard", help="DECSC's band guard after the model"),
     ) -> None:
         """Process one scene through the Prefect flow (ingest → denoise → unmix → outputs)."""
         opts, cl = _options(tile=tile, halo=halo, blend=blend, denoise=denoise, unmix=unmix,
                             n_endmembers=endmembers, seed=seed, device=device, batch_size=batch_size,
                             kind=cluster, address=address, n_workers=workers, recipe=recipe,
-                            denoise_arch=denoiser)
+                            denoise_arch=denoiser, denoise_guard=guard)
         if not scene.exists():
             raise ConfigError(f"scene {str(scene)!r} does not exist; give the path of a scene file")
         from flows.scene_flow import process_scene
@@ -150,6 +151,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         address: str | None = typer.Option(None),
         workers: int | None = typer.Option(None),
         denoiser: str = typer.Option("shipped", help="DECSC weights: shipped (small, default) or full (for GPUs)"),
+        guard: bool = typer.Option(True, "--guard/--no-guard", help="DECSC's band guard after the model"),
     ) -> None:
         """Process every scene under ROOT (or in --list-file) that has no completed run yet."""
         from pydantic import ValidationError
@@ -158,7 +160,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
 
         opts, cl = _options(tile=tile, denoise=denoise, unmix=unmix, n_endmembers=endmembers,
                             device=device, kind=cluster, address=address, n_workers=workers,
-                            denoise_arch=denoiser)
+                            denoise_arch=denoiser, denoise_guard=guard)
         try:
             p = SweepParams(root=None if root is None else str(root),
                             list_file=None if list_file is None else str(list_file), out_root=str(out),

@@ -27,6 +27,8 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the unmixer fit."),
         denoiser: str = typer.Option("shipped", "--denoiser",
                                      help="DECSC weights: shipped (small, default) or full (full-size; for GPUs)."),
+        guard: bool = typer.Option(True, "--guard/--no-guard",
+                                   help="DECSC's band guard: hand the input back per band where the model over-smooths."),
     ) -> None:
         """Denoise (DECSC) and unmix (DEQ-Unmix) SCENE into georeferenced zarr + COG with a run record."""
         from rich.console import Console
@@ -47,7 +49,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         cfg = RunConfig(
             out_root=out, tile=tile, halo=halo, blend=blend, denoise=denoise, unmix=not no_unmix,
             n_endmembers=unmix, seed=seed, workers=workers, scheduler=scheduler, device=device,
-            batch_size=batch, denoise_arch=denoiser,
+            batch_size=batch, denoise_arch=denoiser, denoise_guard=guard,
         )
         console = Console(stderr=True)
         import logging

@@ -45,6 +45,8 @@ class RunOptions(BaseModel):
     tile_memory_mb: float = Field(2048.0, gt=0)
     denoise_arch: Literal["shipped", "full"] = Field(
         "shipped", description="DECSC weights: shipped (small, CPU-friendly) or full (full-size, for GPUs)")
+    denoise_guard: bool = Field(
+        True, description="DECSC's band guard: hand part of the input back per band where the model over-smooths")
 
     @model_validator(mode="after")
     def _consistent(self) -> RunOptions:

@@ -38,6 +38,7 @@ HASHED_FIELDS: tuple[str, ...] = (
     "seed",
     "device",
     "denoise_arch",
+    "denoise_guard",
 )
 
 # bytes per pixel-band a model needs at peak, relative to the float32 input (input, output,
@@ -56,7 +57,9 @@ class RunConfig:
     ``tile_memory_mb``: the most memory one tile may need on a worker; a tile over it is refused.
     ``out_chunk``: spatial chunk of the outputs (one blend task per chunk; default: ``tile``).
     ``denoise_arch``: which DECSC weights run: ``shipped`` (small, the default, fast on CPUs) or
-    ``full`` (the full-size model: better, ~7× the compute; meant for GPUs).
+    ``full`` (the full-size model: better, ~7× the compute; meant for GPUs). ``denoise_guard``:
+    DECSC's band guard after the model (hands part of the input back per band where the model
+    over-smooths; ``workers.denoise.guard``); on by default.
     """
 
     out_root: Path = Path("hyperdeq-out")
@@ -75,6 +78,7 @@ class RunConfig:
     batch_size: int = 4
     tile_memory_mb: float = 2048.0
     denoise_arch: str = "shipped"
+    denoise_guard: bool = True
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:

@@ -104,12 +104,12 @@ class DenoiseTileModel:
     guard: bool = True  # DECSC's band guard after the model (workers.denoise.guard)
 
     @classmethod
-    def from_registry(cls, device: str = "cpu", arch: str = "shipped") -> DenoiseTileModel:
+    def from_registry(cls, device: str = "cpu", arch: str = "shipped", guard: bool = True) -> DenoiseTileModel:
         from workers.denoise.api import arch_weights
         from workers.registry import get_spec
 
         spec = get_spec("decsc")
-        return cls(device=device, halo=int(spec.halo), weights_sha256=arch_weights(arch)[1], arch=arch)
+        return cls(device=device, halo=int(spec.halo), weights_sha256=arch_weights(arch)[1], arch=arch, guard=guard)
 
     def module(self) -> Any:
         dev = resolve_device(self.device)

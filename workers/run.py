@@ -189,7 +189,7 @@ def run_config_hash(config: RunConfig) -> str:
         from workers.denoise.spec import GUARD_WEIGHTS_SHA256
 
         algo["decsc"] = {"solver": spec.solver, "config": {**spec.config, **ARCH_PRESETS[config.denoise_arch]},
-                         "band_guard_sha256": GUARD_WEIGHTS_SHA256}
+                         "band_guard_sha256": GUARD_WEIGHTS_SHA256 if config.denoise_guard else None}
     if config.unmix:
         from workers.unmix.fit import DEFAULTS
 
@@ -368,7 +368,8 @@ def stage_denoise(
     """Run the denoiser (DECSC, or ``model``) over every tile; returns the stage summary."""
     from workers.infer import DenoiseTileModel
 
-    m = model if model is not None else DenoiseTileModel.from_registry(config.device, config.denoise_arch)
+    m = model if model is not None else DenoiseTileModel.from_registry(config.device, config.denoise_arch,
+                                                                       config.denoise_guard)
     return _model_stage("denoise", m, Path(tile_store), Path(run_dir), config, executor, progress, submit)
 
 

@@ -245,6 +245,10 @@ def test_full_size_denoiser_is_chosen_by_config_and_recorded(tmp_path: Path) -> 
     assert runs["shipped"].run_dir != runs["full"].run_dir
     shas = {a: json.loads((r.run_dir / "run.json").read_text())["models"][0]["weights_sha256"] for a, r in runs.items()}
     assert shas == {"shipped": get_spec("decsc").weights_sha256, "full": FULL_WEIGHTS_SHA256}
+    a, b = (open_output(r.outputs["denoised_zarr"], "denoised").values for r in runs.values())
+    good = np.isfinite(a).all(axis=(1, 2))
+    assert good.sum() > 200 and np.isfinite(b[good]).all()
+    assert not np.allclose(a[good], b[good], atol=1e-4)
     # the band guard ran on every tile and is recorded with its sha256
     from workers.denoise.spec import GUARD_WEIGHTS_SHA256
 
@@ -252,10 +256,16 @@ def test_full_size_denoiser_is_chosen_by_config_and_recorded(tmp_path: Path) -> 
     assert rec["models"][0]["band_guard"]["sha256"] == GUARD_WEIGHTS_SHA256
     assert all(t["guard"] is True and 0.0 <= t["guard_w_mean"] <= t["guard_w_max"] <= 1.0
                for t in rec["tiles"]["denoise"])
-    a, b = (open_output(r.outputs["denoised_zarr"], "denoised").values for r in runs.values())
-    good = np.isfinite(a).all(axis=(1, 2))
-    assert good.sum() > 200 and np.isfinite(b[good]).all()
-    assert not np.allclose(a[good], b[good], atol=1e-4)
+    # without the guard: another run id, no guard in the record, the model's own output
+    cfg = RunConfig(tile=16, halo=4, unmix=False, denoise_guard=False)
+    with ThreadPoolExecutor(1) as ex:
+        plain = run_scene(scene, tmp_path / "out", cfg, client=ex)
+    assert plain.status == "complete" and plain.run_dir != runs["shipped"].run_dir
+    rec = json.loads((plain.run_dir / "run.json").read_text())
+    assert "band_guard" not in rec["models"][0] and rec["config"]["denoise_guard"] is False
+    assert all(t["guard"] is False for t in rec["tiles"]["denoise"])
+    c = open_output(plain.outputs["denoised_zarr"], "denoised").values
+    assert not np.allclose(a[good], c[good], atol=1e-6)
 
 
 def test_unknown_denoiser_is_refused() -> None:
