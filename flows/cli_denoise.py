@@ -68,6 +68,8 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         val_patches: int = typer.Option(120, help="validation patches from the held-out CAVE scenes"),
         seed: int = typer.Option(0, help="seed for patches and noise (+11/+12/+13) and the fit"),
         threads: int = typer.Option(2, help="torch CPU threads"),
+        weights: Path = typer.Option(None, help="DECSC weights whose outputs the guard learns from "
+                                     "(default: the shipped file); new DECSC weights need a new guard"),
         install: bool = typer.Option(False, help="copy the result to workers/weights/decsc_guard.safetensors"),
     ) -> None:
         """Train the DECSC band guard (per-band blend toward the input where the model over-smooths)."""
@@ -82,7 +84,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         console = Console()
         torch.set_num_threads(max(1, threads))
         path, sha, report = train_guard(data, out, patches=patches, val_patches=val_patches, seed=seed,
-                                        say=console.print)
+                                        weights=weights, say=console.print)
         console.print("held-out CAVE patches (MPSNR gain dB; bands worse than the input before -> after):")
         for case, r in report.items():
             console.print(f"  {case:11s} {r['gain_db']:+.3f} dB  {r['bands_worse_than_input_before']} -> "

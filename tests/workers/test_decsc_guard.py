@@ -137,6 +137,22 @@ def test_guard_keeps_nodata(model: torch.nn.Module) -> None:
     assert 0.0 <= st["guard_w_mean"] <= st["guard_w_max"] <= 1.0
 
 
+def test_shipped_guard_belongs_to_the_shipped_weights() -> None:
+    """The guard learnt from one DECSC's outputs: retraining DECSC without the guard fails here."""
+    import json
+
+    from safetensors import safe_open
+
+    from workers.denoise.spec import SPEC
+
+    with safe_open(str(G.GUARD_FILE), framework="pt") as fh:
+        meta = fh.metadata()
+    assert meta["decsc_weights_sha256"] == SPEC.weights_sha256
+    assert json.loads(meta["features"]) == list(G.FEATURES)
+    val = json.loads(meta["validation"])
+    assert val["all"]["bands_worse_than_input_after"] < val["all"]["bands_worse_than_input_before"] / 10
+
+
 def test_guard_weights_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     g = G.load_guard()
     assert isinstance(g, G.BandGuard)
@@ -162,3 +178,29 @@ def test_guard_weights_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     save_file(G.guard_state(g), str(other), metadata={"features": '["something_else"]', "hidden": "16"})
     with pytest.raises(WeightsError, match="other features"):
         G.load_guard(other)
+
+
+def test_train_guard_command_on_real_cubes(shared_data: Path, tmp_path: Path) -> None:
+    """`hyperdeq train guard` end to end on a few real CAVE scenes (two for training, the two
+    held-out ones for validation): a loadable guard with its provenance and validation report."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    data = tmp_path / "data"
+    (data / "cave").mkdir(parents=True)
+    for name in ("beads_ms_256.npz", "cd_ms_256.npz", "balloons_ms_256.npz", "real_and_fake_apples_ms_256.npz"):
+        (data / "cave" / name).symlink_to(shared_data / "cave" / name)
+    out = tmp_path / "g" / "guard.safetensors"
+    res = CliRunner().invoke(app, ["train", "guard", "--data", str(data), "--out", str(out),
+                                   "--patches", "8", "--val-patches", "3", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    g = G.load_guard(out)
+    assert isinstance(g, G.BandGuard)
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert len(rep["sha256"]) == 64 and rep["validation"]["all"]["bands"] == 3 * 31
+    assert "held-out CAVE patches" in res.output
+    res = CliRunner().invoke(app, ["train", "guard", "--data", str(tmp_path / "nowhere"), "--out", str(out)])
+    assert res.exit_code != 0 and "no CAVE scenes found" in str(res.output) + str(res.exception)

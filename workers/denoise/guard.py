@@ -314,10 +314,13 @@ def validation_report(w: np.ndarray, abc: np.ndarray, cases: list[str] | np.ndar
 
 def train_guard(data: Path, out: Path, *, patches: int = 480, val_patches: int = 120, seed: int = 0,
                 hidden: int = 16, steps: int = 2000, weight_decay: float = 1e-4, arch: str = "shipped",
-                say: Any = print) -> tuple[Path, str, dict[str, Any]]:
+                weights: Path | None = None, say: Any = print) -> tuple[Path, str, dict[str, Any]]:
     """Collect guard data with the shipped DECSC (training cubes: CAVE minus the held-out scenes,
     a quarter of the patches from the remote-sensing crops; never the test scenes), fit the guard,
-    report it on held-out CAVE patches and write ``out`` (safetensors). Returns (path, sha256, report)."""
+    report it on held-out CAVE patches and write ``out`` (safetensors). Returns (path, sha256, report).
+
+    The guard learns from the outputs of one set of DECSC weights (``weights``, default the shipped
+    file of ``arch``), whose sha256 it records: new DECSC weights need a new guard."""
     from workers.registry import sha256_file
 
     from .api import arch_weights, load_denoiser
@@ -325,7 +328,7 @@ def train_guard(data: Path, out: Path, *, patches: int = 480, val_patches: int =
 
     if patches < 8 or val_patches < 1:
         raise ConfigError(f"need at least 8 training patches and 1 validation patch, got {patches!r} / {val_patches!r}")
-    model = load_denoiser(arch=arch)
+    model = load_denoiser(arch=arch, weights=weights)
     cave, extras, names = load_training_data(Path(data))
     n_rs = patches // 4 if extras else 0
     t0 = time.perf_counter()
@@ -345,7 +348,8 @@ def train_guard(data: Path, out: Path, *, patches: int = 480, val_patches: int =
     with torch.no_grad():
         report = validation_report(guard(torch.from_numpy(Xv)).numpy(), Av, cv)
     meta = {
-        "decsc_arch": arch, "decsc_weights_sha256": arch_weights(arch)[1], "training_cubes": names,
+        "decsc_arch": arch, "training_cubes": names,
+        "decsc_weights_sha256": sha256_file(Path(weights)) if weights is not None else arch_weights(arch)[1],
         "patches": patches, "val_patches": val_patches, "seed": seed, "steps": steps, "hidden": hidden,
         "weight_decay": weight_decay, "validation": report, "wall_time_s": round(time.perf_counter() - t0, 1),
         "torch": torch.__version__,
