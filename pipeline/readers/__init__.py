@@ -19,7 +19,7 @@ from typing import Any
 
 import xarray as xr
 
-from pipeline.errors import ConfigError, ReadError, UnknownFormatError
+from pipeline.errors import ConfigError, InputValidationError, ReadError, UnknownFormatError
 from pipeline.readers._base import DEFAULT_CHUNK, SceneSource, check_path
 
 __all__ = ["FORMATS", "open_scene", "open_source", "detect_format", "SceneSource", "is_hyperdeq_zarr"]
@@ -58,6 +58,8 @@ def _zarr(path: Path, **o: Any) -> SceneSource:
 
     try:
         return open_foreign_zarr(path, **o)
+    except InputValidationError:
+        raise  # xarray opened it: its own answer (e.g. which dim is the band axis) stands
     except ReadError:
         # no xarray dimension names: a plain zarr array written by another tool
         return BareZarrSource(path, **{k: v for k, v in o.items() if k != "dims"})

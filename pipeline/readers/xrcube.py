@@ -2,7 +2,9 @@
 
 The data variable is ``variable=`` or the only 3-D numeric variable. Dimensions are recognised by
 name (``band``/``wavelength``/…, ``y``/``lat``/``row``…, ``x``/``lon``/``col``…); ``dims=`` gives
-them explicitly as ``(band_dim, y_dim, x_dim)``. CRS comes from the CF ``grid_mapping`` (via
+them explicitly as ``(band_dim, y_dim, x_dim)`` (or ``"band_dim,y_dim,x_dim"``). Without names,
+the band dim is the one carrying a wavelength coordinate; failing that the reader refuses rather
+than guess from sizes. CRS comes from the CF ``grid_mapping`` (via
 rioxarray), the transform from the regular ``x``/``y`` coordinates. CF ``scale_factor`` /
 ``_FillValue`` are decoded by xarray (fill → NaN).
 """
@@ -97,17 +99,10 @@ class XarraySource(SceneSource):
         self.variable = name
         self.attrs["variable"] = name
         dims = options.get("dims")
+        if isinstance(dims, str):  # "band_dim,y_dim,x_dim" (the zarr reader's layout= style)
+            dims = tuple(d.strip() for d in dims.split(","))
         if dims is None:
-            b, y, x = (_find_dim(tuple(map(str, var.dims)), n) for n in (_BAND, _Y, _X))
-            if None in (b, y, x):
-                # fall back on position: the smallest dim is the band axis (typical HSI cubes)
-                order = list(map(str, var.dims))
-                sizes = [var.sizes[d] for d in order]
-                b = order[int(np.argmin(sizes))] if b is None else b
-                rest = [d for d in order if d != b]
-                y, x = (y or rest[0]), (x or rest[-1])
-                self.attrs["dims_guessed"] = True
-            dims = (b, y, x)
+            dims = self._identify_dims(var, str(name))
         if len(set(dims)) != 3 or not set(dims) <= set(map(str, var.dims)):
             raise InputValidationError(
                 f"dims {tuple(dims)!r} do not name the three dims {var.dims!r} of {name!r}; "
@@ -162,6 +157,49 @@ class XarraySource(SceneSource):
                 self.transform = None
         if self.reader == "zarr" and crs is None:
             self.attrs["foreign_zarr"] = True
+
+    def _identify_dims(self, var: xr.DataArray, name: str) -> tuple[str, str, str]:
+        """``(band, y, x)`` dims from names, then band metadata; refuses to guess from sizes.
+
+        The band dim is the one named like a band axis, else the only dim carrying a wavelength
+        (or fwhm / bad-band) coordinate or matching the size of a ``wavelength`` attribute, else
+        the one left when y and x are named. Sizes decide nothing: crops often have more bands
+        than rows, so "the smallest dim is the band axis" would silently read rows as bands.
+        y and x, when unnamed, are the other two dims in stored order (rows before columns).
+        """
+        order = tuple(map(str, var.dims))
+        b, y, x = (_find_dim(order, n) for n in (_BAND, _Y, _X))
+        if b is None:
+            meta = ("wavelength", "wavelengths", "lambda", "wl", "fwhm", "good_band", "bbl")
+            tagged = {
+                str(c.dims[0]) for cname, c in var.coords.items()
+                if str(cname).lower() in meta and c.ndim == 1 and str(c.dims[0]) in order
+            }
+            if not tagged and "wavelength" in var.attrs:
+                n = int(np.size(var.attrs["wavelength"]))
+                tagged = {d for d in order if var.sizes[d] == n}
+            if len(tagged) == 1:
+                b = tagged.pop()
+                self.attrs["band_dim_from"] = "band metadata"
+            elif y is not None and x is not None and y != x:
+                b = next(d for d in order if d not in (y, x))
+        if b is None:
+            sizes = {d: int(var.sizes[d]) for d in order}
+            raise InputValidationError(
+                f"cannot tell which dim of variable {name!r} in {str(self.path)!r} is the band axis: "
+                f"its dims {sizes!r} have no recognised names (band/wavelength/..., y/lat/row/..., "
+                "x/lon/col/...) and no wavelength coordinate, and sizes do not say it (a crop can "
+                "have more bands than rows). Pass dims=(band_dim, y_dim, x_dim), e.g. "
+                f"dims={order!r} if {order[0]!r} is the band axis, or dims="
+                f"{(order[2], order[0], order[1])!r} if the bands are last."
+            )
+        if y is None or x is None or len({b, y, x}) != 3:
+            rest = [d for d in order if d != b]
+            y, x = (y if y in rest else rest[0]), (x if x in rest else rest[-1])
+            if y == x:
+                y, x = rest[0], rest[-1]
+            self.attrs["dims_guessed"] = True
+        return b, y, x
 
     def _check_regular(self, var: xr.DataArray, ydim: str, xdim: str) -> None:
         """Map coordinates must be evenly spaced: an affine transform cannot describe anything else."""
