@@ -18,6 +18,8 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
         format: str | None = typer.Option(None, "--format", help="Force the reader (geotiff, envi, netcdf, mat, zarr)."),
         variable: str | None = typer.Option(None, "--variable", help="Variable to read (.mat / NetCDF)."),
+        dims: str | None = typer.Option(None, "--dims", help="NetCDF/HDF5: the band, y and x dim names, "
+                                        "comma-separated (e.g. 'phony_dim_0,phony_dim_1,phony_dim_2')."),
     ) -> None:
         """Stream a scene into a chunked, compressed, georeferenced zarr v3 store."""
         from rich.progress import (
@@ -30,7 +32,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
 
         from pipeline.ingest import ingest_scene
 
-        opts = {"variable": variable} if variable else {}
+        opts = {k: v for k, v in (("variable", variable), ("dims", dims)) if v}
         with Progress(
             TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TextColumn("regions"),
             TimeRemainingColumn(), transient=False,
@@ -50,11 +52,14 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         scene: Path = typer.Argument(..., help="Scene file or hyperdeq zarr store."),
         format: str | None = typer.Option(None, "--format", help="Force the reader."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+        variable: str | None = typer.Option(None, "--variable", help="Variable to read (.mat / NetCDF)."),
+        dims: str | None = typer.Option(None, "--dims", help="NetCDF/HDF5: band, y and x dim names, comma-separated."),
     ) -> None:
         """Print shape, bands and wavelength range, CRS, resolution, nodata fraction, bad bands, size."""
         import json
 
         from pipeline.info import format_info, scene_info
 
-        meta = scene_info(scene, format=format)
+        opts = {k: v for k, v in (("variable", variable), ("dims", dims)) if v}
+        meta = scene_info(scene, format=format, **opts)
         typer.echo(json.dumps(meta.as_dict(), indent=2) if json_out else format_info(meta))

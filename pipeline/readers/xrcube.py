@@ -191,7 +191,8 @@ class XarraySource(SceneSource):
                 "x/lon/col/...) and no wavelength coordinate, and sizes do not say it (a crop can "
                 "have more bands than rows). Pass dims=(band_dim, y_dim, x_dim), e.g. "
                 f"dims={order!r} if {order[0]!r} is the band axis, or dims="
-                f"{(order[2], order[0], order[1])!r} if the bands are last."
+                f"{(order[2], order[0], order[1])!r} if the bands are last (command line: "
+                f"--dims {','.join(order)!r} or --dims {','.join((order[2], order[0], order[1]))!r})."
             )
         if y is None or x is None or len({b, y, x}) != 3:
             rest = [d for d in order if d != b]

@@ -99,3 +99,24 @@ def test_xarray_zarr_with_unnamed_dims_is_refused_too(tmp_path: Path) -> None:
     with pytest.raises(InputValidationError, match=r"is the band axis: its dims \{'p': 16, 'q': 24, 'r': 103\}"):
         open_scene(p)
     np.testing.assert_array_equal(open_scene(p, dims=("r", "p", "q")).values, _expected())
+
+
+def test_ingest_and_info_commands_take_dims(tmp_path: Path) -> None:
+    """The refusal names the command-line fix, and `hyperdeq ingest|info --dims` applies it."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from pipeline.readers import open_scene as open_any
+
+    p = _nc(tmp_path, xr.DataArray(CUBE, dims=("p", "q", "r")))
+    res = CliRunner().invoke(app, ["ingest", str(p), str(tmp_path / "no.zarr")])
+    assert res.exit_code != 0 and "--dims 'p,q,r'" in str(res.output) + str(res.exception)
+    assert not (tmp_path / "no.zarr").exists()
+    res = CliRunner().invoke(app, ["ingest", str(p), str(tmp_path / "s.zarr"), "--dims", "p,q,r"])
+    assert res.exit_code == 0, res.output
+    np.testing.assert_array_equal(open_any(tmp_path / "s.zarr").values, _expected())
+    res = CliRunner().invoke(app, ["info", str(p), "--dims", "p,q,r", "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    assert json.loads(res.output)["shape"][0] == 103
