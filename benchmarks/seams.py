@@ -152,12 +152,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"tiles failed: {res.failed[:3]}")
         import zarr
 
+        mix = None
+        if args.model == "decsc" and not args.no_guard:  # as workers.run blends: one weight per band
+            from pipeline.tiles import load_records
+            from workers.denoise.guard import scene_weights
+
+            mix = scene_weights(r.get("stats") for _, r in sorted(load_records(dest).items()))
+            extra["guard_w_scene_mean"] = None if mix is None else round(float(mix.mean()), 4)
+            extra["guard_w_whole_mean"] = round(float(wstats.get("guard_w_mean", float("nan"))), 4)
+
         for window in ("hann", "uniform", "crop"):
             tgt = Path(tmp) / f"{window}.zarr"
             zarr.create_array(str(tgt), shape=(nch, *cube.shape[1:]), chunks=(nch, args.tile, args.tile),
                               dtype="float32", fill_value=np.nan)
             blend_stage(ex, dest, store, grid, [BlendTarget(str(tgt), tuple(range(nch)), tuple(range(nch)))],
-                        chunk=args.tile, blend=window)
+                        chunk=args.tile, blend=window, mix=None if mix is None else mix.tolist())
             tiled = np.asarray(zarr.open_array(str(tgt), mode="r")[...])[:compared]
             ref = whole[:compared]
             m = valid[None].repeat(compared, 0)
@@ -221,12 +230,15 @@ def write_doc(r: dict[str, Any], doc: Path, results: Path) -> None:
         weights = f"- fit directory sha256: `{r['weights_sha256']}`"
     else:
         title = "DECSC" + ("" if r.get("band_guard", True) else " (model alone, no band guard)")
-        what = ("the shipped DECSC denoiser with its band guard (per tile: each tile's own per-band "
-                "weights, so tiled and whole-scene outputs differ where tiles decide differently) applied"
+        what = ("the shipped DECSC denoiser with its band guard (whole scene: the guard's weights from "
+                "the whole scene; tiled: one weight per band, the tiles' weights averaged by valid pixels, "
+                "applied when the tiles are blended, as `hyperdeq run` does) applied"
                 if r.get("band_guard", True) else "the shipped DECSC denoiser without its band guard applied")
         units = "Errors are over valid pixels, reflectance units (PSNR peak 1.0)."
         weights = f"- weights sha256: `{r['weights_sha256']}`"
     crop = f", top-left {r['crop']} × {r['crop']} px crop" if r.get("crop") else ""
+    guard_line = (f"\n- band guard weights (mean over bands): whole scene {r['guard_w_whole_mean']}, tiled "
+                  f"(tiles averaged) {r['guard_w_scene_mean']}" if r.get("guard_w_scene_mean") is not None else "")
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(f"""# Seams: tiled-and-blended vs whole-scene {title}
 
@@ -241,7 +253,7 @@ tile-core borders ÷ elsewhere, relative to the same ratio in the whole-scene re
 |---|---|---|---|
 {rows}
 
-- whole scene in one call: {r['whole_scene_s']} s; all tiles (one worker thread): {r['tiles_s']} s
+- whole scene in one call: {r['whole_scene_s']} s; all tiles (one worker thread): {r['tiles_s']} s{guard_line}
 - tiles whose solver did not converge: {r['not_converged_tiles'] or 'none'}
 - device: {r['device']}, {r['threads']} torch threads; versions {r['versions']}; Python {r['python']}
 {weights}; code: `{r['code_version']}`

@@ -51,6 +51,9 @@ class BlendJob:
     targets: tuple[BlendTarget, ...]
     #: ``(tile key, recorded sha256)`` of the tiles overlapping ``window``; None: not verified
     checksums: tuple[tuple[str, str | None], ...] | None = None
+    #: per output channel, a weight ``w`` toward the model's input: ``out + w (input − out)``, the
+    #: input blended from the input tile store (``valid_path``) exactly like the outputs (None: off)
+    mix: tuple[float, ...] | None = None
 
 
 def chunk_windows(shape: tuple[int, int], chunk: int) -> list[Window]:
@@ -142,6 +145,15 @@ def blend_chunk(job: BlendJob) -> dict[str, Any]:
         return rec
     sums = dict(job.checksums) if job.checksums is not None else None
     out = blend_window(job.source, job.grid, job.window, job.blend, job.ok_keys, valid, sums)
+    if job.mix is not None:
+        inp = blend_window(job.valid_path, job.grid, job.window, job.blend, job.ok_keys, valid)
+        if inp.shape != out.shape or len(job.mix) != out.shape[0]:
+            raise GridError(
+                f"cannot mix {len(job.mix)} weights of output {out.shape!r} with input {inp.shape!r}: "
+                "the model's output channels must be its input bands"
+            )
+        w = np.asarray(job.mix, dtype=np.float32)[:, None, None]
+        out = out + w * (inp - out)
     for tgt in job.targets:
         arr = zarr.open_array(tgt.array, mode="r+")
         if arr.ndim == 2:  # a single-channel (y, x) output
@@ -167,6 +179,7 @@ def blend_stage(
     ok_keys: set[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     checksums: Mapping[str, str | None] | None = None,
+    mix: Sequence[float] | None = None,
 ) -> list[dict[str, Any]]:
     """Blend every output chunk (one task each) into the ``targets`` arrays (already created).
 
@@ -174,7 +187,8 @@ def blend_stage(
     task's window is exactly one chunk of every target. ``checksums``: the sha256 recorded for
     each tile when it was written; every tile is verified as it is read for blending (a mismatch
     raises :class:`ProvenanceError` naming the tile). Each task carries only the checksums of the
-    tiles around its chunk.
+    tiles around its chunk. ``mix``: one weight per output channel toward the input tile store
+    ``valid_path`` (DECSC's scene-wide band guard): ``out + w (input − out)``.
     """
     for tgt in targets:
         arr = zarr.open_array(tgt.array, mode="r")
@@ -188,7 +202,8 @@ def blend_stage(
     jobs = [
         BlendJob(str(source), str(valid_path), grid, keys, w, blend, tuple(targets),
                  None if checksums is None else tuple(
-                     (t.key, checksums.get(t.key)) for t in grid.overlapping(w) if t.key in keys))
+                     (t.key, checksums.get(t.key)) for t in grid.overlapping(w) if t.key in keys),
+                 None if mix is None else tuple(float(v) for v in mix))
         for w in chunk_windows(grid.shape, chunk)
     ]
     futures = [executor.submit(blend_chunk, j) for j in jobs]

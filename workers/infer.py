@@ -119,19 +119,25 @@ class DenoiseTileModel:
         from workers.denoise.api import denoise_cube
 
         dev = resolve_device(self.device)
-        out, stats = denoise_cube(self.module(), np.asarray(cube, dtype=np.float32), device=dev, guard=self.guard)
+        # the guard's weights are reported per tile and applied scene-wide when the tiles are blended
+        out, stats = denoise_cube(self.module(), np.asarray(cube, dtype=np.float32), device=dev,
+                                  guard="weights" if self.guard else False)
         return np.asarray(out, dtype=np.float32), {**_scalar_stats(stats), "device": dev, "worker": worker_name()}
 
 
 def _scalar_stats(stats: dict[str, Any]) -> dict[str, Any]:
-    """Solver stats as JSON scalars (per-sample arrays reduced: max iterations/residual, all converged)."""
+    """Solver stats as JSON scalars (per-sample arrays reduced: max iterations/residual, all converged);
+    the band guard's per-band weights (``guard_w``) stay a list of floats."""
     out = dict(stats)
     for k, red in (("iterations", np.max), ("residual", np.max), ("converged", np.all)):
         if k in out and out[k] is not None:
             v = np.asarray(out[k])
             out[k] = red(v).item() if v.size else None
-    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in out.items()
+    kept = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in out.items()
             if isinstance(v, int | float | bool | str | np.generic | type(None))}
+    if isinstance(out.get("guard_w"), list | tuple | np.ndarray):
+        kept["guard_w"] = [float(v) for v in out["guard_w"]]
+    return kept
 
 
 def load_fit(fit_dir: str) -> Any:

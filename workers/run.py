@@ -161,13 +161,11 @@ def model_weights(config: RunConfig, denoise_model: TileModel | None = None) -> 
     return out
 
 
-def _band_guard_record(tiles: list[dict[str, Any]]) -> dict[str, Any]:
-    """The band guard of a denoise stage (file and sha256) when its tiles used it."""
-    if not any(t.get("guard") for t in tiles):
+def _band_guard_record(blend_summary: dict[str, Any] | None) -> dict[str, Any]:
+    """The band guard applied when the denoised tiles were blended: file, sha256, per-band weights."""
+    if not blend_summary or not blend_summary.get("band_guard"):
         return {}
-    from workers.denoise.spec import GUARD_WEIGHTS_FILE, GUARD_WEIGHTS_SHA256
-
-    return {"band_guard": {"file": GUARD_WEIGHTS_FILE, "sha256": GUARD_WEIGHTS_SHA256}}
+    return {"band_guard": blend_summary["band_guard"]}
 
 
 def run_config_hash(config: RunConfig) -> str:
@@ -485,11 +483,25 @@ def stage_blend(
     # every tile is checked against the sha256 recorded when it was written, as it is read for blending
     checksums = {k: recs[k].get("checksum") for k in ok_keys}
     cb = (lambda d, t: progress(f"blend_{stage}", d, t)) if progress else None
+    # DECSC's band guard: one weight per band for the whole scene (the tiles' own weights averaged
+    # by valid pixels), applied as the tiles are blended: out + w (input − out)
+    mix = None
+    guard_rec: dict[str, Any] = {}
+    if stage == "denoise":
+        from workers.denoise.guard import scene_weights
+        from workers.denoise.spec import GUARD_WEIGHTS_FILE, GUARD_WEIGHTS_SHA256
+
+        mix = scene_weights(recs[k].get("stats") for k in sorted(ok_keys))
+        if mix is not None:
+            guard_rec = {"band_guard": {"file": GUARD_WEIGHTS_FILE, "sha256": GUARD_WEIGHTS_SHA256,
+                                        "scope": "scene (tile weights averaged by valid pixels)",
+                                        "w": [round(float(v), 6) for v in mix]}}
     with _executor_for(executor, config) as ex:
         blend_stage(ex, summary["path"], summary["source"], grid, targets, chunk=config.chunk,
-                    blend=config.blend, ok_keys=ok_keys, progress=cb, checksums=checksums)
+                    blend=config.blend, ok_keys=ok_keys, progress=cb, checksums=checksums,
+                    mix=None if mix is None else mix.tolist())
     mark_complete(dest, tiles_digest=digest, failed_tiles=summary["failed"])
-    _save_stage(run_dir, f"blend_{stage}", {"path": str(dest), "wall_s": time.perf_counter() - t0})
+    _save_stage(run_dir, f"blend_{stage}", {"path": str(dest), "wall_s": time.perf_counter() - t0, **guard_rec})
     return dest
 
 
@@ -618,8 +630,9 @@ def stage_record(
         tiles[stage] = [
             {**{k: r.get(k) for k in ("key", "index", "status", "worker", "device", "wall_s", "iterations",
                                       "residual", "converged", "checksum", "error")},
-             # DECSC's band guard: per-band weights of this tile (mean, max, bands with w > 0.5)
-             **{k: v for k, v in (r.get("stats") or {}).items() if k.startswith("guard")}}
+             # DECSC's band guard: this tile's own weights (mean, max, bands with w > 0.5); the
+             # scene-wide per-band weights applied at blending are in models[].band_guard
+             **{k: v for k, v in (r.get("stats") or {}).items() if k.startswith("guard") and k != "guard_w"}}
             for _, r in sorted(recs.items())
         ]
         failed += [f"{stage}:{k}" for k in s["failed"]]
@@ -627,7 +640,7 @@ def stage_record(
         models.append({"name": s["model"], "weights_sha256": s["weights_sha256"] if stage == "denoise"
                        else plan["weights"].get("deq-unmix"), "halo": s["halo"], "stage": stage,
                        **({"fit_sha256": s["weights_sha256"]} if stage == "unmix" else {}),
-                       **(_band_guard_record(tiles[stage]) if stage == "denoise" else {})})
+                       **(_band_guard_record(load_stage(run_dir, "blend_denoise")) if stage == "denoise" else {})})
     for extra in ("ingest", "tile_input", "fit_unmixer", "tile_unmix_input", "blend_denoise", "blend_unmix", "write"):
         s = load_stage(run_dir, extra)
         if s is not None:

@@ -204,3 +204,30 @@ def test_train_guard_command_on_real_cubes(shared_data: Path, tmp_path: Path) ->
     assert "held-out CAVE patches" in res.output
     res = CliRunner().invoke(app, ["train", "guard", "--data", str(tmp_path / "nowhere"), "--out", str(out)])
     assert res.exit_code != 0 and "no CAVE scenes found" in str(res.output) + str(res.exception)
+
+
+def test_weights_mode_reports_without_applying(model: torch.nn.Module) -> None:
+    """``guard="weights"`` (what the tile engine uses) returns the model's output and the weights
+    that ``guard=True`` applies."""
+    clean = _cave()[:, :24, :24].copy()
+    sig = np.full(31, 30 / 255)
+    sig[5] = 1 / 255
+    noisy = (clean + np.random.default_rng(5).standard_normal(clean.shape) * sig[:, None, None]).astype(np.float32)
+    raw, _ = denoise_cube(model, noisy, guard=False)
+    rep, st = denoise_cube(model, noisy, guard="weights")
+    out, st_on = denoise_cube(model, noisy)
+    np.testing.assert_array_equal(rep, raw)
+    w = np.asarray(st["guard_w"], np.float32)
+    assert st["guard_applied"] is False and st_on["guard_applied"] is True and st["guard_n"] == 24 * 24
+    np.testing.assert_allclose(out, raw + w[:, None, None] * (noisy - raw), atol=1e-6)
+    with pytest.raises(Exception, match="guard must be"):
+        denoise_cube(model, noisy, guard="sometimes")
+
+
+def test_scene_weights_average_tiles_by_valid_pixels() -> None:
+    stats = [{"guard_w": [0.0, 1.0], "guard_n": 300}, {"guard_w": [1.0, 0.0], "guard_n": 100},
+             {"guard": False}, None, {"guard_w": [0.5, 0.5], "guard_n": 0}]
+    np.testing.assert_allclose(G.scene_weights(stats), [0.25, 0.75])
+    assert G.scene_weights([{"guard": False}, None]) is None
+    with pytest.raises(ConfigError, match="different band counts"):
+        G.scene_weights([{"guard_w": [0.1], "guard_n": 5}, {"guard_w": [0.1, 0.2], "guard_n": 5}])

@@ -253,7 +253,10 @@ def test_full_size_denoiser_is_chosen_by_config_and_recorded(tmp_path: Path) -> 
     from workers.denoise.spec import GUARD_WEIGHTS_SHA256
 
     rec = json.loads((runs["shipped"].run_dir / "run.json").read_text())
-    assert rec["models"][0]["band_guard"]["sha256"] == GUARD_WEIGHTS_SHA256
+    bg = rec["models"][0]["band_guard"]
+    assert bg["sha256"] == GUARD_WEIGHTS_SHA256 and len(bg["w"]) == good.sum()
+    w_scene = np.asarray(bg["w"], dtype=np.float32)
+    assert 0.0 <= w_scene.min() and w_scene.max() <= 1.0
     assert all(t["guard"] is True and 0.0 <= t["guard_w_mean"] <= t["guard_w_max"] <= 1.0
                for t in rec["tiles"]["denoise"])
     # without the guard: another run id, no guard in the record, the model's own output
@@ -266,6 +269,13 @@ def test_full_size_denoiser_is_chosen_by_config_and_recorded(tmp_path: Path) -> 
     assert all(t["guard"] is False for t in rec["tiles"]["denoise"])
     c = open_output(plain.outputs["denoised_zarr"], "denoised").values
     assert not np.allclose(a[good], c[good], atol=1e-6)
+    # the guard is one weight per band for the whole scene, applied as the tiles are blended:
+    # guarded = model + w (input − model), exactly, with the model's output from the plain run
+    from pipeline.ingest import open_zarr_scene
+    from workers.run import INGESTED
+
+    inp = open_zarr_scene(runs["shipped"].run_dir / INGESTED).values[good]
+    np.testing.assert_allclose(a[good], c[good] + w_scene[:, None, None] * (inp - c[good]), atol=2e-6)
 
 
 def test_unknown_denoiser_is_refused() -> None:

@@ -210,7 +210,9 @@ def denoise_cube(
     ``guard``: ``True`` (default) applies the shipped band guard after the model (per band,
     ``out = d + w_b (y − d)``: part of the input handed back where the model over-smooths a
     band, see :mod:`workers.denoise.guard`); ``False`` returns the model's output as is; a
-    :class:`workers.denoise.guard.BandGuard` uses that guard.
+    :class:`workers.denoise.guard.BandGuard` uses that guard; ``"weights"`` returns the model's
+    output and only reports the shipped guard's weights (``guard_w``, over ``guard_n`` valid
+    pixels): the tile engine applies one scene-wide weight per band when it blends the tiles.
 
     Returns the denoised cube and the worst solver statistics over the spectral windows:
     ``{"iterations": int, "residual": float, "converged": bool, "windows": int}``, plus the
@@ -256,12 +258,17 @@ def denoise_cube(
         out = acc / norm[:, None, None]
     guard_stats: dict[str, Any] = {"guard": False}
     if guard is not False and guard is not None:
-        from .guard import apply_guard
+        from .guard import guard_weights
 
-        g = shipped_guard() if guard is True else guard
-        out, w = apply_guard(g, filled, out, sigma.cpu().numpy(), valid)
-        guard_stats = {"guard": True, "guard_w_mean": float(w.mean()), "guard_w_max": float(w.max()),
-                       "guard_bands_half": int(np.sum(w > 0.5))}
+        if isinstance(guard, str) and guard != "weights":
+            raise InputValidationError(f"guard must be True, False, 'weights' or a BandGuard, got {guard!r}")
+        g = shipped_guard() if (guard is True or isinstance(guard, str)) else guard
+        w = guard_weights(g, filled, out, sigma.cpu().numpy(), valid)
+        if guard != "weights":
+            out = (out + w[:, None, None] * (filled - out)).astype(np.float32)
+        guard_stats = {"guard": True, "guard_applied": guard != "weights", "guard_w_mean": float(w.mean()),
+                       "guard_w_max": float(w.max()), "guard_bands_half": int(np.sum(w > 0.5)),
+                       "guard_w": [float(v) for v in w], "guard_n": int(valid.sum())}
     out[:, ~valid] = np.nan
     stats = {
         "iterations": int(torch.cat(its).max()),

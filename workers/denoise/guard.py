@@ -172,14 +172,36 @@ def fit_guard(X: np.ndarray, abc: np.ndarray, *, seed: int = 0, steps: int = 300
     return g.eval()
 
 
+def guard_weights(guard: BandGuard, y: np.ndarray, d: np.ndarray, sigma: np.ndarray,
+                  valid: np.ndarray | None = None) -> np.ndarray:
+    """Per-band ``w`` (float32) for one NaN-free ``(B, H, W)`` cube (``valid``: its real pixels)."""
+    feats = band_features(y, d, sigma, valid)
+    with torch.no_grad():
+        return guard(torch.from_numpy(feats)).numpy().astype(np.float32)
+
+
 def apply_guard(guard: BandGuard, y: np.ndarray, d: np.ndarray, sigma: np.ndarray,
                 valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(d + w(y − d), w)`` for one NaN-free ``(B, H, W)`` cube (``valid``: its real pixels); ``w`` per band."""
-    feats = band_features(y, d, sigma, valid)
-    with torch.no_grad():
-        w = guard(torch.from_numpy(feats)).numpy().astype(np.float32)
+    w = guard_weights(guard, y, d, sigma, valid)
     out = d + w[:, None, None] * (y - d)
     return out.astype(np.float32), w
+
+
+def scene_weights(tile_stats: Any) -> np.ndarray | None:
+    """One weight per band for a whole scene from its tiles' guard reports (``stats`` dicts with
+    ``guard_w`` and ``guard_n``): the mean of the tiles' weights, weighted by their valid pixels.
+    ``None`` when no tile reported weights (guard off). Tiles of one scene must agree on the bands."""
+    ws, ns = [], []
+    for st in tile_stats:
+        if st and st.get("guard_w") is not None and int(st.get("guard_n", 0)) > 0:
+            ws.append(np.asarray(st["guard_w"], dtype=np.float64))
+            ns.append(float(st["guard_n"]))
+    if not ws:
+        return None
+    if len({w.shape for w in ws}) != 1:
+        raise ConfigError(f"tiles reported guard weights for different band counts {sorted({w.size for w in ws})!r}")
+    return (np.average(np.stack(ws), axis=0, weights=np.asarray(ns))).astype(np.float32)
 
 
 def guard_state(guard: BandGuard) -> dict[str, torch.Tensor]:
