@@ -77,7 +77,7 @@ class BenchDenoiser:
         if self.threads:
             torch.set_num_threads(int(self.threads))
         out, stats = denoise_cube(self.module(), np.asarray(cube, dtype=np.float32), device=self.device,
-                                  max_iter=self.max_iter)
+                                  max_iter=self.max_iter, guard="weights")
         return np.asarray(out, np.float32), {**stats, "device": self.device, "worker": worker_name(),
                                              "pid": os.getpid()}
 
