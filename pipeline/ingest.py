@@ -439,7 +439,8 @@ class _StoreArray:
 
     xarray's lazy zarr array lets a chunk that does not decode escape from ``.values`` as a bare
     codec ``RuntimeError``; here it is a :class:`ReadError` naming the store and the chunk.
-    Picklable (path only), so dask can ship it to workers.
+    Picklable (path only: the opened array is not shipped), so dask can send it to workers; the
+    array is opened once per process, not once per chunk.
     """
 
     def __init__(self, path: Path, shape: tuple[int, ...], chunks: tuple[int, ...]) -> None:
@@ -448,13 +449,18 @@ class _StoreArray:
         self.chunks = chunks
         self.dtype = np.dtype(np.float32)
         self.ndim = 3
+        self._arr: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_arr": None}
 
     def __getitem__(self, key: Any) -> np.ndarray:
         import zarr
 
         try:
-            arr: Any = zarr.open_array(str(self.path / VARIABLE), mode="r")
-            return np.asarray(arr[key])
+            if self._arr is None:
+                self._arr = zarr.open_array(str(self.path / VARIABLE), mode="r")
+            return np.asarray(self._arr[key])
         except Exception as exc:
             _, ysl, xsl = (k if isinstance(k, slice) else slice(k, k + 1) for k in key)
             y0, y1, _ = ysl.indices(self.shape[1])

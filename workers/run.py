@@ -639,12 +639,14 @@ def stage_record(
         not_conv += [f"{stage}:{k}" for k in s["not_converged"]]
         models.append({"name": s["model"], "weights_sha256": s["weights_sha256"] if stage == "denoise"
                        else plan["weights"].get("deq-unmix"), "halo": s["halo"], "stage": stage,
-                       **({"fit_sha256": s["weights_sha256"]} if stage == "unmix" else {}),
-                       **(_band_guard_record(load_stage(run_dir, "blend_denoise")) if stage == "denoise" else {})})
+                       **({"fit_sha256": s["weights_sha256"]} if stage == "unmix" else {})})
     for extra in ("ingest", "tile_input", "fit_unmixer", "tile_unmix_input", "blend_denoise", "blend_unmix", "write"):
         s = load_stage(run_dir, extra)
         if s is not None:
             stages[extra] = s
+    for m in models:  # the guard weights applied when the denoised tiles were blended
+        if m["stage"] == "denoise":
+            m.update(_band_guard_record(stages.get("blend_denoise")))
     status = prov.COMPLETE if not failed and outputs else prov.FAILED
     record = {
         "run_id": plan["run_id"], "status": status, "start": start, "end": prov.now(),
