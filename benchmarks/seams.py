@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite the markdown report")
     ap.add_argument("--no-guard", action="store_true",
                     help="decsc: the model alone, without its band guard (default files *_noguard)")
+    ap.add_argument("--subspace", type=int, default=8,
+                    help="decsc: spectral-subspace pass dimension as in the pipeline (0: off, files *_nosub)")
     ap.add_argument("--json", type=Path, default=None, help="results JSON (default: the model's file in benchmarks/results)")
     ap.add_argument("--md", type=Path, default=None, help="markdown report (default: the model's file in docs/benchmarks)")
     args = ap.parse_args(argv)
@@ -116,9 +118,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             from workers.infer import DenoiseTileModel
 
             guard = not args.no_guard
-            whole, wstats = denoise_cube(load_denoiser(args.device), cube, device=args.device, guard=guard)
-            tile_model: Any = DenoiseTileModel(args.device, halo, spec.weights_sha256, guard=guard)
-            extra = {"band_guard": guard}
+            whole, wstats = denoise_cube(load_denoiser(args.device), cube, device=args.device, guard=guard,
+                                         subspace=args.subspace or False)
+            tile_model: Any = DenoiseTileModel(args.device, halo, spec.weights_sha256, guard=guard,
+                                               subspace=args.subspace)
+            extra = {"band_guard": guard, "subspace_k": args.subspace}
             names, compared, weights = [str(b) for b in good], len(good), spec.weights_sha256
         else:
             from workers.infer import UnmixTileModel, dir_sha256
@@ -190,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results, doc = OUTPUTS[args.model]
     if args.model == "decsc" and args.no_guard:
         results, doc = (p.with_name(p.stem + "_noguard" + p.suffix) for p in (results, doc))
+    if args.model == "decsc" and not args.subspace:
+        results, doc = (p.with_name(p.stem + "_nosub" + p.suffix) for p in (results, doc))
     results, doc = args.json or results, args.md or doc
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(result, indent=1))
@@ -234,6 +240,11 @@ def write_doc(r: dict[str, Any], doc: Path, results: Path) -> None:
                 "the whole scene; tiled: one weight per band, the tiles' weights averaged by valid pixels, "
                 "applied when the tiles are blended, as `hyperdeq run` does) applied"
                 if r.get("band_guard", True) else "the shipped DECSC denoiser without its band guard applied")
+        k = r.get("subspace_k", 0)
+        what += (f", with its spectral-subspace pass (k = {k}; each tile projects onto its own top-{k} "
+                 "spectral directions, the whole scene onto the scene's)" if k else
+                 ", without the spectral-subspace pass (the model alone)")
+        title += "" if k else " without the subspace pass"
         units = "Errors are over valid pixels, reflectance units (PSNR peak 1.0)."
         weights = f"- weights sha256: `{r['weights_sha256']}`"
     crop = f", top-left {r['crop']} × {r['crop']} px crop" if r.get("crop") else ""

@@ -246,7 +246,7 @@ def report_markdown(s: SceneSummary) -> str:
     if s.config_hash:
         lines.append(f"- config hash: `{s.config_hash}`")
     if s.config:
-        keys = ("tile", "halo", "blend", "denoise", "denoise_arch", "denoise_guard", "unmix", "n_endmembers", "device", "batch_size", "seed")
+        keys = ("tile", "halo", "blend", "denoise", "denoise_arch", "denoise_guard", "denoise_subspace", "unmix", "n_endmembers", "device", "batch_size", "seed")
         lines.append("- config: " + ", ".join(f"{k}={s.config[k]!r}" for k in keys if k in s.config))
     lines += ["", "## Models", ""]
     if s.models:

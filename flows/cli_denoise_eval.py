@@ -46,6 +46,8 @@ def _command_line(opts: dict[str, object]) -> str:
         parts.append("--no-decsc")
     if not opts.get("guard", True):
         parts.append("--no-guard")
+    if opts.get("subspace", 8) != 8:
+        parts += ["--subspace", str(int(opts["subspace"]))]
     return " ".join(parts)
 
 
@@ -77,6 +79,8 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         weights: Path = typer.Option(None, help="DECSC weights file other than the shipped one"),
         arch: str = typer.Option("shipped", help="architecture of --weights: shipped or full"),
         guard: bool = typer.Option(True, "--guard/--no-guard", help="DECSC's band guard (on in the pipeline)"),
+        subspace: int = typer.Option(8, "--subspace", help="DECSC's spectral-subspace pass dimension, 0: the "
+                                     "model alone (8 in the pipeline)"),
     ) -> None:
         """Score DECSC and the classical denoisers on the test scenes under every noise case."""
         from workers.denoise.evaluate import EvalConfig, run_eval, write_report
@@ -97,6 +101,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
             weights=weights,
             arch=arch,
             guard=guard,
+            subspace=subspace,
             command=_command_line(locals()),
         )
         res = run_eval(

@@ -113,12 +113,13 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         recipe: str | None = typer.Option(None, help="deploy/cluster recipe (local, gpu-dask-cuda, or a path)"),
         denoiser: str = typer.Option("shipped", help="DECSC weights: shipped (small, default) or full (for GPUs)"),
         guard: bool = typer.Option(True, "--guard/--no-guard", help="DECSC's band guard after the model"),
+        subspace: int = typer.Option(8, "--subspace", help="DECSC's spectral-subspace pass dimension (0: off)"),
     ) -> None:
         """Process one scene through the Prefect flow (ingest → denoise → unmix → outputs)."""
         opts, cl = _options(tile=tile, halo=halo, blend=blend, denoise=denoise, unmix=unmix,
                             n_endmembers=endmembers, seed=seed, device=device, batch_size=batch_size,
                             kind=cluster, address=address, n_workers=workers, recipe=recipe,
-                            denoise_arch=denoiser, denoise_guard=guard)
+                            denoise_arch=denoiser, denoise_guard=guard, denoise_subspace=subspace)
         if not scene.exists():
             raise ConfigError(f"scene {str(scene)!r} does not exist; give the path of a scene file")
         from flows.scene_flow import process_scene
@@ -152,6 +153,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         workers: int | None = typer.Option(None),
         denoiser: str = typer.Option("shipped", help="DECSC weights: shipped (small, default) or full (for GPUs)"),
         guard: bool = typer.Option(True, "--guard/--no-guard", help="DECSC's band guard after the model"),
+        subspace: int = typer.Option(8, "--subspace", help="DECSC's spectral-subspace pass dimension (0: off)"),
     ) -> None:
         """Process every scene under ROOT (or in --list-file) that has no completed run yet."""
         from pydantic import ValidationError
@@ -160,7 +162,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
 
         opts, cl = _options(tile=tile, denoise=denoise, unmix=unmix, n_endmembers=endmembers,
                             device=device, kind=cluster, address=address, n_workers=workers,
-                            denoise_arch=denoiser, denoise_guard=guard)
+                            denoise_arch=denoiser, denoise_guard=guard, denoise_subspace=subspace)
         try:
             p = SweepParams(root=None if root is None else str(root),
                             list_file=None if list_file is None else str(list_file), out_root=str(out),

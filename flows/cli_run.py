@@ -29,6 +29,9 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
                                      help="DECSC weights: shipped (small, default) or full (full-size; for GPUs)."),
         guard: bool = typer.Option(True, "--guard/--no-guard",
                                    help="DECSC's band guard: hand the input back per band where the model over-smooths."),
+        subspace: int = typer.Option(8, "--subspace",
+                                     help="DECSC's spectral-subspace pass: dimension k of the projection between "
+                                          "two model passes (0: the model alone, half the compute)."),
     ) -> None:
         """Denoise (DECSC) and unmix (DEQ-Unmix) SCENE into georeferenced zarr + COG with a run record."""
         from rich.console import Console
@@ -50,6 +53,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
             out_root=out, tile=tile, halo=halo, blend=blend, denoise=denoise, unmix=not no_unmix,
             n_endmembers=unmix, seed=seed, workers=workers, scheduler=scheduler, device=device,
             batch_size=batch, denoise_arch=denoiser, denoise_guard=guard,
+            denoise_subspace=subspace,
         )
         console = Console(stderr=True)
         import logging

@@ -47,6 +47,8 @@ class RunOptions(BaseModel):
         "shipped", description="DECSC weights: shipped (small, CPU-friendly) or full (full-size, for GPUs)")
     denoise_guard: bool = Field(
         True, description="DECSC's band guard: hand part of the input back per band where the model over-smooths")
+    denoise_subspace: int = Field(
+        8, ge=0, le=64, description="DECSC's spectral-subspace pass: dimension k (0: the model alone)")
 
     @model_validator(mode="after")
     def _consistent(self) -> RunOptions:

@@ -39,6 +39,7 @@ HASHED_FIELDS: tuple[str, ...] = (
     "device",
     "denoise_arch",
     "denoise_guard",
+    "denoise_subspace",
 )
 
 # bytes per pixel-band a model needs at peak, relative to the float32 input (input, output,
@@ -59,7 +60,9 @@ class RunConfig:
     ``denoise_arch``: which DECSC weights run: ``shipped`` (small, the default, fast on CPUs) or
     ``full`` (the full-size model: better, ~7× the compute; meant for GPUs). ``denoise_guard``:
     DECSC's band guard after the model (hands part of the input back per band where the model
-    over-smooths; ``workers.denoise.guard``); on by default.
+    over-smooths; ``workers.denoise.guard``); on by default. ``denoise_subspace``: dimension of
+    DECSC's spectral-subspace pass (``workers.denoise.subspace``: the model, cleaning, projection
+    onto each tile's top-k noise-whitened spectral directions, the model again); 0 turns it off.
     """
 
     out_root: Path = Path("hyperdeq-out")
@@ -79,6 +82,7 @@ class RunConfig:
     tile_memory_mb: float = 2048.0
     denoise_arch: str = "shipped"
     denoise_guard: bool = True
+    denoise_subspace: int = 8
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -132,6 +136,12 @@ class RunConfig:
         if not _DEVICE_RE.match(str(self.device)):
             raise ConfigError(
                 f"unknown device {self.device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'"
+            )
+        if (not isinstance(self.denoise_subspace, int) or isinstance(self.denoise_subspace, bool)
+                or not 0 <= self.denoise_subspace <= 64):
+            raise ConfigError(
+                f"denoise_subspace must be an integer from 0 (off) to 64, got {self.denoise_subspace!r}; "
+                "the default 8 suits airborne scenes (docs/models/decsc.md)"
             )
         if self.denoise_arch not in DENOISE_ARCHS:
             raise ConfigError(

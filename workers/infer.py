@@ -102,14 +102,17 @@ class DenoiseTileModel:
     out_names: tuple[str, ...] | None = None
     arch: str = "shipped"  # DECSC architecture preset: shipped (default) or full
     guard: bool = True  # DECSC's band guard after the model (workers.denoise.guard)
+    subspace: int = 0  # spectral-subspace pass dimension (workers.denoise.subspace); 0: the model alone
 
     @classmethod
-    def from_registry(cls, device: str = "cpu", arch: str = "shipped", guard: bool = True) -> DenoiseTileModel:
+    def from_registry(cls, device: str = "cpu", arch: str = "shipped", guard: bool = True,
+                      subspace: int = 0) -> DenoiseTileModel:
         from workers.denoise.api import arch_weights
         from workers.registry import get_spec
 
         spec = get_spec("decsc")
-        return cls(device=device, halo=int(spec.halo), weights_sha256=arch_weights(arch)[1], arch=arch, guard=guard)
+        return cls(device=device, halo=int(spec.halo), weights_sha256=arch_weights(arch)[1], arch=arch, guard=guard,
+                   subspace=subspace)
 
     def module(self) -> Any:
         dev = resolve_device(self.device)
@@ -121,7 +124,7 @@ class DenoiseTileModel:
         dev = resolve_device(self.device)
         # the guard's weights are reported per tile and applied scene-wide when the tiles are blended
         out, stats = denoise_cube(self.module(), np.asarray(cube, dtype=np.float32), device=dev,
-                                  guard="weights" if self.guard else False)
+                                  guard="weights" if self.guard else False, subspace=self.subspace or False)
         return np.asarray(out, dtype=np.float32), {**_scalar_stats(stats), "device": dev, "worker": worker_name()}
 
 

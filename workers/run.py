@@ -187,7 +187,8 @@ def run_config_hash(config: RunConfig) -> str:
         from workers.denoise.spec import GUARD_WEIGHTS_SHA256
 
         algo["decsc"] = {"solver": spec.solver, "config": {**spec.config, **ARCH_PRESETS[config.denoise_arch]},
-                         "band_guard_sha256": GUARD_WEIGHTS_SHA256 if config.denoise_guard else None}
+                         "band_guard_sha256": GUARD_WEIGHTS_SHA256 if config.denoise_guard else None,
+                         "subspace_k": config.denoise_subspace}
     if config.unmix:
         from workers.unmix.fit import DEFAULTS
 
@@ -367,7 +368,7 @@ def stage_denoise(
     from workers.infer import DenoiseTileModel
 
     m = model if model is not None else DenoiseTileModel.from_registry(config.device, config.denoise_arch,
-                                                                       config.denoise_guard)
+                                                                       config.denoise_guard, config.denoise_subspace)
     return _model_stage("denoise", m, Path(tile_store), Path(run_dir), config, executor, progress, submit)
 
 

@@ -118,6 +118,7 @@ class EvalConfig:
     weights: Path | None = None  # DECSC weights other than the shipped file
     arch: str = "shipped"  # architecture preset of those weights (workers.denoise.api.ARCH_PRESETS)
     guard: bool = True  # the band guard after DECSC (workers.denoise.guard), as in the pipeline
+    subspace: int = 8  # DECSC's spectral-subspace pass dimension (workers.denoise.subspace), 0: off; as in the pipeline
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -133,6 +134,8 @@ class EvalConfig:
             check_case(c)
         for b in self.baselines:
             get_baseline(b)
+        if not isinstance(self.subspace, int) or isinstance(self.subspace, bool) or not 0 <= self.subspace <= 64:
+            raise ConfigError(f"subspace must be an integer from 0 (off) to 64, got {self.subspace!r}")
         for what, seq in (("scene", self.scenes), ("case", self.cases), ("baseline", self.baselines)):
             if len(set(seq)) != len(seq):
                 raise ConfigError(f"{what} list {list(seq)!r} names one twice; give each once")
@@ -268,7 +271,8 @@ def _decsc_stats(stats: dict[str, Any]) -> dict[str, Any]:
         "iterations_mean": float(it.mean()) if it.size else None,
         "iterations_max": float(it.max()) if it.size else None,
         "residual_max": float(resid.max()) if resid.size else None,
-        **{k: stats[k] for k in ("guard", "guard_w_mean", "guard_w_max", "guard_bands_half") if k in stats},
+        **{k: stats[k] for k in ("guard", "guard_w_mean", "guard_w_max", "guard_bands_half", "subspace_k",
+                                  "subspace_outside", "subspace_impulses", "subspace_lines") if k in stats},
     }
 
 
@@ -350,6 +354,8 @@ def run_eval(
             say(f"DECSC skipped: {decsc_info['note']}")
         else:
             decsc_info["band_guard"] = _guard_info(config.guard)
+            decsc_info["subspace"] = ({"status": "on", "k": config.subspace, "module": "workers.denoise.subspace"}
+                                      if config.subspace else {"status": "off"})
 
     env = environment(config)
     results: list[dict[str, Any]] = []
@@ -377,7 +383,8 @@ def run_eval(
                 t0 = time.perf_counter()
                 try:
                     kw: dict[str, Any] = {} if config.device == "cpu" else {"device": config.device}
-                    out, stats = denoise_cube(model, noisy.astype(np.float32), guard=config.guard, **kw)
+                    out, stats = denoise_cube(model, noisy.astype(np.float32), guard=config.guard,
+                                              subspace=config.subspace or False, **kw)
                     dt = time.perf_counter() - t0
                     res = score(clean, out, noisy_bp) | {"time_s": dt} | _decsc_stats(dict(stats))
                 except HyperdeqError as exc:
@@ -521,6 +528,12 @@ def render_markdown(res: dict[str, Any]) -> str:
                          "(`--no-guard` for the model's output alone)")
         elif g:
             lines.append("- DECSC band guard: **off** (`--no-guard`)")
+        sp = d.get("subspace") or {}
+        if sp.get("status") == "on":
+            lines.append(f"- DECSC spectral-subspace pass: on, k = {sp.get('k')} (`workers/denoise/subspace.py`; "
+                         "`--subspace 0` for the model alone)")
+        elif sp:
+            lines.append("- DECSC spectral-subspace pass: **off** (`--subspace 0`): the model alone")
     else:
         lines.append(f"- DECSC: **{d.get('status')}**: {d.get('note')}")
     for name, why in res["skipped_baselines"].items():
@@ -603,6 +616,10 @@ def render_markdown(res: dict[str, Any]) -> str:
                 if mm.get("guard"):
                     notes.append(f"guard w mean {_fmt(mm.get('guard_w_mean'), 3)} max {_fmt(mm.get('guard_w_max'), 2)}, "
                                  f"{mm.get('guard_bands_half')} bands w > 0.5")
+                if mm.get("subspace_k"):
+                    notes.append(f"subspace k {mm['subspace_k']}: {mm.get('subspace_outside')} pixels kept outside, "
+                                 f"{mm.get('subspace_impulses')} impulse pixels and {mm.get('subspace_lines')} "
+                                 "line offsets cleaned")
             lines.append(
                 f"| {m} | {_fmt(mm['mpsnr_db'])} | {_fmt(mm['mssim'], 4)} | {_fmt(mm['sam_deg'])} | "
                 f"{_fmt(mm['ergas'])} | {_fmt(mm['time_s'], 1)} | "
