@@ -632,8 +632,10 @@ def stage_record(
             {**{k: r.get(k) for k in ("key", "index", "status", "worker", "device", "wall_s", "iterations",
                                       "residual", "converged", "checksum", "error")},
              # DECSC's band guard: this tile's own weights (mean, max, bands with w > 0.5); the
-             # scene-wide per-band weights applied at blending are in models[].band_guard
-             **{k: v for k, v in (r.get("stats") or {}).items() if k.startswith("guard") and k != "guard_w"}}
+             # scene-wide per-band weights applied at blending are in models[].band_guard; its
+             # spectral-subspace pass: k, pixels kept outside, impulse pixels and lines cleaned
+             **{k: v for k, v in (r.get("stats") or {}).items()
+                if (k.startswith("guard") and k != "guard_w") or k.startswith("subspace")}}
             for _, r in sorted(recs.items())
         ]
         failed += [f"{stage}:{k}" for k in s["failed"]]

@@ -144,3 +144,17 @@ def test_pipeline_config_carries_the_subspace_dimension() -> None:
         with pytest.raises(ConfigError, match="denoise_subspace"):
             RunConfig(denoise_subspace=bad)  # type: ignore[arg-type]
     assert DenoiseTileModel.from_registry("cpu", subspace=8).subspace == 8
+
+
+def test_tile_model_runs_the_pass_it_is_given(model: torch.nn.Module) -> None:
+    """The pipeline's tile model forwards its dimension: same output as ``denoise_cube`` with the
+    guard's weights reported (applied at blending) and the pass on; its stats say so."""
+    from workers.infer import DenoiseTileModel
+
+    clean = _jasper()
+    noisy = add_noise(clean, "mixture", np.random.default_rng(2)).astype(np.float32)
+    tm = DenoiseTileModel.from_registry("cpu", subspace=8)
+    out, st = tm(noisy)
+    ref, _ = denoise_cube(model, noisy, guard="weights", subspace=8)
+    np.testing.assert_array_equal(out, ref)
+    assert st["subspace_k"] == 8 and st["subspace_impulses"] > 0

@@ -259,6 +259,10 @@ def test_full_size_denoiser_is_chosen_by_config_and_recorded(tmp_path: Path) -> 
     assert 0.0 <= w_scene.min() and w_scene.max() <= 1.0
     assert all(t["guard"] is True and 0.0 <= t["guard_w_mean"] <= t["guard_w_max"] <= 1.0
                for t in rec["tiles"]["denoise"])
+    # the spectral-subspace pass (default k = 8) is configured and each tile says what it did:
+    # these tiles (≤ 400 px of 218 bands) are too small to estimate a subspace, so it was skipped
+    assert rec["config"]["denoise_subspace"] == 8
+    assert all(t["subspace_k"] == 0 and "218 bands" in t["subspace_skipped"] for t in rec["tiles"]["denoise"])
     # without the guard: another run id, no guard in the record, the model's own output
     cfg = RunConfig(tile=16, halo=4, unmix=False, denoise_guard=False)
     with ThreadPoolExecutor(1) as ex:
