@@ -158,3 +158,18 @@ def test_tile_model_runs_the_pass_it_is_given(model: torch.nn.Module) -> None:
     ref, _ = denoise_cube(model, noisy, guard="weights", subspace=8)
     np.testing.assert_array_equal(out, ref)
     assert st["subspace_k"] == 8 and st["subspace_impulses"] > 0
+
+
+def test_cleaning_ignores_nodata_pixels() -> None:
+    """Filled nodata pixels (band means) neither count as impulses nor dilute a stripe's median."""
+    rng = np.random.default_rng(4)
+    d1 = _low_rank(rng)
+    y = d1 + rng.normal(0, 0.01, d1.shape)
+    valid = np.ones(d1.shape[1:], bool)
+    valid[:10, :] = False  # a third of the rows is nodata, filled far from the model's output
+    y[:, ~valid] = 0.9
+    y[5, 10:, 9] += 0.03  # stripe on the 20 real pixels of column 9
+    yc, st = S.clean_input(y, d1, valid)
+    assert st["impulse_pixels"] < 20  # the filled pixels are not impulses
+    assert abs(np.mean(yc[5, 10:, 9] - d1[5, 10:, 9])) < 0.01  # the stripe is found on its real rows
+    assert st["lines_removed"] >= 1

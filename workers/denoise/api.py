@@ -297,7 +297,7 @@ def denoise_cube(
     filled = cube.copy()
     means = np.array([cube[i][valid].mean() for i in range(b)], dtype=np.float32)
     filled[:, ~valid] = means[:, None]
-    pass_kw = {"device": device, "max_iter": max_iter, "window_batch": window_batch}
+    pass_kw: dict[str, Any] = {"device": device, "max_iter": max_iter, "window_batch": window_batch}
     out, sigma, stats = _model_pass(model, filled, valid, **pass_kw)
     sub_stats: dict[str, Any] = {}
     if k and (b < 2 * k or int(valid.sum()) < 2 * b):
@@ -311,7 +311,7 @@ def denoise_cube(
 
         g1 = guard if (guard is not False and guard is not None and not isinstance(guard, (bool, str))) else shipped_guard()
         d1, _ = apply_guard(g1, filled, out, sigma, valid)
-        yc, c_stats = clean_input(filled, d1)
+        yc, c_stats = clean_input(filled, d1, valid)
         yp, p_stats = project(yc, sigma, valid, k)
         d2, _, st2 = _model_pass(model, yp.astype(np.float32), valid, **pass_kw)
         out = project_own(d2, valid, k).astype(np.float32)

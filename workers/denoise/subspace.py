@@ -25,6 +25,7 @@ the model alone, at twice the model's compute plus one B×B eigendecomposition.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -48,17 +49,33 @@ def _top_directions(x: np.ndarray, k: int) -> np.ndarray:
     return vecs[:, np.argsort(vals)[::-1][:k]]
 
 
-def clean_input(y: np.ndarray, d1: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """Step 2: ``y`` (B, n_y, n_x, real pixels only via NaN-free fill) with impulses replaced by
-    ``d1`` and significant column/row offsets of ``y − d1`` removed; returns (cleaned, counts)."""
+def clean_input(y: np.ndarray, d1: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Step 2: ``y`` (B, H, W, NaN-free) with impulses replaced by ``d1`` and significant
+    column/row offsets of ``y − d1`` removed; statistics over the real pixels ``valid`` (H, W)
+    only (None: all). Returns (cleaned, counts)."""
     b, h, w = y.shape
     r = (y - d1).astype(np.float64)
-    sr = _mad(r.reshape(b, -1)) + _EPS
+    if valid is None or valid.all():
+        sr = _mad(r.reshape(b, -1)) + _EPS
+        med_of = np.median
+    else:
+        sr = _mad(r[:, valid]) + _EPS
+        med_of = np.nanmedian
     imp = np.abs(r) > IMPULSE_Z * sr[:, None, None]
+    if valid is not None:
+        imp &= valid[None]
     yc = np.where(imp, d1, y).astype(np.float64)
     lines = 0
-    for axis, n in ((1, h), (2, w)):
-        med = np.median(yc - d1, axis=axis, keepdims=True)
+    for axis in (1, 2):
+        rc = yc - d1
+        if valid is not None and not valid.all():
+            rc = np.where(valid[None], rc, np.nan)
+            n = np.maximum(valid.sum(axis=axis - 1, keepdims=True)[None], 1)
+        else:
+            n = np.full((1, 1, 1), h if axis == 1 else w)
+        with warnings.catch_warnings():  # all-nodata columns/rows: median NaN, no offset
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nan_to_num(med_of(rc, axis=axis, keepdims=True), nan=0.0)
         hit = np.abs(med) > LINE_Z * 1.2533 * sr[:, None, None] / np.sqrt(n)
         lines += int(hit.sum())
         yc = yc - np.where(hit, med, 0.0)
