@@ -38,7 +38,7 @@ def model() -> torch.nn.Module:
 def _low_rank(rng: np.random.Generator, b: int = 40, n: int = 30, k: int = 3) -> np.ndarray:
     basis = rng.random((b, k))
     coef = rng.dirichlet(np.ones(k), size=n * n).T
-    return (basis @ coef).reshape(b, n, n) * 0.5
+    return ((basis @ coef).reshape(b, n, n) * 0.5).astype(np.float32)
 
 
 def test_projection_removes_noise_off_the_subspace_and_keeps_rare_spectra() -> None:
@@ -47,7 +47,7 @@ def test_projection_removes_noise_off_the_subspace_and_keeps_rare_spectra() -> N
     # one rare pixel whose spectrum is outside the scene's subspace (an anomaly)
     clean[:, 5, 7] = np.linspace(0.1, 0.9, clean.shape[0]) ** 3
     sigma = np.full(clean.shape[0], 0.02)
-    noisy = clean + rng.normal(0, 0.02, clean.shape)
+    noisy = (clean + rng.normal(0, 0.02, clean.shape)).astype(np.float32)
     valid = np.ones(clean.shape[1:], bool)
     proj, st = S.project(noisy, sigma, valid, 2)  # the centred scene's rank (3 sum-to-one sources)
     err_noisy = np.mean((noisy - clean) ** 2)
@@ -72,7 +72,7 @@ def test_projection_removes_noise_off_the_subspace_and_keeps_rare_spectra() -> N
 
 def test_projection_leaves_nodata_columns_untouched() -> None:
     rng = np.random.default_rng(1)
-    cube = _low_rank(rng) + rng.normal(0, 0.01, (40, 30, 30))
+    cube = (_low_rank(rng) + rng.normal(0, 0.01, (40, 30, 30))).astype(np.float32)
     valid = np.ones((30, 30), bool)
     valid[:, :3] = False
     cube[:, ~valid] = 7.0
@@ -83,7 +83,7 @@ def test_projection_leaves_nodata_columns_untouched() -> None:
 def test_cleaning_replaces_impulses_and_removes_stripes() -> None:
     rng = np.random.default_rng(2)
     d1 = _low_rank(rng)
-    y = d1 + rng.normal(0, 0.01, d1.shape)
+    y = (d1 + rng.normal(0, 0.01, d1.shape)).astype(np.float32)
     y[3, 4, 4] = 1.0  # impulse
     y[5, :, 9] += 0.02  # stripe: a whole column offset in band 5 (2σ: below the impulse rule)
     yc, st = S.clean_input(y, d1)
@@ -164,7 +164,7 @@ def test_cleaning_ignores_nodata_pixels() -> None:
     """Filled nodata pixels (band means) neither count as impulses nor dilute a stripe's median."""
     rng = np.random.default_rng(4)
     d1 = _low_rank(rng)
-    y = d1 + rng.normal(0, 0.01, d1.shape)
+    y = (d1 + rng.normal(0, 0.01, d1.shape)).astype(np.float32)
     valid = np.ones(d1.shape[1:], bool)
     valid[:10, :] = False  # a third of the rows is nodata, filled far from the model's output
     y[:, ~valid] = 0.9

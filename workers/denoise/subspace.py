@@ -44,9 +44,15 @@ def _mad(r: np.ndarray) -> np.ndarray:
 
 
 def _top_directions(x: np.ndarray, k: int) -> np.ndarray:
-    """The top-``k`` eigenvectors (B, k) of ``x xᵀ`` for centred (B, n) pixels."""
-    vals, vecs = np.linalg.eigh(x @ x.T)
-    return vecs[:, np.argsort(vals)[::-1][:k]]
+    """The top-``k`` eigenvectors (B, k, float32) of ``x xᵀ`` for centred (B, n) pixels; the
+    B×B Gram matrix is accumulated in float64 over pixel blocks (no float64 copy of ``x``)."""
+    b, n = x.shape
+    gram = np.zeros((b, b), np.float64)
+    for i in range(0, n, 65536):
+        blk = x[:, i : i + 65536].astype(np.float64)
+        gram += blk @ blk.T
+    vals, vecs = np.linalg.eigh(gram)
+    return np.ascontiguousarray(vecs[:, np.argsort(vals)[::-1][:k]], dtype=np.float32)
 
 
 def clean_input(y: np.ndarray, d1: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -54,7 +60,7 @@ def clean_input(y: np.ndarray, d1: np.ndarray, valid: np.ndarray | None = None) 
     column/row offsets of ``y − d1`` removed; statistics over the real pixels ``valid`` (H, W)
     only (None: all). Returns (cleaned, counts)."""
     b, h, w = y.shape
-    r = (y - d1).astype(np.float64)
+    r = np.subtract(y, d1, dtype=np.float32)  # float32 throughout: tiles can be large
     if valid is None or valid.all():
         sr = _mad(r.reshape(b, -1)) + _EPS
         med_of = np.median
@@ -64,7 +70,8 @@ def clean_input(y: np.ndarray, d1: np.ndarray, valid: np.ndarray | None = None) 
     imp = np.abs(r) > IMPULSE_Z * sr[:, None, None]
     if valid is not None:
         imp &= valid[None]
-    yc = np.where(imp, d1, y).astype(np.float64)
+    yc = np.where(imp, d1, y).astype(np.float32)
+    del r
     lines = 0
     for axis in (1, 2):
         rc = yc - d1
@@ -76,9 +83,10 @@ def clean_input(y: np.ndarray, d1: np.ndarray, valid: np.ndarray | None = None) 
         with warnings.catch_warnings():  # all-nodata columns/rows: median NaN, no offset
             warnings.simplefilter("ignore", RuntimeWarning)
             med = np.nan_to_num(med_of(rc, axis=axis, keepdims=True), nan=0.0)
+        del rc
         hit = np.abs(med) > LINE_Z * 1.2533 * sr[:, None, None] / np.sqrt(n)
         lines += int(hit.sum())
-        yc = yc - np.where(hit, med, 0.0)
+        yc -= np.where(hit, med, 0.0).astype(np.float32)
     return yc, {"impulse_pixels": int(imp.sum()), "lines_removed": lines}
 
 
@@ -87,18 +95,22 @@ def project(yc: np.ndarray, sigma: np.ndarray, valid: np.ndarray, k: int) -> tup
     whitened directions; pixels outside the subspace (χ² test) keep their values."""
     b = yc.shape[0]
     k = int(min(k, b - 1))
-    sw = np.asarray(sigma, np.float64) + _EPS
-    x = yc.reshape(b, -1)[:, valid.ravel()]
-    mu = x.mean(axis=1, keepdims=True)
+    sw = (np.asarray(sigma, np.float64) + _EPS).astype(np.float32)
+    vr = valid.ravel()
+    x = yc.reshape(b, -1)[:, vr].astype(np.float32)
+    mu = x.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
     xw = (x - mu) / sw[:, None]
     u = _top_directions(xw, k)
     pw = u @ (u.T @ xw)
-    e = ((xw - pw) ** 2).sum(axis=0) / max(b - k, 1)
+    xw -= pw  # the whitened projection residual
+    e = np.einsum("bn,bn->n", xw, xw) / max(b - k, 1)
+    del xw
     outside = e > 1.0 + OUTLIER_Z * np.sqrt(2.0 / max(b - k, 1))
-    px = pw * sw[:, None] + mu
-    px[:, outside] = x[:, outside]  # exactly their own values
-    out = yc.reshape(b, -1).copy()
-    out[:, valid.ravel()] = px
+    pw *= sw[:, None]
+    pw += mu
+    pw[:, outside] = x[:, outside]  # exactly their own values
+    out = yc.reshape(b, -1).astype(np.float32)  # a copy: nodata pixels keep their (filled) values
+    out[:, vr] = pw
     return out.reshape(yc.shape), {"k": k, "pixels_kept_outside": int(outside.sum())}
 
 
@@ -106,9 +118,11 @@ def project_own(d2: np.ndarray, valid: np.ndarray, k: int) -> np.ndarray:
     """Step 5: the real pixels of ``d2`` projected onto their own top-``k`` directions."""
     b = d2.shape[0]
     k = int(min(k, b - 1))
-    z = d2.reshape(b, -1)[:, valid.ravel()].astype(np.float64)
-    mu = z.mean(axis=1, keepdims=True)
-    u = _top_directions(z - mu, k)
-    out = d2.reshape(b, -1).astype(np.float64).copy()
-    out[:, valid.ravel()] = u @ (u.T @ (z - mu)) + mu
+    vr = valid.ravel()
+    z = d2.reshape(b, -1)[:, vr].astype(np.float32)
+    z -= z.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+    mu = d2.reshape(b, -1)[:, vr].mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+    u = _top_directions(z, k)
+    out = d2.reshape(b, -1).astype(np.float32)
+    out[:, vr] = u @ (u.T @ z) + mu
     return out.reshape(d2.shape)
