@@ -120,8 +120,8 @@ def project_own(d2: np.ndarray, valid: np.ndarray, k: int) -> np.ndarray:
     k = int(min(k, b - 1))
     vr = valid.ravel()
     z = d2.reshape(b, -1)[:, vr].astype(np.float32)
-    z -= z.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
-    mu = d2.reshape(b, -1)[:, vr].mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+    mu = z.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+    z -= mu
     u = _top_directions(z, k)
     out = d2.reshape(b, -1).astype(np.float32)
     out[:, vr] = u @ (u.T @ z) + mu
