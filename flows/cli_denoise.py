@@ -29,6 +29,8 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         loader_workers: int = typer.Option(0, help="processes building batches (0: in the training loop)"),
         loss: str = typer.Option("l1", help="l1, or l1-noise-relative (each band's error divided by its noise "
                                  "level: nearly clean bands count as much as noisy ones in dB)"),
+        extra_fraction: float = typer.Option(0.25, help="share of patches drawn from the remote-sensing crops "
+                                             "(the rest from CAVE); 0..1"),
         install: bool = typer.Option(False, help="copy the weights to workers/weights/decsc.safetensors"),
     ) -> None:
         """Train the DECSC denoiser on real data with blind protocol noise; export safetensors."""
@@ -43,7 +45,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         cfg = TrainConfig(data_dir=data, out_dir=out, minutes=minutes, max_steps=max_steps, batch=batch,
                           patch=patch, lr=lr, seed=seed, threads=threads, resume=resume,
                           device=device, arch=arch, loader_workers=loader_workers, init_weights=init_weights,
-                          loss=loss)
+                          loss=loss, extra_fraction=extra_fraction)
 
         def show(rec: dict) -> None:
             line = (f"step {rec['step']:5d}  {rec['elapsed_s'] / 60:5.1f} min  loss {rec['loss']:.4f}  "
