@@ -173,3 +173,38 @@ def test_cleaning_ignores_nodata_pixels() -> None:
     assert st["impulse_pixels"] < 20  # the filled pixels are not impulses
     assert abs(np.mean(yc[5, 10:, 9] - d1[5, 10:, 9])) < 0.01  # the stripe is found on its real rows
     assert st["lines_removed"] >= 1
+
+
+def test_blend_weight_follows_the_spread_of_the_band_noise() -> None:
+    """Step 5b: half the projected first pass where every band has the same noise level, none
+    where the levels differ (band-dependent, mixed noise), linear in between."""
+    rng = np.random.default_rng(5)
+    w, spread = S.uniform_noise_weight(np.full(100, 0.1) + rng.normal(0, 0.001, 100))
+    assert w == S.BLEND_WEIGHT and spread < 0.05
+    w, spread = S.uniform_noise_weight(rng.uniform(0, 95 / 255, 198))
+    assert w == 0.0 and spread > 0.4
+    lo, hi = S.BLEND_SPREAD
+    mid = np.array([1 - (lo + hi) / 2 / 1.4826, 1.0, 1 + (lo + hi) / 2 / 1.4826])  # spread (lo + hi) / 2
+    w, spread = S.uniform_noise_weight(mid)
+    assert spread == pytest.approx((lo + hi) / 2) and w == pytest.approx(S.BLEND_WEIGHT / 2)
+    assert S.uniform_noise_weight(np.zeros(50))[0] == 0.0  # no noise estimate: no blend
+    assert S.uniform_noise_weight(np.array([0.1]))[0] == 0.0
+
+
+def test_blend_helps_on_iid_noise_and_is_off_on_band_noise(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real Jasper Ridge crop: under i.i.d. σ = 30/255 the pass blends (recorded) and the blend is
+    better than the subspace estimate alone (whole scene: +0.9 dB); under band-dependent noise
+    it does not blend, so the output equals the pass without the blend."""
+    clean = _jasper()
+    noisy = add_noise(clean, "gauss30", np.random.default_rng(6)).astype(np.float32)
+    out, st = denoise_cube(model, noisy, subspace=8)
+    assert st["subspace_blend"] == S.BLEND_WEIGHT
+    banded = add_noise(clean, "band[0,95]", np.random.default_rng(6)).astype(np.float32)
+    out_b, st_b = denoise_cube(model, banded, subspace=8)
+    assert st_b["subspace_blend"] == 0.0
+    monkeypatch.setattr(S, "BLEND_WEIGHT", 0.0)
+    alone, st0 = denoise_cube(model, noisy, subspace=8)
+    assert st0["subspace_blend"] == 0.0
+    gain = float(np.mean(band_psnr(clean, out)) - np.mean(band_psnr(clean, alone)))
+    assert gain > 0.3, gain
+    np.testing.assert_array_equal(denoise_cube(model, banded, subspace=8)[0], out_b)

@@ -307,7 +307,7 @@ def denoise_cube(
         k = 0
     if k:
         from .guard import apply_guard
-        from .subspace import clean_input, project, project_own
+        from .subspace import clean_input, project, project_own, uniform_noise_weight
 
         g1 = guard if (guard is not False and guard is not None and not isinstance(guard, (bool, str))) else shipped_guard()
         d1, _ = apply_guard(g1, filled, out, sigma, valid)
@@ -315,11 +315,15 @@ def denoise_cube(
         yp, p_stats = project(yc, sigma, valid, k)
         d2, _, st2 = _model_pass(model, yp.astype(np.float32), valid, **pass_kw)
         out = project_own(d2, valid, k).astype(np.float32)
+        w1, spread = uniform_noise_weight(sigma)
+        if w1 > 0:  # step 5b: i.i.d.-like noise: average with the projected first pass
+            out = ((1.0 - w1) * out + w1 * project_own(d1, valid, k)).astype(np.float32)
         stats = {"iterations": max(stats["iterations"], st2["iterations"]),
                  "residual": max(stats["residual"], st2["residual"]),
                  "converged": stats["converged"] and st2["converged"], "windows": stats["windows"]}
         sub_stats = {"subspace_k": p_stats["k"], "subspace_outside": p_stats["pixels_kept_outside"],
-                     "subspace_impulses": c_stats["impulse_pixels"], "subspace_lines": c_stats["lines_removed"]}
+                     "subspace_impulses": c_stats["impulse_pixels"], "subspace_lines": c_stats["lines_removed"],
+                     "subspace_blend": round(w1, 4), "subspace_sigma_spread": round(min(spread, 1e6), 4)}
     guard_stats: dict[str, Any] = {"guard": False}
     if guard is not False and guard is not None:
         from .guard import guard_weights

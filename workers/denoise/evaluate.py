@@ -272,7 +272,8 @@ def _decsc_stats(stats: dict[str, Any]) -> dict[str, Any]:
         "iterations_max": float(it.max()) if it.size else None,
         "residual_max": float(resid.max()) if resid.size else None,
         **{k: stats[k] for k in ("guard", "guard_w_mean", "guard_w_max", "guard_bands_half", "subspace_k",
-                                  "subspace_outside", "subspace_impulses", "subspace_lines") if k in stats},
+                                  "subspace_outside", "subspace_impulses", "subspace_lines", "subspace_blend",
+                                  "subspace_sigma_spread") if k in stats},
     }
 
 
@@ -619,7 +620,9 @@ def render_markdown(res: dict[str, Any]) -> str:
                 if mm.get("subspace_k"):
                     notes.append(f"subspace k {mm['subspace_k']}: {mm.get('subspace_outside')} pixels kept outside, "
                                  f"{mm.get('subspace_impulses')} impulse pixels and {mm.get('subspace_lines')} "
-                                 "line offsets cleaned")
+                                 "line offsets cleaned"
+                                 + (f", σ spread {_fmt(mm.get('subspace_sigma_spread'), 2)} → blend "
+                                    f"{_fmt(mm.get('subspace_blend'), 2)}" if "subspace_blend" in mm else ""))
             lines.append(
                 f"| {m} | {_fmt(mm['mpsnr_db'])} | {_fmt(mm['mssim'], 4)} | {_fmt(mm['sam_deg'])} | "
                 f"{_fmt(mm['ergas'])} | {_fmt(mm['time_s'], 1)} | "

@@ -14,12 +14,12 @@ WINDOW_STRIDE = 16
 #: the full-size model (``ARCH_PRESETS["full"]`` in :mod:`workers.denoise.api`), GPU-trained; it
 #: ships beside the default weights and is chosen with ``denoise_arch="full"`` (``--denoiser full``)
 FULL_WEIGHTS_FILE = "decsc_full.safetensors"
-FULL_WEIGHTS_SHA256 = "af9cc774585d2388cc56834e027a03983fe54d7a4974a3efc72a3c30abf254b9"
+FULL_WEIGHTS_SHA256 = "d10af39928eddc11419f5ecaab997e184b563fe067bb9e3063d837a6b3e775a3"
 
 #: the band guard (``workers.denoise.guard``): per band, hands part of the noisy input back where
 #: the model over-smooths (nearly clean bands among noisy ones); trained with ``hyperdeq train guard``
 GUARD_WEIGHTS_FILE = "decsc_guard.safetensors"
-GUARD_WEIGHTS_SHA256 = "da869ab7df975450369acb783e2f686fcbb528752e00b8e8b841afcdf0cda733"
+GUARD_WEIGHTS_SHA256 = "070c9d72f28086cddec8f612ea4abcb240ac35f731dbb1ff51a03ee809184d7e"
 
 SPEC = ModelSpec(
     name="decsc",
@@ -43,6 +43,6 @@ SPEC = ModelSpec(
         "phantom_tau": 0.6,
     },
     weights_file="decsc.safetensors",
-    weights_sha256="ac1eb2db843b9db2b8b1f272c6805eab56700c4d91aa974fb636681f54271dbd",
+    weights_sha256="f8e6375cf00839b3839249764261daa2d4fa6cc26284c71d4633137278ed675c",
     config={**asdict(DECSCConfig()), "window_stride": WINDOW_STRIDE},
 )
