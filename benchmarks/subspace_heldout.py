@@ -50,7 +50,7 @@ def scenes(data: Path) -> dict[str, np.ndarray]:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("HYPERDEQ_SHARED_DATA", ROOT.parent / "shared" / "data")))
-    ap.add_argument("--cases", default="gauss30;band[0,95];mixture", help="noise cases, ';'-separated")
+    ap.add_argument("--cases", default="gauss30;gauss50;band[0,95];mixture", help="noise cases, ';'-separated")
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=OUT)
@@ -73,10 +73,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             row: dict[str, Any] = {"scene": name, "case": case, "noisy": round(float(nb.mean()), 2)}
             for label, k in (("alone", 0), ("subspace", args.k)):
                 t0 = time.perf_counter()
-                out, _ = denoise_cube(model, y, subspace=k or False)
+                out, st = denoise_cube(model, y, subspace=k or False)
                 bp = band_psnr(clean, np.clip(out, 0, 1))
                 row[label] = {"mpsnr_db": round(float(bp.mean()), 2), "bands_worse": int((bp < nb).sum()),
                               "time_s": round(time.perf_counter() - t0, 1)}
+                if k and "subspace_blend" in st:
+                    row[label]["blend"] = st["subspace_blend"]
             row["gain_db"] = round(row["subspace"]["mpsnr_db"] - row["alone"]["mpsnr_db"], 2)
             print(json.dumps(row), flush=True)
             rows.append(row)
