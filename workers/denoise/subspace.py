@@ -24,9 +24,10 @@ around the unchanged model (``docs/models/decsc.md``, "Spectral subspace pass"):
    from the clean ones and it is kept alone;
 6. the band guard against the raw input (the pipeline mixes with scene-wide weights at blending).
 
-Measured on the test scenes (``docs/benchmarks/denoise_eval.md``): +1.9 / +0.7 dB at ``gauss30``,
-+6.7 / +4 dB at ``band[0,95]``, +1.3 / +2.6 dB at ``mixture`` (Jasper Ridge / Pavia Centre) over
-the model alone, at twice the model's compute plus one B×B eigendecomposition.
+Measured on the test scenes (``docs/benchmarks/denoise_eval.md``, 2026-11-27 weights): +1.9 / +1.3 dB
+at ``gauss30``, +6.3 / +3.7 dB at ``band[0,95]``, +0.9 / +2.0 dB at ``mixture`` (Jasper Ridge /
+Pavia Centre) over the model with its guard, at twice the model's compute plus two B×B
+eigendecompositions.
 """
 
 from __future__ import annotations
