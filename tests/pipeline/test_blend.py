@@ -187,13 +187,16 @@ def test_real_denoiser_blended_tiles_beat_crop_stitching_and_leave_no_seams(tmp_
 
     torch.set_num_threads(2)
     model = _real_denoiser()
-    crop = real_crop(0, 0, 32, 32)  # fully valid 32x32 px, all bands: 2x2 tiles of 16 px, halo 8
+    # 64x64 px, all bands: 2x2 tiles of 32 px with the model's own halo (16 px). With halo 8 the
+    # 2026-11-27 weights' edge effect reaches past the halo and Hann blending was worse than crop
+    # stitching (RMSE vs whole 4.8e-4 vs 3.1e-4; the 2026-11-26 weights: 3.9e-4 vs 4.2e-4)
+    crop = real_crop(0, 0, 64, 64)
     good = good_band_index(crop)
     cube = crop.values[good]
     # the model's own output on both sides: this is about the blend windows (the band guard's
     # scene-wide mix at blending is tested in tests/workers/test_run.py)
     whole, _ = denoise_cube(model, cube, guard=False)
-    store, grid = _input_store(tmp_path, crop, 16, 8)
+    store, grid = _input_store(tmp_path, crop, 32, 16)
     tm = DenoiseTileModel.from_registry("cpu", guard=False)
     n = len(good)
     with ThreadPoolExecutor(1) as ex:
@@ -201,15 +204,15 @@ def test_real_denoiser_blended_tiles_beat_crop_stitching_and_leave_no_seams(tmp_
         assert not run_tiles(ex, tm, store, dest, grid).failed
         outs = {}
         for window in ("hann", "crop"):
-            tgt = _target(tmp_path, f"{window}.zarr", n, grid.shape, 16)
+            tgt = _target(tmp_path, f"{window}.zarr", n, grid.shape, 32)
             blend_stage(ex, dest, store, grid, [BlendTarget(tgt, tuple(range(n)), tuple(range(n)))],
-                        chunk=16, blend=window)
+                        chunk=32, blend=window)
             outs[window] = np.asarray(zarr.open_array(tgt, mode="r")[...])
     err = {w: float(np.sqrt(np.nanmean((o - whole) ** 2))) for w, o in outs.items()}
     assert err["hann"] < err["crop"], err
     # seam check, normalised by content: border/interior gradient energy of the blended result
     # relative to the same ratio in the whole-scene result
-    borders = [16]
+    borders = [32]
     b_t, i_t = _seam_energy(outs["hann"], borders)
     b_w, i_w = _seam_energy(whole, borders)
     assert b_t / i_t <= 1.05 * (b_w / i_w), (b_t, i_t, b_w, i_w)
