@@ -206,6 +206,12 @@ def plan_run(
         raise ConfigError(f"scene {str(scene_path)!r} does not exist; check the path")
     halos = model_halos(config, denoise_model)
     cfg = config.with_model_halos(list(halos.values()))
+    short = {m: h for m, h in halos.items() if cfg.halo is not None and cfg.halo < h}
+    if short:
+        _log.warning(
+            "halo %s px is smaller than the halo the model(s) declare (%s): tile borders may show in the "
+            "output (docs/models/decsc.md, Limits); leave --halo unset to use the models' own",
+            cfg.halo, ", ".join(f"{m} {h} px" for m, h in short.items()))
     weights = model_weights(cfg, denoise_model)
     input_sha = prov.sha256_path(scene_path)
     config_hash = run_config_hash(cfg)

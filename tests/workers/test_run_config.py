@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,22 @@ def test_pipeline_denoiser_choices_match_the_decsc_presets() -> None:
     from workers.denoise.api import ARCH_PRESETS
 
     assert sorted(DENOISE_ARCHS) == sorted(ARCH_PRESETS)
+
+
+def test_plan_warns_when_an_explicit_halo_is_below_the_models(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An explicit --halo below DECSC's declared 16 px is allowed but said (its edge effect reaches
+    further: tile borders can show); the models' own halo gives no warning."""
+    import logging
+
+    from workers.run import plan_run
+
+    scene = tmp_path / "scene.tif"
+    scene.write_bytes(b"not read by the plan beyond its sha256")
+    with caplog.at_level(logging.WARNING, logger="hyperdeq.run"):
+        plan = plan_run(scene, tmp_path / "out", RunConfig(tile=64, halo=8, unmix=False))
+    assert plan["config"].halo == 8
+    assert any("halo 8 px is smaller" in r.getMessage() and "decsc 16 px" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hyperdeq.run"):
+        plan_run(scene, tmp_path / "out", RunConfig(tile=64, unmix=False))
+    assert not [r for r in caplog.records if "halo" in r.getMessage()]
