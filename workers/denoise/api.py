@@ -317,7 +317,8 @@ def denoise_cube(
         out = project_own(d2, valid, k).astype(np.float32)
         w1, spread = uniform_noise_weight(sigma)
         if w1 > 0:  # step 5b: i.i.d.-like noise: average with the projected first pass
-            out = ((1.0 - w1) * out + w1 * project_own(d1, valid, k)).astype(np.float32)
+            out *= np.float32(1.0 - w1)  # in place: tiles can be large
+            out += np.float32(w1) * project_own(d1, valid, k)
         stats = {"iterations": max(stats["iterations"], st2["iterations"]),
                  "residual": max(stats["residual"], st2["residual"]),
                  "converged": stats["converged"] and st2["converged"], "windows": stats["windows"]}
