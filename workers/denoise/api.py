@@ -283,8 +283,8 @@ def denoise_cube(
     both passes): ``{"iterations": int, "residual": float, "converged": bool, "windows": int}``,
     plus the guard's per-band weights summarised (``guard``, ``guard_w_mean``, ``guard_w_max``,
     ``guard_bands_half``: bands with ``w > 0.5``) and, with the subspace pass, ``subspace_k``,
-    ``subspace_outside`` (pixels kept unprojected), ``subspace_impulses`` and ``subspace_lines``
-    (input pixels and column/row offsets cleaned).
+    ``subspace_outside`` (pixels kept unprojected), ``subspace_impulses``, ``subspace_stuck`` and
+    ``subspace_lines`` (input pixels cleaned, of them stuck values, and column/row offsets removed).
     """
     cube = _check_cube(cube)
     k = _subspace_k(subspace)
@@ -323,7 +323,8 @@ def denoise_cube(
                  "residual": max(stats["residual"], st2["residual"]),
                  "converged": stats["converged"] and st2["converged"], "windows": stats["windows"]}
         sub_stats = {"subspace_k": p_stats["k"], "subspace_outside": p_stats["pixels_kept_outside"],
-                     "subspace_impulses": c_stats["impulse_pixels"], "subspace_lines": c_stats["lines_removed"],
+                     "subspace_impulses": c_stats["impulse_pixels"], "subspace_stuck": c_stats["stuck_pixels"],
+                     "subspace_lines": c_stats["lines_removed"],
                      "subspace_blend": round(w1, 4), "subspace_sigma_spread": round(min(spread, 1e6), 4)}
     guard_stats: dict[str, Any] = {"guard": False}
     if guard is not False and guard is not None:

@@ -272,7 +272,7 @@ def _decsc_stats(stats: dict[str, Any]) -> dict[str, Any]:
         "iterations_max": float(it.max()) if it.size else None,
         "residual_max": float(resid.max()) if resid.size else None,
         **{k: stats[k] for k in ("guard", "guard_w_mean", "guard_w_max", "guard_bands_half", "subspace_k",
-                                  "subspace_outside", "subspace_impulses", "subspace_lines", "subspace_blend",
+                                  "subspace_outside", "subspace_impulses", "subspace_stuck", "subspace_lines", "subspace_blend",
                                   "subspace_sigma_spread") if k in stats},
     }
 
@@ -619,7 +619,8 @@ def render_markdown(res: dict[str, Any]) -> str:
                                  f"{mm.get('guard_bands_half')} bands w > 0.5")
                 if mm.get("subspace_k"):
                     notes.append(f"subspace k {mm['subspace_k']}: {mm.get('subspace_outside')} pixels kept outside, "
-                                 f"{mm.get('subspace_impulses')} impulse pixels and {mm.get('subspace_lines')} "
+                                 f"{mm.get('subspace_impulses')} impulse pixels ({mm.get('subspace_stuck', 0)} stuck) and "
+                                 f"{mm.get('subspace_lines')} "
                                  "line offsets cleaned"
                                  + (f", σ spread {_fmt(mm.get('subspace_sigma_spread'), 2)} → blend "
                                     f"{_fmt(mm.get('subspace_blend'), 2)}" if "subspace_blend" in mm else ""))

@@ -6,9 +6,11 @@ L1HyMixDe) live on that; DECSC on its own sees 31-band windows and cannot. This 
 around the unchanged model (``docs/models/decsc.md``, "Spectral subspace pass"):
 
 1. ``d1 = DECSC(y)`` with the band guard (the model alone, :func:`workers.denoise.api.denoise_cube`);
-2. clean the input with ``d1``: pixels with ``|y − d1| > 4 σ_r`` (impulses, dead pixels; ``σ_r``
-   the robust scale of the band's residual) take ``d1``; column and row offsets of the residual
-   that exceed 5 standard errors (stripes, dead lines) are removed;
+2. clean the input with ``d1``: *stuck* pixels (a value repeated far more often than the values
+   next to it in the band's histogram: salt-and-pepper impulses, saturated or dead pixels;
+   :func:`stuck_pixels`) and pixels with ``|y − d1| > 4 σ_r`` (other impulses; ``σ_r`` the robust
+   scale of the band's residual over its non-stuck pixels) take ``d1``; column and row offsets of
+   the residual that exceed 5 standard errors (stripes, dead lines) are removed;
 3. per band noise ``σ_b`` of the *raw* input (Haar-detail MAD, blind), the cleaned pixels whitened
    by it, and the top-``k`` principal directions of the whitened pixels (``k = 8`` by default);
 4. project every pixel onto them (a weighted least-squares fit of its spectrum: noisy bands are
@@ -41,6 +43,8 @@ DEFAULT_K = 8  # chosen on Jasper Ridge / Pavia Centre among 6, 8, 10, 12, 16 (d
 IMPULSE_Z = 4.0  # |y − d1| beyond this many robust residual scales: the pixel takes d1
 LINE_Z = 5.0  # column/row residual medians beyond this many standard errors: a stripe, removed
 OUTLIER_Z = 6.0  # χ² test for pixels outside the subspace (kept unprojected)
+STUCK_FRACTION = 0.002  # a repeated value is a candidate when it covers this share of a band's pixels
+STUCK_SPIKE = 20.0  # ... and occurs this many times as often as its neighbouring values (mean of 2 + 2)
 BLEND_WEIGHT = 0.5  # share of the projected d1 where the noise level is the same in every band
 BLEND_SPREAD = (0.1, 0.3)  # robust spread of σ_b over bands: full blend below, none above
 _EPS = 1e-4  # floor of the per-band noise scale on the [0, 1] reflectance scale
@@ -64,19 +68,52 @@ def _top_directions(x: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(vecs[:, np.argsort(vals)[::-1][:k]], dtype=np.float32)
 
 
+def stuck_pixels(y: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """``(B, H, W)`` mask of *stuck* pixels: in each band, the real pixels whose exact value is a
+    spike of the band's histogram (at least ``max(4, STUCK_FRACTION · n)`` pixels and
+    ``STUCK_SPIKE`` times the mean count of the two distinct values on either side).
+
+    Continuous data plus noise almost never repeats a value; salt-and-pepper impulses (0 and 1),
+    saturated and dead pixels repeat one value many times. Quantised data (integer DN) repeats
+    every value, but smoothly, so its histogram has no spike. Unlike the residual test of
+    :func:`clean_input` this does not depend on a scale estimate, which impulses at densities of
+    30–70 % inflate until nothing is detected (measured, ``docs/models/decsc.md``)."""
+    b = y.shape[0]
+    ok = np.ones(y.shape[1:], bool) if valid is None else np.asarray(valid, bool)
+    n = int(ok.sum())
+    out = np.zeros(y.shape, bool)
+    if n == 0:
+        return out
+    floor = max(4.0, STUCK_FRACTION * n)
+    for i in range(b):
+        vals, counts = np.unique(y[i][ok], return_counts=True)
+        for j in np.nonzero(counts >= floor)[0]:
+            nb = np.concatenate([counts[max(0, j - 2) : j], counts[j + 1 : j + 3]])
+            if counts[j] >= STUCK_SPIKE * max(1.0, float(nb.mean()) if nb.size else 1.0):
+                out[i] |= y[i] == vals[j]
+    out &= ok[None]
+    return out
+
+
 def clean_input(y: np.ndarray, d1: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Step 2: ``y`` (B, H, W, NaN-free) with impulses replaced by ``d1`` and significant
-    column/row offsets of ``y − d1`` removed; statistics over the real pixels ``valid`` (H, W)
-    only (None: all). Returns (cleaned, counts)."""
+    """Step 2: ``y`` (B, H, W, NaN-free) with stuck pixels and impulses replaced by ``d1`` and
+    significant column/row offsets of ``y − d1`` removed; statistics over the real pixels
+    ``valid`` (H, W) only (None: all). Returns (cleaned, counts)."""
     b, h, w = y.shape
+    stuck = stuck_pixels(y, valid)
     r = np.subtract(y, d1, dtype=np.float32)  # float32 throughout: tiles can be large
-    if valid is None or valid.all():
+    ok = stuck if valid is None else (stuck | ~np.asarray(valid, bool)[None])
+    if not ok.any():
         sr = _mad(r.reshape(b, -1)) + _EPS
-        med_of = np.median
-    else:
-        sr = _mad(r[:, valid]) + _EPS
-        med_of = np.nanmedian
-    imp = np.abs(r) > IMPULSE_Z * sr[:, None, None]
+    else:  # the residual's scale over the real, non-stuck pixels of each band
+        rr = np.where(ok, np.nan, r).reshape(b, -1)
+        with warnings.catch_warnings():  # a band with every pixel stuck: no scale, nothing else removed
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(rr, axis=1, keepdims=True)
+            sr = np.nan_to_num(1.4826 * np.nanmedian(np.abs(rr - med), axis=1), nan=np.inf) + _EPS
+        del rr
+    med_of = np.median if (valid is None or valid.all()) else np.nanmedian
+    imp = (np.abs(r) > IMPULSE_Z * sr[:, None, None]) | stuck
     if valid is not None:
         imp &= valid[None]
     yc = np.where(imp, d1, y).astype(np.float32)
@@ -96,7 +133,7 @@ def clean_input(y: np.ndarray, d1: np.ndarray, valid: np.ndarray | None = None) 
         hit = np.abs(med) > LINE_Z * 1.2533 * sr[:, None, None] / np.sqrt(n)
         lines += int(hit.sum())
         yc -= np.where(hit, med, 0.0).astype(np.float32)
-    return yc, {"impulse_pixels": int(imp.sum()), "lines_removed": lines}
+    return yc, {"impulse_pixels": int(imp.sum()), "stuck_pixels": int(stuck.sum()), "lines_removed": lines}
 
 
 def project(yc: np.ndarray, sigma: np.ndarray, valid: np.ndarray, k: int) -> tuple[np.ndarray, dict[str, Any]]:
