@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                               "time_s": round(time.perf_counter() - t0, 1)}
                 if k and "subspace_blend" in st:
                     row[label]["blend"] = st["subspace_blend"]
+                if k and "subspace_stuck" in st:
+                    row[label]["stuck_pixels"] = st["subspace_stuck"]
             row["gain_db"] = round(row["subspace"]["mpsnr_db"] - row["alone"]["mpsnr_db"], 2)
             print(json.dumps(row), flush=True)
             rows.append(row)

@@ -114,12 +114,15 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         denoiser: str = typer.Option("shipped", help="DECSC weights: shipped (small, default) or full (for GPUs)"),
         guard: bool = typer.Option(True, "--guard/--no-guard", help="DECSC's band guard after the model"),
         subspace: int = typer.Option(8, "--subspace", help="DECSC's spectral-subspace pass dimension (0: off)"),
+        tile_memory: float | None = typer.Option(None, "--tile-memory",
+                                                 help="per-tile memory budget in MiB (default 2048); larger tiles are refused"),
     ) -> None:
         """Process one scene through the Prefect flow (ingest → denoise → unmix → outputs)."""
         opts, cl = _options(tile=tile, halo=halo, blend=blend, denoise=denoise, unmix=unmix,
                             n_endmembers=endmembers, seed=seed, device=device, batch_size=batch_size,
                             kind=cluster, address=address, n_workers=workers, recipe=recipe,
-                            denoise_arch=denoiser, denoise_guard=guard, denoise_subspace=subspace)
+                            denoise_arch=denoiser, denoise_guard=guard, denoise_subspace=subspace,
+                            tile_memory_mb=tile_memory)
         if not scene.exists():
             raise ConfigError(f"scene {str(scene)!r} does not exist; give the path of a scene file")
         from flows.scene_flow import process_scene
@@ -154,6 +157,8 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         denoiser: str = typer.Option("shipped", help="DECSC weights: shipped (small, default) or full (for GPUs)"),
         guard: bool = typer.Option(True, "--guard/--no-guard", help="DECSC's band guard after the model"),
         subspace: int = typer.Option(8, "--subspace", help="DECSC's spectral-subspace pass dimension (0: off)"),
+        tile_memory: float | None = typer.Option(None, "--tile-memory",
+                                                 help="per-tile memory budget in MiB (default 2048); larger tiles are refused"),
     ) -> None:
         """Process every scene under ROOT (or in --list-file) that has no completed run yet."""
         from pydantic import ValidationError
@@ -162,7 +167,8 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
 
         opts, cl = _options(tile=tile, denoise=denoise, unmix=unmix, n_endmembers=endmembers,
                             device=device, kind=cluster, address=address, n_workers=workers,
-                            denoise_arch=denoiser, denoise_guard=guard, denoise_subspace=subspace)
+                            denoise_arch=denoiser, denoise_guard=guard, denoise_subspace=subspace,
+                            tile_memory_mb=tile_memory)
         try:
             p = SweepParams(root=None if root is None else str(root),
                             list_file=None if list_file is None else str(list_file), out_root=str(out),

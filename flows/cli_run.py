@@ -32,6 +32,9 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         subspace: int = typer.Option(8, "--subspace",
                                      help="DECSC's spectral-subspace pass: dimension k of the projection between "
                                           "two model passes (0: the model alone, half the compute)."),
+        tile_memory: float = typer.Option(2048.0, "--tile-memory",
+                                          help="Per-tile memory budget of a worker in MiB; a tile estimated "
+                                               "above it is refused before any work."),
     ) -> None:
         """Denoise (DECSC) and unmix (DEQ-Unmix) SCENE into georeferenced zarr + COG with a run record."""
         from rich.console import Console
@@ -53,7 +56,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
             out_root=out, tile=tile, halo=halo, blend=blend, denoise=denoise, unmix=not no_unmix,
             n_endmembers=unmix, seed=seed, workers=workers, scheduler=scheduler, device=device,
             batch_size=batch, denoise_arch=denoiser, denoise_guard=guard,
-            denoise_subspace=subspace,
+            denoise_subspace=subspace, tile_memory_mb=tile_memory,
         )
         console = Console(stderr=True)
         import logging

@@ -42,9 +42,17 @@ HASHED_FIELDS: tuple[str, ...] = (
     "denoise_subspace",
 )
 
-# bytes per pixel-band a model needs at peak, relative to the float32 input (input, output,
-# solver history of a few iterates): a conservative multiplier used for the memory check
+# bytes per pixel-band a tile needs at peak, relative to the float32 input (input, outputs,
+# blending, the unmixer's per-pixel solve): a conservative multiplier used for the memory check
 MODEL_MEMORY_FACTOR = 12
+#: DECSC's working memory per pixel of a tile (not per band: it denoises 31-band windows two at a
+#: time, with their Anderson history), measured as peak RSS over the input on the 2-core CPU
+#: (``docs/models/decsc.md``, Limits: 160×160 and 80×80 tiles of 62 and 218 bands). On a GPU
+#: worker this memory is on the device, not in the worker's RAM.
+DECSC_BYTES_PER_PIXEL: dict[str, int] = {"shipped": 58_000, "full": 207_000}
+#: the spectral-subspace pass's numpy work (cleaning, projections, two passes' outputs), in
+#: multiples of the tile's float32 input; it runs on the worker's CPU whatever the device
+SUBSPACE_MEMORY_FACTOR = 8
 
 
 @dataclass(frozen=True)
@@ -150,8 +158,9 @@ class RunConfig:
             )
         if not (self.tile_memory_mb > 0):
             raise ConfigError(f"tile_memory_mb must be > 0, got {self.tile_memory_mb!r}")
-        if self.halo is not None:
-            self.check_tile_memory(1)
+        # the band-independent part (DECSC's per-pixel memory) is known now; with halo None this
+        # is a lower bound (the core alone), checked again with the halo and the bands at tiling
+        self.check_tile_memory(1)
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -180,18 +189,37 @@ class RunConfig:
         """A new, re-validated config with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 
+    def tile_memory_parts(self, n_bands: int) -> dict[str, int]:
+        """Peak bytes one tile needs in a worker's RAM for ``n_bands`` bands, by part: ``io``
+        (input, outputs, blending, unmixing: :data:`MODEL_MEMORY_FACTOR` × the float32 input),
+        ``decsc`` (the denoiser's per-pixel working memory, :data:`DECSC_BYTES_PER_PIXEL`; 0 on a
+        GPU device, where it is device memory) and ``subspace`` (its spectral-subspace pass)."""
+        px = self.read_size**2
+        inp = px * int(n_bands) * 4
+        parts = {"io": inp * MODEL_MEMORY_FACTOR, "decsc": 0, "subspace": 0}
+        if self.denoise:
+            if not self.device.startswith("cuda"):  # "auto" may fall back to the CPU: count it
+                parts["decsc"] = px * DECSC_BYTES_PER_PIXEL.get(self.denoise_arch, max(DECSC_BYTES_PER_PIXEL.values()))
+            if self.denoise_subspace:
+                parts["subspace"] = inp * SUBSPACE_MEMORY_FACTOR
+        return parts
+
     def estimate_tile_bytes(self, n_bands: int) -> int:
-        """Peak bytes one tile needs on a worker for ``n_bands`` bands (conservative)."""
-        return int(self.read_size**2 * int(n_bands) * 4 * MODEL_MEMORY_FACTOR)
+        """Peak bytes one tile needs in a worker's RAM for ``n_bands`` bands (conservative; the
+        sum of :meth:`tile_memory_parts`)."""
+        return int(sum(self.tile_memory_parts(n_bands).values()))
 
     def check_tile_memory(self, n_bands: int) -> None:
         """Refuse a tile that would need more than ``tile_memory_mb``."""
-        need = self.estimate_tile_bytes(n_bands) / 2**20
+        parts = self.tile_memory_parts(n_bands)
+        need = sum(parts.values()) / 2**20
         if need > self.tile_memory_mb:
+            detail = ", ".join(f"{k} {round(v / 2**20)} MiB" for k, v in parts.items() if round(v / 2**20) >= 1)
             raise ConfigError(
                 f"a {self.read_size}x{self.read_size} px tile of {n_bands!r} bands needs about "
-                f"{need:.0f} MiB, over the per-tile memory budget of {self.tile_memory_mb!r} MiB; "
-                "lower --tile/--halo or raise tile_memory_mb"
+                f"{need:.0f} MiB ({detail}), over the per-tile memory budget of {self.tile_memory_mb!r} MiB; "
+                "lower --tile/--halo or raise the budget with --tile-memory (RunConfig.tile_memory_mb) "
+                "if the workers have the memory"
             )
 
     # ------------------------------------------------------------------ identity
