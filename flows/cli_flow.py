@@ -115,7 +115,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         guard: bool = typer.Option(True, "--guard/--no-guard", help="DECSC's band guard after the model"),
         subspace: int = typer.Option(8, "--subspace", help="DECSC's spectral-subspace pass dimension (0: off)"),
         tile_memory: float | None = typer.Option(None, "--tile-memory",
-                                                 help="per-tile memory budget in MiB (default 2048); larger tiles are refused"),
+                                                 help="per-tile memory budget in MiB (default 3072); larger tiles are refused"),
     ) -> None:
         """Process one scene through the Prefect flow (ingest → denoise → unmix → outputs)."""
         opts, cl = _options(tile=tile, halo=halo, blend=blend, denoise=denoise, unmix=unmix,
@@ -158,7 +158,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         guard: bool = typer.Option(True, "--guard/--no-guard", help="DECSC's band guard after the model"),
         subspace: int = typer.Option(8, "--subspace", help="DECSC's spectral-subspace pass dimension (0: off)"),
         tile_memory: float | None = typer.Option(None, "--tile-memory",
-                                                 help="per-tile memory budget in MiB (default 2048); larger tiles are refused"),
+                                                 help="per-tile memory budget in MiB (default 3072); larger tiles are refused"),
     ) -> None:
         """Process every scene under ROOT (or in --list-file) that has no completed run yet."""
         from pydantic import ValidationError

@@ -32,7 +32,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         subspace: int = typer.Option(8, "--subspace",
                                      help="DECSC's spectral-subspace pass: dimension k of the projection between "
                                           "two model passes (0: the model alone, half the compute)."),
-        tile_memory: float = typer.Option(2048.0, "--tile-memory",
+        tile_memory: float = typer.Option(3072.0, "--tile-memory",
                                           help="Per-tile memory budget of a worker in MiB; a tile estimated "
                                                "above it is refused before any work."),
     ) -> None:

@@ -42,7 +42,7 @@ class RunOptions(BaseModel):
     seed: int = Field(0, ge=0)
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     batch_size: int = Field(4, gt=0, description="tiles per Dask task")
-    tile_memory_mb: float = Field(2048.0, gt=0)
+    tile_memory_mb: float = Field(3072.0, gt=0, description="per-tile memory budget of a worker in MiB")
     denoise_arch: Literal["shipped", "full"] = Field(
         "shipped", description="DECSC weights: shipped (small, CPU-friendly) or full (full-size, for GPUs)")
     denoise_guard: bool = Field(

@@ -45,11 +45,13 @@ HASHED_FIELDS: tuple[str, ...] = (
 # bytes per pixel-band a tile needs at peak, relative to the float32 input (input, outputs,
 # blending, the unmixer's per-pixel solve): a conservative multiplier used for the memory check
 MODEL_MEMORY_FACTOR = 12
-#: DECSC's working memory per pixel of a tile (not per band: it denoises 31-band windows two at a
-#: time, with their Anderson history), measured as peak RSS over the input on the 2-core CPU
-#: (``docs/models/decsc.md``, Limits: 160×160 and 80×80 tiles of 62 and 218 bands). On a GPU
-#: worker this memory is on the device, not in the worker's RAM.
-DECSC_BYTES_PER_PIXEL: dict[str, int] = {"shipped": 58_000, "full": 207_000}
+#: DECSC's working memory for one tile: a fixed part plus a part per pixel (not per band: it
+#: denoises 31-band windows two at a time, with their Anderson history). Measured as the peak RSS
+#: a tile's ``denoise_cube`` adds on the 2-core CPU (``python -m benchmarks.tile_memory``, EnMAP
+#: demo tiles of 218 bands: ``docs/benchmarks/tile_memory*.md``), with a margin: shipped 64–160 px
+#: tiles 0.66–1.88 GB, full size 64–96 px 1.0–1.8 GB. On a GPU worker this is device memory.
+DECSC_FIXED_BYTES: dict[str, int] = {"shipped": 64 * 2**20, "full": 512 * 2**20}
+DECSC_BYTES_PER_PIXEL: dict[str, int] = {"shipped": 72_000, "full": 160_000}
 #: the spectral-subspace pass's numpy work (cleaning, projections, two passes' outputs), in
 #: multiples of the tile's float32 input; it runs on the worker's CPU whatever the device
 SUBSPACE_MEMORY_FACTOR = 8
@@ -87,7 +89,7 @@ class RunConfig:
     scheduler: str | None = None
     device: str = "cpu"
     batch_size: int = 4
-    tile_memory_mb: float = 2048.0
+    tile_memory_mb: float = 3072.0
     denoise_arch: str = "shipped"
     denoise_guard: bool = True
     denoise_subspace: int = 8
@@ -199,7 +201,8 @@ class RunConfig:
         parts = {"io": inp * MODEL_MEMORY_FACTOR, "decsc": 0, "subspace": 0}
         if self.denoise:
             if not self.device.startswith("cuda"):  # "auto" may fall back to the CPU: count it
-                parts["decsc"] = px * DECSC_BYTES_PER_PIXEL.get(self.denoise_arch, max(DECSC_BYTES_PER_PIXEL.values()))
+                arch = self.denoise_arch if self.denoise_arch in DECSC_BYTES_PER_PIXEL else "full"
+                parts["decsc"] = DECSC_FIXED_BYTES[arch] + px * DECSC_BYTES_PER_PIXEL[arch]
             if self.denoise_subspace:
                 parts["subspace"] = inp * SUBSPACE_MEMORY_FACTOR
         return parts

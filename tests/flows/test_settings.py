@@ -17,9 +17,9 @@ def test_run_options_defaults_map_to_run_config(tmp_path: Path) -> None:
     assert cfg.out_root == tmp_path
     assert cfg.denoise_arch == "shipped"
     assert RunOptions(denoise_arch="full", device="cuda").to_run_config(tmp_path).denoise_arch == "full"
-    # on a CPU the full-size model's working memory (~207 kB per pixel) needs a smaller tile or a larger budget
-    with pytest.raises(ConfigError, match=r"over the per-tile memory budget of 2048"):
-        RunOptions(denoise_arch="full").to_run_config(tmp_path)
+    # on a CPU the full-size model's working memory (512 MiB + ~160 kB per pixel) needs a smaller tile or a larger budget
+    with pytest.raises(ConfigError, match=r"over the per-tile memory budget of 3072"):
+        RunOptions(denoise_arch="full", tile=160).to_run_config(tmp_path)
     assert RunOptions(denoise_arch="full", tile=64).to_run_config(tmp_path).denoise_arch == "full"
 
 

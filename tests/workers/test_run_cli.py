@@ -20,8 +20,9 @@ DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "enmap_potsdam_mo
         (["--no-denoise", "--no-unmix"], r"nothing to do"),
         (["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], r"not both"),
         (["--blend", "median"], r"unknown blend window 'median'"),
-        # the full-size DECSC needs ~207 kB per pixel on a CPU: a 128-px tile is ~3.2 GiB before its halo
-        (["--denoiser", "full"], r"128x128 px tile .*decsc 3234 MiB\), over the per-tile memory budget of 2048\.0 MiB.*--tile-memory"),
+        # the full-size DECSC needs 512 MiB + ~160 kB per pixel on a CPU: a 160-px tile ~4.3 GiB before its halo
+        (["--denoiser", "full", "--tile", "160"],
+         r"160x160 px tile .*decsc 4418 MiB.*, over the per-tile memory budget of 3072\.0 MiB.*--tile-memory"),
         (["--denoiser", "full", "--tile-memory", "1000", "--tile", "64"], r"over the per-tile memory budget of 1000\.0 MiB"),
     ],
 )
