@@ -42,6 +42,7 @@ FRAGMENTS: tuple[Fragment, ...] = (
     Fragment("unmix_memory", "DEQ-Unmix training peak memory, implicit vs unrolled, 10/20/40 iterations",
              "unmix.md", ("--scene", "crop", "--iters", "10,20,40", "--batch", "2", "--size", "32", "--out", "{tmp}/unmix_memory.json",
                           "--md", "{tmp}/unmix.md")),
+    Fragment("tile_memory", "DECSC per-tile peak RSS vs the pipeline's per-tile memory estimate", "tile_memory.md", None),
 )
 
 
