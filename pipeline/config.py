@@ -194,8 +194,9 @@ class RunConfig:
     def tile_memory_parts(self, n_bands: int) -> dict[str, int]:
         """Peak bytes one tile needs in a worker's RAM for ``n_bands`` bands, by part: ``io``
         (input, outputs, blending, unmixing: :data:`MODEL_MEMORY_FACTOR` × the float32 input),
-        ``decsc`` (the denoiser's per-pixel working memory, :data:`DECSC_BYTES_PER_PIXEL`; 0 on a
-        GPU device, where it is device memory) and ``subspace`` (its spectral-subspace pass)."""
+        ``decsc`` (the denoiser's working memory, :data:`DECSC_FIXED_BYTES` plus
+        :data:`DECSC_BYTES_PER_PIXEL` per pixel; 0 on a GPU device, where it is device memory) and
+        ``subspace`` (its spectral-subspace pass, :data:`SUBSPACE_MEMORY_FACTOR` × the input)."""
         px = self.read_size**2
         inp = px * int(n_bands) * 4
         parts = {"io": inp * MODEL_MEMORY_FACTOR, "decsc": 0, "subspace": 0}
