@@ -59,6 +59,9 @@ DEFAULTS: dict[str, Any] = {
     "holdout_fraction": 0.5,
     "lambda_volume": 0.0,
     "lambda_sad": 0.0,
+    # "mse": held-out squared error over the held-out signal power (bright pixels dominate);
+    # "pixel": each pixel's relative error, averaged (dark pixels, e.g. water, count as much)
+    "loss": "mse",
     "train_max_iter": 20,
     "train_crop": 32,  # each step trains on one random crop of this size per fit tile
     "tol": 1e-4,
@@ -384,6 +387,8 @@ def fit_scene(
     unknown = set(opts) - set(DEFAULTS)
     if unknown:
         raise ConfigError(f"unknown fit options {sorted(unknown)!r}; valid: {sorted(DEFAULTS)!r}")
+    if opts["loss"] not in ("mse", "pixel"):
+        raise ConfigError(f"fit option loss must be 'mse' or 'pixel', got {opts['loss']!r}")
     t_start = time.perf_counter()
     Ys, sample_rec = sample_pixels_from(scene, sample_pixels, seed)
     if n_endmembers is None:
@@ -438,6 +443,9 @@ def fit_scene(
         A, st = model(Yc, band_mask=fit_mask)
         rec = torch.einsum("lp,nphw->nlhw", model.E[score], A)
         target = Yc[:, score]
+        if opts.get("loss", "mse") == "pixel":  # per-pixel relative error: dark pixels count as much as bright
+            e_px = ((target - rec) ** 2).sum(1, keepdim=True) / (target**2).sum(1, keepdim=True).clamp_min(1e-12)
+            return (e_px * Mc).sum() / Mc.sum().clamp_min(1.0), st
         n = (Mc.sum() * int(score.sum())).clamp_min(1.0)
         err = (((target - rec) ** 2) * Mc).sum() / n
         return err / ((target**2) * Mc).sum().div(n).clamp_min(1e-12), st
