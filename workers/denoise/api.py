@@ -202,11 +202,14 @@ def shipped_guard() -> Any:
 
 @torch.no_grad()
 def _model_pass(model: nn.Module, filled: np.ndarray, valid: np.ndarray, *, device: str,
-                max_iter: int | None, window_batch: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """One DECSC pass over a NaN-free (B, H, W) cube: (output, blind σ per band, solver stats)."""
+                max_iter: int | None, window_batch: int,
+                sigma_from: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """One DECSC pass over a NaN-free (B, H, W) cube: (output, blind σ per band, solver stats);
+    σ is estimated from ``sigma_from`` (same shape) when given, else from ``filled``."""
     b, h, w = filled.shape
     y = torch.from_numpy(filled).to(device)
-    sigma = estimate_sigma(y[None], torch.from_numpy(valid).to(device)[None])[0]
+    src = y if sigma_from is None else torch.from_numpy(np.ascontiguousarray(sigma_from, dtype=np.float32)).to(device)
+    sigma = estimate_sigma(src[None], torch.from_numpy(valid).to(device)[None])[0]
     size = int(model.cfg.bands)  # type: ignore[union-attr,arg-type]
     stride = get_spec(MODEL_NAME).config["window_stride"]
     if b < size:
@@ -284,7 +287,9 @@ def denoise_cube(
     plus the guard's per-band weights summarised (``guard``, ``guard_w_mean``, ``guard_w_max``,
     ``guard_bands_half``: bands with ``w > 0.5``) and, with the subspace pass, ``subspace_k``,
     ``subspace_outside`` (pixels kept unprojected), ``subspace_impulses``, ``subspace_stuck`` and
-    ``subspace_lines`` (input pixels cleaned, of them stuck values, and column/row offsets removed).
+    ``subspace_lines`` (input pixels cleaned, of them stuck values, and column/row offsets removed);
+    ``stuck_filled``: stuck input pixels (:func:`workers.denoise.subspace.stuck_pixels`) that the
+    model's first pass saw replaced by a local average of their band.
     """
     cube = _check_cube(cube)
     k = _subspace_k(subspace)
@@ -298,7 +303,17 @@ def denoise_cube(
     means = np.array([cube[i][valid].mean() for i in range(b)], dtype=np.float32)
     filled[:, ~valid] = means[:, None]
     pass_kw: dict[str, Any] = {"device": device, "max_iter": max_iter, "window_batch": window_batch}
-    out, sigma, stats = _model_pass(model, filled, valid, **pass_kw)
+    from .subspace import fill_stuck, stuck_pixels
+
+    stuck = stuck_pixels(filled, valid)  # impulses, saturated, dead pixels: no information
+    n_stuck = int(stuck.sum())
+    # the model sees them replaced by their band's local average; σ (and the guard, and the
+    # subspace pass's cleaning) still see the raw input, where those bands are noisy
+    model_in = fill_stuck(filled, stuck, valid) if n_stuck else filled
+    del stuck
+    out, sigma, stats = _model_pass(model, model_in, valid, **pass_kw, sigma_from=filled if n_stuck else None)
+    del model_in
+    stats["stuck_filled"] = n_stuck
     sub_stats: dict[str, Any] = {}
     if k and (b < 2 * k or int(valid.sum()) < 2 * b):
         # too few bands for a k-dimensional subspace to remove noise, or too few pixels to
@@ -321,7 +336,8 @@ def denoise_cube(
             out += np.float32(w1) * project_own(d1, valid, k)
         stats = {"iterations": max(stats["iterations"], st2["iterations"]),
                  "residual": max(stats["residual"], st2["residual"]),
-                 "converged": stats["converged"] and st2["converged"], "windows": stats["windows"]}
+                 "converged": stats["converged"] and st2["converged"], "windows": stats["windows"],
+                 "stuck_filled": n_stuck}
         sub_stats = {"subspace_k": p_stats["k"], "subspace_outside": p_stats["pixels_kept_outside"],
                      "subspace_impulses": c_stats["impulse_pixels"], "subspace_stuck": c_stats["stuck_pixels"],
                      "subspace_lines": c_stats["lines_removed"],

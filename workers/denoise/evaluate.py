@@ -271,7 +271,7 @@ def _decsc_stats(stats: dict[str, Any]) -> dict[str, Any]:
         "iterations_mean": float(it.mean()) if it.size else None,
         "iterations_max": float(it.max()) if it.size else None,
         "residual_max": float(resid.max()) if resid.size else None,
-        **{k: stats[k] for k in ("guard", "guard_w_mean", "guard_w_max", "guard_bands_half", "subspace_k",
+        **{k: stats[k] for k in ("stuck_filled", "guard", "guard_w_mean", "guard_w_max", "guard_bands_half", "subspace_k",
                                   "subspace_outside", "subspace_impulses", "subspace_stuck", "subspace_lines", "subspace_blend",
                                   "subspace_sigma_spread") if k in stats},
     }

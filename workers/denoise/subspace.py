@@ -5,7 +5,9 @@ of a few dimensions, while noise spreads over all bands. The classical anchors (
 L1HyMixDe) live on that; DECSC on its own sees 31-band windows and cannot. This pass adds it
 around the unchanged model (``docs/models/decsc.md``, "Spectral subspace pass"):
 
-1. ``d1 = DECSC(y)`` with the band guard (the model alone, :func:`workers.denoise.api.denoise_cube`);
+1. ``d1 = DECSC(y)`` with the band guard (the model alone, :func:`workers.denoise.api.denoise_cube`;
+   stuck pixels of ``y`` (below) are replaced by a local average of their band for the model's
+   input only, :func:`fill_stuck`, also without the pass);
 2. clean the input with ``d1``: *stuck* pixels (a value repeated far more often than the values
    next to it in the band's histogram: salt-and-pepper impulses, saturated or dead pixels;
    :func:`stuck_pixels`) and pixels with ``|y − d1| > 4 σ_r`` (other impulses; ``σ_r`` the robust
@@ -38,6 +40,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 
 DEFAULT_K = 8  # chosen on Jasper Ridge / Pavia Centre among 6, 8, 10, 12, 16 (docs/models/decsc.md)
 IMPULSE_Z = 4.0  # |y − d1| beyond this many robust residual scales: the pixel takes d1
@@ -92,6 +95,32 @@ def stuck_pixels(y: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
             if counts[j] >= STUCK_SPIKE * max(1.0, float(nb.mean()) if nb.size else 1.0):
                 out[i] |= y[i] == vals[j]
     out &= ok[None]
+    return out
+
+
+def fill_stuck(y: np.ndarray, stuck: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """``y`` (B, H, W) with its ``stuck`` pixels replaced by a local average of the band's real,
+    non-stuck pixels (normalised Gaussian convolution at 1, 2, 4 then 8 px; a pixel with no such
+    neighbour within reach takes the band's mean of them). The model's first pass sees this
+    instead of the impulses: a stuck value carries no information about the scene."""
+    ok = ~stuck if valid is None else (~stuck & np.asarray(valid, bool)[None])
+    out = np.array(y, dtype=np.float32, copy=True)
+    for i in np.nonzero(stuck.reshape(stuck.shape[0], -1).any(axis=1))[0]:
+        keep = ok[i].astype(np.float64)
+        if not keep.any():
+            continue  # every real pixel of the band is stuck: nothing to interpolate from
+        band = np.where(ok[i], y[i], 0.0).astype(np.float64)
+        todo = stuck[i].copy()
+        for scale in (1.0, 2.0, 4.0, 8.0):
+            den = gaussian_filter(keep, scale, mode="nearest")
+            hit = todo & (den > 1e-3)
+            if hit.any():
+                out[i][hit] = (gaussian_filter(band, scale, mode="nearest")[hit] / den[hit]).astype(np.float32)
+                todo &= ~hit
+            if not todo.any():
+                break
+        if todo.any():
+            out[i][todo] = np.float32(band[ok[i]].mean())
     return out
 
 
