@@ -310,7 +310,6 @@ def denoise_cube(
     # the model sees them replaced by their band's local average; σ (and the guard, and the
     # subspace pass's cleaning) still see the raw input, where those bands are noisy
     model_in = fill_stuck(filled, stuck, valid) if n_stuck else filled
-    del stuck
     out, sigma, stats = _model_pass(model, model_in, valid, **pass_kw, sigma_from=filled if n_stuck else None)
     del model_in
     stats["stuck_filled"] = n_stuck
@@ -326,7 +325,7 @@ def denoise_cube(
 
         g1 = guard if (guard is not False and guard is not None and not isinstance(guard, (bool, str))) else shipped_guard()
         d1, _ = apply_guard(g1, filled, out, sigma, valid)
-        yc, c_stats = clean_input(filled, d1, valid)
+        yc, c_stats = clean_input(filled, d1, valid, stuck)  # the same input: reuse its stuck mask
         yp, p_stats = project(yc, sigma, valid, k)
         d2, _, st2 = _model_pass(model, yp.astype(np.float32), valid, **pass_kw)
         out = project_own(d2, valid, k).astype(np.float32)

@@ -29,8 +29,8 @@ around the unchanged model (``docs/models/decsc.md``, "Spectral subspace pass"):
 6. the band guard against the raw input (the pipeline mixes with scene-wide weights at blending).
 
 Measured on the test scenes (``docs/benchmarks/denoise_eval.md``, 2026-11-27 weights): +1.9 / +1.3 dB
-at ``gauss30``, +6.3 / +3.7 dB at ``band[0,95]``, +0.9 / +2.0 dB at ``mixture`` (Jasper Ridge /
-Pavia Centre) over the model with its guard, at twice the model's compute plus two B×B
+at ``gauss30``, +6.3 / +3.7 dB at ``band[0,95]``, +4.8 / +1.9 dB at ``mixture`` (Jasper Ridge /
+Pavia Centre) over the model with its guard (both with stuck pixels filled), at twice the model's compute plus two B×B
 eigendecompositions.
 """
 
@@ -124,12 +124,15 @@ def fill_stuck(y: np.ndarray, stuck: np.ndarray, valid: np.ndarray | None = None
     return out
 
 
-def clean_input(y: np.ndarray, d1: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+def clean_input(y: np.ndarray, d1: np.ndarray, valid: np.ndarray | None = None,
+                stuck: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Step 2: ``y`` (B, H, W, NaN-free) with stuck pixels and impulses replaced by ``d1`` and
     significant column/row offsets of ``y − d1`` removed; statistics over the real pixels
-    ``valid`` (H, W) only (None: all). Returns (cleaned, counts)."""
+    ``valid`` (H, W) only (None: all). ``stuck``: :func:`stuck_pixels` of ``y`` if the caller has
+    it already. Returns (cleaned, counts)."""
     b, h, w = y.shape
-    stuck = stuck_pixels(y, valid)
+    if stuck is None:
+        stuck = stuck_pixels(y, valid)
     r = np.subtract(y, d1, dtype=np.float32)  # float32 throughout: tiles can be large
     ok = stuck if valid is None else (stuck | ~np.asarray(valid, bool)[None])
     if not ok.any():

@@ -443,7 +443,7 @@ def fit_scene(
         A, st = model(Yc, band_mask=fit_mask)
         rec = torch.einsum("lp,nphw->nlhw", model.E[score], A)
         target = Yc[:, score]
-        if opts.get("loss", "mse") == "pixel":  # per-pixel relative error: dark pixels count as much as bright
+        if opts["loss"] == "pixel":  # per-pixel relative error: dark pixels count as much as bright
             e_px = ((target - rec) ** 2).sum(1, keepdim=True) / (target**2).sum(1, keepdim=True).clamp_min(1e-12)
             return (e_px * Mc).sum() / Mc.sum().clamp_min(1.0), st
         n = (Mc.sum() * int(score.sum())).clamp_min(1.0)
