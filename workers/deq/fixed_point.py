@@ -150,7 +150,13 @@ class DEQFixedPoint(nn.Module):
         ``create_graph=True`` so that it can be added to a training loss.
         """
         z_in = z_star.detach().requires_grad_()
-        f_in = self.func(z_in, x)
+        # the fused CUDA attention kernels have no double backward ("derivative for
+        # aten::_scaled_dot_product_efficient_attention_backward is not implemented", seen on an
+        # H200): build this one application of func with the plain-math attention
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            f_in = self.func(z_in, x)
         total = z_star.new_zeros(z_star.shape[0])
         for _ in range(samples):
             eps = torch.randn_like(f_in)
