@@ -211,7 +211,9 @@ def test_noise_relative_band_weights() -> None:
     assert float(w2[1] / w2[0]) == pytest.approx((0.3 + LOSS_NOISE_FLOOR) / LOSS_NOISE_FLOOR, rel=0.05)
     with pytest.raises(ConfigError, match="loss must be one of"):
         TrainConfig(data_dir=Path("."), out_dir=Path("."), loss="l2")
-    with pytest.raises(ConfigError, match="jacobian_weight must be >= 0 and train_iters >= 1"):
+    with pytest.raises(ConfigError, match="jacobian_weight and residual_weight must be >= 0"):
         TrainConfig(data_dir=Path("."), out_dir=Path("."), jacobian_weight=-1.0)
-    with pytest.raises(ConfigError, match="jacobian_weight must be >= 0 and train_iters >= 1"):
+    with pytest.raises(ConfigError, match="jacobian_weight and residual_weight must be >= 0"):
+        TrainConfig(data_dir=Path("."), out_dir=Path("."), residual_weight=-0.1)
+    with pytest.raises(ConfigError, match="train_iters >= 1"):
         TrainConfig(data_dir=Path("."), out_dir=Path("."), train_iters=0)

@@ -92,9 +92,10 @@ class TrainConfig:
                 f"batch >= 1, patch >= 16, minutes > 0 and max_steps >= 1 required, got "
                 f"{(self.batch, self.patch, self.minutes, self.max_steps)!r}"
             )
-        if self.jacobian_weight < 0 or (self.train_iters is not None and self.train_iters < 1):
-            raise ConfigError(f"jacobian_weight must be >= 0 and train_iters >= 1, got "
-                              f"{(self.jacobian_weight, self.train_iters)!r}")
+        if self.jacobian_weight < 0 or self.residual_weight < 0 or (self.train_iters is not None
+                                                                   and self.train_iters < 1):
+            raise ConfigError(f"jacobian_weight and residual_weight must be >= 0 and train_iters >= 1, got "
+                              f"{(self.jacobian_weight, self.residual_weight, self.train_iters)!r}")
         if not 0 <= self.extra_fraction <= 1:
             raise ConfigError(f"extra_fraction must be in [0, 1], got {self.extra_fraction!r}")
         if self.resume and self.init_weights is not None:
