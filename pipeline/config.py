@@ -49,7 +49,7 @@ MODEL_MEMORY_FACTOR = 12
 #: denoises 31-band windows two at a time, with their Anderson history). Measured as the peak RSS
 #: a tile's ``denoise_cube`` adds on the 2-core CPU (``python -m benchmarks.tile_memory``, EnMAP
 #: demo tiles of 218 bands: ``docs/benchmarks/tile_memory*.md``), with a margin: shipped 64–160 px
-#: tiles 0.66–1.88 GB, full size 64–96 px 1.0–1.8 GB. On a GPU worker this is device memory.
+#: tiles 0.66–1.88 GB, full size 64–128 px 1.0–2.9 GB. On a GPU worker this is device memory.
 DECSC_FIXED_BYTES: dict[str, int] = {"shipped": 64 * 2**20, "full": 512 * 2**20}
 DECSC_BYTES_PER_PIXEL: dict[str, int] = {"shipped": 72_000, "full": 160_000}
 #: the spectral-subspace pass's numpy work (cleaning, projections, two passes' outputs), in
