@@ -333,10 +333,9 @@ def denoise_cube(
         if w1 > 0:  # step 5b: i.i.d.-like noise: average with the projected first pass
             out *= np.float32(1.0 - w1)  # in place: tiles can be large
             out += np.float32(w1) * project_own(d1, valid, k)
-        stats = {"iterations": max(stats["iterations"], st2["iterations"]),
-                 "residual": max(stats["residual"], st2["residual"]),
-                 "converged": stats["converged"] and st2["converged"], "windows": stats["windows"],
-                 "stuck_filled": n_stuck}
+        stats.update(iterations=max(stats["iterations"], st2["iterations"]),  # worst of both passes
+                     residual=max(stats["residual"], st2["residual"]),
+                     converged=stats["converged"] and st2["converged"])
         sub_stats = {"subspace_k": p_stats["k"], "subspace_outside": p_stats["pixels_kept_outside"],
                      "subspace_impulses": c_stats["impulse_pixels"], "subspace_stuck": c_stats["stuck_pixels"],
                      "subspace_lines": c_stats["lines_removed"],
