@@ -43,3 +43,30 @@ def test_run_case_scores_and_report_keeps_notes(case, tmp_path):
     again = md.read_text()
     assert again.count("| usgs3 | 3 | deq-unmix |") == 1
     assert again.endswith(NOTES_MARKER + "\n## Targets\nwritten by hand\n")
+
+
+@pytest.mark.parametrize("snr_db", [5.0, 40.0])
+def test_abundance_floors_bayes_beats_fcls_at_low_snr_and_refuses_at_high(test_data, snr_db):
+    """At 5 dB the Bayes floor (posterior mean under the true model) is below FCLS with the true
+    endmembers and far below the prior mean (1/P everywhere): a wrong sign or scale in the
+    importance weights would break that. At 40 dB the posterior is far narrower than the prior,
+    the effective number of prior draws per pixel collapses, and no floor is claimed."""
+    from workers.unmix.evaluate import abundance_floors
+
+    z = np.load(test_data / "unmix" / "unmix_crops.npz")
+    E = z["usgs_spectra"][:, [0, 2, 4]].astype(np.float64)
+    rng = np.random.default_rng(5)
+    A = rng.dirichlet(np.ones(3), size=400).T
+    Y = E @ A
+    sigma = float(np.sqrt(np.mean(Y**2) / 10 ** (snr_db / 10)))
+    Y = Y + sigma * rng.standard_normal(Y.shape)
+    c = Case("usgs3", Y.reshape(-1, 20, 20), E, A, ["a", "b", "c"], None, "", sigma)
+    f = abundance_floors(c, prior_samples=20000)
+    prior_mean = float(np.sqrt(np.mean((A - 1 / 3) ** 2)))
+    if snr_db < 10:
+        assert f["mmse_ess_median"] >= 100
+        assert f["mmse_true_e"] < 0.97 * f["fcls_true_e"] and f["mmse_true_e"] < 0.5 * prior_mean
+    else:  # a posterior far narrower than the prior: prior draws cannot resolve it, so no floor
+        assert f["mmse_ess_median"] < 100 and f["mmse_true_e"] is None and f["fcls_true_e"] < 0.05
+    with pytest.raises(Exception, match="known noise"):
+        abundance_floors(Case("real", Y.reshape(-1, 20, 20), E, A, ["a", "b", "c"], None))

@@ -188,16 +188,91 @@ def test_init_endmembers_picks_lowest_reconstruction_beyond_the_linear_model(cro
     E0, rec = init_endmembers(Y, 3, seed=0)
     assert rec["minvol_rmse_over_floor"] > LMM_TOLERANCE
     cands = rec["candidates_rmse"]
-    assert {"vca", "nfindr"} <= set(cands) and any("-top" in k for k in cands)
+    # default: class means of both extractions only (the raw extractions would always win on
+    # reconstruction error: they are the most extreme simplex)
+    assert set(cands) == {"vca-class0.25", "nfindr-class0.25"}
     assert rec["method"] == min(cands, key=cands.get)
     assert E0.shape == (Y.shape[0], 3) and np.all(E0 >= 0)
     A = fcls(Y, E0)
     assert np.sqrt(np.mean((Y - E0 @ A) ** 2)) == pytest.approx(cands[rec["method"]], rel=1e-6)
+    Et, rt = init_endmembers(Y, 3, seed=0, pure="topk")  # the rule before 2026-11-27
+    ct = rt["candidates_rmse"]
+    assert {"vca", "nfindr"} <= set(ct) and any("-top" in k for k in ct)
+    assert rt["method"] == min(ct, key=ct.get)
     Ev, rv = init_endmembers(Y, 3, seed=0, method="vca")
     np.testing.assert_array_equal(Ev, np.clip(vca(Y, 3, seed=0)[0], 0, None))
     assert rv["method"] == "vca"
     with pytest.raises(ConfigError, match="init must be"):
         init_endmembers(Y, 3, seed=0, method="ppi")
+    with pytest.raises(ConfigError, match="init_pure must be"):
+        init_endmembers(Y, 3, seed=0, pure="median")
+    with pytest.raises(ConfigError, match="init_class_fraction"):
+        init_endmembers(Y, 3, seed=0, class_fraction=0.0)
+
+
+def test_init_endmembers_keeps_pure_pixels_of_a_linear_mixture(synthetic):
+    """A linear mixture that has pure pixels (24×24, 3 USGS spectra, 30 dB): the best extraction
+    reconstructs it near the noise floor, so it is the start (class means would shrink the simplex
+    towards mixed pixels); the chosen vertices are within 1.5° of the truth."""
+    from workers.unmix.fit import PURE_TOLERANCE, init_endmembers
+
+    cube, E, _ = synthetic
+    Y = cube.reshape(cube.shape[0], -1).astype(np.float64)
+    E0, rec = init_endmembers(Y, 3, seed=0)
+    assert rec["method"] != "minvol"  # 576 pixels: the min-volume simplex misses its gate (1.27)
+    assert rec["pure_pixel_rmse_over_floor"] <= PURE_TOLERANCE
+    assert "-class" not in rec["method"] and "class_pixels" in rec
+    assert np.mean(sad_degrees(E, E0[:, match_endmembers(E, E0)])) < 1.5
+
+
+def test_class_start_is_closer_to_the_reference_than_the_purest_pixels(crops):
+    """Real Samson crop (32×32): the default start (means of the purest quarter of each
+    endmember's class) is closer to the reference endmembers, which are averages over pure
+    regions, than the previous rule (the raw extraction or the mean of its few purest pixels)."""
+    from workers.unmix.fit import init_endmembers
+
+    cube = crops["samson_cube"].astype(np.float64)
+    Y = cube.reshape(cube.shape[0], -1)
+    R = crops["samson_endmembers"].astype(np.float64)
+    sads = {}
+    for pure in ("class", "topk"):
+        E0, _ = init_endmembers(Y, 3, seed=0, pure=pure)
+        sads[pure] = float(np.mean(sad_degrees(R, E0[:, match_endmembers(R, E0)])))
+    assert sads["class"] < 0.85 * sads["topk"], sads
+
+
+def test_class_pure_means_averages_the_core_of_each_class():
+    """Two materials whose pure pixels vary in brightness and shape around a mean spectrum, one
+    common (400 pixels), one rare (24): each endmember becomes the mean of the purest quarter of
+    its class (at least 10 pixels), so the common material is averaged over 100 pixels and lands
+    near its mean spectrum, far closer than the extreme pixel an extraction returns."""
+    from workers.unmix.fit import class_pure_means
+
+    rng = np.random.default_rng(0)
+    L = 40
+    m0 = 0.2 + 0.6 * np.linspace(0, 1, L)
+    m1 = 0.8 - 0.5 * np.linspace(0, 1, L) ** 2
+    common = m0[:, None] * rng.uniform(0.8, 1.2, 400) + 0.03 * rng.standard_normal((L, 400))
+    rare = m1[:, None] * rng.uniform(0.8, 1.2, 24) + 0.03 * rng.standard_normal((L, 24))
+    Ys = np.concatenate([common, rare], axis=1)
+    # an "extraction": the single most extreme pixel of each material
+    E = np.stack([common[:, np.argmax(sad_degrees(np.repeat(m0[:, None], 400, 1), common))],
+                  rare[:, np.argmax(sad_degrees(np.repeat(m1[:, None], 24, 1), rare))]], axis=1)
+    A = fcls(Ys, E)
+    Ec, counts = class_pure_means(Ys, E, A, 0.25)
+    lab = np.argmax(A, axis=0)
+    sizes = np.bincount(lab, minlength=2)
+    assert counts == [max(10, round(0.25 * sizes[0])), max(10, round(0.25 * sizes[1]))]
+    assert counts[0] >= 90 and counts[1] == 10
+    for j, m in enumerate((m0, m1)):
+        idx = np.flatnonzero(lab == j)
+        top = idx[np.argsort(-A[j, idx], kind="stable")[: counts[j]]]
+        np.testing.assert_allclose(Ec[:, j], Ys[:, top].mean(axis=1))
+        assert sad_degrees(m[:, None], Ec[:, [j]])[0] < 0.5 * sad_degrees(m[:, None], E[:, [j]])[0]
+    # a class smaller than min_pixels: the min_pixels largest abundances over the whole sample
+    Ec2, counts2 = class_pure_means(Ys, E, A, 0.25, min_pixels=50)
+    assert counts2[1] == 50
+    np.testing.assert_allclose(Ec2[:, 1], Ys[:, np.argsort(-A[1])[:50]].mean(axis=1))
 
 
 def test_init_endmembers_takes_min_volume_for_a_linear_mixture_without_pure_pixels(crops):
