@@ -120,7 +120,8 @@ def synthetic_case(data: Path, p: int, snr_db: float, *, seed: int = 0, size: in
 MIN_ESS = 100.0  # median effective prior draws per pixel for a resolved Bayes floor
 
 
-def abundance_floors(case: Case, *, prior_samples: int = 80000, seed: int = 0, chunk: int = 500) -> dict[str, float]:
+def abundance_floors(case: Case, *, prior_samples: int = 80000, seed: int = 0,
+                     chunk: int = 500) -> dict[str, float | None]:
     """What the best estimators reach on a synthetic case, given everything the truth knows.
 
     ``fcls_true_e``: aRMSE of FCLS with the true endmembers (the best per-pixel least-squares
