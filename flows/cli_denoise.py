@@ -37,6 +37,8 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
                                               "per state element at the fixed point; 0 = off): faster solver convergence"),
         train_iters: int = typer.Option(None, help="forward solver iterations per training step (default: the "
                                         "registry's, 6)"),
+        backward: str = typer.Option(None, help="training gradient: phantom (the registry's default: 3 damped "
+                                     "steps) or implicit (adjoint fixed point; memory flat in the iterations)"),
         install: bool = typer.Option(False, help="copy the weights to workers/weights/decsc.safetensors"),
     ) -> None:
         """Train the DECSC denoiser on real data with blind protocol noise; export safetensors."""
@@ -53,7 +55,7 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
                           device=device, arch=arch, loader_workers=loader_workers, init_weights=init_weights,
                           loss=loss, extra_fraction=extra_fraction, jacobian_weight=jacobian_weight,
                           residual_weight=residual_weight,
-                          train_iters=train_iters)
+                          train_iters=train_iters, backward=backward)
 
         def show(rec: dict) -> None:
             line = (f"step {rec['step']:5d}  {rec['elapsed_s'] / 60:5.1f} min  loss {rec['loss']:.4f}  "

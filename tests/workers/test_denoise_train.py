@@ -123,6 +123,30 @@ def test_training_with_jacobian_regulariser_and_more_iterations(shared_data: Pat
     assert step["loss"] == pytest.approx(step["l1"] + 0.2 * step["fp_res"] + 0.1 * step["jacobian"], rel=1e-4)
 
 
+def test_training_with_the_implicit_backward(shared_data: Path, tmp_path: Path) -> None:
+    """--backward implicit: a real step solves the adjoint fixed point (its iterations and residual
+    reach the log; the phantom default logs none), the weights change, and a bad name is refused."""
+    import json
+
+    from pipeline.errors import ConfigError
+    from workers.denoise.train import TrainConfig, train
+
+    logs = {}
+    for mode in ("implicit", None):
+        out = tmp_path / f"run_{mode}"
+        train(TrainConfig(data_dir=shared_data, out_dir=out, max_steps=1, batch=1, patch=24, threads=1,
+                          val_every=1000, checkpoint_every=1000, train_iters=4, backward=mode))
+        logs[mode] = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    step = [r for r in logs["implicit"] if "fp_res" in r][0]
+    assert step["bwd_iterations"] is not None and 1 <= step["bwd_iterations"] <= 6
+    assert step["bwd_residual"] is not None and np.isfinite(step["bwd_residual"]) and step["grad_norm"] > 0
+    assert [r for r in logs[None] if "fp_res" in r][0]["bwd_iterations"] is None
+    start = [r for r in logs["implicit"] if r.get("event") == "start"][0]
+    assert start["config"]["backward"] == "implicit"
+    with pytest.raises(ConfigError, match="backward must be"):
+        TrainConfig(data_dir=Path("."), out_dir=Path("."), backward="unrolled")
+
+
 def test_training_refuses_cuda_without_a_gpu(tmp_path: Path) -> None:
     from pipeline.errors import ConfigError
     from workers.denoise.train import TrainConfig, train

@@ -71,6 +71,9 @@ class TrainConfig:
     # more contractive map reaches the solver tolerance in fewer iterations
     jacobian_weight: float = 0.0
     train_iters: int | None = None  # forward solver iterations per training step (None: the registry's)
+    # training gradient: None (the registry's: phantom), "phantom" or "implicit" (adjoint fixed
+    # point solved to tol with at most max(train_iters, registry's backward_max_iter) iterations)
+    backward: str | None = None
     extra_fraction: float = 0.25  # share of patches drawn from the remote-sensing crops
     seed: int = 0
     checkpoint_every: int = 50
@@ -96,6 +99,8 @@ class TrainConfig:
                                                                    and self.train_iters < 1):
             raise ConfigError(f"jacobian_weight and residual_weight must be >= 0 and train_iters >= 1, got "
                               f"{(self.jacobian_weight, self.residual_weight, self.train_iters)!r}")
+        if self.backward is not None and self.backward not in ("phantom", "implicit"):
+            raise ConfigError(f"backward must be 'phantom' or 'implicit', got {self.backward!r}")
         if not 0 <= self.extra_fraction <= 1:
             raise ConfigError(f"extra_fraction must be in [0, 1], got {self.extra_fraction!r}")
         if self.resume and self.init_weights is not None:
@@ -303,6 +308,10 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
     model: DECSC = build_model("cpu", cfg.arch).to(dev)
     if cfg.train_iters is not None:
         model.deq.cfg = replace(model.deq.cfg, max_iter=cfg.train_iters)
+    if cfg.backward is not None:
+        model.deq.backward_mode = cfg.backward
+        if cfg.backward == "implicit":
+            model.deq.backward_max_iter = max(model.deq.backward_max_iter, model.deq.cfg.max_iter)
     if cfg.jacobian_weight > 0:
         model.deq.jacobian_samples = 1
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
