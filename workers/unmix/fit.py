@@ -51,9 +51,9 @@ LMM_TOLERANCE = 1.1
 
 #: otherwise, the best pure-pixel candidate (an extraction or the mean of its k purest pixels)
 #: within this factor of the noise floor means a linear mixture with pure pixels, and it is the
-#: start; above it the pure pixels vary beyond the noise and the class means are (measured: a
-#: 30×30 USGS mixture at 30 dB 1.15; Samson 8.8, Jasper Ridge 4.3, Cuprite 4.1, HYDICE Urban
-#: crop 4.9–9.8)
+#: start; above it the pure pixels vary beyond the noise and the class means are (measured: the
+#: two USGS test mixtures at 30 dB 1.15 and 1.27; Samson 8.8, Jasper Ridge 4.3, Cuprite 4.1,
+#: HYDICE Urban crop 4.9–9.8)
 PURE_TOLERANCE = 2.0
 
 #: defaults of the blind per-scene fit (recorded in provenance)
@@ -82,9 +82,11 @@ DEFAULTS: dict[str, Any] = {
     # endmember start: "vca", "nfindr", "minvol", or "best": the minimum-volume simplex if it
     # reconstructs the sample at the noise floor (a linear mixture), else VCA and N-FINDR with
     # every endmember replaced by a mean of pure sample pixels, the lowest FCLS reconstruction
-    # error on the sample winning. init_pure "class" (default since 2026-11-27): the mean of the
-    # purest init_class_fraction of the pixels the endmember dominates (largest FCLS abundance);
-    # "topk" (before): also the raw extraction and the means of its k purest pixels, k in init_topk
+    # error on the sample winning. init_pure "class" (default since 2026-11-27): the extractions
+    # and the means of their k purest pixels (k in init_topk) if one reconstructs the sample
+    # within PURE_TOLERANCE of the noise floor, else the mean of the purest init_class_fraction
+    # of the pixels each endmember dominates (largest FCLS abundance); "topk" (before): always
+    # the former
     "init": "best",
     "init_pure": "class",
     "init_class_fraction": 0.25,
