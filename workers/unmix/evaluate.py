@@ -160,11 +160,9 @@ def abundance_floors(case: Case, *, prior_samples: int = 80000, seed: int = 0,
         post[:, i : i + chunk] = (w @ S.T).T
         ess[i : i + chunk] = 1.0 / np.einsum("nm,nm->n", w, w)
 
-    def rmse(X: np.ndarray) -> float:
-        return float(np.sqrt(np.mean((X - A) ** 2)))
-
     ess_median = float(np.median(ess))
-    return {"fcls_true_e": rmse(A_ls), "mmse_true_e": rmse(post) if ess_median >= MIN_ESS else None,
+    return {"fcls_true_e": abundance_rmse(A, A_ls)[0],
+            "mmse_true_e": abundance_rmse(A, post)[0] if ess_median >= MIN_ESS else None,
             "mmse_ess_median": ess_median, "mmse_ess_p5": float(np.percentile(ess, 5)),
             "prior_samples": int(prior_samples)}
 
