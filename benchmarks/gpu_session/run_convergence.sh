@@ -14,8 +14,9 @@ python3 -c "import torch; print(torch.__version__, torch.cuda.is_available() and
 # call: the default; second call: RUNS="c6:shipped:32:6:0.05:0:… c12:shipped:32:12:0.05:0:… j6:shipped:32:6:0.05:1:…"
 # MIN=3.5). Start weights "-": train from scratch; backward phantom (default) or implicit; lr default 3e-4.
 # Planned next (not yet run): the implicit backward + Jacobian regularisation as fine-tunes of both weight
-# files (on the 2-core CPU this recipe lowered the residual and lost 0.3-0.5 dB against a control fine-tune,
-# recovering with training time: docs/models/decsc.md, "Convergence fine-tunes"), and the Jacobian
+# files (on the 2-core CPU this recipe lowered the worst residual 1.3-2.5x and lost 0.1-0.6 dB against a
+# control fine-tune, not won back in twice the time: docs/models/decsc.md, "Convergence fine-tunes"; the GPU
+# run sees ~18x the pixels), and the Jacobian
 # fine-tune with the SDPA fix at 6 iterations:
 # RUNS="ij12:shipped:32:12:0.05:0.1:$S:implicit ij12f:full:16:12:0.05:0.1:$FW:implicit j6:shipped:32:6:0.05:0.1:$S" MIN=3.5
 # (from scratch instead: start weights "-" and lr 1e-3, e.g. "ij12s:shipped:32:12:0.05:0.1:-:implicit:1e-3")
