@@ -157,20 +157,6 @@ def test_fit_is_seeded(synthetic, crops):
     assert f1.provenance["loss_curve"] == f2.provenance["loss_curve"]
 
 
-def test_pixel_loss_option_fits_and_differs(synthetic):
-    """``options={"loss": "pixel"}`` (each pixel's relative held-out error, averaged) is a real,
-    different objective: same seed, different loss curve; an unknown loss is refused."""
-    cube, _, _ = synthetic
-    scene = build_scene(cube[:, :16, :16], source="s")
-    kw = dict(sample_pixels=200, fit_tiles=1, fit_tile_size=16, max_epochs=2)
-    f_mse = fit_scene(scene, 3, seed=3, **kw)
-    f_px = fit_scene(scene, 3, seed=3, options={"loss": "pixel"}, **kw)
-    assert f_px.provenance["loss_curve"] != f_mse.provenance["loss_curve"]
-    assert all(np.isfinite(f_px.provenance["loss_curve"])) and np.all(f_px.endmembers > 0)
-    with pytest.raises(ConfigError, match="loss must be 'mse' or 'pixel'"):
-        fit_scene(scene, 3, seed=3, options={"loss": "sad"}, **kw)
-
-
 def test_vca_start_on_real_samson_crop(crops):
     cube = crops["samson_cube"].astype(np.float64)
     E_est, _ = vca(cube.reshape(cube.shape[0], -1), 3, seed=0)
@@ -195,17 +181,13 @@ def test_init_endmembers_picks_lowest_reconstruction_beyond_the_linear_model(cro
     assert E0.shape == (Y.shape[0], 3) and np.all(E0 >= 0)
     A = fcls(Y, E0)
     assert np.sqrt(np.mean((Y - E0 @ A) ** 2)) == pytest.approx(cands[rec["method"]], rel=1e-6)
-    Et, rt = init_endmembers(Y, 3, seed=0, pure="topk")  # the rule before 2026-11-27
-    ct = rt["candidates_rmse"]
+    ct = rec["pure_pixel_candidates_rmse"]
     assert {"vca", "nfindr"} <= set(ct) and any("-top" in k for k in ct)
-    assert rt["method"] == min(ct, key=ct.get)
     Ev, rv = init_endmembers(Y, 3, seed=0, method="vca")
     np.testing.assert_array_equal(Ev, np.clip(vca(Y, 3, seed=0)[0], 0, None))
     assert rv["method"] == "vca"
     with pytest.raises(ConfigError, match="init must be"):
         init_endmembers(Y, 3, seed=0, method="ppi")
-    with pytest.raises(ConfigError, match="init_pure must be"):
-        init_endmembers(Y, 3, seed=0, pure="median")
     with pytest.raises(ConfigError, match="init_class_fraction"):
         init_endmembers(Y, 3, seed=0, class_fraction=0.0)
 
@@ -225,20 +207,38 @@ def test_init_endmembers_keeps_pure_pixels_of_a_linear_mixture(synthetic):
     assert np.mean(sad_degrees(E, E0[:, match_endmembers(E, E0)])) < 1.5
 
 
+def _purest_pixel_start(Y: np.ndarray, P: int) -> np.ndarray:
+    """The pure-pixel candidate with the lowest FCLS reconstruction error: VCA or N-FINDR, or
+    either with every endmember the mean of its k purest pixels (k in 10, 30, 100; k <= N/(4P))."""
+    from workers.unmix.classical import nfindr
+
+    cands = []
+    for E in (np.clip(vca(Y, P, seed=0)[0], 0, None), np.clip(nfindr(Y, P, seed=0)[0], 0, None)):
+        A = fcls(Y, E)
+        cands.append(E)
+        for k in (10, 30, 100):
+            if k <= Y.shape[1] // (4 * P):
+                top = np.argsort(-A, axis=1)[:, :k]
+                cands.append(np.stack([Y[:, top[i]].mean(axis=1) for i in range(P)], axis=1))
+    return min(cands, key=lambda E: float(np.mean((Y - E @ fcls(Y, E)) ** 2)))
+
+
 def test_class_start_is_closer_to_the_reference_than_the_purest_pixels(crops):
     """Real Samson crop (32×32): the default start (means of the purest quarter of each
     endmember's class) is closer to the reference endmembers, which are averages over pure
-    regions, than the previous rule (the raw extraction or the mean of its few purest pixels)."""
+    regions, than the best pure-pixel candidate (the raw extraction or the mean of its few purest
+    pixels, whichever reconstructs the sample best)."""
     from workers.unmix.fit import init_endmembers
 
     cube = crops["samson_cube"].astype(np.float64)
     Y = cube.reshape(cube.shape[0], -1)
     R = crops["samson_endmembers"].astype(np.float64)
-    sads = {}
-    for pure in ("class", "topk"):
-        E0, _ = init_endmembers(Y, 3, seed=0, pure=pure)
-        sads[pure] = float(np.mean(sad_degrees(R, E0[:, match_endmembers(R, E0)])))
-    assert sads["class"] < 0.85 * sads["topk"], sads
+    E0, rec = init_endmembers(Y, 3, seed=0)
+    assert "-class" in rec["method"]
+    Et = _purest_pixel_start(Y, 3)
+    sad_class = float(np.mean(sad_degrees(R, E0[:, match_endmembers(R, E0)])))
+    sad_pure = float(np.mean(sad_degrees(R, Et[:, match_endmembers(R, Et)])))
+    assert sad_class < 0.85 * sad_pure, (sad_class, sad_pure)
 
 
 def test_class_pure_means_averages_the_core_of_each_class():

@@ -61,34 +61,24 @@ DEFAULTS: dict[str, Any] = {
     "hidden": 32,
     "lr_net": 2e-3,
     # endmembers are parametrised multiplicatively, E = E_init·exp(S) (positive, relative steps
-    # of the same size for dark and bright spectra); this is the Adam step on S. 5e-4 (was 2e-3):
-    # the blind held-out-band loss pulls the endmembers toward the scene's variability, away from
-    # the reference abundances (Jasper Ridge aRMSE 0.140-0.144 at 2e-3, 0.131-0.136 at 5e-4, seeds
-    # 0-2; Samson SAD 2.55-2.66 -> 2.54-2.57 deg; synthetic sets unchanged): chosen on the
-    # evaluation scenes, see docs/models/deq_unmix.md
+    # of the same size for dark and bright spectra); this is the Adam step on S. It is small
+    # because the blind held-out-band loss pulls the endmembers toward the scene's variability,
+    # away from the reference abundances (chosen on the evaluation scenes, docs/models/deq_unmix.md)
     "lr_endmembers": 5e-4,
     "holdout_fraction": 0.5,
-    "lambda_volume": 0.0,
-    "lambda_sad": 0.0,
-    # "mse": held-out squared error over the held-out signal power (bright pixels dominate);
-    # "pixel": each pixel's relative error, averaged (dark pixels, e.g. water, count as much)
-    "loss": "mse",
     "train_max_iter": 20,
     "train_crop": 32,  # each step trains on one random crop of this size per fit tile
     "tol": 1e-4,
-    # per-pixel stopping: only slow pixels use the cap (Jasper Ridge with the class-mean start:
-    # every pixel below tol by 89 iterations, apply 0.7 -> 1.0 s; 60 left one at 9.7e-4)
+    # per-pixel stopping: only slow pixels use the cap (on Jasper Ridge with the class-mean start
+    # every pixel reaches tol within 89 iterations)
     "eval_max_iter": 150,
     # endmember start: "vca", "nfindr", "minvol", or "best": the minimum-volume simplex if it
-    # reconstructs the sample at the noise floor (a linear mixture), else VCA and N-FINDR with
-    # every endmember replaced by a mean of pure sample pixels, the lowest FCLS reconstruction
-    # error on the sample winning. init_pure "class" (default since 2026-11-27): the extractions
-    # and the means of their k purest pixels (k in init_topk) if one reconstructs the sample
-    # within PURE_TOLERANCE of the noise floor, else the mean of the purest init_class_fraction
-    # of the pixels each endmember dominates (largest FCLS abundance); "topk" (before): always
-    # the former
+    # reconstructs the sample at the noise floor (a linear mixture); else the extractions (VCA,
+    # N-FINDR) and the means of their k purest pixels (k in init_topk) if one reconstructs the
+    # sample within PURE_TOLERANCE of the noise floor (pure pixels); else the mean of the purest
+    # init_class_fraction of the pixels each endmember dominates (largest FCLS abundance). The
+    # lowest FCLS reconstruction error on the sample wins within each family.
     "init": "best",
-    "init_pure": "class",
     "init_class_fraction": 0.25,
     "init_topk": [10, 30, 100],
     # early stopping: a fixed held-out-band validation loss every val_every epochs (epoch 0 =
@@ -317,7 +307,7 @@ def class_pure_means(Ys: np.ndarray, E: np.ndarray, A: np.ndarray, fraction: flo
 
 
 def init_endmembers(Ys: np.ndarray, P: int, seed: int, method: str = "best",
-                    topk: list[int] | tuple[int, ...] = (10, 30, 100), *, pure: str = "class",
+                    topk: list[int] | tuple[int, ...] = (10, 30, 100), *,
                     class_fraction: float = 0.25) -> tuple[np.ndarray, dict]:
     """Blind endmember start from the pixel sample ``Ys`` (L×N): ``(E (L×P) ≥ 0, record)``.
 
@@ -333,17 +323,13 @@ def init_endmembers(Ys: np.ndarray, P: int, seed: int, method: str = "best",
     endmember replaced by the mean of its ``k`` purest pixels (``k`` in ``topk``, only
     ``k <= N/(4P)``): if the best of them reconstructs the sample within ``PURE_TOLERANCE`` of the
     noise floor, the scene is a linear mixture with pure pixels and that candidate is the start.
-    Otherwise (the pure pixels vary far beyond the noise: every real scene measured) and with
-    ``pure="class"`` (default), the candidates are the **class means** instead: every endmember
-    the mean of the purest ``class_fraction`` of the pixels it dominates
-    (:func:`class_pure_means`); reconstruction error cannot choose between the two families, it
-    always prefers the most extreme simplex. ``pure="topk"``: the rule before 2026-11-27 (always
-    the first family).
+    Otherwise (the pure pixels vary far beyond the noise: every real scene measured), the
+    candidates are the **class means** instead: every endmember the mean of the purest
+    ``class_fraction`` of the pixels it dominates (:func:`class_pure_means`); reconstruction error
+    cannot choose between the two families, it always prefers the most extreme simplex.
     """
     if method not in ("vca", "nfindr", "minvol", "best"):
         raise ConfigError(f"init must be 'vca', 'nfindr', 'minvol' or 'best', got {method!r}")
-    if pure not in ("class", "topk"):
-        raise ConfigError(f"init_pure must be 'class' or 'topk', got {pure!r}")
     if not 0.0 < float(class_fraction) <= 1.0:
         raise ConfigError(f"init_class_fraction must be in (0, 1], got {class_fraction!r}")
     if method == "minvol":
@@ -389,13 +375,12 @@ def init_endmembers(Ys: np.ndarray, P: int, seed: int, method: str = "best",
             top = np.argsort(-A, axis=1)[:, :k]
             Ek = np.stack([Ys[:, top[i]].mean(axis=1) for i in range(P)], axis=1)
             cands.append((f"{name}-top{k}", Ek, rmse(Ek)[0]))
-        if pure == "class":
-            Ec, counts = class_pure_means(Ys, E, A, float(class_fraction))
-            classes.append((f"{name}-class{class_fraction:g}", Ec, rmse(Ec)[0]))
-            rec.setdefault("class_pixels", {})[name] = counts
+        Ec, counts = class_pure_means(Ys, E, A, float(class_fraction))
+        classes.append((f"{name}-class{class_fraction:g}", Ec, rmse(Ec)[0]))
+        rec.setdefault("class_pixels", {})[name] = counts
     best = min(cands, key=lambda c: c[2])
     rec["pure_pixel_rmse_over_floor"] = best[2] / floor if floor > 0 else None
-    if pure == "class" and not (floor > 0 and best[2] <= PURE_TOLERANCE * floor):
+    if not (floor > 0 and best[2] <= PURE_TOLERANCE * floor):
         name, E, _ = min(classes, key=lambda c: c[2])
         rec.update(method=name, selection="spectral variability (no pure-pixel simplex within "
                    f"{PURE_TOLERANCE:g}x the noise floor): class means, the lowest FCLS reconstruction "
@@ -404,9 +389,9 @@ def init_endmembers(Ys: np.ndarray, P: int, seed: int, method: str = "best",
         return np.clip(E, 0.0, None), rec
     name, E, _ = best
     rec.update(method=name, selection="pure pixels: lowest FCLS reconstruction RMSE among the "
-               "extractions and their purest-pixel means" + (
-                   f" (within {PURE_TOLERANCE:g}x the noise floor: a linear mixture with pure pixels, "
-                   "where averaging a class would only shrink the simplex)" if pure == "class" else ""),
+               "extractions and their purest-pixel means"
+               f" (within {PURE_TOLERANCE:g}x the noise floor: a linear mixture with pure pixels, "
+               "where averaging a class would only shrink the simplex)",
                candidates_rmse={c[0]: c[2] for c in cands})
     return np.clip(E, 0.0, None), rec
 
@@ -453,7 +438,7 @@ def fit_scene(
        self-supervision: each step solves the fixed point on a random half of the bands and scores
        the reconstruction ``‖Y − E·A*‖²`` on the other half (noise is independent across bands,
        so the held-out error tracks the clean error and rewards spatially coherent abundances),
-       plus optional min-volume and SAD-to-VCA regularisers (``options``).
+       relative to the held-out signal power.
     """
     _check_fit_args(n_endmembers, sample_pixels, fit_tiles, fit_tile_size, max_epochs)
     validate_scene(scene)
@@ -461,8 +446,6 @@ def fit_scene(
     unknown = set(opts) - set(DEFAULTS)
     if unknown:
         raise ConfigError(f"unknown fit options {sorted(unknown)!r}; valid: {sorted(DEFAULTS)!r}")
-    if opts["loss"] not in ("mse", "pixel"):
-        raise ConfigError(f"fit option loss must be 'mse' or 'pixel', got {opts['loss']!r}")
     t_start = time.perf_counter()
     Ys, sample_rec = sample_pixels_from(scene, sample_pixels, seed)
     if n_endmembers is None:
@@ -475,7 +458,7 @@ def fit_scene(
             "bands; lower n_endmembers or sample more pixels"
         )
     E0, init_rec = init_endmembers(Ys, P, seed, str(opts["init"]), list(opts["init_topk"]),
-                                   pure=str(opts["init_pure"]), class_fraction=float(opts["init_class_fraction"]))
+                                   class_fraction=float(opts["init_class_fraction"]))
     fill = E0.mean(axis=1)
     tiles, tmask, origins = _sample_tiles(scene, fit_tiles, fit_tile_size, seed, fill)
 
@@ -518,9 +501,6 @@ def fit_scene(
         A, st = model(Yc, band_mask=fit_mask)
         rec = torch.einsum("lp,nphw->nlhw", model.E[score], A)
         target = Yc[:, score]
-        if opts["loss"] == "pixel":  # per-pixel relative error: dark pixels count as much as bright
-            e_px = ((target - rec) ** 2).sum(1, keepdim=True) / (target**2).sum(1, keepdim=True).clamp_min(1e-12)
-            return (e_px * Mc).sum() / Mc.sum().clamp_min(1.0), st
         n = (Mc.sum() * int(score.sum())).clamp_min(1.0)
         err = (((target - rec) ** 2) * Mc).sum() / n
         return err / ((target**2) * Mc).sum().div(n).clamp_min(1e-12), st
@@ -550,13 +530,6 @@ def fit_scene(
         Yc, Mc = Yt[..., oy : oy + crop, ox : ox + crop], M[..., oy : oy + crop, ox : ox + crop]
         fit_mask, score = band_split(gen)
         loss, st = heldout_loss(Yc, Mc, fit_mask, score)
-        E = model.E
-        if opts["lambda_volume"] > 0:
-            c = E - E.mean(dim=1, keepdim=True)
-            loss = loss + float(opts["lambda_volume"]) * (c**2).sum() / (E_start**2).sum()
-        if opts["lambda_sad"] > 0:
-            cos = (E * E_start).sum(0) / (E.norm(dim=0) * E_start.norm(dim=0) + 1e-12)
-            loss = loss + float(opts["lambda_sad"]) * (1 - cos).mean()
         opt.zero_grad()
         model.E.grad = None
         loss.backward()
