@@ -12,7 +12,6 @@ cubes are small and come back in memory.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import xarray as xr
 
 from pipeline.errors import ConfigError, InputValidationError, ReadError, UnknownFormatError
 from pipeline.readers._base import DEFAULT_CHUNK, SceneSource, check_path
+from pipeline.readers.hyperdeq_zarr import ZarrSceneSource, is_hyperdeq_zarr, is_zarr_dir
 
 __all__ = ["FORMATS", "open_scene", "open_source", "detect_format", "SceneSource", "is_hyperdeq_zarr"]
 
@@ -51,8 +51,6 @@ def _mat(path: Path, **o: Any) -> SceneSource:
 
 def _zarr(path: Path, **o: Any) -> SceneSource:
     if is_hyperdeq_zarr(path):
-        from pipeline.ingest import ZarrSceneSource
-
         return ZarrSceneSource(path, **o)
     from pipeline.readers.xrcube import BareZarrSource, open_foreign_zarr
 
@@ -81,22 +79,6 @@ _EXT = {
     ".bil": "envi", ".bip": "envi", ".nc": "netcdf", ".nc4": "netcdf", ".cdf": "netcdf",
     ".h5": "netcdf", ".hdf5": "netcdf", ".he5": "netcdf", ".mat": "mat", ".zarr": "zarr",
 }
-
-
-def is_zarr_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / m).is_file() for m in ("zarr.json", ".zgroup", ".zarray"))
-
-
-def is_hyperdeq_zarr(path: Path) -> bool:
-    """True for zarr stores written by :func:`pipeline.ingest.ingest_scene` (complete or not)."""
-    meta = Path(path) / "zarr.json"
-    if not meta.is_file():
-        return False
-    try:
-        attrs = json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return False
-    return "hyperdeq" in attrs
 
 
 def detect_format(path: str | Path) -> str:
