@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             extra = {"band_guard": guard, "subspace_k": args.subspace}
             names, compared, weights = [str(b) for b in good], len(good), spec.weights_sha256
         else:
-            from workers.infer import UnmixTileModel, dir_sha256
+            from pipeline.hashing import sha256_tree as dir_sha256
+            from workers.infer import UnmixTileModel
             from workers.unmix.fit import apply_fit, fit_scene
 
             kw = {"max_epochs": args.epochs} if args.epochs else {}

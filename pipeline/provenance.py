@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ProvenanceError
+from pipeline.hashing import sha256_path, sidecar_files  # noqa: F401  (re-exported)
 
 RUN_JSON = "run.json"
 STAC_JSON = "stac_item.json"
@@ -47,55 +48,6 @@ def portable(text: str) -> str:
 
 def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def sidecar_files(path: str | Path) -> list[Path]:
-    """Files beside the scene file ``path`` that its reader also reads, so they are part of its content.
-
-    An ENVI data file's ``.hdr`` (or, given the ``.hdr``, its data file) and GDAL's ``.aux.xml``
-    (where GeoTIFFs keep wavelengths, scale and nodata): fixing a header changes the scene.
-    """
-    p = Path(path)
-    if not p.is_file():
-        return []
-    out: list[Path] = []
-    if p.suffix.lower() == ".hdr":
-        for cand in (p.with_suffix(""), *(p.with_suffix(e) for e in (".bsq", ".bil", ".bip", ".img", ".dat", ".raw"))):
-            if cand.is_file():
-                out.append(cand)
-                break
-    else:
-        for cand in (Path(str(p) + ".hdr"), p.with_suffix(".hdr")):
-            if cand.is_file() and cand != p:
-                out.append(cand)
-                break
-    aux = Path(str(p) + ".aux.xml")
-    if aux.is_file():
-        out.append(aux)
-    return out
-
-
-def sha256_path(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file (with its :func:`sidecar_files`), or of a directory (relative names + file bytes, sorted)."""
-    p = Path(path)
-    h = hashlib.sha256()
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    if not files:
-        raise ProvenanceError(f"cannot hash {str(p)!r}: no such file or an empty folder; check the input path")
-    for f in files:
-        if p.is_dir():
-            h.update(str(f.relative_to(p)).encode())
-        _hash_file(h, f, chunk)
-    for side in sidecar_files(p):  # none for a plain file: its hash is the file's own sha256
-        h.update(b"\0sidecar\0" + side.name.encode())
-        _hash_file(h, side, chunk)
-    return h.hexdigest()
-
-
-def _hash_file(h: Any, f: Path, chunk: int) -> None:
-    with open(f, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
 
 
 def make_run_id(input_sha256: str, config_hash: str, weights_sha256s: dict[str, str | None]) -> str:

@@ -7,7 +7,6 @@ fills the same cache at worker start-up, with the weights hash checked).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import threading
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ModelError
+from pipeline.hashing import sha256_tree
 
 _CACHE: dict[tuple[Any, ...], Any] = {}
 _LOCK = threading.Lock()
@@ -57,16 +57,6 @@ def worker_name() -> str:
         return str(get_worker().address)
     except Exception:
         return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def dir_sha256(path: str | Path) -> str:
-    """sha256 over the relative names and bytes of every file under ``path`` (sorted)."""
-    root = Path(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(root)).encode())
-        h.update(hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -172,7 +162,7 @@ class UnmixTileModel:
         fit = load_fit(str(fit_dir))
         names = tuple(str(n) for n in fit.names)
         return cls(
-            fit_dir=str(fit_dir), halo=int(spec.halo), weights_sha256=dir_sha256(fit_dir),
+            fit_dir=str(fit_dir), halo=int(spec.halo), weights_sha256=sha256_tree(fit_dir),
             out_names=(*names, "rmse"), device=device, endmember_names=names,
         )
 

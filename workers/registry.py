@@ -6,13 +6,13 @@ lazily so that ``import workers.registry`` stays cheap.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ModelError, WeightsError
+from pipeline.hashing import sha256_file
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -69,14 +69,6 @@ def get_spec(name: str) -> ModelSpec:
     if not isinstance(spec, ModelSpec) or spec.name != name:
         raise ModelError(f"registry entry {name!r} does not point at its ModelSpec ({_KNOWN[name]!r})")
     return spec
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verified_weights_path(spec: ModelSpec, path: str | Path | None = None) -> Path:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ModelError, WeightsError
+from pipeline.hashing import sha256_tree
 from pipeline.runner import TileModel
 from tests.pipeline.test_tiles import real_crop
 from workers import infer
@@ -91,7 +92,7 @@ def test_unmix_tile_model_on_a_real_fit(tmp_path: Path) -> None:
     fit.save(tmp_path / "fit")
     m = infer.UnmixTileModel.from_fit(tmp_path / "fit")
     assert isinstance(m, TileModel) and m.out_names == (*fit.names, "rmse")
-    assert m.weights_sha256 == infer.dir_sha256(tmp_path / "fit")
+    assert m.weights_sha256 == sha256_tree(tmp_path / "fit")
     m = pickle.loads(pickle.dumps(m))
     cube = np.asarray(scene.values[scene["good_band"].values][:, :20, :20])
     cube[:, :3, :3] = np.nan
