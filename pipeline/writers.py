@@ -51,15 +51,107 @@ def confined_path(root: str | Path, *parts: str) -> Path:
     return p
 
 
+# ---------------------------------------------------------------------------- metadata
+#: units of every wavelength and FWHM hyperdeq writes (readers convert the source's units to nm)
+WAVELENGTH_UNITS = "nm"
+#: CF/ACDD conventions the zarr outputs follow
+CONVENTIONS = "CF-1.10, ACDD-1.3"
+#: scene attributes that may hold the acquisition (start) time, in order of preference
+_TIME_KEYS = ("acquisition_time", "start_time", "datetime", "time_coverage_start", "acquisition_start_time")
+#: per-variable CF attributes of the known outputs (values in [0, 1], NaN = nodata)
+VARIABLE_ATTRS: dict[str, dict[str, Any]] = {
+    "denoised": {"long_name": "denoised surface reflectance", "units": "1",
+                 "comment": "reflectance in [0, 1]; multiply by source_scale_factor for the source's scale"},
+    "abundances": {"long_name": "endmember abundance (fraction of the pixel)", "units": "1",
+                   "valid_min": 0.0, "valid_max": 1.0},
+    "rmse": {"long_name": "unmixing reconstruction RMSE (Y vs E A) over good bands", "units": "1"},
+}
+BAND_COORD_ATTRS: dict[str, dict[str, Any]] = {
+    "wavelength": {"long_name": "band centre wavelength", "standard_name": "radiation_wavelength",
+                   "units": WAVELENGTH_UNITS},
+    "fwhm": {"long_name": "band full width at half maximum", "units": WAVELENGTH_UNITS},
+    "good_band": {"long_name": "good band flag (ENVI bbl)",
+                  "comment": "True: good band; False: bad band (kept in the output, not to be trusted)"},
+    "band": {"long_name": "band number (0-based, in wavelength order)"},
+}
+_UNIT_NAMES = {"metre": "m", "meter": "m", "kilometre": "km", "US survey foot": "US_survey_foot",
+               "foot": "ft", "degree": "degree"}
+
+
+def acquisition_time(like: xr.DataArray | dict[str, Any]) -> str | None:
+    """The scene's acquisition (start) time as ISO 8601 UTC (``...Z``), from its attrs; None if unknown.
+
+    Readers keep what the file says (EnMAP GeoTIFFs: ``start_time``); a time without a zone is UTC,
+    as in the EnMAP and EMIT products.
+    """
+    import datetime as dt
+
+    attrs = like.attrs if isinstance(like, xr.DataArray) else like
+    for k in _TIME_KEYS:
+        v = attrs.get(k)
+        if v in (None, ""):
+            continue
+        try:
+            t = dt.datetime.fromisoformat(str(v).strip().replace("Z", "+00:00").replace(" ", "T"))
+        except ValueError:
+            continue
+        if t.tzinfo is None:
+            t = t.replace(tzinfo=dt.UTC)
+        return t.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return None
+
+
+def scene_metadata(like: xr.DataArray) -> dict[str, Any]:
+    """Scene-level metadata every output carries: acquisition time, reflectance scale, units, source."""
+    a = like.attrs
+    out: dict[str, Any] = {"wavelength_units": WAVELENGTH_UNITS, "reflectance_units": "1 (reflectance in [0, 1])"}
+    t = acquisition_time(like)
+    if t is not None:
+        out["acquisition_time"] = t
+    scale = a.get("source_scale_factor", a.get("scale_factor"))
+    if scale is not None:
+        out["source_scale_factor"] = float(scale)
+        out["source_scale_note"] = ("values are reflectance in [0, 1]: the source's raw values divided "
+                                    "by source_scale_factor")
+    for k in ("scale_factor_source", "source_wavelength_units", "source"):
+        if a.get(k) not in (None, ""):
+            out[k] = a[k]
+    if "good_band" in like.coords:
+        good = np.asarray(like["good_band"].values, dtype=bool)
+        out["bad_bands"] = [int(i) for i in np.flatnonzero(~good)]
+    return out
+
+
+def _xy_attrs(like: xr.DataArray) -> dict[str, dict[str, Any]]:
+    """CF attributes (units, standard names) of the ``x``/``y`` coordinates from the CRS."""
+    crs = like.rio.crs
+    if crs is None:
+        return {"x": {"long_name": "column (pixel centre index)", "units": "1"},
+                "y": {"long_name": "row (pixel centre index)", "units": "1"}}
+    if crs.is_geographic:
+        return {"x": {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east"},
+                "y": {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north"}}
+    import pyproj
+
+    unit = pyproj.CRS.from_user_input(crs.to_wkt()).axis_info[0].unit_name
+    u = _UNIT_NAMES.get(unit, unit)
+    return {"x": {"standard_name": "projection_x_coordinate", "long_name": "x coordinate of projection", "units": u},
+            "y": {"standard_name": "projection_y_coordinate", "long_name": "y coordinate of projection", "units": u}}
+
+
 # ---------------------------------------------------------------------------- zarr
 def geo_attrs(like: xr.DataArray) -> dict[str, Any]:
-    """GeoZarr/STAC-projection style attributes (``proj:*``) of a georeferenced DataArray."""
+    """GeoZarr/STAC-projection style attributes (``proj:*``) of a georeferenced DataArray.
+
+    ``proj:wkt2`` is WKT2 (ISO 19162:2019), as the projection extension requires; rasterio's
+    default ``to_wkt()`` gives GDAL's WKT1.
+    """
     crs = like.rio.crs
     if crs is None:
         return {"crs_missing": True}
     t = like.rio.transform()
     out: dict[str, Any] = {
-        "proj:wkt2": crs.to_wkt(),
+        "proj:wkt2": crs.to_wkt(version="WKT2_2019"),
         "proj:transform": [t.a, t.b, t.c, t.d, t.e, t.f],
         "proj:shape": [int(like.sizes["y"]), int(like.sizes["x"])],
         "grid_mapping": "spatial_ref",
@@ -68,6 +160,27 @@ def geo_attrs(like: xr.DataArray) -> dict[str, Any]:
     if epsg is not None:
         out["proj:code"] = f"EPSG:{epsg}"
     return out
+
+
+def _consolidate(path: str | Path) -> None:
+    """Write zarr's consolidated metadata (xarray opens without probing every array or warning)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # zarr-python: consolidated metadata is not (yet) in the zarr v3 specification
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(str(path))
+
+
+def update_output_attrs(path: str | Path, attrs: dict[str, Any]) -> None:
+    """Update a store's root attributes and rewrite its consolidated metadata to match.
+
+    Use this (not ``zarr.open_group(...).attrs.update``) on a hyperdeq output: the consolidated
+    copy that xarray reads first would otherwise keep the old attributes.
+    """
+    g = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    g.attrs.update(attrs)
+    _consolidate(path)
 
 
 def create_output_zarr(
@@ -80,12 +193,18 @@ def create_output_zarr(
     chunk: int,
     attrs: dict[str, Any] | None = None,
     extra: Sequence[tuple[str, str | None, dict[str, Any] | None]] = (),
+    var_attrs: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, str]:
     """Create a zarr v3 store holding ``name`` (and ``extra`` variables) on ``like``'s grid, empty.
 
     ``channel_dim`` None gives a ``(y, x)`` variable. ``channel_coords``: coordinates along the
     channel dim (the first entry's length is the channel count). Chunks are ``(all channels,
     chunk, chunk)``. Returns ``{variable: array path}`` for region writes. Refuses to overwrite.
+
+    Metadata (CF + GeoZarr): units and names on ``x``/``y`` (from the CRS), ``wavelength``/``fwhm``
+    (nm) and ``good_band``; per-variable ``long_name``/``units`` (:data:`VARIABLE_ATTRS`, then
+    ``var_attrs``); root attributes :func:`scene_metadata` (acquisition time, reflectance scale,
+    bad bands), :func:`geo_attrs` (``proj:*`` with WKT2), then ``attrs``; consolidated metadata.
     """
     path = Path(path)
     if path.exists():
@@ -108,14 +227,22 @@ def create_output_zarr(
             for k, v in coords.items():
                 c[k] = np.asarray(v) if k == dim else (dim, np.asarray(v))
             c.setdefault(dim, np.arange(shape[0]))
-        variables[vname] = xr.DataArray(data, dims=dims, coords=c, name=vname)
+        va = {**VARIABLE_ATTRS.get(vname, {}), **(var_attrs or {}).get(vname, {})}
+        variables[vname] = xr.DataArray(data, dims=dims, coords=c, name=vname, attrs=va)
         encoding[vname] = {"chunks": chunks, "_FillValue": np.float32(np.nan)}
     ds = xr.Dataset(variables)
+    for k, ca in {**_xy_attrs(like), **BAND_COORD_ATTRS}.items():
+        if k in ds.coords:
+            ds[k].attrs.update(ca)
     if like.rio.crs is not None:
         ds = ds.rio.write_crs(like.rio.crs).rio.write_transform(like.rio.transform())
         for v in ds.data_vars:
             ds[v].attrs["grid_mapping"] = "spatial_ref"
             ds[v].encoding.pop("grid_mapping", None)
+    ds.attrs["Conventions"] = CONVENTIONS
+    ds.attrs.update(scene_metadata(like))
+    if "acquisition_time" in ds.attrs:
+        ds.attrs["time_coverage_start"] = ds.attrs["acquisition_time"]  # ACDD
     ds.attrs.update(geo_attrs(like))
     ds.attrs.update(attrs or {})
     ds.attrs["hyperdeq_complete"] = False
@@ -123,13 +250,13 @@ def create_output_zarr(
         ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
     except (FileExistsError, ValueError) as exc:
         raise WriteError(f"cannot create output {str(path)!r}: {exc}; remove it or pick another folder") from exc
+    _consolidate(path)
     return {v: str(path / v) for v in variables}
 
 
 def mark_complete(path: str | Path, **attrs: Any) -> None:
-    """Set the store's completion marker (last, after every chunk is written)."""
-    g = zarr.open_group(str(path), mode="r+")
-    g.attrs.update({**attrs, "hyperdeq_complete": True})
+    """Set the store's completion marker (last, after every chunk is written); reconsolidates."""
+    update_output_attrs(path, {**attrs, "hyperdeq_complete": True})
 
 
 def open_output(path: str | Path, name: str) -> xr.DataArray:
@@ -142,6 +269,29 @@ def open_output(path: str | Path, name: str) -> xr.DataArray:
 
 
 # ---------------------------------------------------------------------------- COG
+def spectral_band_metadata(like: xr.DataArray) -> dict[str, Any]:
+    """``descriptions`` and ``band_tags`` for a COG holding ``like``'s bands (pass them to :func:`write_cog`).
+
+    Per band: ``wavelength``, ``fwhm`` and ``wavelength_units`` (nm), ``good_band`` and ENVI's
+    ``bbl`` (1 good, 0 bad), so that hyperdeq's own GeoTIFF reader (and ENVI-aware tools) read the
+    wavelengths and bad bands back. The description names the wavelength and marks bad bands.
+    """
+    wl = np.asarray(like["wavelength"].values, dtype=float)
+    fw = np.asarray(like["fwhm"].values, dtype=float)
+    good = np.asarray(like["good_band"].values, dtype=bool)
+    desc, tags = [], []
+    for i, (w, f, g) in enumerate(zip(wl, fw, good, strict=True)):
+        d = f"band {i + 1}: {w:.2f} {WAVELENGTH_UNITS}" if np.isfinite(w) else f"band {i + 1}"
+        desc.append(d if g else f"{d} (bad band)")
+        t: dict[str, Any] = {"good_band": int(g), "bbl": int(g)}
+        if np.isfinite(w):
+            t.update(wavelength=f"{w:.4f}", wavelength_units=WAVELENGTH_UNITS)
+        if np.isfinite(f):
+            t["fwhm"] = f"{f:.4f}"
+        tags.append(t)
+    return {"descriptions": desc, "band_tags": tags}
+
+
 def write_cog(
     src_array: str | Path,
     dest: str | Path,
@@ -151,11 +301,16 @@ def write_cog(
     band_tags: Sequence[dict[str, Any]] | None = None,
     tags: dict[str, Any] | None = None,
     block: int = 256,
+    units: str | None = "1",
 ) -> Path:
     """Write a zarr array (``(C, y, x)`` or ``(y, x)``) as a band-interleaved Cloud-Optimized GeoTIFF.
 
     Data move block by block (bounded memory) into a tiled GeoTIFF with overviews, which is then
     copied with ``COPY_SRC_OVERVIEWS`` so that the overviews precede the data (the COG layout).
+    Dataset tags: :func:`scene_metadata` of ``like`` (acquisition time, reflectance scale, units,
+    bad bands), then ``tags``. Band tags where wavelengths are known: also GDAL's ``IMAGERY`` ``CENTRAL_WAVELENGTH_UM`` /
+    ``FWHM_UM``. ``units`` is every band's unit type ("1": dimensionless reflectance/fraction).
+    No GDAL scale/offset is set: the values are already physical.
     """
     import rasterio
     import rasterio.shutil
@@ -195,10 +350,24 @@ def write_cog(
             for i in range(count):
                 if descriptions is not None:
                     dst.set_band_description(i + 1, str(descriptions[i]))
+                if units is not None:
+                    dst.set_band_unit(i + 1, units)
                 if band_tags is not None:
-                    dst.update_tags(i + 1, **{k: str(v) for k, v in band_tags[i].items()})
-            if tags:
-                dst.update_tags(**{k: str(v) for k, v in tags.items()})
+                    bt = band_tags[i]
+                    dst.update_tags(i + 1, **{k: str(v) for k, v in bt.items()})
+                    imagery = {}
+                    if "wavelength" in bt and bt.get("wavelength_units", WAVELENGTH_UNITS) == "nm":
+                        imagery["CENTRAL_WAVELENGTH_UM"] = f"{float(bt['wavelength']) / 1000:.6f}"
+                        if "fwhm" in bt:
+                            imagery["FWHM_UM"] = f"{float(bt['fwhm']) / 1000:.6f}"
+                    if imagery:
+                        dst.update_tags(i + 1, ns="IMAGERY", **imagery)
+            meta = scene_metadata(like)
+            meta.pop("source", None)  # a path on the processing host
+            if "acquisition_time" in meta:  # EnMAP's tag name: hyperdeq's GeoTIFF reader keeps it
+                meta["start_time"] = meta["acquisition_time"]
+            # (default domain: GDAL's COG copy drops dataset-level tags of other domains)
+            dst.update_tags(**{k: _tag(v) for k, v in {**meta, **(tags or {})}.items()})
             factors = [f for f in (2, 4, 8, 16, 32) if min(ny, nx) // f >= 16]
             if factors:
                 dst.build_overviews(factors, Resampling.average)
@@ -214,6 +383,13 @@ def write_cog(
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+def _tag(v: Any) -> str:
+    """A GeoTIFF tag value: lists as JSON, the rest as text."""
+    import json
+
+    return json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
 
 
 # ---------------------------------------------------------------------------- quicklooks
