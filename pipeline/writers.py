@@ -21,6 +21,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from pipeline.chunk_checksums import compressors
 from pipeline.errors import WriteError
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -229,7 +230,8 @@ def create_output_zarr(
             c.setdefault(dim, np.arange(shape[0]))
         va = {**VARIABLE_ATTRS.get(vname, {}), **(var_attrs or {}).get(vname, {})}
         variables[vname] = xr.DataArray(data, dims=dims, coords=c, name=vname, attrs=va)
-        encoding[vname] = {"chunks": chunks, "_FillValue": np.float32(np.nan)}
+        # crc32c per chunk (pipeline.chunk_checksums): a chunk changed on disk fails on read
+        encoding[vname] = {"chunks": chunks, "_FillValue": np.float32(np.nan), "compressors": compressors()}
     ds = xr.Dataset(variables)
     for k, ca in {**_xy_attrs(like), **BAND_COORD_ATTRS}.items():
         if k in ds.coords:
