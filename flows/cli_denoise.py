@@ -33,12 +33,8 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
                                              "(the rest from CAVE); 0..1"),
         residual_weight: float = typer.Option(0.05, help="fixed-point residual regulariser weight (relative "
                                               "residual of the training forward's last step)"),
-        jacobian_weight: float = typer.Option(0.0, help="Jacobian regulariser weight (Hutchinson ||df/dz||_F^2 "
-                                              "per state element at the fixed point; 0 = off): faster solver convergence"),
         train_iters: int = typer.Option(None, help="forward solver iterations per training step (default: the "
                                         "registry's, 6)"),
-        backward: str = typer.Option(None, help="training gradient: phantom (the registry's default: 3 damped "
-                                     "steps) or implicit (adjoint fixed point; memory flat in the iterations)"),
         install: bool = typer.Option(False, help="copy the weights to workers/weights/decsc.safetensors"),
     ) -> None:
         """Train the DECSC denoiser on real data with blind protocol noise; export safetensors."""
@@ -53,16 +49,13 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         cfg = TrainConfig(data_dir=data, out_dir=out, minutes=minutes, max_steps=max_steps, batch=batch,
                           patch=patch, lr=lr, seed=seed, threads=threads, resume=resume,
                           device=device, arch=arch, loader_workers=loader_workers, init_weights=init_weights,
-                          loss=loss, extra_fraction=extra_fraction, jacobian_weight=jacobian_weight,
-                          residual_weight=residual_weight,
-                          train_iters=train_iters, backward=backward)
+                          loss=loss, extra_fraction=extra_fraction, residual_weight=residual_weight,
+                          train_iters=train_iters)
 
         def show(rec: dict) -> None:
             line = (f"step {rec['step']:5d}  {rec['elapsed_s'] / 60:5.1f} min  loss {rec['loss']:.4f}  "
                     f"psnr {rec['psnr']:.2f} (noisy {rec['psnr_noisy']:.2f})  it {rec['iterations']:.1f}  "
                     f"res {rec['residual']:.3g}  lr {rec['lr']:.2e}")
-            if rec.get("jacobian") is not None:
-                line += f"  jac {rec['jacobian']:.3g}"
             if "val" in rec:
                 line += "  val " + " ".join(f"{k}={v['out']}/{v['noisy']}" for k, v in rec["val"].items())
             console.print(line)
@@ -93,7 +86,8 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         import torch
         from rich.console import Console
 
-        from workers.denoise.guard import GUARD_FILE, train_guard
+        from workers.denoise.guard import GUARD_FILE
+        from workers.denoise.guard_train import train_guard
 
         console = Console()
         torch.set_num_threads(max(1, threads))

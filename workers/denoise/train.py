@@ -1,12 +1,11 @@
 """Train DECSC on real clean cubes with seeded, blind protocol noise.
 
-Data: CAVE (main) plus small remote-sensing crops (Pavia University, MUUFL, HYDICE, Cuprite);
-never the denoising test scenes (Jasper Ridge, ``abu-beach-4``). Each step draws patches away
-from near-zero backgrounds, augments them (flips, 90-degree rotations, spectral reversal and, for
-sensors with many bands, spectral sub-sampling), adds one protocol noise case per patch drawn
-uniformly from ``pipeline.noise.NOISE_CASES`` (gauss 30/50, blind σ~U(10,70), band-dependent,
-correlated, mixture) and minimises the L1 error of the DEQ output. Checkpoints allow resuming;
-every step appends a JSON line (loss, PSNR, solver statistics) to the log.
+Data (:mod:`workers.denoise.data`): CAVE (main) plus small remote-sensing crops; never the
+denoising test scenes (Jasper Ridge, ``abu-beach-4``). Each step draws augmented patches, adds
+one protocol noise case per patch drawn uniformly from ``pipeline.noise.NOISE_CASES`` (gauss
+30/50, blind σ~U(10,70), band-dependent, correlated, mixture) and minimises the L1 error of the
+DEQ output. Checkpoints allow resuming; every step appends a JSON line (loss, PSNR, solver
+statistics) to the log.
 """
 
 from __future__ import annotations
@@ -29,12 +28,8 @@ from pipeline.errors import ConfigError, ReadError
 from pipeline.noise import NOISE_CASES, add_noise
 
 from .api import build_model, shipped_state, weights_metadata
+from .data import HELD_OUT_CAVE, load_cave, load_training_data, sample_patch
 from .decsc import DECSC
-
-# CAVE scenes kept out of training for the sanity metric
-HELD_OUT_CAVE = ("balloons_ms_256.npz", "real_and_fake_apples_ms_256.npz")
-FORBIDDEN = ("jasper", "abu-beach")  # the project's denoising test scenes
-
 
 LOSSES = ("l1", "l1-noise-relative")
 #: added to each band's noise level in the noise-relative loss (the error a band keeps even when it
@@ -67,13 +62,7 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 2e-5
     residual_weight: float = 0.05  # fixed-point residual regulariser (keeps the map contractive)
-    # Jacobian regulariser weight (Hutchinson ||J||_F^2/dim at the fixed point; 0 = off): a
-    # more contractive map reaches the solver tolerance in fewer iterations
-    jacobian_weight: float = 0.0
     train_iters: int | None = None  # forward solver iterations per training step (None: the registry's)
-    # training gradient: None (the registry's: phantom), "phantom" or "implicit" (adjoint fixed
-    # point solved to tol with at most max(train_iters, registry's backward_max_iter) iterations)
-    backward: str | None = None
     extra_fraction: float = 0.25  # share of patches drawn from the remote-sensing crops
     seed: int = 0
     checkpoint_every: int = 50
@@ -95,12 +84,9 @@ class TrainConfig:
                 f"batch >= 1, patch >= 16, minutes > 0 and max_steps >= 1 required, got "
                 f"{(self.batch, self.patch, self.minutes, self.max_steps)!r}"
             )
-        if self.jacobian_weight < 0 or self.residual_weight < 0 or (self.train_iters is not None
-                                                                   and self.train_iters < 1):
-            raise ConfigError(f"jacobian_weight and residual_weight must be >= 0 and train_iters >= 1, got "
-                              f"{(self.jacobian_weight, self.residual_weight, self.train_iters)!r}")
-        if self.backward is not None and self.backward not in ("phantom", "implicit"):
-            raise ConfigError(f"backward must be 'phantom' or 'implicit', got {self.backward!r}")
+        if self.residual_weight < 0 or (self.train_iters is not None and self.train_iters < 1):
+            raise ConfigError(f"residual_weight must be >= 0 and train_iters >= 1, got "
+                              f"{(self.residual_weight, self.train_iters)!r}")
         if not 0 <= self.extra_fraction <= 1:
             raise ConfigError(f"extra_fraction must be in [0, 1], got {self.extra_fraction!r}")
         if self.resume and self.init_weights is not None:
@@ -113,75 +99,6 @@ class TrainConfig:
         bad = [c for c in self.cases if c not in NOISE_CASES]
         if bad:
             raise ConfigError(f"unknown noise cases {bad!r}; valid: {list(NOISE_CASES)!r}")
-
-
-def load_cave(path: Path) -> np.ndarray:
-    """A CAVE npz as a (31, H, W) float32 cube in [0, 1]."""
-    with np.load(path) as d:
-        return (d["cube"].astype(np.float32) / float(d["full_scale"])).transpose(2, 0, 1).clip(0, 1)
-
-
-def _minmax(cube: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(cube, [0.1, 99.9])
-    return ((cube - lo) / max(hi - lo, 1e-6)).clip(0, 1).astype(np.float32)
-
-
-def load_extras(data_dir: Path) -> list[np.ndarray]:
-    """Remote-sensing training crops as (B, H, W) float32 in [0, 1] (robust min-max per cube)."""
-    import scipy.io as sio
-
-    items = [
-        ("pavia_u_sub/paviaU_subimg.mat", "paviaU_subimg"),
-        ("muufl_gulfport_sub/an_hsi_image_sub_for_demo.mat", "hsi_img_sub"),
-        ("anomaly_abu/HYDICE_data.mat", "data"),
-        ("cuprite/Rcuprite50x90x188.mat", "Rcuprite50x90x188"),
-    ]
-    cubes = []
-    for rel, key in items:
-        p = data_dir / rel
-        if not p.is_file():
-            continue
-        cube = np.asarray(sio.loadmat(p)[key], dtype=np.float32).transpose(2, 0, 1)
-        if "muufl" in rel:
-            cube = cube[4:-4]  # edge bands are noisy and negative: not clean targets
-        cubes.append(_minmax(cube))
-    return cubes
-
-
-def load_training_data(data_dir: Path) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
-    """(CAVE training cubes, extra cubes, names used) from ``data_dir``."""
-    cave_dir = data_dir / "cave"
-    files = sorted(cave_dir.glob("*.npz"))
-    if not files:
-        raise ReadError(f"no CAVE scenes found under {str(cave_dir)!r}; point --data at the shared data folder")
-    names = [f.name for f in files if f.name not in HELD_OUT_CAVE]
-    assert not any(b in n for n in names for b in FORBIDDEN)
-    cave = [load_cave(cave_dir / n) for n in names]
-    return cave, load_extras(data_dir), names
-
-
-def sample_patch(cube: np.ndarray, bands: int, patch: int, rng: np.random.Generator) -> np.ndarray:
-    """A (bands, patch, patch) patch with some signal, randomly augmented."""
-    b, h, w = cube.shape
-    p = min(patch, h, w)
-    for _ in range(20):
-        stride = 1
-        if b >= 2 * bands and rng.random() < 0.5:
-            stride = int(rng.integers(2, b // bands + 1))
-        span = (bands - 1) * stride + 1
-        s0 = int(rng.integers(0, b - span + 1))
-        y0, x0 = int(rng.integers(0, h - p + 1)), int(rng.integers(0, w - p + 1))
-        out = cube[s0 : s0 + span : stride, y0 : y0 + p, x0 : x0 + p]
-        if out.mean() > 0.03 and np.percentile(out, 90) > 0.06:  # away from dark backgrounds
-            break
-    if p < patch:
-        out = np.pad(out, ((0, 0), (0, patch - p), (0, patch - p)), mode="reflect")
-    out = np.rot90(out, int(rng.integers(0, 4)), axes=(1, 2))
-    if rng.random() < 0.5:
-        out = out[:, :, ::-1]
-    if rng.random() < 0.5:
-        out = out[::-1]
-    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def make_batch(cave: list[np.ndarray], extras: list[np.ndarray], cfg: TrainConfig, bands: int,
@@ -308,12 +225,6 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
     model: DECSC = build_model("cpu", cfg.arch).to(dev)
     if cfg.train_iters is not None:
         model.deq.cfg = replace(model.deq.cfg, max_iter=cfg.train_iters)
-    if cfg.backward is not None:
-        model.deq.backward_mode = cfg.backward
-        if cfg.backward == "implicit":
-            model.deq.backward_max_iter = max(model.deq.backward_max_iter, model.deq.cfg.max_iter)
-    if cfg.jacobian_weight > 0:
-        model.deq.jacobian_samples = 1
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)
     step, elapsed_before = 0, 0.0
@@ -368,9 +279,6 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
             else:
                 rec_loss = ((out - x).abs() * band_weights(x, y)).mean()
             loss = rec_loss + cfg.residual_weight * fp_res.mean()
-            jac = model.deq.last_jacobian if cfg.jacobian_weight > 0 else None
-            if jac is not None:
-                loss = loss + cfg.jacobian_weight * jac.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
@@ -389,13 +297,10 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
             if step % 25 == 0 and not diverging:
                 good = {k: v.clone() for k, v in model.state_dict().items()}
                 good_opt = copy.deepcopy(opt.state_dict())
-            bst = model.deq.last_backward_stats
             rec: dict[str, Any] = {
                 "step": step, "loss": loss.item(), "l1": rec_loss.item(), "fp_res": fp_res.mean().item(),
-                "jacobian": None if jac is None else jac.mean().item(), "psnr": mpsnr(out.detach(), x), "psnr_noisy": mpsnr(y, x),
+                "psnr": mpsnr(out.detach(), x), "psnr_noisy": mpsnr(y, x),
                 "iterations": float(st.iterations.float().mean()), "residual": float(st.residual.mean()),
-                "bwd_iterations": None if bst is None else float(bst.iterations.float().mean()),
-                "bwd_residual": None if bst is None else float(bst.residual.mean()),
                 "grad_norm": float(gnorm), "lr": lr, "rollback": diverging, "rollbacks": rollbacks, "cases": cases, "step_s": time.time() - ts,
                 "elapsed_s": time.time() - t0,
             }
@@ -470,15 +375,3 @@ def evaluate(model: DECSC, val: list[tuple[str, torch.Tensor, torch.Tensor]]) ->
         res[name] = {"noisy": round(mpsnr(noisy, clean), 2), "out": round(mpsnr(out, clean), 2),
                      "iterations": int(st.iterations.max()), "residual": float(st.residual.max())}
     return res
-
-
-def export_checkpoint(checkpoint: Path, dest: Path, arch: str = "shipped") -> Path:
-    """Write the model of a training checkpoint as safetensors weights (with metadata)."""
-    from safetensors.torch import save_file
-
-    state = load_checkpoint(checkpoint)
-    model = build_model("cpu", arch)
-    model.load_state_dict(state["model"])
-    meta = weights_metadata(model, {"steps": state["step"], "wall_s": round(state["elapsed"], 1), "from": "checkpoint"})
-    save_file(shipped_state(model), str(dest), metadata=meta)
-    return dest
