@@ -16,13 +16,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError, ReadError
+from pipeline.metrics import abundance_rmse, match_endmembers, sad_degrees
 from pipeline.provenance import portable
 from pipeline.scene import build_scene
-
-try:  # the shared metrics module (pipeline/metrics.py)
-    from pipeline.metrics import abundance_rmse, match_endmembers, sad_degrees
-except ImportError:  # pragma: no cover - fallback while the shared module is missing
-    from workers.unmix.metrics import abundance_rmse, match_endmembers, sad_degrees  # type: ignore
 
 SCENES = ("samson", "jasper", "synthetic")
 #: everything from this line on in an existing markdown report (targets, diagnosis written by
