@@ -115,7 +115,7 @@ def make_batch(cave: list[np.ndarray], extras: list[np.ndarray], cfg: TrainConfi
     return np.stack(clean), np.stack(noisy), cases
 
 
-#: (cave, extras, cfg, bands) for the forked batch workers (set before the pool forks; never pickled)
+#: (cave, extras, cfg, bands) of a batch worker process, set by _pool_init from the pool's initargs
 _POOL_STATE: tuple[list[np.ndarray], list[np.ndarray], TrainConfig, int] | None = None
 
 
