@@ -156,37 +156,176 @@ def find_completed_run(
     return None
 
 
-def stac_item(record: dict[str, Any], geo: dict[str, Any], bbox: list[float] | None, geometry: dict[str, Any] | None) -> dict[str, Any]:
-    """A STAC Item (processing + projection extensions) describing the run's outputs."""
+EO_EXT = "https://stac-extensions.github.io/eo/v2.0.0/schema.json"
+RASTER_EXT = "https://stac-extensions.github.io/raster/v2.0.0/schema.json"
+#: the extension schemas the Item uses, shipped as package data (``pipeline/stac_schemas``) so
+#: that validation needs no network; the core Item schema comes with pystac
+STAC_SCHEMA_FILES = {PROCESSING_EXT: "processing-v1.2.0.json", PROJECTION_EXT: "projection-v2.0.0.json",
+                     EO_EXT: "eo-v2.0.0.json", RASTER_EXT: "raster-v2.0.0.json"}
+_MEDIA = {".zarr": "application/vnd+zarr", ".tif": "image/tiff; application=geotiff; profile=cloud-optimized",
+          ".png": "image/png", ".csv": "text/csv", ".json": "application/json"}
+
+
+def _iso(t: str | dt.datetime) -> dt.datetime:
+    v = t if isinstance(t, dt.datetime) else dt.datetime.fromisoformat(str(t).replace("Z", "+00:00"))
+    return v if v.tzinfo is not None else v.replace(tzinfo=dt.UTC)
+
+
+def stac_bands(scene: Any) -> list[dict[str, Any]]:
+    """STAC 1.1 ``bands`` of a scene: name, description, ``eo:center_wavelength`` and
+    ``eo:full_width_half_max`` (micrometres, as the eo extension wants), ``hyperdeq:good_band``."""
+    import numpy as np
+
+    wl = np.asarray(scene["wavelength"].values, dtype=float)
+    fw = np.asarray(scene["fwhm"].values, dtype=float)
+    good = np.asarray(scene["good_band"].values, dtype=bool)
+    out = []
+    for i, (w, f, g) in enumerate(zip(wl, fw, good, strict=True)):
+        b: dict[str, Any] = {"name": f"b{i + 1:03d}", "hyperdeq:good_band": bool(g)}
+        if np.isfinite(w):
+            b["description"] = f"{w:.2f} nm" + ("" if g else " (bad band)")
+            b["eo:center_wavelength"] = round(float(w) / 1000.0, 6)
+        if np.isfinite(f) and f > 0:
+            b["eo:full_width_half_max"] = round(float(f) / 1000.0, 6)
+        out.append(b)
+    return out
+
+
+def _endmember_names(run_dir: str | Path | None, outputs: dict[str, str]) -> list[str] | None:
+    if run_dir is None or "abundances_zarr" not in outputs:
+        return None
+    try:
+        import zarr
+
+        g = zarr.open_group(str(Path(run_dir) / outputs["abundances_zarr"]), mode="r")
+        return [str(v) for v in g["endmember"][...]]
+    except Exception:
+        return None
+
+
+def stac_item(
+    record: dict[str, Any], geo: dict[str, Any], bbox: list[float] | None, geometry: dict[str, Any] | None,
+    *, scene: Any | None = None, run_dir: str | Path | None = None, endmembers: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """A STAC 1.1 Item (processing, projection, eo, raster extensions) describing the run's outputs.
+
+    ``datetime`` is the scene's acquisition time (``scene.attrs``: EnMAP ``start_time`` and the
+    like, see :func:`pipeline.writers.acquisition_time`); only when the input carries none is it the
+    processing time, and ``hyperdeq:datetime_source`` says which. ``processing:datetime`` and
+    ``created`` are always the processing time. With ``scene``, the spectral assets list their
+    ``bands`` (centre wavelength and FWHM in µm, good-band flag); the abundance assets list the
+    endmembers (``endmembers``, or read from ``run_dir``'s abundance store). Quicklooks have the
+    role ``overview``, the run record and endmember tables ``metadata``.
+    """
     import pystac
 
-    dt_end = dt.datetime.fromisoformat(str(record.get("end") or record["start"]).replace("Z", "+00:00"))
-    item = pystac.Item(
-        id=f"hyperdeq-{record['run_id']}", geometry=geometry, bbox=bbox, datetime=dt_end,
-        properties={
-            "processing:software": {"hyperdeq": record.get("code_version", "unknown")},
-            "processing:lineage": (
-                f"hyperdeq tiled run of {Path(record['input']['path']).name}: "
-                + " -> ".join(m["name"] for m in record.get("models", []))
-            ),
-            "processing:level": "L3",
-            "processing:facility": record.get("host", {}).get("hostname"),
-            "processing:datetime": record.get("end") or record["start"],
-            "hyperdeq:run_id": record["run_id"],
-            "hyperdeq:config_hash": record.get("config_hash"),
-            "hyperdeq:status": record.get("status"),
-        },
-        stac_extensions=[PROCESSING_EXT] + ([PROJECTION_EXT] if "proj:code" in geo or "proj:wkt2" in geo else []),
-    )
+    from pipeline.writers import acquisition_time
+
+    processed = str(record.get("end") or record["start"])
+    acquired = acquisition_time(scene) if scene is not None else None
+    acquired = acquired or record.get("input", {}).get("acquisition_time")
+    exts = [PROCESSING_EXT]
+    if "proj:code" in geo or "proj:wkt2" in geo:
+        exts.append(PROJECTION_EXT)
+    props: dict[str, Any] = {
+        "processing:software": {"hyperdeq": str(record.get("code_version", "unknown"))},
+        "processing:lineage": (
+            f"hyperdeq tiled run of {Path(record['input']['path']).name}: "
+            + " -> ".join(m["name"] for m in record.get("models", []))
+        ),
+        "processing:level": "L3",
+        "processing:datetime": _iso(processed).isoformat().replace("+00:00", "Z"),
+        "created": _iso(processed).isoformat().replace("+00:00", "Z"),
+        "hyperdeq:datetime_source": "acquisition" if acquired else "processing (the input has no acquisition time)",
+        "hyperdeq:run_id": record["run_id"],
+        "hyperdeq:config_hash": record.get("config_hash"),
+        "hyperdeq:status": record.get("status"),
+    }
+    facility = record.get("host", {}).get("hostname")
+    if facility:
+        props["processing:facility"] = str(facility)
+    item = pystac.Item(id=f"hyperdeq-{record['run_id']}", geometry=geometry, bbox=bbox,
+                       datetime=_iso(acquired or processed), properties=props, stac_extensions=exts)
     for k in ("proj:code", "proj:wkt2", "proj:transform", "proj:shape"):
         if k in geo:
             item.properties[k] = geo[k]
-    media = {".zarr": "application/vnd+zarr", ".tif": pystac.MediaType.COG, ".png": pystac.MediaType.PNG,
-             ".csv": "text/csv", ".json": pystac.MediaType.JSON}
-    for key, rel in sorted(record.get("outputs", {}).items()):
-        item.add_asset(key, pystac.Asset(href=f"./{rel}", media_type=media.get(Path(rel).suffix), roles=["data"]))
-    item.add_asset("run_record", pystac.Asset(href=f"./{RUN_JSON}", media_type=pystac.MediaType.JSON, roles=["metadata"]))
+    outputs: dict[str, str] = dict(record.get("outputs", {}))
+    spectral = stac_bands(scene) if scene is not None else None
+    names = list(endmembers) if endmembers is not None else _endmember_names(run_dir, outputs)
+    res = None
+    if "proj:transform" in geo:
+        t = geo["proj:transform"]
+        res = abs(float(t[0])) if abs(float(t[0])) == abs(float(t[4])) else None
+    scale = getattr(scene, "attrs", {}).get("source_scale_factor") if scene is not None else None
+    used_eo = used_raster = False
+    for key, rel in sorted(outputs.items()):
+        suffix = Path(rel).suffix
+        roles = ["overview"] if suffix == ".png" else ["metadata"] if key.startswith("endmembers") else ["data"]
+        extra: dict[str, Any] = {}
+        bands: list[dict[str, Any]] | None = None
+        if key.startswith("denoised") and spectral is not None:
+            bands = [dict(b) for b in spectral]
+            extra["hyperdeq:content"] = "denoised surface reflectance in [0, 1]"
+            if scale is not None:
+                extra["hyperdeq:source_scale_factor"] = float(scale)
+        elif key.startswith("abundances") and names is not None:
+            bands = [{"name": str(n), "description": f"abundance of endmember {n}"} for n in names]
+            extra["hyperdeq:content"] = "endmember abundances (fractions, sum to one)"
+        elif key.startswith("rmse"):
+            bands = [{"name": "rmse", "description": "unmixing reconstruction RMSE over good bands"}]
+        if bands is not None and suffix in (".tif", ".zarr"):
+            for b in bands:
+                b.update({"data_type": "float32", "nodata": "nan", "unit": "1"})
+            extra["bands"] = bands
+            used_eo = used_eo or any("eo:center_wavelength" in b for b in bands)
+            if suffix == ".tif":
+                extra["raster:sampling"] = "area"
+                extra["raster:bits_per_sample"] = 32
+                if res is not None:
+                    extra["raster:spatial_resolution"] = res
+                used_raster = True
+        item.add_asset(key, pystac.Asset(href=f"./{rel}", media_type=_MEDIA.get(suffix), roles=roles,
+                                         extra_fields=extra))
+    item.add_asset("run_record", pystac.Asset(href=f"./{RUN_JSON}", media_type=_MEDIA[".json"], roles=["metadata"]))
+    if used_eo:
+        item.stac_extensions.append(EO_EXT)
+    if used_raster:
+        item.stac_extensions.append(RASTER_EXT)
     return item.to_dict(include_self_link=False)
+
+
+def stac_schemas() -> dict[str, dict[str, Any]]:
+    """The shipped extension schemas, ``{schema URI: schema}`` (no network)."""
+    from importlib.resources import files
+
+    folder = files("pipeline").joinpath("stac_schemas")
+    return {uri: json.loads(folder.joinpath(name).read_text()) for uri, name in STAC_SCHEMA_FILES.items()}
+
+
+def validate_stac_item(item: dict[str, Any]) -> None:
+    """Validate an Item against the STAC core schema (from pystac) and the shipped extension schemas.
+
+    Offline: an extension the Item declares but hyperdeq does not ship is a
+    :class:`ProvenanceError`, never a download.
+    """
+    import pystac
+    from pystac.validation.stac_validator import JsonSchemaSTACValidator
+
+    shipped = stac_schemas()
+    unknown = [e for e in item.get("stac_extensions", []) if e not in shipped]
+    if unknown:
+        raise ProvenanceError(
+            f"STAC Item {item.get('id')!r} declares extensions {unknown!r} whose schemas are not shipped "
+            f"in pipeline/stac_schemas; add them there (and to STAC_SCHEMA_FILES) to validate offline"
+        )
+    v = JsonSchemaSTACValidator()
+    v.schema_cache.update(shipped)
+    try:
+        pystac.validation.validate_dict(item, validator=v)
+    except pystac.STACValidationError as exc:
+        raise ProvenanceError(
+            f"STAC Item {item.get('id')!r} is not valid: {exc}; fix provenance.stac_item"
+        ) from exc
 
 
 def write_stac_item(run_dir: str | Path, item: dict[str, Any]) -> Path:
