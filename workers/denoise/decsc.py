@@ -139,30 +139,28 @@ class WindowAttention(nn.Module):
         return t.permute(0, 3, 1, 2)
 
 
-def conv3d_folded(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """3x3x3 convolution (zero padding 1) of ``x`` (N, Cin, B, H, W) as ONE 2D convolution.
+def conv3d_banded(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """3x3x3 convolution (zero padding 1) of ``x`` (N, Cin, B, H, W): ``F.conv3d(x, weight, bias, padding=1)``.
 
-    The band axis is folded into channels and the kernel into a block-banded (Cout*B, Cin*B, 3, 3)
-    weight. Same result as ``F.conv3d(x, weight, bias, padding=1)``, but 3-8x faster on CPU for
-    the few channels used here (oneDNN's 2D kernels are far better tuned than its 3D ones).
+    Computed as a true 3D convolution: every multiply-add pairs a kernel tap with an input voxel
+    (no structural zeros; counted FLOPs equal the useful ones). Earlier versions folded the band
+    axis into channels and ran one 2D convolution with a block-banded (Cout*B, Cin*B, 3, 3) kernel,
+    of which only 3 of B band diagonals are non-zero (about 10x the useful FLOPs at B = 31; issue 22).
+    The input is handed to oneDNN in ``channels_last_3d`` order (one copy): for the few channels
+    used here its channels-last 3D kernels were 1.2-2x faster than the plain-layout ones on the
+    development CPU (``benchmarks/flops.py`` reports the FLOPs; ``docs/benchmarks.md`` the timings).
     """
-    n, cin, b, h, w = x.shape
-    cout = weight.shape[0]
-    folded: Tensor | None = None
-    for d in (-1, 0, 1):  # band offset: output band j reads input band j + d
-        shift = torch.diag(torch.ones(b - abs(d), dtype=weight.dtype, device=weight.device), d)
-        term = torch.einsum("oikl,bc->obickl", weight[:, :, d + 1], shift)
-        folded = term if folded is None else folded + term
-    assert folded is not None
-    folded = folded.reshape(cout * b, cin * b, weight.shape[-2], weight.shape[-1])
-    fb = None if bias is None else bias.repeat_interleave(b)
-    out = F.conv2d(x.reshape(n, cin * b, h, w), folded, fb, padding=weight.shape[-1] // 2)
-    return out.reshape(n, cout, b, h, w)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    return F.conv3d(x, weight, bias, padding=weight.shape[-1] // 2)
+
+
+#: the old name (same contract: equals ``F.conv3d(x, weight, bias, padding=1)``), kept for callers
+conv3d_folded = conv3d_banded
 
 
 class DifferenceConv3d(nn.Module):
     """Sum of five 3x3x3 convolutions (vanilla, central, horizontal, vertical, band difference),
-    merged into one kernel at run time so it costs a single conv3d."""
+    merged into one kernel at run time so it costs a single conv3d (:func:`conv3d_banded`)."""
 
     def __init__(self, ch: int) -> None:
         super().__init__()
@@ -186,7 +184,7 @@ class DifferenceConv3d(nn.Module):
         return k
 
     def forward(self, x: Tensor) -> Tensor:
-        return conv3d_folded(x, self.kernel(), self.bias)
+        return conv3d_banded(x, self.kernel(), self.bias)
 
 
 class DetailEnhancement(nn.Module):
@@ -245,18 +243,18 @@ class DECSCMap(nn.Module):
     def synth(self, z: Tensor, h: int, w: int) -> Tensor:
         """Clean estimate ``C + U`` from the codes."""
         a, u = self.unpack(z, h, w)
-        return self.dec_c(a) + conv3d_folded(u, self.dec_u.weight)[:, 0]
+        return self.dec_c(a) + conv3d_banded(u, self.dec_u.weight)[:, 0]
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
         b = self.cfg.bands
         y, s = x[:, :b], x[:, b:]  # noisy window, per-band sigma map
         h, w = y.shape[-2:]
         a, u = self.unpack(z, h, w)
-        r = y - self.dec_c(a) - conv3d_folded(u, self.dec_u.weight)[:, 0]
+        r = y - self.dec_c(a) - conv3d_banded(u, self.dec_u.weight)[:, 0]
         a_new = self.transformer(a + self.enc_c(r))
         t_c = F.softplus(self.theta_c)[None, :, None, None] * s.mean(1, keepdim=True) + 1e-2 * F.softplus(self.eps_c)[None, :, None, None]
         a_new = soft_threshold(a_new, t_c)
-        u_new = self.dem(u + conv3d_folded(r[:, None], self.enc_u.weight))
+        u_new = self.dem(u + conv3d_banded(r[:, None], self.enc_u.weight))
         t_u = F.softplus(self.theta_u)[None, :, None, None, None] * s[:, None] + 1e-2 * F.softplus(self.eps_u)[None, :, None, None, None]
         u_new = soft_threshold(u_new, t_u)
         return torch.cat([a_new.flatten(1), u_new.flatten(1)], dim=1)
