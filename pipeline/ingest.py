@@ -2,7 +2,7 @@
 
 Store layout (zarr v3, one group)::
 
-    reflectance   float32 (band, y, x), chunks (all bands, chunk, chunk), blosc/zstd, NaN = nodata
+    reflectance   float32 (band, y, x), chunks (all bands, chunk, chunk), blosc/zstd + crc32c, NaN = nodata
     wavelength, fwhm, good_band   1-D coords on band;  y, x   pixel-centre map coords
     spatial_ref   CF grid mapping (crs_wkt, spatial_ref, GeoTransform); reflectance.grid_mapping
     root attrs    "hyperdeq": provenance (source, sha256, reader, version, scale factor, chunk),
@@ -17,8 +17,8 @@ interrupted ingest resumes where it stopped when re-run with the same source.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
+import warnings
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -28,8 +28,9 @@ import numpy as np
 import xarray as xr
 
 from pipeline.errors import ConfigError, InputValidationError, WriteError
+from pipeline.hashing import sha256_path
 from pipeline.readers import open_source
-from pipeline.readers._base import SceneSource
+from pipeline.readers._base import REFLECTANCE_RANGE, SceneSource
 from pipeline.readers.hyperdeq_zarr import (  # re-exported: the public names of this module
     VARIABLE,
     ZarrSceneSource,
@@ -39,6 +40,7 @@ from pipeline.readers.hyperdeq_zarr import (  # re-exported: the public names of
     open_zarr_scene,
     store_metadata,
 )
+from pipeline.scene import check_tileable
 
 #: bump when the store layout changes
 STORE_FORMAT = 1
@@ -57,29 +59,6 @@ def hyperdeq_version() -> str:
         return version("hyperdeq")
     except Exception:  # pragma: no cover - not installed
         return "0+unknown"
-
-
-def file_sha256(paths: list[Path], bufsize: int = 8 << 20) -> str:
-    """sha256 over the bytes of ``paths`` (in order; directories: their files, sorted)."""
-    h = hashlib.sha256()
-    for p in paths:
-        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-        for q in files:
-            with open(q, "rb") as f:
-                while chunk := f.read(bufsize):
-                    h.update(chunk)
-    return h.hexdigest()
-
-
-def _source_files(src: SceneSource) -> list[Path]:
-    files = [Path(src.path)]
-    hdr = getattr(src, "header_path", None)
-    if hdr is not None:
-        files.insert(0, Path(hdr))
-    aux = Path(str(src.path) + ".aux.xml")
-    if aux.is_file():
-        files.append(aux)
-    return files
 
 
 def _jsonable(v: Any) -> Any:
@@ -145,12 +124,14 @@ def _template(src: SceneSource, chunk: int) -> tuple[xr.Dataset, dict[str, Any]]
 
 
 def _encoding(ds: xr.Dataset, chunks: tuple[int, int, int]) -> dict[str, Any]:
-    from zarr.codecs import BloscCodec
+    from zarr.codecs import BloscCodec, Crc32cCodec
 
     enc: dict[str, Any] = {
         VARIABLE: {
             "chunks": chunks,
-            "compressors": [BloscCodec(**COMPRESSOR)],
+            # crc32c last: a chunk whose bytes changed on disk fails its checksum on read (a
+            # bit flip inside a blosc frame can otherwise decode to wrong values silently)
+            "compressors": [BloscCodec(**COMPRESSOR), Crc32cCodec()],
             "fill_value": np.nan,
         }
     }
@@ -164,6 +145,19 @@ def _remove_store(dest: Path) -> None:
         dest.unlink()
 
 
+def _recount_valid(arr: Any, regions: list[tuple[int, int, int, int]], good: np.ndarray) -> list[int]:
+    """Valid pixels per region over the bands ``good``, read back from the written store."""
+    out = []
+    for y0, y1, x0, x1 in regions:
+        block = np.asarray(arr[:, y0:y1, x0:x1])  # one chunk: read (and checksummed) once
+        ok = np.ones(block.shape[1:], dtype=bool)
+        for g in good:
+            ok &= np.isfinite(block[int(g)])
+        out.append(int(ok.sum()))
+        del block
+    return out
+
+
 def ingest_scene(
     src: str | Path,
     dest: str | Path,
@@ -173,6 +167,7 @@ def ingest_scene(
     format: str | None = None,
     progress: Progress | None = None,
     workers: int = 2,
+    source_sha256: str | None = None,
     **options: Any,
 ) -> Path:
     """Read ``src`` window by window and write it to the zarr v3 store ``dest``; return ``dest``.
@@ -180,7 +175,9 @@ def ingest_scene(
     Values are checked per region (infinities → :class:`InputValidationError`; a scene without a
     single valid pixel → :class:`InputValidationError`). An existing complete ``dest`` is refused
     unless ``overwrite``; an interrupted ingest of the same source (same sha256, chunk, reader) is
-    resumed. ``progress(done, total)`` is called after every region. ``workers`` threads compress
+    resumed. ``source_sha256``: the input's digest when the caller already has it
+    (:func:`pipeline.hashing.sha256_path`; computed here otherwise, never twice per run).
+    ``progress(done, total)`` is called after every region. ``workers`` threads compress
     and write regions (peak memory ≈ (workers + 2) regions). ``options`` go to the reader.
     """
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
@@ -192,10 +189,11 @@ def ingest_scene(
     nb, ny, nx = source.shape
     if nb * ny * nx == 0:
         source.build(np.zeros(source.shape, np.float32))  # raises the zero-size error
+    check_tileable(source.shape, source.path)
     dest = Path(dest).expanduser()
     if dest.resolve() == Path(source.path).resolve():
         raise WriteError(f"destination {str(dest)!r} is the source itself; choose another path.")
-    sha = file_sha256(_source_files(source))
+    sha = source_sha256 or sha256_path(source.path)
     resume = False
     if dest.exists() or dest.is_symlink():
         if is_hyperdeq_zarr(dest) and not overwrite:
@@ -249,7 +247,11 @@ def ingest_scene(
     if not resume:
         ds, attrs = _template(source, chunk)
         attrs["hyperdeq"]["source_sha256"] = sha
-        attrs["hyperdeq"]["progress"] = {"done": "0" * len(regions), "valid": [0] * len(regions)}
+        attrs["hyperdeq"]["progress"] = {
+            "done": "0" * len(regions), "valid": [0] * len(regions),
+            # running totals over the done regions (written with the done bits: resume-safe)
+            "finite_per_band": [0] * nb, "out_of_range_per_band": [0] * nb,
+        }
         try:
             ds.to_zarr(
                 dest, mode="w-", compute=False, zarr_format=3, consolidated=False,
@@ -268,20 +270,28 @@ def ingest_scene(
     prog: dict[str, Any] = dict(meta["progress"])
     done: list[str] = list(prog["done"])
     valid: list[int] = [int(v) for v in prog["valid"]]
+    finite_total = np.asarray(prog.get("finite_per_band", [0] * nb), dtype=np.int64)
+    oor_total = np.asarray(prog.get("out_of_range_per_band", [0] * nb), dtype=np.int64)
     good_vec = np.asarray(source.good_band if source.good_band is not None else np.ones(nb, bool), bool)
     order = source.band_order()
-    good = np.flatnonzero(good_vec if order is None else good_vec[order])
+    good_canon = good_vec if order is None else good_vec[order]
+    good = np.flatnonzero(good_canon)
+    good_set = {int(g) for g in good}
     todo = [i for i, d in enumerate(done) if d != "1"]
     total = len(regions)
     n_done = total - len(todo)
     if progress is not None:
         progress(n_done, total)
 
-    def _read(i: int) -> np.ndarray:
-        return source.read(*regions[i])
+    def _read(i: int) -> tuple[np.ndarray, np.ndarray]:
+        oor = np.zeros(nb, dtype=np.int64)
+        return source.read(*regions[i], out_of_range=oor), oor
 
-    def _write(i: int, block: np.ndarray) -> tuple[int, int]:
-        """Check one region's values, write its chunk; return (region, valid pixel count)."""
+    Done = tuple[int, int, np.ndarray, np.ndarray]
+
+    def _write(i: int, block: np.ndarray, oor: np.ndarray) -> Done:
+        """Check one region's values, write its chunk; return (region, valid pixel count,
+        finite values per band, out-of-range values per band)."""
         y0, y1, x0, x1 = regions[i]
         if np.isinf(block).any():  # in any band: bad bands must hold NaN or data, never inf
             b, yy, xx = (int(v) for v in np.argwhere(np.isinf(block))[0])
@@ -291,11 +301,15 @@ def ingest_scene(
                 "reflectance. Mask them as nodata (NaN) or fix the scale factor."
             )
         ok = np.ones(block.shape[1:], dtype=bool)
-        for g in good:  # band by band: no window-sized temporary
-            ok &= np.isfinite(block[g])
+        finite = np.zeros(nb, dtype=np.int64)
+        for b in range(nb):  # band by band: no window-sized temporary
+            fb = np.isfinite(block[b])
+            finite[b] = int(np.count_nonzero(fb))
+            if b in good_set:
+                ok &= fb
         n_valid_region = int(ok.sum())
         arr[:, y0:y1, x0:x1] = block
-        return i, n_valid_region
+        return i, n_valid_region, finite, oor
 
     try:
         # a small pipeline: one window is read ahead while up to `workers` regions are checked,
@@ -305,17 +319,22 @@ def ingest_scene(
             max_workers=workers
         ) as writers:
             nxt = readers.submit(_read, todo[0]) if todo else None
-            pending: set[Future[tuple[int, int]]] = set()
+            pending: set[Future[Done]] = set()
 
-            def _record(finished: set[Future[tuple[int, int]]]) -> None:
+            def _record(finished: set[Future[Done]]) -> None:
                 nonlocal n_done
                 before = n_done
                 for fut in finished:
-                    i, n_valid_region = fut.result()
+                    i, n_valid_region, finite, oor = fut.result()
                     valid[i] = n_valid_region
+                    finite_total[:] += finite
+                    oor_total[:] += oor
                     done[i] = "1"
                     n_done += 1
-                meta["progress"] = {"done": "".join(done), "valid": valid}
+                meta["progress"] = {
+                    "done": "".join(done), "valid": valid,
+                    "finite_per_band": finite_total.tolist(), "out_of_range_per_band": oor_total.tolist(),
+                }
                 group.attrs["hyperdeq"] = meta
                 if progress is not None:
                     for n in range(before + 1, n_done + 1):  # one call per region
@@ -323,9 +342,9 @@ def ingest_scene(
 
             for k, i in enumerate(todo):
                 assert nxt is not None
-                block = nxt.result()
+                block, oor = nxt.result()
                 nxt = readers.submit(_read, todo[k + 1]) if k + 1 < len(todo) else None
-                pending.add(writers.submit(_write, i, block))
+                pending.add(writers.submit(_write, i, block, oor))
                 del block
                 if len(pending) >= workers:
                     finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -341,12 +360,36 @@ def ingest_scene(
             f"writing zarr store {str(dest)!r} failed: {exc}; free disk space or choose another "
             "folder, then re-run the same command to resume."
         ) from exc
+    # a good band without a single finite value (all nodata, or all out of range) becomes a bad
+    # band: it says nothing about any pixel, and as a good band it would make every pixel invalid
+    empty = [int(b) for b in good if finite_total[b] == 0]
+    if empty and len(empty) < len(good):
+        good_canon = good_canon.copy()
+        good_canon[empty] = False
+        valid = _recount_valid(arr, regions, np.flatnonzero(good_canon))
+        group["good_band"][:] = good_canon
+        meta["progress"] = {**meta["progress"], "valid": valid}
+        wl = source.wavelength if order is None or source.wavelength is None else np.asarray(source.wavelength)[order]
+        warnings.warn(
+            f"{len(empty)!r} band(s) of {str(source.path)!r} hold no valid value (all nodata or out "
+            f"of the physical range {REFLECTANCE_RANGE!r}): band(s) {empty[:10]!r}"
+            f"{'...' if len(empty) > 10 else ''}"
+            + (f" at {[round(float(wl[b]), 2) for b in empty[:10]]!r} nm" if wl is not None else "")
+            + "; they are marked bad bands (good_band False) and not processed.",
+            stacklevel=2,
+        )
+    meta["nodata_bands"] = empty
+    meta["out_of_range_per_band"] = oor_total.tolist()
+    meta["out_of_range_total"] = int(oor_total.sum())
+    meta["valid_range"] = list(REFLECTANCE_RANGE)
     n_valid = int(sum(valid))
     if n_valid == 0:
         _remove_store(dest)
         raise InputValidationError(
             f"all-nodata scene: no pixel of {str(source.path)!r} has finite values in every good "
-            f"band (nodata value {source.nodata!r}); check the nodata value or the crop."
+            f"band (nodata value {source.nodata!r}; {int(oor_total.sum())!r} values outside the "
+            f"physical reflectance range {REFLECTANCE_RANGE!r} made nodata); check the nodata value, "
+            "the scale factor or the crop."
         )
     meta["valid_pixels"] = n_valid
     meta["nodata_fraction"] = 1.0 - n_valid / float(ny * nx)
@@ -358,6 +401,6 @@ def ingest_scene(
 
 
 __all__ = [
-    "COMPRESSOR", "STORE_FORMAT", "VARIABLE", "ZarrSceneSource", "file_sha256", "hyperdeq_version",
+    "COMPRESSOR", "STORE_FORMAT", "VARIABLE", "ZarrSceneSource", "hyperdeq_version",
     "ingest_scene", "open_zarr_scene", "store_metadata",
 ]

@@ -34,6 +34,24 @@ NODATA_CONVENTION = "NaN in float outputs; a pixel is valid when all good bands 
 #: from a unit mix-up (µm declared as nm or the reverse) or from band numbers given as wavelengths
 WAVELENGTH_RANGE_NM: tuple[float, float] = (100.0, 20_000.0)
 
+#: the smallest scene (rows, cols) hyperdeq can tile and denoise: DECSC estimates each band's noise
+#: from 2 x 2 pixel differences and denoises spatial neighbourhoods (``denoise_cube`` refuses less)
+MIN_SCENE_SIZE: tuple[int, int] = (2, 2)
+
+
+def check_tileable(shape: Sequence[int], source: Any = "") -> None:
+    """Refuse scenes (``(band, y, x)`` or ``(y, x)`` shape) below :data:`MIN_SCENE_SIZE` with a clear message."""
+    ny, nx = (int(v) for v in tuple(shape)[-2:])
+    my, mx = MIN_SCENE_SIZE
+    if ny < my or nx < mx:
+        what = "1 pixel" if ny == nx == 1 else f"{ny!r} row(s) x {nx!r} column(s)"
+        raise InputValidationError(
+            f"scene {str(source)!r} is too small to tile: {what} (shape (band, y, x) = "
+            f"{tuple(int(v) for v in shape)!r}); hyperdeq needs at least {my} x {mx} pixels (the "
+            "denoiser estimates noise from 2 x 2 pixel neighbourhoods). Give a larger crop of the "
+            "scene; single spectra or transects cannot be processed."
+        )
+
 
 class MissingCRSWarning(UserWarning):
     """The scene carries no CRS: it is processed, but outputs cannot be georeferenced."""

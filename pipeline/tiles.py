@@ -6,6 +6,7 @@ is one contiguous chunk (a worker reads exactly one chunk; edge tiles are NaN-pa
 holds the scene's validity mask. Each model stage writes an *output tile store* of the same layout
 plus one JSON record per tile (written after its data: the tile's commit marker) holding the sha256
 of the bytes written, so that a truncated or corrupted tile output is detected and recomputed.
+Every chunk also carries a crc32c checksum (:mod:`pipeline.chunk_checksums`), verified on read.
 
 Big arrays never leave the worker that made them: workers open the stores by path.
 """
@@ -23,8 +24,10 @@ import xarray as xr
 import zarr
 
 from pipeline import LOCAL_SCHEDULER
+from pipeline.chunk_checksums import compressors, read_checked
 from pipeline.errors import GridError, WriteError
 from pipeline.grid import Tile, TileGrid, plan_grid
+from pipeline.scene import check_tileable
 
 DATA = "data"
 VALID = "valid"
@@ -78,6 +81,7 @@ def _create_tile_array(path: Path, grid: TileGrid, n_channels: int, attrs: dict[
         dtype="float32",
         fill_value=np.nan,
         dimension_names=("tile", "channel", "ty", "tx"),
+        compressors=compressors(),  # + crc32c per chunk, verified on read (read_tile)
     )
     root.attrs.update({"grid": grid_to_attrs(grid), **attrs, COMPLETE_ATTR: False})
     return arr
@@ -116,6 +120,7 @@ def write_input_tiles(
     marked complete only after every tile and the validity mask are written.
     """
     path = Path(path)
+    check_tileable(scene.shape, scene.attrs.get("source", ""))
     if tuple(scene.shape[1:]) != grid.shape:
         raise GridError(
             f"scene shape {tuple(scene.shape[1:])!r} does not match the grid shape {grid.shape!r}; "
@@ -144,7 +149,7 @@ def write_valid_mask(valid: Any, path: str | Path, chunk: int) -> None:
     root = zarr.open_group(str(path), mode="r+")
     v = root.create_array(
         VALID, shape=tuple(valid.shape), chunks=(chunk, chunk), dtype="bool", fill_value=False,
-        dimension_names=("y", "x"), overwrite=True,
+        dimension_names=("y", "x"), overwrite=True, compressors=compressors(),
     )
     if hasattr(valid, "rechunk"):
         import dask.array as dsa
@@ -168,15 +173,24 @@ def tile_validity(valid: Any, tile: int) -> np.ndarray:
     return np.array([[v[y : y + tile, x : x + tile].any() for x in range(0, nx, tile)] for y in range(0, ny, tile)])
 
 
+#: what to do when a tile store's chunk fails its checksum
+_REBUILD = ("delete the tile store (its records folder too) and rerun the same command: it is rebuilt "
+            "from the ingested scene, and tiles of a model stage are recomputed.")
+
+
 def read_valid(path: str | Path, window: Any) -> np.ndarray:
-    return np.asarray(zarr.open_array(str(Path(path) / VALID), mode="r")[window.slices])
+    arr = zarr.open_array(str(Path(path) / VALID), mode="r")
+    return read_checked(arr, window.slices, store=path, array=VALID, fix=_REBUILD)
 
 
 def read_tile(path: str | Path, grid: TileGrid, tile: Tile) -> np.ndarray:
-    """The ``(channels, h, w)`` data of one tile (one chunk read), padding dropped."""
+    """The ``(channels, h, w)`` data of one tile (one chunk read, checksum verified), padding dropped.
+
+    A chunk whose crc32c does not match raises :class:`pipeline.chunk_checksums.ChunkChecksumError`.
+    """
     arr = zarr.open_array(str(Path(path) / DATA), mode="r")
     h, w = tile.read.shape
-    return np.asarray(arr[grid.position(tile)])[:, :h, :w]
+    return read_checked(arr, grid.position(tile), store=path, array=DATA, fix=_REBUILD)[:, :h, :w]
 
 
 # ---------------------------------------------------------------------------- output tiles

@@ -28,6 +28,15 @@ DEFAULT_CHUNK = 256
 INTEGER_REFLECTANCE_SCALE = 10_000.0
 #: at most this many overlapping detector segments are merged by sorting wavelengths
 MAX_DETECTOR_SEGMENTS = 4
+#: physically plausible reflectance after scaling (policy of issue 21, ``docs/inputs.md``). Surface
+#: reflectance products hold small negatives (dark water, over-corrected haze, noise) and values
+#: above 1 (sun glint, snow, clouds, BRDF effects: up to about 1.5); nothing a surface reflects lies
+#: below -0.5 or above 2. Values outside are fill values (the USGS library's -1.23e34), hot or dead
+#: detector elements, saturation codes or byte errors: they become nodata (NaN), counted per band
+#: (``attrs["out_of_range_per_band"]`` of an ingested store). One such value would otherwise move
+#: every statistic computed over the scene (scaling, noise estimates, subspaces, the unmixer's
+#: sample) and with them every other pixel of the output.
+REFLECTANCE_RANGE: tuple[float, float] = (-0.5, 2.0)
 
 
 class SceneSource:
@@ -64,13 +73,19 @@ class SceneSource:
         """
         raise NotImplementedError
 
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """Canonical float32 values of one window (scale divided out, nodata → NaN, band order)."""
+    def read(
+        self, y0: int, y1: int, x0: int, x1: int, out_of_range: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Canonical float32 values of one window (scale divided out, nodata → NaN, band order).
+
+        Values outside :data:`REFLECTANCE_RANGE` become NaN; ``out_of_range`` (int64, one entry
+        per band in canonical order), when given, is incremented by their count per band.
+        """
         order = self.band_order()
         raw = self.read_raw(y0, y1, x0, x1, bands=order)
         # convert in place when the raw buffer is ours (saves one window-sized copy)
         fresh = self.fresh_reads or order is not None
-        return self.canonical(raw, where=(y0, y1, x0, x1), copy=not fresh)
+        return self.canonical(raw, where=(y0, y1, x0, x1), copy=not fresh, out_of_range=out_of_range)
 
     def band_order(self) -> np.ndarray | None:
         """Source band indexes in canonical (increasing wavelength) order; None when unchanged.
@@ -94,11 +109,15 @@ class SceneSource:
         self._band_order = order
         return order
 
-    def canonical(self, raw: np.ndarray, where: Any = None, copy: bool = True) -> np.ndarray:
-        """Convert raw values to canonical float32: nodata → NaN, divide by the scale factor."""
+    def canonical(
+        self, raw: np.ndarray, where: Any = None, copy: bool = True, out_of_range: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Convert raw values to canonical float32: nodata → NaN, divide by the scale factor,
+        values outside :data:`REFLECTANCE_RANGE` → NaN (counted per band into ``out_of_range``)."""
         return to_canonical(
             raw,
             copy=copy,
+            out_of_range=out_of_range,
             nodata=self.nodata,
             scale_factor=self.scale_factor,
             add_offset=self.add_offset,
@@ -227,10 +246,14 @@ def to_canonical(
     source: Any = "",
     where: Any = None,
     copy: bool = True,
+    valid_range: tuple[float, float] | None = REFLECTANCE_RANGE,
+    out_of_range: np.ndarray | None = None,
 ) -> np.ndarray:
     """Raw → canonical float32; raises on overflow (finite raw values that become infinite).
 
-    ``copy=False`` lets a float32 ``raw`` be converted in place (the caller owns the buffer).
+    Finite values outside ``valid_range`` after scaling become NaN (nodata); ``out_of_range``
+    (int64, one entry per band of a ``(band, y, x)`` window) is incremented by their count per
+    band. ``copy=False`` lets a float32 ``raw`` be converted in place (the caller owns the buffer).
     """
     if raw.dtype.kind not in "iuf":
         raise InputValidationError(
@@ -269,6 +292,19 @@ def to_canonical(
         )
     if missing is not None:
         out[missing] = np.nan
+    if valid_range is not None:
+        lo, hi = np.float32(valid_range[0]), np.float32(valid_range[1])
+        # band by band: no window-sized temporaries; NaN and ±inf compare False / are kept
+        # (infinities are rejected by the ingest with their position)
+        for b in range(out.shape[0] if out.ndim == 3 else 1):
+            band = out[b] if out.ndim == 3 else out
+            with np.errstate(invalid="ignore"):
+                bad = ((band < lo) | (band > hi)) & np.isfinite(band)
+            n = int(np.count_nonzero(bad))
+            if n:
+                band[bad] = np.nan
+                if out_of_range is not None and out.ndim == 3:
+                    out_of_range[b] += n
     return out
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import xarray as xr
 
 from pipeline import LOCAL_SCHEDULER
+from pipeline.chunk_checksums import ChunkChecksumError, is_checksum_error
 from pipeline.errors import ReadError
 from pipeline.readers._base import SceneSource, check_path
 from pipeline.scene import build_scene
@@ -97,6 +98,9 @@ def open_zarr_scene(path: str | Path) -> xr.DataArray:
     transform = Affine(*meta["transform"]) if meta.get("transform") else None
     attrs = dict(meta.get("scene_attrs", {}))
     attrs.update(store=str(p), store_sha256=meta.get("source_sha256"))
+    for k in ("out_of_range_per_band", "nodata_bands", "valid_range"):  # issue 21's input policy
+        if k in meta:
+            attrs[k] = meta[k]
     for k in ("source", "reader", "source_scale_factor", "scale_factor", "nodata_convention", "crs_missing"):
         attrs.pop(k, None)
     return build_scene(
@@ -119,6 +123,10 @@ class _ChunkReadError(ReadError):
     def __init__(self, message: str, detail: str) -> None:
         super().__init__(message)
         self.detail = detail
+
+
+class _ChunkChecksumReadError(_ChunkReadError, ChunkChecksumError):
+    """A data chunk of a store fails its crc32c checksum."""
 
 
 class _StoreArray:
@@ -159,7 +167,13 @@ class _StoreArray:
                 f"cols {cx0}:{min(cx0 + cx, self.shape[2])}"
             )
             error = f"{type(exc).__name__}: {exc}"
-            raise _ChunkReadError(
+            cls = _ChunkReadError
+            if is_checksum_error(exc):
+                key = f"c/0/{cy0 // cy}/{cx0 // cx}"
+                error = (f"chunk {VARIABLE}/{key} fails its crc32c checksum ({exc}): its bytes "
+                         "changed on disk after it was written")
+                cls = _ChunkChecksumReadError
+            raise cls(
                 f"cannot read rows {y0}:{y1}, cols {x0}:{x1} ({chunk}) of zarr store "
                 f"{str(self.path)!r}: {error}; the chunk is corrupt (an interrupted copy?). Copy "
                 "the store again or ingest the source again with overwrite=True.",
@@ -262,7 +276,11 @@ class ZarrSceneSource(SceneSource):
             ) from exc
         return out if bands is None else out[bands]
 
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    def read(
+        self, y0: int, y1: int, x0: int, x1: int, out_of_range: np.ndarray | None = None
+    ) -> np.ndarray:
+        # already canonical: values outside the physical range were made nodata (and counted)
+        # when the store was ingested
         return self.read_raw(y0, y1, x0, x1)
 
     def to_dataarray(self, chunk: int = 256) -> xr.DataArray:

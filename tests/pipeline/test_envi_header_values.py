@@ -58,8 +58,9 @@ def test_wavelength_units_index_means_no_wavelengths(tmp_path: Path) -> None:
 def test_valid_header_numbers_still_read(tmp_path: Path) -> None:
     """The same keys with sensible values keep working (nodata, scale, UTM map info)."""
     extra = {"data ignore value": "-1", "reflectance scale factor": "10000", "map info": UTM % ("33", "")}
-    p = write_envi(tmp_path / "scene.bsq", gamsberg_raw() * 10000, extra=extra)
+    # the stored values are reflectance x 10^4 (max 5837): the declared factor brings them to [0, 1]
+    p = write_envi(tmp_path / "scene.bsq", gamsberg_raw(), extra=extra)
     da = open_scene(p)
     assert da.rio.crs.to_epsg() == 32733 and da.attrs["source_nodata"] == -1.0
-    assert float(da.max()) == pytest.approx(float(gamsberg_raw().max()), rel=1e-5)
+    assert float(da.max()) == pytest.approx(float(gamsberg_raw().max()) / 10000, rel=1e-5)
     assert len(gamsberg_header()["wavelength"]) > 0

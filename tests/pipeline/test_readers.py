@@ -143,9 +143,12 @@ def test_geotiff_berlin_aux_xml_micrometres_and_int16_scaling() -> None:
 
 
 def test_geotiff_explicit_scale_factor_option() -> None:
-    da = open_scene(BERLIN, scale_factor=1.0)
+    da = open_scene(BERLIN, scale_factor=20000.0)  # overrides the x10^4 integer convention
+    assert da.attrs["source_scale_factor"] == 20000.0 and da.attrs["scale_factor_source"] == "option"
     with rasterio.open(BERLIN) as src:
-        np.testing.assert_array_equal(da.values, src.read().astype(np.float32))
+        raw = src.read()
+    want = np.where(raw == -9999, np.nan, raw.astype(np.float32) / np.float32(20000))
+    np.testing.assert_array_equal(da.values, want)
 
 
 def test_demo_mosaic_float_reflectance_x10000_inferred() -> None:
