@@ -49,6 +49,9 @@ Progress = Callable[[int, int], None]
 #: blosc's automatic block size (a few hundred KiB) halves zstd's ratio; 1 MiB blocks give
 #: ratio 4.4 at level 1 for 1/5 of level 3's CPU time (level 3: same ratio).
 COMPRESSOR: dict[str, Any] = {"cname": "zstd", "clevel": 1, "shuffle": "shuffle", "blocksize": 1 << 20}
+#: the store of a scene is at least its float32 size divided by this (4.4 measured above; 20 leaves
+#: room for scenes with much nodata): an ingest that cannot fit even then is refused before it starts
+STORE_MAX_COMPRESSION = 20.0
 
 
 def hyperdeq_version() -> str:
@@ -145,6 +148,23 @@ def _remove_store(dest: Path) -> None:
         dest.unlink()
 
 
+def _check_free_space(dest: Path, shape: tuple[int, int, int]) -> None:
+    """Refuse an ingest whose store cannot fit on the destination disk even at the best compression."""
+    nb, ny, nx = shape
+    need = nb * ny * nx * 4 / STORE_MAX_COMPRESSION
+    try:
+        free = shutil.disk_usage(dest.parent).free
+    except OSError:
+        return
+    if need > free:
+        raise WriteError(
+            f"the scene declares {nb!r} bands x {ny!r} rows x {nx!r} columns ({nb * ny * nx * 4 / 2**30:.1f} "
+            f"GiB as float32); its zarr store would need at least {need / 2**30:.1f} GiB but "
+            f"{str(dest.parent)!r} has {free / 2**30:.1f} GiB free. Free disk space, ingest to another "
+            "disk, or crop the scene first."
+        )
+
+
 def _recount_valid(arr: Any, regions: list[tuple[int, int, int, int]], good: np.ndarray) -> list[int]:
     """Valid pixels per region over the bands ``good``, read back from the written store."""
     out = []
@@ -239,6 +259,7 @@ def ingest_scene(
             f"cannot write to {str(dest)!r}: {exc.strerror or exc}; choose a writable folder "
             "(check permissions and free space)."
         ) from exc
+    _check_free_space(dest, (nb, ny, nx))
 
     import zarr
 

@@ -152,6 +152,13 @@ class SceneSource:
             self.scale_factor = _check_scale(from_metadata, what)
             self.scale_factor_source = what
             return
+        if self.raw_dtype.kind in "iu" and self.raw_dtype.itemsize == 1:
+            raise InputValidationError(
+                f"{str(self.path)!r} holds 8-bit integers ({str(self.raw_dtype)!r}): no reflectance "
+                "product stores 8-bit values, so no scale can be assumed (an RGB or preview image?). "
+                "If these really are reflectance values, pass scale_factor=<number> "
+                "(reflectance = raw / scale_factor)."
+            )
         if self.raw_dtype.kind in "iu":
             self.scale_factor = INTEGER_REFLECTANCE_SCALE
             self.scale_factor_source = "assumed (integer reflectance x 10^4)"
@@ -326,6 +333,26 @@ def check_path(path: str | Path) -> Path:
             else f"the folder {str(parent)!r} does not exist either"
         )
         raise ReadError(f"input file not found: {str(p)!r}; {hint}.")
+    if p.is_dir():
+        try:
+            empty = not any(p.iterdir())
+        except OSError as exc:
+            raise ReadError(f"cannot list the folder {str(p)!r}: {exc}; check permissions.") from exc
+        if empty:
+            raise ReadError(
+                f"{str(p)!r} is an empty folder, not a scene; give the path of a scene file or of a "
+                "zarr store."
+            )
+    elif not p.is_file():
+        import stat
+
+        mode = p.stat().st_mode
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise ReadError(
+            f"{str(p)!r} is {kind}, not a scene file: hyperdeq reads (and hashes) regular files "
+            "only. Copy the data to a file first."
+        )
     return p
 
 

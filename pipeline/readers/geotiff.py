@@ -20,6 +20,12 @@ OPTIONS: tuple[str, ...] = ()
 #: GDAL's block cache defaults to 5 % of RAM and would make RSS grow with the scene; windows are
 #: read once each, so a small cache loses nothing
 GDAL_CACHE_MB = 64
+#: a file declaring more than this many raw bytes ...
+SPARSE_MIN_DECLARED = 1 << 30
+#: ... that is this many times smaller than what it declares is refused: real hyperspectral data
+#: compress 2-5x (the demo mosaic, 40 % nodata: 4.9x); a ratio of 1000 means missing (sparse)
+#: blocks or a forged header, and ingest would write a store the size of the declared cube
+SPARSE_MAX_RATIO = 1000.0
 
 
 def _env() -> Any:
@@ -60,6 +66,8 @@ class GeoTiffSource(SceneSource):
                     )
                 self.crs = ds.crs if ds.crs else None
                 self.transform = None if ds.transform.is_identity else ds.transform
+                self._check_crs()
+                self._check_declared_size(ds)
                 if self.transform is not None:
                     self._check_north_up(self.transform)
                 self.nodata = options.get("nodata", ds.nodata)
@@ -90,6 +98,38 @@ class GeoTiffSource(SceneSource):
             )
         self._check_readable()
         self.resolve_scale(options.get("scale_factor"), meta_scale, "GDAL scale tag")
+
+    def _check_crs(self) -> None:
+        """Refuse a CRS GDAL could not resolve: an unknown EPSG code in the GeoKeys comes back as a
+        local (engineering) CRS, and the outputs would carry it as if it were the scene's CRS."""
+        if self.crs is None:
+            return
+        wkt = self.crs.to_wkt()
+        if wkt.startswith(("LOCAL_CS", "ENGCRS", "ENGINEERING")):
+            raise InputValidationError(
+                f"GeoTIFF {str(self.path)!r} declares a CRS that is neither geographic nor projected "
+                f"(GDAL reads it as the local CRS {wkt[:120]!r}): usually an unknown or invalid EPSG "
+                "code in its GeoKeys. Set the right CRS (e.g. `gdal_edit.py -a_srs EPSG:32633 "
+                "file.tif`), or remove it (`gdal_edit.py -a_srs '' file.tif`) to process the scene "
+                "without georeferencing."
+            )
+
+    def _check_declared_size(self, ds: Any) -> None:
+        """Refuse files far smaller than the cube they declare (sparse or forged headers)."""
+        nb, ny, nx = self.shape
+        declared = nb * ny * nx * self.raw_dtype.itemsize
+        try:
+            size = max(self.path.stat().st_size, 1)
+        except OSError:
+            return
+        if declared > SPARSE_MIN_DECLARED and declared / size > SPARSE_MAX_RATIO:
+            raise InputValidationError(
+                f"GeoTIFF {str(self.path)!r} declares {nb!r} bands x {ny!r} rows x {nx!r} columns "
+                f"of {str(self.raw_dtype)!r} ({declared / 2**30:.1f} GiB) but the file holds only "
+                f"{size!r} bytes ({declared / size:.0f}x less; real data compress 2-5x): a sparse "
+                "file whose blocks are missing, or a damaged header. Check it with `gdalinfo "
+                "-checksum`; hyperdeq does not process it."
+            )
 
     def _check_north_up(self, t: Any) -> None:
         """Refuse rotation/shear terms: the scene's x/y coordinates (and the zarr store) would drop
