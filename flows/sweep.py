@@ -20,7 +20,8 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.settings import SENSORS_FILE, ClusterOptions, RunOptions, SweepParams
+from flows.options import RunOptions, options_to_build
+from flows.settings import SENSORS_FILE, SweepParams
 from pipeline.errors import ConfigError, HyperdeqError, ReadError
 
 
@@ -99,18 +100,17 @@ def read_list_file(path: str | Path) -> list[Path]:
     return sorted(set(out))
 
 
-def scene_state(scene: Path, out_root: str | Path, config: Any) -> dict[str, Any]:
-    """``{"scene", "pending", "run_dir", "reason"}`` for one scene (hashes the file, reads no pixels)."""
-    from pipeline.provenance import find_completed_run
-    from workers.run import plan_run
+def scene_state(scene: Path, job: Any) -> dict[str, Any]:
+    """``{"scene", "pending", "run_dir", "reason"}`` for one scene (reads its header and hashes it;
+    a completed run counts only when its outputs verify)."""
+    from workers.run import find_completed, plan_run
 
     try:
-        plan = plan_run(scene, out_root, config)
+        plan = plan_run(scene, job)
     except HyperdeqError as exc:
         return {"scene": str(scene), "pending": False, "run_dir": None, "reason": f"cannot plan: {exc}"}
-    run_dir = Path(plan["run_dir"])
-    done = find_completed_run(run_dir.parent, plan["input"]["sha256"], plan["config_hash"], plan["weights"])
-    return {"scene": str(scene), "pending": done is None, "run_dir": str(done or run_dir),
+    done = find_completed(plan)
+    return {"scene": str(scene), "pending": done is None, "run_dir": str(done or plan.run_dir),
             "reason": "" if done is None else "complete run exists"}
 
 
@@ -123,21 +123,32 @@ def find_scenes_task(params: SweepParams) -> list[str]:
 
 
 @task(name="pending-scenes", task_run_name="check {n} scenes for completed runs", cache_policy=NO_CACHE)
-def pending_task(scenes: list[str], out_root: str, config: Any, n: int) -> list[dict[str, Any]]:
-    return [scene_state(Path(s), out_root, config) for s in scenes]
+def pending_task(scenes: list[str], job: Any, n: int) -> list[dict[str, Any]]:
+    return [scene_state(Path(s), job) for s in scenes]
 
 
 @task(name="scene", task_run_name="scene {name}", cache_policy=NO_CACHE)
-def scene_task(scene: str, out_root: str, options: RunOptions, cluster: ClusterOptions, name: str) -> str:
-    """Run ``process_scene`` as a subflow (its own flow run page, artifacts and state)."""
+def scene_task(scene: str, out_root: str, options: Any, name: str) -> str:
+    """Run ``process_scene`` as a subflow (its own flow run page, logs, artifacts and state)."""
     from flows.scene_flow import process_scene
 
-    return process_scene(scene=scene, out_dir=out_root, options=options, cluster=cluster)
+    return process_scene(scene=scene, out_dir=out_root, options=options)
 
 
 # ------------------------------------------------------------------------------------- flow
+def _sweep_name() -> str:
+    """``sweep <root or list file> <UTC date and time>`` (the flow run's name in the UI)."""
+    import datetime as dt
+
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters or {}
+    src = p.get("root") or p.get("list_file") or "?"
+    return f"sweep {Path(str(src)).name or src} {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M}Z"
+
+
 @flow(name="sweep-archive", description="Process every archived scene without a completed run.",
-      validate_parameters=True, log_prints=True)
+      flow_run_name=lambda: _sweep_name(), validate_parameters=True, log_prints=True)
 def sweep_archive(
     root: str | None = None,
     list_file: str | None = None,
@@ -145,17 +156,22 @@ def sweep_archive(
     sensors: list[str] | None = None,
     patterns: list[str] | None = None,
     max_concurrent: int = 2,
-    options: RunOptions = RunOptions(),
-    cluster: ClusterOptions = ClusterOptions(),
+    options: RunOptions = RunOptions(),  # type: ignore[valid-type]
 ) -> dict[str, Any]:
-    """Returns ``{"processed": [...], "skipped": [...], "failed": [{"scene", "reason"}]}``."""
+    """Returns ``{"processed": [...], "skipped": [...], "failed": [{"scene", "reason"}]}``; ends
+    Failed (after every other scene ran and the table is published) when a scene failed.
+
+    ``root``: archive folder scanned with the sensor patterns; ``list_file``: a text file with one
+    scene path per line (give one of the two); ``out_root``: where runs go; ``sensors``/``patterns``:
+    which files under ``root`` are scenes; ``max_concurrent``: scenes at the same time; ``options``:
+    the run options of every scene.
+    """
     log = get_run_logger()
     params = SweepParams(root=root, list_file=list_file, out_root=out_root, sensors=sensors,
-                         patterns=patterns, max_concurrent=max_concurrent, options=options,
-                         cluster=cluster)
-    cfg = params.options.to_run_config(params.out_root, params.cluster)
+                         patterns=patterns, max_concurrent=max_concurrent, options=options)
+    job, _cluster = options_to_build(params.options, params.out_root)
     scenes = find_scenes_task(params)
-    states = pending_task(scenes, params.out_root, cfg, n=len(scenes))
+    states = pending_task(scenes, job, n=len(scenes))
     pending = [s for s in states if s["pending"]]
     summary: dict[str, Any] = {
         "processed": [],
@@ -178,19 +194,29 @@ def sweep_archive(
         publish_sweep_table(rows)
     for f in summary["failed"]:
         log.error("scene %s failed: %s", f["scene"], f["reason"])
+    if summary["failed"]:  # the sweep ends Failed (alerts fire) and still carries its table
+        from prefect.states import Failed
+
+        return Failed(  # type: ignore[return-value]
+            message=f"{len(summary['failed'])} of {len(states)} scenes failed "
+                    f"({', '.join(Path(f['scene']).name for f in summary['failed'][:5])}); processed "
+                    f"{len(summary['processed'])}, skipped {len(summary['skipped'])}: see the sweep table",
+            data=summary)
     return summary
 
 
 def _run_pending(pending: list[dict[str, Any]], params: SweepParams, summary: dict[str, Any],
                  log: Any) -> None:
     """Run the pending scenes, ``max_concurrent`` at a time, on one cluster for the whole sweep."""
-    from flows.scene_flow import open_cluster
+    from workers.cluster import open_cluster
 
-    cluster = params.cluster
+    options = params.options
+    job, spec = options_to_build(options, params.out_root)
     handle = None
-    if cluster.kind != "address":
-        handle = open_cluster(cluster, params.options.to_run_config(params.out_root, cluster))
-        cluster = ClusterOptions(kind="address", address=handle.client.scheduler.address)
+    if spec.kind != "address":  # one cluster for the whole sweep; each scene connects to it
+        handle = open_cluster(spec, job.config.device, job.preload())
+        options = options.model_copy(update={"cluster": "address", "scheduler": handle.client.scheduler.address,
+                                              "workers": None, "recipe": None, "memory_limit": None})
         log.info("sweep cluster: %s", handle.describe())
     try:
         queue = list(pending)
@@ -198,8 +224,7 @@ def _run_pending(pending: list[dict[str, Any]], params: SweepParams, summary: di
         while queue or running:
             while queue and len(running) < params.max_concurrent:
                 s = queue.pop(0)
-                fut = scene_task.submit(s["scene"], params.out_root, params.options, cluster,
-                                        name=Path(s["scene"]).name)
+                fut = scene_task.submit(s["scene"], params.out_root, options, name=Path(s["scene"]).name)
                 running.append((s["scene"], fut))
             still = []
             for scene, fut in running:

@@ -13,17 +13,6 @@ from typing import Any
 from distributed.diagnostics.plugin import WorkerPlugin
 
 
-def local_torch_threads(n_workers: int, threads_per_worker: int = 1) -> int:
-    """Torch threads per worker of a local CPU cluster: the host's cores shared out evenly.
-
-    One Dask thread per worker runs one tile batch at a time; torch's intra-op pool then uses
-    ``cores // workers`` threads, so one worker on a 2-core laptop uses both cores.
-    """
-    import os
-
-    return max(1, (os.cpu_count() or 1) // max(1, n_workers * threads_per_worker))
-
-
 class ModelPlugin(WorkerPlugin):
     """Preload ``models`` (registry names with shipped weights) on every worker at start-up."""
 
@@ -34,7 +23,7 @@ class ModelPlugin(WorkerPlugin):
                  keep_threads: bool = False) -> None:
         """``torch_threads``: intra-op threads per worker process (None leaves torch's default).
 
-        Use :func:`local_torch_threads` for a local CPU cluster so the workers share the cores.
+        Use :func:`workers.cluster.local_torch_threads` for a local CPU cluster so the workers share the cores.
         ``decsc_arch``: which DECSC weights to preload (``shipped`` or ``full``).
         ``keep_threads``: leave the thread count an earlier hyperdeq plugin set on the worker (a
         client that merely connects to a running cluster -- each scene of a sweep -- must not
