@@ -22,7 +22,8 @@ from pipeline.errors import ConfigError, InputValidationError, ReadError, Unknow
 from pipeline.readers._base import DEFAULT_CHUNK, SceneSource, check_path
 from pipeline.readers.hyperdeq_zarr import ZarrSceneSource, is_hyperdeq_zarr, is_zarr_dir
 
-__all__ = ["FORMATS", "open_scene", "open_source", "detect_format", "SceneSource", "is_hyperdeq_zarr"]
+__all__ = ["FORMATS", "open_scene", "open_source", "detect_format", "check_input", "SceneSource",
+           "is_hyperdeq_zarr"]
 
 
 def _geotiff(path: Path, **o: Any) -> SceneSource:
@@ -87,8 +88,12 @@ def detect_format(path: str | Path) -> str:
     if p.is_dir():
         if is_zarr_dir(p):
             return "zarr"
+        try:
+            what = "an empty folder" if not any(p.iterdir()) else "not a zarr store: no zarr.json"
+        except OSError as exc:
+            raise ReadError(f"cannot list the folder {str(p)!r}: {exc}; check permissions.") from exc
         raise ReadError(
-            f"{str(p)!r} is a directory, not a scene file (and not a zarr store: no zarr.json); "
+            f"{str(p)!r} is a directory, not a scene file ({what}); "
             "give the path of the scene file itself."
         )
     try:
@@ -113,6 +118,18 @@ def detect_format(path: str | Path) -> str:
         f"unknown scene format for {str(p)!r} (extension {ext!r}, first bytes {head[:8]!r}); "
         f"supported formats: {sorted(FORMATS)!r}. Pass format=<one of these> if the file is one."
     )
+
+
+def check_input(path: str | Path, format: str | None = None) -> Path:
+    """Cheap checks of an input path before anything hashes or reads it: it exists, is a regular
+    file or a non-empty folder, and (without ``format``) its format is recognised. Returns the path.
+
+    Call this first: hashing a FIFO or an empty folder can only say "cannot hash".
+    """
+    p = check_path(path)
+    if format is None:
+        detect_format(p)
+    return p
 
 
 def _canonical_format(fmt: str) -> str:

@@ -333,17 +333,7 @@ def check_path(path: str | Path) -> Path:
             else f"the folder {str(parent)!r} does not exist either"
         )
         raise ReadError(f"input file not found: {str(p)!r}; {hint}.")
-    if p.is_dir():
-        try:
-            empty = not any(p.iterdir())
-        except OSError as exc:
-            raise ReadError(f"cannot list the folder {str(p)!r}: {exc}; check permissions.") from exc
-        if empty:
-            raise ReadError(
-                f"{str(p)!r} is an empty folder, not a scene; give the path of a scene file or of a "
-                "zarr store."
-            )
-    elif not p.is_file():
+    if not p.is_dir() and not p.is_file():
         import stat
 
         mode = p.stat().st_mode

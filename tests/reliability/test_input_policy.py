@@ -296,11 +296,17 @@ def test_8_bit_images_need_an_explicit_scale(case, dtype: str, bands: int, demo_
 def test_empty_folder_and_fifo_are_refused_clearly(case, tmp_path: Path) -> None:
     case("bad input", "an empty folder, and a named pipe (FIFO), given as the scene",
          "ReadError saying what the path is (not 'cannot hash ...')")
+    from pipeline.readers import check_input
+
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ReadError, match=r"is an empty folder, not a scene"):
+    with pytest.raises(ReadError, match=r"is a directory, not a scene file \(an empty folder\)"):
+        check_input(tmp_path / "empty")  # what a run calls before hashing its input
+    with pytest.raises(ReadError, match=r"is a directory, not a scene file \(an empty folder\)"):
         open_source(tmp_path / "empty")
     os.mkfifo(tmp_path / "pipe.tif")
     with pytest.raises(ReadError, match=r"is a named pipe \(FIFO\), not a scene file"):
         open_source(tmp_path / "pipe.tif")
+    with pytest.raises(ReadError, match=r"is a named pipe \(FIFO\)"):
+        check_input(tmp_path / "pipe.tif")
     with pytest.raises(ReadError, match=r"is a named pipe \(FIFO\)"):
         ingest_scene(tmp_path / "pipe.tif", tmp_path / "pipe.zarr")
