@@ -14,9 +14,7 @@ configuration hash and the model weights' sha256s.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -38,7 +36,7 @@ from pipeline.hashing import sha256_path, verify_entry
 from pipeline.runner import TileModel
 from pipeline.writers import confined_path, safe_name
 from workers.cluster import ClusterHandle, ClusterSpec, has_gpu_workers, open_cluster
-from workers.denoise.options import DenoiseOptions
+from workers.plan import Job, RunPlan, config_hash
 from workers.stages import (
     FIT_DIR,
     INGESTED,
@@ -61,7 +59,6 @@ from workers.stages import (
     stage_tile,
     stage_write,
 )
-from workers.unmix.options import UnmixOptions
 
 __all__ = [
     "INGESTED", "OUT_NAMES", "Job", "RunPlan", "RunResult", "RunCancelled", "execute", "load_stage",
@@ -71,7 +68,6 @@ __all__ = [
 _log = logging.getLogger("hyperdeq.run")
 CANCELLED = "cancelled"
 LOCK = ".hyperdeq.lock"
-ModelOptions = DenoiseOptions | UnmixOptions
 
 
 class RunCancelled(BaseException):
@@ -80,91 +76,6 @@ class RunCancelled(BaseException):
     def __init__(self, why: str, exit_code: int = 130) -> None:
         super().__init__(why)
         self.exit_code = exit_code
-
-
-# ---------------------------------------------------------------------------- the job
-@dataclass(frozen=True)
-class Job:
-    """What to compute: the run configuration and each enabled model's own options (None: off)."""
-
-    config: RunConfig = field(default_factory=RunConfig)
-    denoise: DenoiseOptions | None = field(default_factory=DenoiseOptions)
-    unmix: UnmixOptions | None = field(default_factory=UnmixOptions)
-
-    def __post_init__(self) -> None:
-        if self.denoise is None and self.unmix is None:
-            raise ConfigError("nothing to do: denoising and unmixing are both off; enable at least one")
-
-    @property
-    def models(self) -> tuple[ModelOptions, ...]:
-        return tuple(m for m in (self.denoise, self.unmix) if m is not None)
-
-    def options(self, stage: str) -> ModelOptions:
-        m = {"denoise": self.denoise, "unmix": self.unmix}.get(stage)
-        if m is None:
-            raise ConfigError(f"stage {stage!r} is not enabled in this run")
-        return m
-
-    def replace(self, **changes: Any) -> Job:
-        return dataclasses.replace(self, **changes)
-
-    def model_parts(self, rows: int, cols: int, n_bands: int) -> dict[str, int]:
-        parts: dict[str, int] = {}
-        for m in self.models:
-            parts.update(m.memory_parts(rows, cols, n_bands, self.config.device))
-        return parts
-
-    def preload(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for m in self.models:
-            out.update(m.preload())
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(),
-                **{m.stage: dataclasses.asdict(m) for m in self.models}}
-
-
-# ---------------------------------------------------------------------------- the plan
-@dataclass(frozen=True)
-class RunPlan:
-    """A planned run: resolved job, identity (input digest, config hash, weights) and folder."""
-
-    scene: Path
-    job: Job
-    input_sha256: str
-    config_hash: str
-    weights: dict[str, str | None]
-    halos: dict[str, int]
-    run_id: str
-    run_dir: Path
-    scene_info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def config(self) -> RunConfig:
-        return self.job.config
-
-    def check_tile_memory(self, n_bands: int, scene_hw: tuple[int, int] | None = None) -> None:
-        rows, cols = self.config.read_window(scene_hw)
-        self.config.check_tile_memory(n_bands, self.job.model_parts(rows, cols, n_bands), scene_hw)
-
-    def record_head(self) -> dict[str, Any]:
-        """The fields every state of ``run.json`` starts with."""
-        return {"run_id": self.run_id, "input": {"path": str(self.scene.resolve()), "sha256": self.input_sha256,
-                                                 **self.scene_info},
-                "config": self.job.to_dict(), "config_hash": self.config_hash, "weights": self.weights}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.record_head(), "run_dir": str(self.run_dir), "halos": self.halos}
-
-
-def config_hash(job: Job) -> str:
-    """The configuration hash a run is named by: the run configuration plus each model's algorithm
-    (its options, solver settings and architecture), so a release that changes how a model computes
-    never resumes tiles or reuses a fit computed the old way."""
-    algo = {m.stage: m.algorithm() for m in job.models}
-    blob = json.dumps([job.config.config_hash(), algo], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _choose_tile(job: Job, n_bands: int, hw: tuple[int, int]) -> RunConfig:

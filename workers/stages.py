@@ -19,7 +19,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -41,9 +41,7 @@ from pipeline.writers import (
     rgb_bands,
     write_cog,
 )
-
-if TYPE_CHECKING:
-    from workers.run import RunPlan
+from workers.plan import RunPlan
 
 StageProgress = Callable[[str, int, int], None]
 
