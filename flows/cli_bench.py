@@ -19,6 +19,17 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         sections: str | None = typer.Option(None, help="comma list of sections to run (default: all)"),
     ) -> None:
         """Measure speed, memory and scaling against the classical anchors; write docs/benchmarks.md."""
+        import sys
+
+        from flows.settings import REPO_ROOT
+        from pipeline.errors import ConfigError
+
+        if not (REPO_ROOT / "benchmarks" / "__main__.py").is_file():
+            raise ConfigError("hyperdeq bench runs from a source checkout (the benchmarks/ folder is not "
+                              f"installed with the package; none at {str(REPO_ROOT)!r}): clone the repository, "
+                              "`pip install -e .` there and run it again")
+        if str(REPO_ROOT) not in sys.path:
+            sys.path.insert(0, str(REPO_ROOT))
         from benchmarks.__main__ import run_bench
 
         secs = tuple(s.strip() for s in sections.split(",")) if sections else None
