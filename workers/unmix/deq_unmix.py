@@ -13,8 +13,8 @@ is the FCLS solution), and ``Π_Δ`` is the sorting-based Euclidean projection o
 The fixed point is found by the shared DEQ core (Anderson acceleration, implicit backward), so
 training memory does not grow with the number of solver iterations.
 
-Endmembers ``E`` (L×P) are learnable parameters, started from VCA and kept non-negative
-(:meth:`DEQUnmix.project_`).
+Endmembers ``E`` (L×P) are learnable parameters, started from the blind estimate of
+:func:`workers.unmix.fit.init_endmembers` and kept non-negative (:meth:`DEQUnmix.project_`).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class DEQUnmix(nn.Module):
         eval_max_iter: int | None = 100,
         backward: str = "implicit",
         backward_max_iter: int | None = 40,
-        m: int = 5,
+        m: int = 3,
     ) -> None:
         super().__init__()
         if endmembers.ndim != 2 or endmembers.shape[1] < 2:

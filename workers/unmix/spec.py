@@ -17,7 +17,7 @@ SPEC = ModelSpec(
         "tol": DEFAULTS["tol"],
         "max_iter": DEFAULTS["train_max_iter"],
         "eval_max_iter": DEFAULTS["eval_max_iter"],
-        "m": 5,
+        "m": DEFAULTS["anderson_m"],
         "per_pixel": True,
         "backward": "implicit",
     },
