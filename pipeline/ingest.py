@@ -193,7 +193,12 @@ def ingest_scene(
     """Read ``src`` window by window and write it to the zarr v3 store ``dest``; return ``dest``.
 
     Values are checked per region (infinities → :class:`InputValidationError`; a scene without a
-    single valid pixel → :class:`InputValidationError`). An existing complete ``dest`` is refused
+    single valid pixel → :class:`InputValidationError`). Values outside the physical reflectance
+    range (:data:`pipeline.readers._base.REFLECTANCE_RANGE`) were made NaN by the reader; their
+    count per band is stored in ``hyperdeq.out_of_range_per_band``. A good band without a single
+    finite value becomes a bad band (``hyperdeq.nodata_bands``). Scenes below
+    :data:`pipeline.scene.MIN_SCENE_SIZE` and stores that cannot fit the free disk are refused
+    before anything is written (``docs/inputs.md``). An existing complete ``dest`` is refused
     unless ``overwrite``; an interrupted ingest of the same source (same sha256, chunk, reader) is
     resumed. ``source_sha256``: the input's digest when the caller already has it
     (:func:`pipeline.hashing.sha256_path`; computed here otherwise, never twice per run).
