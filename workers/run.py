@@ -442,6 +442,7 @@ def _handle_for(cluster: ClusterArg, plan: RunPlan) -> tuple[ClusterHandle | Non
 def _env_for(cluster: ClusterArg, handle: ClusterHandle | None, progress: StageProgress | None,
              log: Callable[[str], None], tile_models: dict[str, TileModel]) -> StageEnv:
     if handle is None:  # a plain Executor: everything runs through it
+        assert isinstance(cluster, Executor)
         n = int(getattr(cluster, "_max_workers", 2) or 2)
         return StageEnv(cluster, cluster, n, progress, log, {"executor": type(cluster).__name__}, None, tile_models)
     return StageEnv(handle.model_executor(), handle.executor(), max(1, handle.n_workers()), progress, log,
@@ -474,7 +475,7 @@ def execute(plan: RunPlan, cluster: ClusterArg, *, call: Call = _direct, progres
         try:
             if not isinstance(cluster, Executor):
                 handle, owned = _handle_for(cluster, plan)
-                client = handle.client
+                client = handle.client if handle is not None else None
             scheduler = cluster.address if isinstance(cluster, ClusterSpec) else None
             env = _env_for(cluster, handle, progress, say, tile_models or {})
             if handle is not None:

@@ -9,6 +9,7 @@ never leaves a final-named output.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -220,13 +221,7 @@ def cluster_lost_error(stage: str, address: str | None, detail: str) -> ClusterE
 def _tile_model(plan: RunPlan, stage: str, env: StageEnv, fit_dir: Path | None) -> TileModel:
     if stage in env.tile_models:
         return env.tile_models[stage]
-    if stage == "unmix":
-        from workers.infer import UnmixTileModel
-
-        assert fit_dir is not None
-        return UnmixTileModel.from_fit(fit_dir, plan.config.device)
-    opts = plan.job.options(stage)
-    return opts.tile_model(plan.config.device)  # type: ignore[no-any-return]
+    return plan.job.options(stage).tile_model(plan.config.device, fit_dir)
 
 
 def stage_model(plan: RunPlan, stage: str, tile_store: Path, env: StageEnv, fit_dir: Path | None = None) -> dict[str, Any]:
@@ -410,6 +405,10 @@ def _write_denoised(run_dir: Path, like: Any, tags: dict[str, str], outputs: dic
     outputs["quicklook_rgb"] = OUT_NAMES["quicklook_rgb"]
 
 
+def _cog(src: Path, tmp: Path, *, like: Any, descriptions: list[str], tags: dict[str, str]) -> None:
+    write_cog(src, tmp, like, descriptions=descriptions, tags=tags)
+
+
 def _write_abundances(run_dir: Path, like: Any, tags: dict[str, str], outputs: dict[str, str], rgb: bool) -> None:
     from workers.infer import load_fit
     from workers.unmix.fit import write_endmembers
@@ -418,8 +417,7 @@ def _write_abundances(run_dir: Path, like: Any, tags: dict[str, str], outputs: d
     outputs["abundances_zarr"] = OUT_NAMES["abundances_zarr"]
     names = [str(n) for n in open_output(z, "abundances")["endmember"].values]
     for key, var, desc in (("abundances_tif", "abundances", names), ("rmse_tif", "rmse", ["rmse"])):
-        _atomic(staged(run_dir, key), lambda tmp, var=var, desc=desc: write_cog(
-            z / var, tmp, like, descriptions=desc, tags=tags))
+        _atomic(staged(run_dir, key), functools.partial(_cog, z / var, like=like, descriptions=desc, tags=tags))
         outputs[key] = OUT_NAMES[key]
     _atomic(staged(run_dir, "quicklook_abundances"), lambda tmp: quicklook_abundances(z / "abundances", tmp))
     outputs["quicklook_abundances"] = OUT_NAMES["quicklook_abundances"]

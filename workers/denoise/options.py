@@ -100,8 +100,8 @@ class DenoiseOptions:
         return {"models": (self.model,), "decsc_arch": self.arch}
 
     # ------------------------------------------------------------------ compute
-    def tile_model(self, device: str) -> Any:
-        """The :class:`pipeline.runner.TileModel` that denoises one tile."""
+    def tile_model(self, device: str, fit_dir: Any = None) -> Any:
+        """The :class:`pipeline.runner.TileModel` that denoises one tile (``fit_dir`` unused: shipped weights)."""
         from workers.infer import DenoiseTileModel
 
         return DenoiseTileModel.from_registry(device, self.arch, self.guard, self.subspace)

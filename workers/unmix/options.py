@@ -48,5 +48,14 @@ class UnmixOptions:
     def preload(self) -> dict[str, Any]:
         return {}
 
+    def tile_model(self, device: str, fit_dir: Any = None) -> Any:
+        """The :class:`pipeline.runner.TileModel` that unmixes one tile with the scene's fit in ``fit_dir``."""
+        from pipeline.errors import ProvenanceError
+        from workers.infer import UnmixTileModel
+
+        if fit_dir is None:
+            raise ProvenanceError("the unmix stage needs the scene's fit; run the fit_unmixer stage first")
+        return UnmixTileModel.from_fit(fit_dir, device)
+
     def fit_kwargs(self) -> dict[str, Any]:
         return {} if self.epochs is None else {"max_epochs": self.epochs}
