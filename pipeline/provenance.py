@@ -249,7 +249,7 @@ def stac_item(
     for k in ("proj:code", "proj:wkt2", "proj:transform", "proj:shape"):
         if k in geo:
             item.properties[k] = geo[k]
-    outputs: dict[str, str] = dict(record.get("outputs", {}))
+    outputs = {k: str(v["path"] if isinstance(v, dict) else v) for k, v in (record.get("outputs") or {}).items()}
     spectral = stac_bands(scene) if scene is not None else None
     names = list(endmembers) if endmembers is not None else _endmember_names(run_dir, outputs)
     res = None

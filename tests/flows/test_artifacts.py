@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,27 +36,61 @@ def test_rgb_bands_pick_true_colour_good_bands(enmap_tile) -> None:
     assert len(set(art.rgb_bands(None, 10))) == 3
 
 
-def test_rgb_png_marks_nodata_transparent(enmap_tile) -> None:
+def test_rgb_png_marks_nodata_transparent_and_is_at_least_256_px(enmap_tile) -> None:
     cube = enmap_tile.values.copy()
     cube[:, :4, :] = np.nan  # a nodata strip
     bands = art.rgb_bands(enmap_tile["wavelength"].values, cube.shape[0], enmap_tile["good_band"].values)
     img = Image.open(io.BytesIO(art.rgb_png(cube, bands)))
     a = np.asarray(img)
-    assert img.mode == "RGBA" and a.shape == (32, 32, 4)
-    assert (a[:4, :, 3] == 0).all() and (a[4:, :, 3] == 255).all()
-    assert a[4:, :, :3].std() > 10  # real image content, stretched
+    # the 32 px tile is enlarged 8x (nearest): every scene pixel is an 8x8 block
+    assert img.mode == "RGBA" and a.shape == (256, 256, 4)
+    assert (a[:32, :, 3] == 0).all() and (a[32:, :, 3] == 255).all()
+    assert a[32:, :, :3].std() > 10  # real image content, stretched
+    np.testing.assert_array_equal(a[32:40, 0:8], np.broadcast_to(a[32, 0], (8, 8, 4)))
+    titled = np.asarray(Image.open(io.BytesIO(art.rgb_png(cube, bands, title="input (before denoising)"))))
+    assert titled.shape == (256 + art.HEADER_PX, 256, 4)
+    header = titled[: art.HEADER_PX, :, :3]
+    assert (header < 128).any() and (titled[: art.HEADER_PX, :, 3] == 255).all()  # text on white
+    np.testing.assert_array_equal(titled[art.HEADER_PX:], a)
+    wl = enmap_tile["wavelength"].values
+    assert art.rgb_title("x", [wl[b] for b in bands]).replace("\u00a0", " ").startswith("x · R 6")
 
 
-def test_abundance_png_and_data_uri() -> None:
+def test_abundance_png_has_labelled_panels_and_a_colour_bar() -> None:
     ab = np.stack([np.linspace(0, 1, 400).reshape(20, 20)] * 3)
-    png = art.abundance_png(ab, gap=2)
-    img = Image.open(io.BytesIO(png))
-    assert img.size == (3 * 20 + 2 * 2, 20)
+    ab[:, :2] = np.nan
+    png = art.abundance_png(ab, ["vegetation", "soil", "water"], gap=2)
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    panel = 20 * 13  # 20 px enlarged by 13 to reach 256 px
+    assert img.shape[0] == panel + art.HEADER_PX
+    assert img.shape[1] > 3 * panel + 2 * 2  # the colour bar is to the right
+    # each panel: a title strip with text, then the map; nodata rows are white
+    for k in range(3):
+        x0 = k * (panel + 2)
+        assert (img[: art.HEADER_PX, x0:x0 + panel] < 128).any()
+        assert (img[art.HEADER_PX:art.HEADER_PX + 26, x0:x0 + panel] == 255).all()
+    bar = img[art.HEADER_PX + 10:-10, 3 * (panel + 2) + 8]  # a column inside the colour bar
+    assert len({tuple(c) for c in bar}) > 20  # a ramp, not a flat colour
+    # the same value maps to the same colour in every panel (one fixed 0-1 scale)
+    assert (img[200, 100] == img[200, 100 + panel + 2]).all()
     uri = art.data_uri(png)
     assert uri.startswith("data:image/png;base64,")
     import base64
 
     assert base64.b64decode(uri.split(",", 1)[1]) == png
+
+
+def test_spectra_png_draws_each_endmember_against_wavelength(enmap_tile) -> None:
+    wl = enmap_tile["wavelength"].values
+    good = enmap_tile["good_band"].values
+    keep = np.flatnonzero(good)
+    cube = enmap_tile.values[keep]
+    spectra = {"bright": np.nanmax(cube, axis=(1, 2)), "dark": np.nanmin(cube, axis=(1, 2))}
+    png = art.spectra_png([float(w) for w in wl[keep]], {k: v.tolist() for k, v in spectra.items()})
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert img.shape == (400, 720, 3)
+    for colour in art._LINE_COLOURS[:2]:  # both lines and their legend entries are drawn
+        assert (np.abs(img.astype(int) - colour).sum(axis=-1) < 30).sum() > 200
 
 
 def test_quicklooks_are_downsampled() -> None:
@@ -75,16 +110,23 @@ def test_solver_summary_and_report() -> None:
         models=[{"name": "deq-unmix", "weights_sha256": None, "halo": 16}],
         timings_s={"ingest": 1.0, "unmix": 2.5}, solver={"unmix": s},
         failed_tiles=[{"stage": "unmix", "index": "t_0_1", "error": "ModelError: diverged"}],
-        outputs={"abundances_tif": "/o/abundances.tif"}, quality={"nodata_fraction": 0.42},
+        outputs={"abundances_tif": "/o/abundances.tif"},
+        quality={"nodata_fraction": 0.42123, "reconstruction_rmse": 0.0123456789},
     )
     md = art.report_markdown(summary)
     for frag in ("# hyperdeq run: `a.tif`", "tile=64", "fitted per scene", "| **total** | **3.50** |",
-                 "convergence_rate", "## Failed tiles (1)", "t_0_1: ModelError: diverged",
-                 "/o/abundances.tif", "/o/run.json"):
+                 "| unmix | 2 | 1/2 | 12.5 / 20 | 1.50e-02 / 3.00e-02 |", art.SOLVER_NOTE,
+                 "| reconstruction RMSE (reflectance) | 0.0123 |", "| nodata (%) | 42.1 |",
+                 "## Failed tiles (1)", "t_0_1: ModelError: diverged", "/o/abundances.tif", "/o/run.json"):
         assert frag in md, frag
     row = art.quality_row(summary)
-    assert row["scene"] == "a.tif" and row["nodata_fraction"] == 0.42
-    assert row["failed_tiles"] == 1 and row["wall_s"] == 3.5
+    assert list(row) == list(art.QUALITY_COLUMNS)
+    assert row["scene"] == "a.tif" and row["nodata (%)"] == 42.1
+    assert row["reconstruction RMSE (reflectance)"] == 0.0123
+    assert row["converged tiles (per stage)"] == "unmix 1/2"
+    assert row["failed tiles"] == 1 and row["wall time (s)"] == 3.5
+    summary.solver = {}
+    assert art.quality_row(summary)["converged tiles (per stage)"].startswith("n/a")
 
 
 def test_scene_progress_outside_a_run_only_logs(caplog) -> None:
@@ -98,3 +140,95 @@ def test_scene_progress_outside_a_run_only_logs(caplog) -> None:
         p("denoise", 4, 4)
     assert p.percent == pytest.approx(66.7)
     assert "denoise 4/4 tiles" in caplog.text
+
+
+# ------------------------------------------------------------------ a run directory of real files
+def _real_run(root: Path, tif: Path) -> Path:
+    """A finished run of the real 32 px EnMAP tile written with the pipeline's own functions:
+    ingested scene, denoised and abundance stores, endmember spectra (real pixels, good bands
+    only) and a run record (tile records: denoise converged, unmix stopped at its cap)."""
+    import json
+
+    import zarr
+
+    from pipeline import provenance as prov
+    from pipeline.ingest import ingest_scene, open_zarr_scene
+    from pipeline.writers import create_output_zarr, mark_complete
+
+    run = root / "enmap" / "r1"
+    ingest_scene(tif, run / "ingest" / "scene.zarr", chunk=16)
+    like = open_zarr_scene(run / "ingest" / "scene.zarr")
+    cube = like.values
+    wl, good = like["wavelength"].values, like["good_band"].values
+    a = create_output_zarr(run / "denoised.zarr", "denoised", like, channel_dim="band", chunk=16,
+                           channel_coords={k: like[k].values for k in ("band", "wavelength", "fwhm", "good_band")})
+    zarr.open_array(a["denoised"], mode="r+")[...] = cube * 0.97
+    mark_complete(run / "denoised.zarr")
+    nir, red = cube[int(np.argmin(np.abs(wl - 860)))], cube[int(np.argmin(np.abs(wl - 660)))]
+    veg = np.clip(((nir - red) / (nir + red) - 0.1) / 0.7, 0, 1)
+    ab = np.stack([veg, (1 - veg) * 0.8, (1 - veg) * 0.2]).astype(np.float32)
+    names = ["vegetation", "soil", "water"]
+    a = create_output_zarr(run / "abundances.zarr", "abundances", like, channel_dim="endmember", chunk=16,
+                           channel_coords={"endmember": np.array(names, dtype=object)}, extra=[("rmse", None, None)])
+    zarr.open_array(a["abundances"], mode="r+")[...] = ab
+    zarr.open_array(a["rmse"], mode="r+")[...] = np.full(veg.shape, 0.0123456, np.float32)
+    mark_complete(run / "abundances.zarr")
+    flat = cube.reshape(cube.shape[0], -1)
+    pix = [int(np.nanargmax(veg)), int(np.nanargmin(nir)), int(np.nanargmax(red))]
+    keep = np.flatnonzero(good)
+    (run / "endmembers.json").write_text(json.dumps({
+        "wavelength_nm": [float(w) for w in wl[keep]],
+        "endmembers": {n: flat[keep, i].tolist() for n, i in zip(names, pix, strict=True)}}))
+    tiles = {"denoise": [{"key": f"t{i}", "status": "ok", "iterations": 6 + i, "residual": 4e-4,
+                          "converged": True} for i in range(4)],
+             "unmix": [{"key": f"t{i}", "status": "ok", "iterations": 150, "residual": 2e-3,
+                        "converged": False} for i in range(2)]}
+    prov.write_run_record(run, {
+        "run_id": "r1", "status": "complete", "start": "2026-12-02T10:00:00Z", "end": "2026-12-02T10:01:00Z",
+        "input": {"path": str(tif), "sha256": "ab" * 32}, "config_hash": "cd" * 32, "config": {"tile": 16},
+        "models": [{"name": "decsc", "weights_sha256": "ef" * 32, "halo": 8}],
+        "outputs": {"denoised_zarr": {"path": "denoised.zarr", "sha256": "x"}, "abundances_zarr": "abundances.zarr",
+                    "endmembers_json": "endmembers.json"},
+        "tiles": tiles, "stages": {"ingest": {"wall_s": 0.51234}, "denoise": {"wall_s": 12.3456}},
+        "failed_tiles": []})
+    return run
+
+
+def test_quicklooks_and_tables_of_a_real_run(tmp_path: Path, test_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _real_run(tmp_path / "out", test_data / "enmap_potsdam_tile" / "enmap_potsdam_tile_128_0.tif")
+    images = art.render_quicklooks(run)
+    assert set(images) == {"before_rgb", "after_rgb", "abundances", "endmember_spectra"}
+    sizes = {k: Image.open(io.BytesIO(v)).size for k, v in images.items()}
+    assert all(min(w, h) >= 256 for w, h in sizes.values()), sizes  # the scene is 32 px
+    assert sizes["before_rgb"][0] == 256 and sizes["before_rgb"][1] >= 256 + art.HEADER_PX  # title above
+    assert sizes["abundances"][0] > 3 * 256  # three labelled panels and the colour bar
+    looks = art.write_quicklooks(run, images)
+    assert {p.name for p in (run / "quicklooks").iterdir()} == {f"{k}.png" for k in images}
+
+    s = art.summary_from_record(run)
+    row = art.quality_row(s)
+    assert row["converged tiles (per stage)"] == "denoise 4/4, unmix 0/2"
+    assert row["reconstruction RMSE (reflectance)"] == 0.0123
+    assert row["denoise residual RMS (reflectance)"] == art._sig(row["denoise residual RMS (reflectance)"])
+    assert 0 < row["denoise residual RMS (reflectance)"] < 0.05
+    assert row["wall time (s)"] == 12.9 and row["nodata (%)"] == 0.0
+    assert s.outputs["denoised_zarr"] == str(run / "denoised.zarr")
+
+    # publishing: the report embeds the PNGs; without an http address no image artifact is made
+    # (Prefect's image artifact shows its URL as text), with one the artifact points at the file
+    calls: list[tuple[str, Any]] = []
+    import prefect.artifacts as pa
+
+    for fn in ("create_markdown_artifact", "create_table_artifact", "create_image_artifact"):
+        monkeypatch.setattr(pa, fn, lambda payload, *a, _fn=fn, **k: calls.append((_fn, payload)) or _fn)
+    ids = art.publish_scene_artifacts(s, looks)
+    assert set(ids) == {"report", "quality"} and [c[0] for c in calls][:2] == ["create_markdown_artifact", "create_table_artifact"]
+    md = calls[0][1]
+    assert md.count("data:image/png;base64,") == 4 and art.SOLVER_NOTE in md
+    assert calls[1][1] == [row]
+    calls.clear()
+    ids = art.publish_scene_artifacts(s, looks, image_base_url="https://data.example.org/hyperdeq/")
+    urls = [c[1] for c in calls if c[0] == "create_image_artifact"]
+    assert sorted(urls) == sorted(f"https://data.example.org/hyperdeq/r1/quicklooks/{k}.png" for k in images)
+    with pytest.raises(ValueError, match=r"http\(s\)://"):
+        art.publish_scene_artifacts(s, looks, image_base_url="file:///tmp")
