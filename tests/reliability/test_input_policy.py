@@ -59,6 +59,7 @@ def clean_store(demo_crop: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     ("label", "raw"),
     [("-3e38 (near float32's lowest)", -3e38), ("-1.23e34 (the USGS library's fill value)", -1.23e34),
      ("1e6 (a hot pixel)", 1e6), ("2.5e4 (reflectance 2.5 at x10^4)", 2.5e4)],
+    ids=["minus-3e38", "usgs-fill", "hot-1e6", "reflectance-2.5"],
 )
 def test_one_extreme_pixel_becomes_nodata_and_moves_nothing_else(
     case, label: str, raw: float, demo_crop: Path, clean_store: Path, tmp_path: Path
@@ -95,7 +96,8 @@ def _far(shape: tuple[int, int], r: int = 3) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("label", "raw"), [("1e6 (hot pixel, made nodata)", 1e6),
-                                            ("2e4 (reflectance 2.0, the top of the range: kept)", 2e4)])
+                                            ("2e4 (reflectance 2.0, the top of the range: kept)", 2e4)],
+                         ids=["hot-1e6", "reflectance-2.0"])
 def test_one_extreme_pixel_does_not_move_the_subspace_pass(case, label: str, raw: float, demo_crop: Path,
                                                            clean_store: Path, tmp_path: Path) -> None:
     case("bad input", f"one pixel of one band at {label} in the 64x64x40 crop, then the spectral subspace pass "
@@ -123,13 +125,14 @@ def test_one_extreme_pixel_does_not_move_the_subspace_pass(case, label: str, raw
 
 
 @pytest.mark.parametrize(("label", "raw"), [("1e6 (hot pixel, made nodata)", 1e6),
-                                            ("2e4 (reflectance 2.0, the top of the range: kept)", 2e4)])
+                                            ("2e4 (reflectance 2.0, the top of the range: kept)", 2e4)],
+                         ids=["hot-1e6", "reflectance-2.0"])
 def test_one_extreme_pixel_does_not_move_decsc(case, label: str, raw: float, demo_crop: Path, clean_store: Path,
                                                tmp_path: Path) -> None:
     case("bad input", f"one pixel of one band at {label} in a 32x32x40 window of the crop, denoised by the "
          "shipped DECSC (tile model, band guard)",
-         "no pixel outside its 7x7 neighbourhood moves by more than 0.05 in any band (before the range "
-         "policy a reflectance-100 pixel moved 160 of 975 such pixels by > 0.05)")
+         "no pixel outside its 7x7 neighbourhood moves by more than 0.05 in any band (without the range "
+         "policy the 1e6 pixel, reflectance 100, moved 162 of the 975 by > 0.05)")
     from tests.reliability._helpers import decsc_available
 
     if not decsc_available():
@@ -183,9 +186,10 @@ def test_bit_flip_in_ingested_store_is_a_clear_error(case, clean_store: Path, tm
     with pytest.raises(ChunkChecksumError, match=r"rows 32:64, cols 0:32.*copy\.zarr.*chunk reflectance/c/0/1/0 "
                        r"fails its crc32c checksum.*ingest the source again") as info:
         _ = scene.values
+    msg = str(info.value)
     np.testing.assert_array_equal(scene.isel(y=slice(0, 32)).values,
                                   open_zarr_scene(clean_store).isel(y=slice(0, 32)).values)
-    case.measure(error=str(info.value)[:160])
+    case.measure(error="ChunkChecksumError", message="…" + msg[msg.index("chunk reflectance"):][:120] + "…")
 
 
 def test_bit_flip_in_tile_and_output_stores_is_a_clear_error(case, clean_store: Path, tmp_path: Path) -> None:
@@ -203,8 +207,9 @@ def test_bit_flip_in_tile_and_output_stores_is_a_clear_error(case, clean_store: 
     chunk = ts / DATA / "c" / str(grid.position(tile)) / "0" / "0" / "0"
     _flip(chunk)
     with pytest.raises(ChunkChecksumError, match=r"chunk 'c/1/0/0/0' .* of array 'data' in zarr store "
-                       r"'.*input\.zarr' fails its crc32c checksum.*rerun the same command"):
+                       r"'.*input\.zarr' fails its crc32c checksum.*rerun the same command") as info:
         read_tile(ts, grid, tile)
+    tile_msg = str(info.value)
     assert before.shape[0] == 40
 
     out = tmp_path / "out.zarr"
@@ -217,11 +222,11 @@ def test_bit_flip_in_tile_and_output_stores_is_a_clear_error(case, clean_store: 
     with pytest.raises(ChunkChecksumError, match=r"chunk 'c/0/1/1' \(index \(0, 1, 1\), elements "
                        r"\[0:40, 32:64, 32:64\]\) of array 'denoised'"):
         read_checked(arr, ..., store=out, array="denoised", fix="rerun.")
-    case.measure(tile_store="refused", output_store="refused")
+    case.measure(tile_store=tile_msg[:100] + "…", output_store="ChunkChecksumError for chunk 'c/0/1/1'")
 
 
 # ------------------------------------------------------------------------------- item 11
-@pytest.mark.parametrize(("rows", "cols"), [(1, 64), (1, 1), (64, 1)])
+@pytest.mark.parametrize(("rows", "cols"), [(1, 64), (1, 1), (64, 1)], ids=["1x64", "1x1", "64x1"])
 def test_too_small_scene_says_so(case, rows: int, cols: int, demo_crop: Path, tmp_path: Path) -> None:
     case("bad input", f"a {rows}x{cols} px crop of the real scene",
          "InputValidationError: too small to tile, the minimum 2 x 2 pixels (not 'scene has no valid pixel')")
@@ -257,9 +262,10 @@ def test_ingest_larger_than_the_free_disk_is_refused(case, demo_crop: Path, tmp_
     import pipeline.ingest as ing
 
     monkeypatch.setattr(ing.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**9, 10**9 - 1024, 1024))
-    with pytest.raises(WriteError, match=r"would need at least .* GiB but .* has 0\.0 GiB free"):
+    with pytest.raises(WriteError, match=r"would need at least .* GiB but .* has 0\.0 GiB free") as info:
         ingest_scene(demo_crop, tmp_path / "full.zarr")
     assert not (tmp_path / "full.zarr").exists()
+    case.measure(message=str(info.value)[:150] + "…")
 
 
 def test_unknown_epsg_code_is_refused(case, demo_crop: Path, tmp_path: Path) -> None:
@@ -275,11 +281,13 @@ def test_unknown_epsg_code_is_refused(case, demo_crop: Path, tmp_path: Path) -> 
     b[i:i + 8] = struct.pack("<4H", 3072, 0, 1, 32799)
     p.write_bytes(bytes(b))
     with pytest.raises(InputValidationError, match=r"neither geographic nor projected .*LOCAL_CS.*unknown or "
-                       r"invalid EPSG code.*gdal_edit\.py -a_srs"):
+                       r"invalid EPSG code.*gdal_edit\.py -a_srs") as info:
         open_source(p)
+    msg = str(info.value)
+    case.measure(message="…" + msg[msg.index("declares"):][:150] + "…")
 
 
-@pytest.mark.parametrize(("dtype", "bands"), [("int8", 40), ("uint8", 3)])
+@pytest.mark.parametrize(("dtype", "bands"), [("int8", 40), ("uint8", 3)], ids=["int8", "rgb-uint8"])
 def test_8_bit_images_need_an_explicit_scale(case, dtype: str, bands: int, demo_crop: Path, tmp_path: Path) -> None:
     what = "an RGB uint8 image (3 bands)" if dtype == "uint8" else "the crop stored as int8"
     case("bad input", what, "InputValidationError asking for scale_factor (no x10^4 scale assumed); "
@@ -287,10 +295,12 @@ def test_8_bit_images_need_an_explicit_scale(case, dtype: str, bands: int, demo_
     cube, profile = read_cube(demo_crop)
     small = np.clip(cube[:bands] / 100, 0, 100).astype(dtype)
     p = _write(tmp_path / f"{dtype}.tif", small, {**profile, "nodata": None})
-    with pytest.raises(InputValidationError, match=rf"holds 8-bit integers \('{dtype}'\).*pass scale_factor="):
+    with pytest.raises(InputValidationError, match=rf"holds 8-bit integers \('{dtype}'\).*pass scale_factor=") as info:
         open_source(p)
     src = open_source(p, scale_factor=100.0)
     assert src.scale_factor == 100.0 and src.scale_factor_source == "option"
+    msg = str(info.value)
+    case.measure(message="…" + msg[msg.index("holds"):][:140] + "…", with_scale_factor_100="accepted")
 
 
 def test_empty_folder_and_fifo_are_refused_clearly(case, tmp_path: Path) -> None:
@@ -308,5 +318,7 @@ def test_empty_folder_and_fifo_are_refused_clearly(case, tmp_path: Path) -> None
         open_source(tmp_path / "pipe.tif")
     with pytest.raises(ReadError, match=r"is a named pipe \(FIFO\)"):
         check_input(tmp_path / "pipe.tif")
-    with pytest.raises(ReadError, match=r"is a named pipe \(FIFO\)"):
+    with pytest.raises(ReadError, match=r"is a named pipe \(FIFO\)") as info:
         ingest_scene(tmp_path / "pipe.tif", tmp_path / "pipe.zarr")
+    msg = str(info.value)
+    case.measure(fifo="…" + msg[msg.index("is a named"):][:120] + "…")
