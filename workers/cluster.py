@@ -124,7 +124,9 @@ class ClusterSpec:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if self.recipe is not None:
-            rkind = load_recipe(self.recipe, self.allow_code).get("kind")
+            recipe = load_recipe(self.recipe, self.allow_code)
+            _check_recipe_values(self.recipe, recipe.get("cluster") or {})  # refused here, before any work
+            rkind = recipe.get("kind")
             if rkind in ("local", "cuda") and rkind != self.kind:
                 raise ConfigError(
                     f"cluster recipe {self.recipe!r} is for kind={rkind!r} but kind={self.kind!r} was asked "

@@ -100,9 +100,10 @@ def _choose_tile(job: Job, n_bands: int, hw: tuple[int, int]) -> RunConfig:
 def _scene_header(scene: Path) -> dict[str, Any]:
     """Bands, size and valid bands of the scene, read from its header (no pixels): refuses bad input early."""
     from pipeline.readers import open_scene
-    from pipeline.scene import good_band_index
+    from pipeline.scene import check_tileable, good_band_index
 
     da = open_scene(scene)
+    check_tileable(da.shape, scene)  # a 1-row or 1-pixel scene: refused here, not after the cluster starts
     good = good_band_index(da)
     return {"bands": int(da.shape[0]), "good_bands": len(good), "rows": int(da.shape[1]),
             "cols": int(da.shape[2])}
@@ -177,6 +178,10 @@ def plan_run(scene: str | Path, job: Job, *, tile_models: dict[str, TileModel] |
             "halo %s px is smaller than the halo the model(s) declare (%s): tile borders may show in the "
             "output (docs/models/decsc.md, Limits); leave --halo unset to use the models' own",
             cfg.halo, ", ".join(f"{m} {h} px" for m, h in short.items()))
+    if info:  # before hashing the input (seconds to minutes for a large scene)
+        hw = (info["rows"], info["cols"])
+        rows, cols = cfg.read_window(hw)
+        cfg.check_tile_memory(info["good_bands"], job.model_parts(rows, cols, info["good_bands"]), hw)
     weights: dict[str, str | None] = {}
     for m in job.models:
         if m.stage in tile_models:
@@ -187,11 +192,8 @@ def plan_run(scene: str | Path, job: Job, *, tile_models: dict[str, TileModel] |
     input_sha = sha256_path(scene)
     run_id = prov.make_run_id(input_sha, plan_hash, weights)
     run_dir = confined_path(job.config.out_root, safe_name(scene.name.split(".")[0]), run_id)
-    plan = RunPlan(scene=scene, job=job, input_sha256=input_sha, config_hash=plan_hash, weights=weights,
+    return RunPlan(scene=scene, job=job, input_sha256=input_sha, config_hash=plan_hash, weights=weights,
                    halos=halos, run_id=run_id, run_dir=run_dir, scene_info=info)
-    if info:
-        plan.check_tile_memory(info["good_bands"], (info["rows"], info["cols"]))
-    return plan
 
 
 # ---------------------------------------------------------------------------- the one sequence
@@ -431,11 +433,16 @@ def end_record(plan: RunPlan, start: str, stage: str, exc: BaseException) -> Non
 ClusterArg = ClusterSpec | ClusterHandle | Executor | Any
 
 
-def _handle_for(cluster: ClusterArg, plan: RunPlan) -> tuple[ClusterHandle | None, bool]:
+def _handle_for(cluster: ClusterArg, plan: RunPlan,
+                tile_models: dict[str, TileModel] | None = None) -> tuple[ClusterHandle | None, bool]:
     if isinstance(cluster, ClusterHandle):
         return cluster, False
     if isinstance(cluster, ClusterSpec):
-        return open_cluster(cluster, plan.config.device, plan.job.preload()), True
+        preload: dict[str, Any] = {}
+        for m in plan.job.models:  # a stage whose model is replaced never loads the registry's weights
+            if m.stage not in (tile_models or {}):
+                preload.update(m.preload())
+        return open_cluster(cluster, plan.config.device, preload), True
     return ClusterHandle(client=cluster, gpu=has_gpu_workers(cluster)), False  # a distributed.Client
 
 
@@ -474,7 +481,7 @@ def execute(plan: RunPlan, cluster: ClusterArg, *, call: Call = _direct, progres
 
         try:
             if not isinstance(cluster, Executor):
-                handle, owned = _handle_for(cluster, plan)
+                handle, owned = _handle_for(cluster, plan, tile_models)
                 client = handle.client if handle is not None else None
             scheduler = cluster.address if isinstance(cluster, ClusterSpec) else None
             env = _env_for(cluster, handle, progress, say, tile_models or {})
@@ -514,12 +521,12 @@ def run_scene(
     (e.g. ``{"denoise": IdentityTileModel()}`` in tests). ``on_plan`` sees the plan before work starts.
     """
     job = job or Job()
+    cl = cluster if cluster is not None else ClusterSpec()
+    if isinstance(cl, ClusterSpec):  # first: cheap, and must not wait for the input to be hashed
+        cl.check_reachable()
     plan = plan_run(scene, job, tile_models=tile_models)
     if on_plan is not None:
         on_plan(plan)
-    cl = cluster if cluster is not None else ClusterSpec()
-    if isinstance(cl, ClusterSpec):
-        cl.check_reachable()
     with signals_cancel():
         return execute(plan, cl, progress=progress, tile_models=tile_models)
 

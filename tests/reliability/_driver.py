@@ -26,15 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="identity")
     a = ap.parse_args(argv)
     warnings.simplefilter("ignore")
-    from pipeline.config import RunConfig
     from pipeline.errors import HyperdeqError
-    from tests.reliability._helpers import RUN_KW, InstrumentedModel, inner_model
+    from tests.reliability._helpers import InstrumentedModel, fault_job, inner_model
+    from workers.cluster import ClusterSpec
     from workers.run import run_scene
 
     model = InstrumentedModel(inner_model(a.model), a.log_dir, a.delay, a.kill_at)
-    cfg = RunConfig(workers=a.workers, scheduler=a.scheduler, **RUN_KW)
     try:
-        res = run_scene(a.scene, a.out, cfg, denoise_model=model)
+        cluster = ClusterSpec(address=a.scheduler, n_workers=a.workers)
+        res = run_scene(a.scene, fault_job(a.out), cluster, tile_models={"denoise": model})
     except (HyperdeqError, OSError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -27,8 +27,17 @@ import numpy as np
 from tests.reliability._data import ROOT
 
 PY = sys.executable
-#: the tiled configuration every fault test uses (16 tiles on the 64x64 crop)
-RUN_KW: dict[str, Any] = {"tile": 16, "halo": 4, "unmix": False, "batch_size": 1}
+#: the tiled configuration every fault test uses (16 tiles on the 64x64 crop, one tile per task);
+#: the tile stores are kept so that tests can count executions and check records after completion
+RUN_KW: dict[str, Any] = {"tile": 16, "halo": 4, "batch_size": 1, "keep_tiles": True}
+
+
+def fault_job(out_root: Path | str, **config: Any) -> Any:
+    """The job every fault test runs: denoising only (its model replaced through ``tile_models``)."""
+    from pipeline.config import RunConfig
+    from workers.run import Job
+
+    return Job(RunConfig(out_root=Path(out_root), **{**RUN_KW, **config}), unmix=None)
 
 
 def decsc_available() -> bool:
@@ -117,12 +126,13 @@ def executions(log_dir: Path, tile_store: Path) -> dict[str, int]:
 def output_digests(run_dir: Path) -> dict[str, str]:
     """sha256 of every data-bearing output file of a run (zarr chunks of data arrays, COG, PNG).
 
-    Metadata files holding timestamps (``zarr.json`` with the run record) are left out; the data
-    chunks, GeoTIFFs and PNGs must be byte-identical between runs.
+    Metadata files holding timestamps (``zarr.json`` with the run record, the STAC Item) are left
+    out; the data chunks, GeoTIFFs and PNGs must be byte-identical between runs.
     """
     rec = json.loads((run_dir / "run.json").read_text())
     out: dict[str, str] = {}
-    for rel in sorted(rec["outputs"].values()):
+    rels = (v["path"] if isinstance(v, dict) else v for v in rec["outputs"].values())
+    for rel in sorted(r for r in rels if r != "stac_item.json"):
         p = run_dir / rel
         files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.name != "zarr.json")
         for f in files:

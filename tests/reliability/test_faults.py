@@ -20,13 +20,12 @@ import zarr
 
 from pipeline import provenance as prov
 from pipeline import tiles as tstore
-from pipeline.config import RunConfig
 from tests.reliability._helpers import (
     PY,
-    RUN_KW,
     InstrumentedModel,
     LoopbackCluster,
     executions,
+    fault_job,
     inner_model,
     kill_tree,
     n_records,
@@ -37,7 +36,8 @@ from tests.reliability._helpers import (
     spawn,
     wait_for,
 )
-from workers.run import run_scene
+from workers.run import OUT_NAMES, RunPlan, run_scene
+from workers.stages import StageEnv
 
 N_TILES = 16  # 64x64 crop, tile 16
 
@@ -52,8 +52,7 @@ def reference(demo_crop: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     """Digests of an undisturbed run (in-process threads) of the crop."""
     tmp = tmp_path_factory.mktemp("ref")
     with ThreadPoolExecutor(2) as ex:
-        res = run_scene(demo_crop, tmp / "out", RunConfig(**RUN_KW), client=ex,
-                        denoise_model=_model(tmp / "log"))
+        res = run_scene(demo_crop, fault_job(tmp / "out"), ex, tile_models={"denoise": _model(tmp / "log")})
     assert res.status == "complete" and res.n_tiles == N_TILES
     return output_digests(res.run_dir)
 
@@ -70,12 +69,16 @@ def _ok_verified(run_dir: Path) -> set[str]:
 
 
 def _no_complete_outputs(run_dir: Path) -> None:
-    """Nothing in a failed/killed run may look complete."""
+    """Nothing in a failed/killed run may look complete: no final-named output at all (outputs are
+    staged under ``_staging/`` until the run completes), and no record listing outputs."""
     assert not prov.is_complete(run_dir)
     z = run_dir / "denoised.zarr"
     if z.exists():
         assert not zarr.open_group(str(z), mode="r").attrs.get("hyperdeq_complete")
     assert not (run_dir / "denoised.tif").exists()
+    assert not [n for n in OUT_NAMES.values() if (run_dir / n).exists()]
+    if (run_dir / "run.json").is_file():
+        assert not json.loads((run_dir / "run.json").read_text()).get("outputs")
 
 
 def _stage(run_dir: Path) -> dict:
@@ -94,8 +97,8 @@ def test_worker_killed_mid_run(case, demo_crop: Path, reference: dict[str, str],
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                       memory_limit="2GiB") as cluster, Client(cluster) as client:
         worker_pids = set(client.run(os.getpid).values())
-        res = run_scene(demo_crop, tmp_path / "out", RunConfig(**RUN_KW), client=client,
-                        denoise_model=_model(log, delay_s=0.05, kill_at=5))
+        res = run_scene(demo_crop, fault_job(tmp_path / "out"), client,
+                        tile_models={"denoise": _model(log, delay_s=0.05, kill_at=5)})
         pids_after = set(client.run(os.getpid).values())
     killed = int((log / "killed.marker").read_text())
     assert killed in worker_pids and killed != os.getpid()  # a worker, not this process, died
@@ -159,19 +162,23 @@ def _chunk_file(dest: Path, pos: int) -> Path:
     return files[0]
 
 
-def _partial_run(scene: Path, out: Path, log: Path) -> tuple[Path, RunConfig]:
+def _env(ex: ThreadPoolExecutor, model: InstrumentedModel) -> StageEnv:
+    return StageEnv(model_executor=ex, executor=ex, n_workers=2, tile_models={"denoise": model})
+
+
+def _partial_run(scene: Path, out: Path, log: Path) -> tuple[Path, RunPlan]:
     """Ingest, tile and denoise only (a run interrupted before blending)."""
-    from workers.run import plan_run, stage_denoise, stage_ingest, stage_tile
+    from workers.run import plan_run
+    from workers.stages import stage_ingest, stage_model, stage_tile
 
     model = _model(log)
-    plan = plan_run(scene, out, RunConfig(**RUN_KW), model)
-    run_dir = Path(plan["run_dir"])
+    plan = plan_run(scene, fault_job(out), tile_models={"denoise": model})
+    run_dir = plan.run_dir
     run_dir.mkdir(parents=True)
-    cfg = plan["config"]
-    ts = stage_tile(stage_ingest(scene, run_dir, cfg), run_dir, cfg)
+    ts = stage_tile(plan, stage_ingest(plan), "input")
     with ThreadPoolExecutor(2) as ex:
-        stage_denoise(ts, run_dir, cfg, executor=ex, model=model)
-    return run_dir, cfg
+        stage_model(plan, "denoise", ts, _env(ex, model))
+    return run_dir, plan
 
 
 def _corrupt(dest: Path, key: str, how: str) -> None:
@@ -201,8 +208,7 @@ def test_corrupted_tile_chunk_recomputed(case, how: str, demo_crop: Path, refere
     _corrupt(dest, key, how)
     assert _ok_verified(run_dir) == set(tstore.load_records(dest)) - {key}
     with ThreadPoolExecutor(2) as ex:
-        res = run_scene(demo_crop, tmp_path / "out", RunConfig(**RUN_KW), client=ex,
-                        denoise_model=_model(tmp_path / "log2"))
+        res = run_scene(demo_crop, fault_job(tmp_path / "out"), ex, tile_models={"denoise": _model(tmp_path / "log2")})
     assert res.status == "complete"
     assert executions(tmp_path / "log2", run_dir / "tiles" / "input.zarr") == {key: 1}
     assert _stage(run_dir)["n_reused"] == N_TILES - 1
@@ -214,14 +220,14 @@ def test_blend_refuses_tile_that_rotted_after_denoise(case, demo_crop: Path, tmp
     case("fault", "a tile-output chunk silently altered (still decodes) between the denoise stage and blending",
          "blending refuses it (ProvenanceError naming the tile), never blends it silently")
     from pipeline.errors import HyperdeqError, ProvenanceError
-    from workers.run import stage_blend
+    from workers.stages import stage_blend
 
-    run_dir, cfg = _partial_run(demo_crop, tmp_path / "out", tmp_path / "log")
+    run_dir, plan = _partial_run(demo_crop, tmp_path / "out", tmp_path / "log")
     dest = run_dir / "tiles" / "denoise.zarr"
     key = sorted(tstore.load_records(dest))[5]
     _corrupt(dest, key, "valid-but-wrong")
     with ThreadPoolExecutor(2) as ex, pytest.raises(HyperdeqError, match=key) as info:
-        stage_blend("denoise", run_dir, cfg, executor=ex)
+        stage_blend(plan, "denoise", _env(ex, _model(tmp_path / "log")))
     assert info.type is ProvenanceError
     _no_complete_outputs(run_dir)
     case.measure(refused_tile=key, error=f"{info.type.__name__}: {info.value}"[:200])
@@ -353,3 +359,60 @@ def test_cli_run_killed_and_resumed_decsc(case, tmp_path: Path) -> None:
     assert output_digests(run_dir) == want
     case.measure(tiles_done_before_kill=len(done_before), reused_on_rerun=stage["n_reused"],
                  recomputed_on_rerun=n_tiles - stage["n_reused"], outputs_identical=True)
+
+
+# ------------------------------------------------------------------------------- teardown fails
+def test_teardown_errors_after_complete_run_are_warnings(case, demo_crop: Path, reference: dict[str, str],
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    case("fault", "`hyperdeq run --no-unmix` whose Dask client and cluster both raise when closed after the run "
+         "completed (issue 21 item 8; in-process cluster, identity model)",
+         "exit 0, run complete, each teardown error logged as a warning (hyperdeq.cluster), outputs byte-identical")
+    import logging
+
+    from distributed import Client, LocalCluster
+    from typer.testing import CliRunner
+
+    import workers.run as wr
+    from flows.cli import app
+    from workers.cluster import ClusterHandle
+
+    restore: list[tuple[object, object]] = []
+
+    def exploding_open(spec: object, device: str = "cpu", preload: object = None) -> ClusterHandle:
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+        client = Client(cluster, set_as_default=False)
+        for obj, exc in ((client, RuntimeError("client teardown exploded")), (cluster, OSError("cluster teardown exploded"))):
+            real = obj.close
+            restore.append((obj, real))
+
+            def close(*_a: object, _real=real, _exc=exc, **_k: object) -> None:
+                _real()
+                raise _exc
+
+            obj.close = close  # type: ignore[method-assign]
+        return ClusterHandle(client=client, cluster=cluster)
+
+    real_run_scene = wr.run_scene
+    model = _model(tmp_path / "log")
+    monkeypatch.setattr(wr, "open_cluster", exploding_open)
+    monkeypatch.setattr(wr, "run_scene", lambda scene, job, cluster, **kw: real_run_scene(
+        scene, job, cluster, tile_models={"denoise": model}, **kw))
+    out = tmp_path / "out"
+    try:
+        with caplog.at_level(logging.WARNING, logger="hyperdeq.cluster"):
+            result = CliRunner().invoke(app, ["run", str(demo_crop), "--out", str(out), "--no-unmix", "--tile", "16",
+                                              "--halo", "4", "--batch", "1"])
+    finally:
+        for obj, real in restore:
+            obj.close = real  # type: ignore[method-assign]
+    assert len(restore) == 2, "the run did not open its cluster through open_cluster"
+    assert result.exit_code == 0 and result.exception is None, result.output[-3000:]
+    assert ": complete" in result.output
+    warned = [r.getMessage() for r in caplog.records if r.name == "hyperdeq.cluster" and r.levelno == logging.WARNING]
+    assert any("closing the Dask client raised RuntimeError" in m for m in warned), warned
+    assert any("closing the Dask cluster raised OSError" in m for m in warned), warned
+    (run_dir,) = run_dirs(out)
+    assert prov.load_run_record(run_dir)["status"] == "complete"
+    assert output_digests(run_dir) == reference
+    case.measure(exit_code=result.exit_code, warnings=len(warned), run_status="complete", outputs_identical=True)
