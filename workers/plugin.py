@@ -19,28 +19,31 @@ class ModelPlugin(WorkerPlugin):
     name = "hyperdeq-models"
 
     def __init__(self, models: tuple[str, ...] = ("decsc",), device: str = "cpu",
-                 torch_threads: int | None = 1, decsc_arch: str = "shipped",
+                 torch_threads: int | None = 1, weights: dict[str, str] | None = None,
                  keep_threads: bool = False) -> None:
         """``torch_threads``: intra-op threads per worker process (None leaves torch's default).
 
         Use :func:`workers.cluster.local_torch_threads` for a local CPU cluster so the workers share the cores.
-        ``decsc_arch``: which DECSC weights to preload (``shipped`` or ``full``).
+        ``weights``: which of a model's shipped weights to preload (model name -> weights name; default:
+        the spec's ``default_weights``), e.g. ``{"decsc": "full"}``.
         ``keep_threads``: leave the thread count an earlier hyperdeq plugin set on the worker (a
         client that merely connects to a running cluster -- each scene of a sweep -- must not
         lower what the cluster's owner chose; torch fixes a thread's count at its first parallel
         op, so a later change would only reach new task threads anyway).
         """
         self.models = tuple(models)
-        self.decsc_arch = decsc_arch
+        self.weights = dict(weights or {})
         self.device = device
         self.torch_threads = torch_threads
         self.keep_threads = keep_threads
         self.loaded: dict[str, str] = {}
 
     def setup(self, worker: Any) -> None:
+        import importlib
+
         import torch
 
-        from workers.infer import get_model, load_decsc, resolve_device
+        from workers.infer import get_model, resolve_device
         from workers.registry import get_spec, verified_weights_path
 
         if self.torch_threads and not (self.keep_threads and getattr(worker, "hyperdeq_torch_threads", None)):
@@ -49,12 +52,12 @@ class ModelPlugin(WorkerPlugin):
         dev = resolve_device(self.device)
         for name in self.models:
             spec = get_spec(name)
-            verified_weights_path(spec)  # raises WeightsError on a missing/tampered file
-            sha = spec.weights_sha256
-            if name == "decsc":
-                from workers.denoise.api import arch_weights
-
-                sha = arch_weights(self.decsc_arch)[1]
-                get_model(("decsc", dev, sha), partial(load_decsc, dev, self.decsc_arch))
-            self.loaded[name] = str(sha)
+            key = self.weights.get(name) or spec.default_weights
+            ref = spec.weights_ref(key)
+            verified_weights_path(spec, key=key)  # raises WeightsError on a missing/tampered file
+            if spec.loader:
+                module, attr = spec.loader.split(":")
+                load = getattr(importlib.import_module(module), attr)
+                get_model((name, dev, ref.sha256), partial(load, dev, key))
+            self.loaded[name] = ref.sha256
         worker.hyperdeq_models = dict(self.loaded)

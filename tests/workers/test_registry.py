@@ -8,13 +8,17 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import ModelError, WeightsError
-from workers.registry import ModelSpec, get_spec, list_models, sha256_file, verified_weights_path
+from pipeline.hashing import sha256_file
+from workers.registry import ModelSpec, WeightsRef, get_spec, list_models, verified_weights_path
 
 
 def test_list_and_lookup_decsc() -> None:
     assert "decsc" in list_models()
     spec = get_spec("decsc")
     assert spec.name == "decsc" and spec.halo > 0 and spec.weights_file == "decsc.safetensors"
+    assert set(spec.weights) == {"shipped", "full", "guard"} and spec.solver.eval_max_iter == spec.solver["eval_max_iter"]
+    for key in spec.weights:  # every shipped file is present and matches its recorded sha256
+        assert sha256_file(verified_weights_path(spec, key=key)) == spec.weights[key].sha256
     assert len(spec.weights_sha256 or "") == 64
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.halo = 0  # type: ignore[misc]
@@ -28,8 +32,9 @@ def test_unknown_model_lists_valid_names() -> None:
 def test_spec_rejects_contradictions() -> None:
     with pytest.raises(ModelError, match="halo must be >= 0"):
         ModelSpec(name="x", halo=-1, band_handling="any")
-    with pytest.raises(ModelError, match="give both weights_file and weights_sha256"):
-        ModelSpec(name="x", halo=0, band_handling="any", weights_file="x.safetensors")
+    with pytest.raises(ModelError, match=r"default weights 'full' are not among its weights \['shipped'\]"):
+        ModelSpec(name="x", halo=0, band_handling="any", weights={"shipped": WeightsRef("x.safetensors", "0" * 64)},
+                  default_weights="full")
 
 
 def test_shipped_decsc_weights_match_recorded_hash() -> None:

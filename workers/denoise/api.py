@@ -74,16 +74,8 @@ def check_arch(arch: str) -> str:
 
 def arch_weights(arch: str = "shipped") -> tuple[Path, str]:
     """(path, expected sha256) of the weights shipped for architecture ``arch``."""
-    from workers.registry import WEIGHTS_DIR
-
-    from .spec import FULL_WEIGHTS_FILE, FULL_WEIGHTS_SHA256
-
-    check_arch(arch)
-    spec = get_spec(MODEL_NAME)
-    if arch == "full":
-        return WEIGHTS_DIR / FULL_WEIGHTS_FILE, FULL_WEIGHTS_SHA256
-    assert spec.weights_path is not None and spec.weights_sha256 is not None
-    return spec.weights_path, spec.weights_sha256
+    ref = get_spec(MODEL_NAME).weights_ref(check_arch(arch))
+    return ref.path, ref.sha256
 
 
 def build_model(device: str = "cpu", arch: str = "shipped") -> DECSC:
@@ -111,19 +103,7 @@ def load_denoiser(device: str = "cpu", weights: str | Path | None = None, arch: 
 
     check_arch(arch)
     spec = get_spec(MODEL_NAME)
-    if arch != "shipped" and weights is None:
-        from workers.registry import sha256_file
-
-        path, want = arch_weights(arch)
-        path = verified_weights_path(spec, path)  # exists, is safetensors
-        got = sha256_file(path)
-        if got != want:
-            raise WeightsError(
-                f"weights file {str(path)!r} for DECSC architecture {arch!r} has sha256 "
-                f"{got!r}, expected {want!r}: the file was modified; reinstall hyperdeq"
-            )
-    else:
-        path = verified_weights_path(spec, weights)
+    path = verified_weights_path(spec, weights, key=arch)  # shipped files: sha256 checked
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             meta = fh.metadata() or {}

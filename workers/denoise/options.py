@@ -97,7 +97,7 @@ class DenoiseOptions:
 
     def preload(self) -> dict[str, Any]:
         """Keyword arguments of the worker plugin that loads this model once per worker."""
-        return {"models": (self.model,), "decsc_arch": self.arch}
+        return {"models": (self.model,), "weights": {self.model: self.arch}}
 
     # ------------------------------------------------------------------ compute
     def tile_model(self, device: str, fit_dir: Any = None) -> Any:

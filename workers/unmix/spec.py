@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.registry import ModelSpec
+from workers.registry import ModelSpec, SolverConfig
 from workers.unmix.fit import DEFAULTS
 
 SPEC = ModelSpec(
@@ -12,16 +12,8 @@ SPEC = ModelSpec(
     # choice; the tiled-vs-whole seam error has not been measured yet (see the model card).
     halo=16,
     band_handling="fitted per scene on its own good bands",
-    solver={
-        "method": "anderson",
-        "tol": DEFAULTS["tol"],
-        "max_iter": DEFAULTS["train_max_iter"],
-        "eval_max_iter": DEFAULTS["eval_max_iter"],
-        "m": DEFAULTS["anderson_m"],
-        "per_pixel": True,
-        "backward": "implicit",
-    },
-    weights_file=None,
-    weights_sha256=None,
+    solver=SolverConfig(method="anderson", tol=DEFAULTS["tol"], max_iter=DEFAULTS["train_max_iter"],
+                        eval_max_iter=DEFAULTS["eval_max_iter"], m=DEFAULTS["anderson_m"], per_pixel=True,
+                        backward="implicit"),
     config={"hidden": DEFAULTS["hidden"]},
 )
