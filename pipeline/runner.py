@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from pipeline.errors import ConfigError
 from pipeline.grid import Tile, TileGrid
 from pipeline.tiles import (
     load_records,
@@ -156,10 +157,28 @@ def _put(q: queue.Queue[tuple[tuple[Tile, ...], Any]], batch: tuple[Tile, ...], 
     q.put((batch, fut))
 
 
-def plan_batches(tiles: Sequence[Tile], batch_size: int) -> list[tuple[Tile, ...]]:
-    """Consecutive tiles (row-major) in groups of ``batch_size``."""
+def effective_batch_size(n_tiles: int, batch_size: int, n_workers: int | None = None) -> int:
+    """``batch_size``, capped at ``ceil(n_tiles / n_workers)`` when ``n_workers`` is given.
+
+    With the cap, a stage of ``n_tiles`` makes at least ``min(n_tiles, n_workers)`` batches, so no
+    worker idles while another still has tiles queued in its batch (a 4-tile scene on 2 workers
+    runs as 2 batches of 2, not 1 batch of 4); large stages keep ``batch_size``.
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}; pass e.g. batch_size=4")
+    if n_workers is None:
+        return batch_size
+    if not isinstance(n_workers, int) or isinstance(n_workers, bool) or n_workers < 1:
+        raise ConfigError(f"n_workers must be a positive integer or None, got {n_workers!r}; pass e.g. n_workers=2")
+    return max(1, min(batch_size, -(-n_tiles // n_workers)))
+
+
+def plan_batches(tiles: Sequence[Tile], batch_size: int, n_workers: int | None = None) -> list[tuple[Tile, ...]]:
+    """Consecutive tiles (row-major) in groups of ``batch_size`` (of
+    :func:`effective_batch_size` ``(len(tiles), batch_size, n_workers)`` when ``n_workers`` is given)."""
     ts = sorted(tiles)
-    return [tuple(ts[i : i + batch_size]) for i in range(0, len(ts), batch_size)]
+    size = effective_batch_size(len(ts), batch_size, n_workers)
+    return [tuple(ts[i : i + size]) for i in range(0, len(ts), size)]
 
 
 #: seconds between checks, while waiting for batches, that a Dask client is still connected
@@ -185,6 +204,7 @@ def run_tiles(
     *,
     tiles: Sequence[Tile] | None = None,
     batch_size: int = 4,
+    n_workers: int | None = None,
     stage: str = "",
     resume: bool = True,
     progress: ProgressFn | None = None,
@@ -197,7 +217,9 @@ def run_tiles(
     weights, and whose
     stored output still matches its checksum is reused (status
     in the returned record stays ``ok``, with ``reused: True``). ``submit`` overrides
-    ``executor.submit`` (e.g. to pass Dask resources per task).
+    ``executor.submit`` (e.g. to pass Dask resources per task). ``n_workers`` (the workers that
+    run these tasks) caps the batch size at ``ceil(tiles still to run / n_workers)`` so that
+    small stages spread over every worker (:func:`effective_batch_size`); None keeps ``batch_size``.
     """
     t0 = time.perf_counter()
     todo_tiles = sorted(grid.tiles if tiles is None else tiles)
@@ -218,7 +240,7 @@ def run_tiles(
         if progress:
             progress(n_done, total, rec)
     pending = [t for t in todo_tiles if t.key not in done_records]
-    batches = plan_batches(pending, batch_size)
+    batches = plan_batches(pending, batch_size, n_workers)
     results: queue.Queue[tuple[tuple[Tile, ...], Any]] = queue.Queue()
     do_submit = submit or executor.submit
     for batch in batches:
