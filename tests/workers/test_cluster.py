@@ -77,12 +77,14 @@ def test_driver_computations_never_use_the_default_client(workerless_default_cli
     assert window.shape[1:] == (4, 5) and np.isfinite(window).any()
 
 
+@pytest.mark.timeout(300)
 def test_hyperdeq_clients_are_never_the_process_default() -> None:
-    from workers.cluster import get_cluster
+    from workers.cluster import ClusterSpec, open_cluster
 
-    with get_cluster(workers=1, processes=False) as handle:
+    with open_cluster(ClusterSpec(n_workers=1), "cpu") as handle:
         try:
             current = default_client()
         except ValueError:  # no default client at all
             current = None
         assert current is not handle.client
+        assert handle.n_workers() == 1 and handle.describe()["owned"] is True

@@ -12,7 +12,7 @@ from pipeline.config import RunConfig
 from pipeline.writers import open_output
 from tests.pipeline.test_readers import GAMSBERG
 from workers.infer import IdentityTileModel
-from workers.run import RunResult, run_scene
+from workers.run import Job, RunResult, run_scene
 
 
 def test_fixed_envi_header_is_a_new_run_not_a_reuse(tmp_path: Path) -> None:
@@ -20,13 +20,15 @@ def test_fixed_envi_header_is_a_new_run_not_a_reuse(tmp_path: Path) -> None:
     shutil.copy(GAMSBERG, data)  # the real Gamsberg ENVI subset, 25 x 10 px, 189 bands
     hdr = tmp_path / "scene.bsq.hdr"
     hdr.write_text(GAMSBERG.with_suffix(".hdr").read_text())
-    cfg = RunConfig(tile=16, halo=2, unmix=False, workers=1)
+    job = Job(RunConfig(out_root=tmp_path / "out", tile=16, halo=2), unmix=None)
 
     def run() -> RunResult:
         with ThreadPoolExecutor(1) as ex:
-            return run_scene(data, tmp_path / "out", cfg, client=ex, denoise_model=IdentityTileModel())
+            return run_scene(data, job, cluster=ex, tile_models={"denoise": IdentityTileModel()})
 
     first = run()
+    assert first.status == "complete" and not first.reused
+    assert run().reused  # same input: the completed run is reused
     # the user learns the first 5 bands are bad and adds a bbl to the header; the data file is unchanged
     hdr.write_text(hdr.read_text() + "bbl = {" + ", ".join(["0"] * 5 + ["1"] * 184) + "}\n")
     second = run()
