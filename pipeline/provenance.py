@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import importlib.metadata
 import json
 import os
-import platform
-import socket
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.environment import code_version, cpu_model, host_info, package_versions  # noqa: F401 (re-exported)
 from pipeline.errors import ProvenanceError
 from pipeline.hashing import sha256_path, sidecar_files  # noqa: F401  (re-exported)
 
@@ -27,8 +24,6 @@ STAC_JSON = "stac_item.json"
 RUNNING, COMPLETE, FAILED = "running", "complete", "failed"
 PROCESSING_EXT = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
 PROJECTION_EXT = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
-_PACKAGES = ("hyperdeq", "numpy", "xarray", "zarr", "dask", "distributed", "rasterio", "rioxarray",
-             "torch", "prefect", "pystac", "scipy")
 
 
 def portable(text: str) -> str:
@@ -54,44 +49,6 @@ def make_run_id(input_sha256: str, config_hash: str, weights_sha256s: dict[str, 
     """Deterministic run id: same input, configuration and weights → same id (resume/reuse)."""
     blob = json.dumps([input_sha256, config_hash, sorted((k, v or "") for k, v in weights_sha256s.items())])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def package_versions(names: Sequence[str] = _PACKAGES) -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for n in names:
-        try:
-            out[n] = importlib.metadata.version(n)
-        except importlib.metadata.PackageNotFoundError:
-            out[n] = None
-    return out
-
-
-def code_version() -> str:
-    """``git describe --always --dirty`` of the source tree, or the package version."""
-    here = Path(__file__).resolve().parents[1]
-    try:
-        r = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=here,
-                           capture_output=True, text=True, timeout=10)
-        if r.returncode == 0 and r.stdout.strip():
-            return r.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return package_versions(("hyperdeq",)).get("hyperdeq") or "unknown"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def host_info(gpu: str | None = None) -> dict[str, Any]:
-    return {"hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
-            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "gpu": gpu}
 
 
 def _atomic_write(path: Path, obj: Any) -> None:
@@ -195,10 +152,11 @@ def _endmember_names(run_dir: str | Path | None, outputs: dict[str, str]) -> lis
     if run_dir is None or "abundances_zarr" not in outputs:
         return None
     try:
+        import numpy as np
         import zarr
 
-        g = zarr.open_group(str(Path(run_dir) / outputs["abundances_zarr"]), mode="r")
-        return [str(v) for v in g["endmember"][...]]
+        arr = zarr.open_array(str(Path(run_dir) / outputs["abundances_zarr"] / "endmember"), mode="r")
+        return [str(v) for v in np.asarray(arr[...]).ravel()]
     except Exception:
         return None
 
