@@ -83,14 +83,9 @@ def run(iterations: list[int], size: int) -> dict:
             print(rows[-1], flush=True)
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from pipeline.environment import cpu_model
+
+    cpu = cpu_model()
     return {
         "command": "python -m benchmarks.deq_memory" + (f" --size {size}" if size != 24 else ""),
         "device": f"CPU: {cpu}", "torch": torch.__version__, "python": platform.python_version(),

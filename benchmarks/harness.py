@@ -14,7 +14,6 @@ import os
 import platform
 import resource
 import shlex
-import subprocess
 import sys
 import time
 import traceback
@@ -24,7 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.environment import cpu_model, git_commit, load_average, memory_gib
 from pipeline.errors import ConfigError
+from workers.infer import gpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -33,56 +34,13 @@ DEVICES = ("cpu", "cuda")
 
 
 # ---------------------------------------------------------------------------- environment
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (platform string elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def gpu_name() -> str | None:
-    """Name of CUDA device 0, or None without one."""
-    try:
-        import torch
-
-        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except Exception:  # noqa: BLE001 - no torch/cuda means no GPU
-        return None
-
-
-def load_average() -> list[float] | None:
-    """1/5/15-minute load averages: how shared the machine was while measuring."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def versions() -> dict[str, str]:
     """Versions of the packages whose speed the numbers depend on."""
-    import importlib.metadata as md
+    from pipeline.environment import package_versions
 
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "numpy", "scipy", "dask", "distributed", "zarr", "xarray", "rasterio",
-                 "hyde-images", "bm4d", "prefect"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            out[dist] = "missing"
-    return out
-
-
-def git_commit() -> str | None:
-    try:
-        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                           text=True, timeout=10)
-        return r.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    names = ("torch", "numpy", "scipy", "dask", "distributed", "zarr", "xarray", "rasterio", "hyde-images", "bm4d",
+             "prefect")
+    return {"python": platform.python_version(), **{k: v or "missing" for k, v in package_versions(names).items()}}
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -93,13 +51,7 @@ def environment(device: str) -> dict[str, Any]:
         threads = torch.get_num_threads()
     except Exception:  # noqa: BLE001
         threads = None
-    mem_gb = None
-    try:
-        import psutil
-
-        mem_gb = round(psutil.virtual_memory().total / 2**30, 1)
-    except Exception:  # noqa: BLE001
-        pass
+    mem_gb = memory_gib()
     return {
         "device": device,
         "cpu": cpu_model(),

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import peak_rss_since_reset_mib, reset_peak_rss
+from pipeline.environment import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CROP = ROOT / "tests" / "data" / "unmix" / "unmix_crops.npz"
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [measure(mode, int(k), scene=a.scene, data=a.data, batch=a.batch, size=a.size)
             for mode in ("implicit", "unrolled") for k in a.iters.split(",")]
     cmd = "python -m benchmarks.unmix_memory " + " ".join(sys.argv[1:] if argv is None else argv)
-    rec = {"command": cmd.strip(), "device": platform.processor() or platform.machine(),
+    rec = {"command": cmd.strip(), "device": cpu_model(),
            "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
            "scene": a.scene, "rows": rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,20 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def gpu_name(import_torch: bool = True) -> str | None:
+    """Name of CUDA device 0, or None without one (``import_torch=False``: only when torch is loaded)."""
+    import sys
+
+    if not import_torch and "torch" not in sys.modules:
+        return None
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # no torch or no CUDA means no GPU
+        return None
+
+
 def worker_name() -> str:
     """The Dask worker address when running in one, else ``host:pid``."""
     try:

@@ -42,6 +42,7 @@ from pipeline.writers import (
     rgb_bands,
     write_cog,
 )
+from workers.infer import gpu_name
 from workers.plan import RunPlan
 
 StageProgress = Callable[[str, int, int], None]
@@ -450,20 +451,6 @@ def stage_write(plan: RunPlan) -> dict[str, str]:
     return outputs
 
 
-def _gpu_name() -> str | None:
-    """The local GPU's name; only asked when torch is already loaded (importing it costs seconds)."""
-    import sys
-
-    if "torch" not in sys.modules:
-        return None
-    try:
-        import torch
-
-        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except Exception:
-        return None
-
-
 def _tile_rows(recs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     keys = ("key", "index", "status", "worker", "device", "wall_s", "iterations", "residual", "converged",
             "checksum", "error")
@@ -551,7 +538,7 @@ def stage_record(plan: RunPlan, outputs: dict[str, str], env: StageEnv, start: s
     record: dict[str, Any] = {
         **plan.record_head(), "status": status, "start": start, "end": prov.now(),
         "models": models, "packages": prov.package_versions(), "code_version": prov.code_version(),
-        "host": prov.host_info(_gpu_name()), "cluster": env.cluster, "failed_tiles": failed,
+        "host": prov.host_info(gpu_name(import_torch=False)), "cluster": env.cluster, "failed_tiles": failed,
         "not_converged_tiles": not_conv, "tiles": tiles,
         "stages": {k: {kk: vv for kk, vv in v.items() if kk not in ("failed", "not_converged")}
                    for k, v in stages.items()},

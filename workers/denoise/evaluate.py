@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -282,14 +281,9 @@ def _decsc_stats(stats: dict[str, Any]) -> dict[str, Any]:
 
 def environment(config: EvalConfig) -> dict[str, Any]:
     """Device, versions and the exact command: printed next to every number."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from pipeline.environment import cpu_model
+
+    cpu = cpu_model()
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
