@@ -238,6 +238,8 @@ def create_output_zarr(
             ds[k].attrs.update(ca)
     if like.rio.crs is not None:
         ds = ds.rio.write_crs(like.rio.crs).rio.write_transform(like.rio.transform())
+        # CF's crs_wkt is OGC WKT (ISO 19162, i.e. WKT2); GDAL's WKT1 stays in the `spatial_ref` attribute
+        ds["spatial_ref"].attrs["crs_wkt"] = like.rio.crs.to_wkt(version="WKT2_2019")
         for v in ds.data_vars:
             ds[v].attrs["grid_mapping"] = "spatial_ref"
             ds[v].encoding.pop("grid_mapping", None)

@@ -86,6 +86,7 @@ def test_zarr_crs_is_wkt2_and_rioxarray_reads_it(denoised: Path, crop: xr.DataAr
     assert wkt2.startswith("PROJCRS[") and "PROJCS[" not in wkt2  # WKT2, not GDAL's WKT1
     assert pyproj.CRS.from_wkt(wkt2).to_epsg() == 32633
     assert ds.attrs["proj:code"] == "EPSG:32633"
+    assert ds["spatial_ref"].attrs["crs_wkt"] == wkt2  # CF grid mapping: WKT2 too
     assert ds["denoised"].rio.crs == crop.rio.crs
     assert ds["denoised"].rio.transform() == crop.rio.transform()
     # plain open_zarr (decode_coords=True) too
