@@ -40,6 +40,8 @@ from pipeline.writers import (
     quicklook_abundances,
     quicklook_rgb,
     rgb_bands,
+    spectral_band_metadata,
+    update_output_attrs,
     write_cog,
 )
 from workers.infer import gpu_name
@@ -397,10 +399,9 @@ def _write_denoised(run_dir: Path, like: Any, tags: dict[str, str], outputs: dic
     outputs["denoised_zarr"] = OUT_NAMES["denoised_zarr"]
     wl = like["wavelength"].values
     good = like["good_band"].values.astype(bool)
-    band_tags = [{"wavelength": w, "fwhm": f, "good_band": int(g)}
-                 for w, f, g in zip(wl, like["fwhm"].values, good, strict=True)]
+    meta = spectral_band_metadata(like)  # wavelength, FWHM, units, good-band flag per band
     _atomic(staged(run_dir, "denoised_tif"), lambda tmp: write_cog(
-        z / "denoised", tmp, like, descriptions=[f"{w:.3f} nm" for w in wl], band_tags=band_tags, tags=tags))
+        z / "denoised", tmp, like, descriptions=meta["descriptions"], band_tags=meta["band_tags"], tags=tags))
     outputs["denoised_tif"] = OUT_NAMES["denoised_tif"]
     _atomic(staged(run_dir, "quicklook_rgb"), lambda tmp: quicklook_rgb(z / "denoised", rgb_bands(wl, good), tmp))
     outputs["quicklook_rgb"] = OUT_NAMES["quicklook_rgb"]
@@ -492,6 +493,7 @@ def _models_and_tiles(plan: RunPlan) -> tuple[list[dict[str, Any]], dict[str, An
 
 
 def _stac(plan: RunPlan, record: dict[str, Any], like: Any) -> dict[str, Any]:
+    """The run's STAC Item: acquisition time, spectral bands and endmembers from the scene and the staged outputs."""
     geo = geo_attrs(like)
     bbox = geometry = None
     if like.rio.crs is not None:
@@ -504,7 +506,7 @@ def _stac(plan: RunPlan, record: dict[str, Any], like: Any) -> dict[str, Any]:
                                                             [b[0], b[3]], [b[0], b[1]]]]}
         except Exception:
             pass
-    return prov.stac_item(record, geo, bbox, geometry)
+    return prov.stac_item(record, geo, bbox, geometry, scene=like, run_dir=plan.run_dir / STAGING)
 
 
 def promote_outputs(run_dir: Path, outputs: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -528,8 +530,6 @@ def stage_record(plan: RunPlan, outputs: dict[str, str], env: StageEnv, start: s
     The run is complete only when no tile failed; otherwise the outputs stay staged and the record
     says ``failed`` with the tiles.
     """
-    import zarr
-
     from pipeline.ingest import open_zarr_scene
 
     run_dir = plan.run_dir
@@ -546,9 +546,8 @@ def stage_record(plan: RunPlan, outputs: dict[str, str], env: StageEnv, start: s
     like = open_zarr_scene(run_dir / INGESTED)
     for key in ("denoised_zarr", "abundances_zarr"):
         if key in outputs:
-            g = zarr.open_group(str(run_dir / STAGING / outputs[key]), mode="r+")
-            g.attrs["hyperdeq_run"] = json.loads(json.dumps(
-                {k: v for k, v in record.items() if k != "tiles"}, default=str))
+            update_output_attrs(run_dir / STAGING / outputs[key], {"hyperdeq_run": json.loads(json.dumps(
+                {k: v for k, v in record.items() if k != "tiles"}, default=str))})
     if status != prov.COMPLETE:
         record["outputs"] = {}
         record["error"] = f"{len(failed)} tiles failed: {failed[:10]!r}; rerun the same command to retry them"

@@ -1,10 +1,8 @@
 """A real run's outputs carry the input's metadata (issue 23, items 12-14), end to end.
 
 The real EnMAP crop goes through the pipeline (identity denoiser, so it takes seconds); its zarr,
-COG and STAC Item are reopened. The two tests marked ``xfail(strict=True)`` need the
-orchestration (``workers/stages.py``) to pass what the writers already support: the COG's
-``spectral_band_metadata(like)`` and the STAC Item's ``scene=like``. They start passing, and then
-fail as XPASS, once it does: remove the marks then.
+COG and STAC Item are reopened: the COG carries ``spectral_band_metadata(like)`` and the STAC
+Item the scene's acquisition time and bands, as the orchestration (``workers/stages.py``) writes them.
 """
 
 from __future__ import annotations
@@ -71,7 +69,6 @@ def test_run_cog_has_scene_tags(run: Any) -> None:
         assert f.units[0] == "1"
 
 
-@pytest.mark.xfail(strict=True, reason="workers/stages.py must pass **spectral_band_metadata(like) to write_cog")
 def test_run_cog_flags_bad_bands_with_units(run: Any) -> None:
     good = _good(run)
     bad = int(np.flatnonzero(~good)[0])
@@ -81,7 +78,6 @@ def test_run_cog_flags_bad_bands_with_units(run: Any) -> None:
         assert f.descriptions[bad].endswith("(bad band)")
 
 
-@pytest.mark.xfail(strict=True, reason="workers/stages.py must pass scene=like (and run_dir) to stac_item")
 def test_run_stac_item_is_dated_by_the_acquisition_and_lists_bands(run: Any) -> None:
     from pipeline import provenance as prov
 
