@@ -251,3 +251,45 @@ class LoopbackCluster:
             kill_tree(p, signal.SIGTERM)
         for p in [*self.workers, self.scheduler]:
             kill_tree(p, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------- the command line
+HYPERDEQ = str(Path(PY).parent / "hyperdeq")
+#: what ``hyperdeq run`` logs once its Dask cluster is up (absent: no cluster was started)
+CLUSTER_STARTED = "tile batches run on"
+
+
+def refuse_cli(args: list[str], root: Path, match: str, *, prefix: tuple[str, ...] = (),
+               env_extra: dict[str, str] | None = None, timeout: float = 300) -> tuple[dict[str, Any], list[str]]:
+    """Run ``hyperdeq ARGS`` (behind ``prefix``) and check it refused the input as a user must see it:
+    exit status 2, an ``error:`` line matching ``match``, no traceback, no Dask cluster started and
+    no ``run.json`` anywhere under ``root``. Returns what was measured (``refuse_s``: the whole
+    process, interpreter start included) and what is wrong ([] when the refusal is right)."""
+    import re
+
+    e = env()
+    e.update(env_extra or {})
+    t0 = time.perf_counter()
+    r = subprocess.run([*prefix, HYPERDEQ, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=e)
+    wall = time.perf_counter() - t0
+    text = r.stdout + r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    records = sorted(str(p) for p in root.rglob("run.json"))
+    measured = {"exit_code": r.returncode, "refuse_s": round(wall, 2), "traceback": "Traceback" in text,
+                "cluster_started": CLUSTER_STARTED in text, "run_json_written": bool(records),
+                "complete_marked": sum(json.loads(Path(p).read_text()).get("status") == "complete" for p in records),
+                "message": (errors[-1][7:] if errors else text.strip()[-200:])[:160]}
+    problems = []
+    if r.returncode != 2:
+        problems.append(f"exit status {r.returncode}, not 2")
+    if not (errors and re.search(match, errors[-1])):
+        problems.append(f"no 'error:' line matching /{match}/")
+    if measured["traceback"]:
+        problems.append("a traceback was shown")
+    if measured["cluster_started"]:
+        problems.append("a Dask cluster was started before the refusal")
+    if records:
+        problems.append(f"run records were written before the refusal: {records}")
+    if problems:
+        problems.append("output tail:\n" + text[-3000:])
+    return measured, problems

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import subprocess
+import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -235,17 +239,33 @@ def _config(**kw: Any) -> Callable[[Path, Path], Callable[[], Any]]:
     return lambda tmp, crop: (lambda: RunConfig(out_root=tmp, **kw))
 
 
-def tile_over_memory_budget(tmp: Path, crop: Path) -> Callable[[], Any]:
-    from workers.infer import IdentityTileModel
-    from workers.run import run_scene
+def nothing_to_do(tmp: Path, crop: Path) -> Callable[[], Any]:
+    from workers.run import Job
 
-    # passes the construction-time check (DECSC's band-independent part, ~503 MiB for 80x80 px) and
-    # is refused at tiling, where the 40 bands add ~12 MiB of input, output and blending buffers
-    cfg = RunConfig(tile=64, halo=8, unmix=False, denoise_subspace=0, tile_memory_mb=510.0)
+    return lambda: Job(RunConfig(out_root=tmp), denoise=None, unmix=None)
+
+
+def workers_and_scheduler(tmp: Path, crop: Path) -> Callable[[], Any]:
+    from workers.cluster import ClusterSpec
+
+    return lambda: ClusterSpec(n_workers=2, address="tcp://127.0.0.1:8786")
+
+
+def tile_over_memory_budget(tmp: Path, crop: Path) -> Callable[[], Any]:
+    from workers.denoise.options import DenoiseOptions
+    from workers.infer import IdentityTileModel
+    from workers.run import Job, run_scene
+
+    # DECSC's band-independent part (~345 MiB for the 64x64 px read window: tile 48 + halo 8 each
+    # side) fits the budget alone; the 40 bands add ~8 MiB of input, output and blending buffers:
+    # refused when the run is planned from the scene's header, before any pixel is read or any
+    # cluster starts
+    job = Job(RunConfig(out_root=tmp / "out", tile=48, halo=8, tile_memory_mb=350.0),
+              denoise=DenoiseOptions(subspace=0), unmix=None)
 
     def call() -> Any:
         with ThreadPoolExecutor(1) as ex:
-            return run_scene(crop, tmp / "out", cfg, client=ex, denoise_model=IdentityTileModel())
+            return run_scene(crop, job, ex, tile_models={"denoise": IdentityTileModel()})
 
     return call
 
@@ -275,7 +295,9 @@ def weights_tampered_registry(tmp: Path, crop: Path) -> Callable[[], Any]:
     (tmp / "orig").mkdir()
     good_sha = reg.sha256_file(_decsc_file(tmp / "orig"))
     _decsc_file(tmp, tamper=True)  # same file, one byte changed, in the "installed" folder
-    spec = dataclasses.replace(reg.get_spec("decsc"), weights_sha256=good_sha)
+    spec = reg.get_spec("decsc")
+    ref = dataclasses.replace(spec.weights_ref(), sha256=good_sha)  # the registry expects the untampered file
+    spec = dataclasses.replace(spec, weights={**spec.weights, spec.default_weights: ref})
 
     def call() -> Any:
         old = reg.WEIGHTS_DIR
@@ -360,14 +382,14 @@ CATALOGUE: dict[str, Bad] = {
     "config-negative-tile": Bad("tile -32", _config(tile=-32), ConfigError, r"tile must be a positive integer, got -32"),
     "config-unknown-blend": Bad("blend window 'gaussian'", _config(blend="gaussian"), ConfigError,
                                 r"unknown blend window 'gaussian'; choose one of"),
-    "config-nothing-to-do": Bad("denoise and unmix both off", _config(denoise=False, unmix=False), ConfigError,
-                                r"nothing to do"),
-    "config-workers-and-scheduler": Bad("workers=2 and scheduler=tcp://... together",
-                                        _config(workers=2, scheduler="tcp://127.0.0.1:8786"), ConfigError,
-                                        r"give either workers=2 .* not both"),
-    "tile-over-memory-budget": Bad("80x80 px tile of 40 bands with a 510 MiB per-tile budget", tile_over_memory_budget,
-                                   ConfigError, r"80x80 px tile of 40 bands needs about 515 MiB \(io 12 MiB, decsc 503 MiB\), "
-                                                r"over the per-tile memory budget of 510\.0 MiB"),
+    "config-nothing-to-do": Bad("denoise and unmix both off", nothing_to_do, ConfigError, r"nothing to do"),
+    "config-workers-and-scheduler": Bad("workers=2 and scheduler=tcp://... together", workers_and_scheduler,
+                                        ConfigError, r"give either a scheduler address \('tcp://127\.0\.0\.1:8786'\) "
+                                                     r"or a cluster to start \(workers=2, .*not both"),
+    "tile-over-memory-budget": Bad("64x64 px read window of 40 bands with a 350 MiB per-tile budget",
+                                   tile_over_memory_budget, ConfigError,
+                                   r"64x64 px tile of 40 bands needs about 353 MiB \(io 8 MiB, decsc 345 MiB\), "
+                                   r"over the per-tile memory budget of 350\.0 MiB"),
     "weights-hash-mismatch": Bad("installed decsc.safetensors one byte changed (sha256 differs from the registry)",
                                  weights_tampered_registry, WeightsError, r"has sha256 '[0-9a-f]{64}' but model 'decsc' expects"),
     "weights-tensor-tampered": Bad("safetensors tensor bytes changed, metadata digest kept", weights_tampered_content,
@@ -399,12 +421,143 @@ def test_bad_input(name: str, case: Any, demo_crop: Path, tmp_path: Path) -> Non
                 call()
         case.measure(result=f"{bad.error.__name__} raised as a warning")
     else:
+        t0 = time.perf_counter()
         with pytest.raises(bad.error, match=bad.match) as info:
             call()
         msg = str(info.value)
-        case.measure(raised=type(info.value).__name__, message=msg[:140] + ("…" if len(msg) > 140 else ""))
+        case.measure(raised=type(info.value).__name__, raise_s=round(time.perf_counter() - t0, 3),
+                     message=msg[:140] + ("…" if len(msg) > 140 else ""))
     if bad.error is not None and not issubclass(bad.error, Warning):
         complete = [p for p in tmp_path.rglob("run.json") if json.loads(p.read_text()).get("status") == "complete"]
         complete += [p for p in tmp_path.rglob("*.zarr") if p.name != "scene.zarr" and (p / "zarr.json").is_file()
                      and json.loads((p / "zarr.json").read_text()).get("attributes", {}).get("hyperdeq_complete")]
+        case.measure(complete_marked=len(complete))
         assert not complete, f"a refused input left output that looks complete: {complete}"
+
+
+# ------------------------------------------------------------------------------- the command line
+@dataclass(frozen=True)
+class Cli:
+    """A command line: ``hyperdeq ARGS``, behind ``prefix`` (e.g. a private read-only mount), with ``env``."""
+
+    args: list[str]
+    prefix: tuple[str, ...] = ()
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CliBad:
+    """A command line that must be refused before any work (issue 21 items 9, 10, 11)."""
+
+    what: str
+    make: Callable[[Path, Path], Cli]
+    match: str
+    item: str
+
+
+def _run(scene: Path, out: Path, *extra: str) -> list[str]:
+    return ["run", str(scene), "--out", str(out), "--no-unmix", *extra]
+
+
+def _scheduler(address: str) -> Callable[[Path, Path], Cli]:
+    return lambda tmp, crop: Cli(_run(crop, tmp / "out", "--scheduler", address))
+
+
+def cli_scheduler_unreachable(tmp: Path, crop: Path) -> Cli:
+    from tests.reliability._helpers import free_port
+
+    return Cli(_run(crop, tmp / "out", "--scheduler", f"tcp://127.0.0.1:{free_port()}"))
+
+
+def cli_out_under_file(tmp: Path, crop: Path) -> Cli:
+    (tmp / "notes.txt").write_text("a regular file\n")
+    return Cli(_run(crop, tmp / "notes.txt" / "out"))
+
+
+def cli_out_read_only(tmp: Path, crop: Path) -> Cli:
+    ro = tmp / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0:
+        ro.chmod(0o555)
+        return Cli(_run(crop, ro / "out"))
+    # root writes through permission bits: a read-only file system it is, mounted in a private
+    # mount namespace that disappears with the command
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("running as root without `unshare -m`: cannot make a read-only folder")
+    return Cli(_run(crop, ro / "out"),
+               prefix=("unshare", "-m", "sh", "-c", 'mount -t tmpfs -o ro,size=64k tmpfs "$0" && exec "$@"', str(ro)))
+
+
+def cli_recipe_wrong_type(tmp: Path, crop: Path) -> Cli:
+    (tmp / "recipe.yaml").write_text('cluster:\n  n_workers: "two"\n')
+    return Cli(_run(crop, tmp / "out", "--recipe", str(tmp / "recipe.yaml")))
+
+
+def cli_sweep_missing_scene(tmp: Path, crop: Path) -> Cli:
+    (tmp / "scenes.txt").write_text(f"{crop}\nmissing_scene.tif\n")
+    return Cli(["sweep", "--list-file", str(tmp / "scenes.txt"), "--out", str(tmp / "out"), "--no-unmix"])
+
+
+def cli_device_cuda(tmp: Path, crop: Path) -> Cli:
+    return Cli(_run(crop, tmp / "out", "--device", "cuda"), env={"CUDA_VISIBLE_DEVICES": ""})
+
+
+def cli_endmembers_500(tmp: Path, crop: Path) -> Cli:
+    return Cli(["run", str(crop), "--out", str(tmp / "out"), "--endmembers", "500"])
+
+
+def _small(size: tuple[int, int]) -> Callable[[Path, Path], Cli]:
+    return lambda tmp, crop: Cli(_run(crop_geotiff(tmp / f"scene_{size[0]}x{size[1]}.tif", size=size), tmp / "out"))
+
+
+CLI_CATALOGUE: dict[str, CliBad] = {
+    "scheduler-unreachable": CliBad("--scheduler tcp://127.0.0.1:<a free port> (nothing listens)",
+                                    cli_scheduler_unreachable,
+                                    r"cannot reach the Dask scheduler at 'tcp://127\.0\.0\.1:\d+' .*run without --scheduler",
+                                    "9"),
+    "scheduler-garbage": CliBad("--scheduler 'garbage::x'", _scheduler("garbage::x"),
+                                r"scheduler address 'tcp://garbage::x' is malformed .*use tcp://host:port", "9"),
+    "scheduler-unknown-protocol": CliBad("--scheduler http://127.0.0.1:8786 (the dashboard's protocol)",
+                                         _scheduler("http://127.0.0.1:8786"),
+                                         r"scheduler address 'http://127\.0\.0\.1:8786' has an unknown protocol; "
+                                         r"use tcp://host:port", "9"),
+    "out-under-regular-file": CliBad("--out under a regular file", cli_out_under_file,
+                                     r"output folder '.*notes\.txt/out' is under '.*notes\.txt', which is a file; "
+                                     r"choose a folder", "9"),
+    "out-under-proc": CliBad("--out /proc/hyperdeq-out", lambda tmp, crop: Cli(_run(crop, Path("/proc/hyperdeq-out"))),
+                             r"output folder '/proc/hyperdeq-out' is on a system file system; choose a folder on a disk",
+                             "9"),
+    "out-read-only": CliBad("--out on a read-only folder (a read-only mount when run as root)", cli_out_read_only,
+                            r"output folder '.*ro/out' is not writable \('.*ro' refuses writes\)", "9"),
+    "recipe-wrong-type": CliBad("--recipe whose cluster mapping says n_workers: \"two\"", cli_recipe_wrong_type,
+                                r"cluster recipe '.*recipe\.yaml': n_workers must be a positive integer, got 'two'; "
+                                r"e\.g\. n_workers: 2", "9"),
+    "sweep-list-missing-scene": CliBad("`hyperdeq sweep --list-file` whose 2nd line names a missing scene",
+                                       cli_sweep_missing_scene,
+                                       r"scenes\.txt' line 2: scene 'missing_scene\.tif' does not exist; fix or remove "
+                                       r"the line", "9"),
+    "device-cuda-without-gpu": CliBad("--device cuda on a host without a GPU (CUDA_VISIBLE_DEVICES='')",
+                                      cli_device_cuda,
+                                      r"--device 'cuda' was asked for but this host has 0 CUDA device\(s\); use "
+                                      r"--device cpu", "9"),
+    "endmembers-500": CliBad("--endmembers 500 for the 40-band crop (denoising on)", cli_endmembers_500,
+                             r"--endmembers 500 is not below the scene's 40 good bands .*lower --endmembers", "10"),
+    "one-row-scene": CliBad("a 1x64 px crop of the real scene", _small((1, 64)),
+                            r"too small to tile: 1 row\(s\) x 64 column\(s\) .*at least 2 x 2 pixels", "11"),
+    "one-pixel-scene": CliBad("a 1x1 px crop of the real scene", _small((1, 1)),
+                              r"too small to tile: 1 pixel .*at least 2 x 2 pixels", "11"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLI_CATALOGUE))
+def test_cli_refuses_before_any_work(name: str, case: Any, demo_crop: Path, tmp_path: Path) -> None:
+    from tests.reliability._helpers import refuse_cli
+
+    bad = CLI_CATALOGUE[name]
+    case("bad input", f"`hyperdeq` {name} (issue 21 item {bad.item}): {bad.what}",
+         f"exit 2 with one 'error:' line matching /{bad.match}/; no traceback; refused before any Dask cluster "
+         "starts (no 'tile batches run on' line) and before any run.json is written")
+    cli = bad.make(tmp_path, demo_crop)
+    measured, problems = refuse_cli(cli.args, tmp_path, bad.match, prefix=cli.prefix, env_extra=cli.env)
+    case.measure(**measured)
+    assert not problems, "\n".join(problems)
