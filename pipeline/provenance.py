@@ -22,6 +22,9 @@ from pipeline.hashing import sha256_path, sidecar_files  # noqa: F401  (re-expor
 RUN_JSON = "run.json"
 STAC_JSON = "stac_item.json"
 RUNNING, COMPLETE, FAILED = "running", "complete", "failed"
+#: a run stopped by a signal or a cancellation (``workers.run.RunCancelled``); resumable like a failed one
+CANCELLED = "cancelled"
+STATUSES = (RUNNING, COMPLETE, FAILED, CANCELLED)
 PROCESSING_EXT = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
 PROJECTION_EXT = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
 
@@ -67,8 +70,8 @@ def summarise_tiles(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def write_run_record(run_dir: str | Path, record: dict[str, Any]) -> Path:
     """Write ``run.json`` atomically (the status inside decides whether the run counts as complete)."""
-    if record.get("status") not in (RUNNING, COMPLETE, FAILED):
-        raise ProvenanceError(f"run status must be one of {[RUNNING, COMPLETE, FAILED]!r}, got {record.get('status')!r}")
+    if record.get("status") not in STATUSES:
+        raise ProvenanceError(f"run status must be one of {list(STATUSES)!r}, got {record.get('status')!r}")
     p = Path(run_dir) / RUN_JSON
     _atomic_write(p, record)
     return p
