@@ -38,8 +38,23 @@ for _name in _AREAS:
     _mod.register(app, GROUPS)
 
 
+def _crash_report(exc: BaseException) -> str:
+    """Write the traceback of an unexpected error to a file; return its path."""
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="hyperdeq-crash-", suffix=".txt")
+    with open(fd, "w") as fh:
+        fh.write("".join(traceback.format_exception(exc)))
+    return path
+
+
 def main() -> None:
-    """Console-script entry point: turn hyperdeq errors into one clear line and exit code 2."""
+    """Console-script entry point: hyperdeq errors become one clear line and exit code 2; a stop
+    (Ctrl-C) exits 130; anything else is a bug: one line, the traceback in a file, exit 1
+    (``HYPERDEQ_TRACEBACK=1`` prints it instead)."""
+    import os
+
     from pipeline.errors import HyperdeqError
 
     try:
@@ -47,6 +62,17 @@ def main() -> None:
     except HyperdeqError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("stopped (Ctrl-C); rerun the same command to resume", fg=typer.colors.YELLOW, err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if os.environ.get("HYPERDEQ_TRACEBACK"):
+            raise
+        path = _crash_report(exc)
+        typer.secho(f"error: unexpected {type(exc).__name__}: {str(exc)[:500]}. This is a bug in hyperdeq, not in "
+                    f"your input: the traceback is in {path}; please report it (HYPERDEQ_TRACEBACK=1 prints it)",
+                    fg=typer.colors.RED, err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
