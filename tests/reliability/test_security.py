@@ -77,8 +77,8 @@ def test_installed_weights_hash_checked_before_loading(case, tmp_path: Path, mon
 def test_yaml_python_tags_refused(case, tmp_path: Path) -> None:
     case("security", "cluster recipe and sensor presets YAML with !!python/object/apply tags",
          "ConfigError (yaml.safe_load); the tag's callable never runs")
-    from flows.settings import load_recipe
     from flows.sweep import load_sensors
+    from workers.cluster import load_recipe
 
     marker = tmp_path / "pwned"
     evil = f"cluster: !!python/object/apply:pathlib.Path.touch [{str(marker)!r}]\n"
@@ -94,6 +94,42 @@ def test_yaml_python_tags_refused(case, tmp_path: Path) -> None:
     with pytest.raises(yaml.constructor.ConstructorError):
         yaml.safe_load(evil)
     case.measure(payload_ran=False)
+
+
+def test_recipe_code_keys_refused_unless_allowed(case, demo_crop: Path, tmp_path: Path) -> None:
+    case("security", "`hyperdeq run --recipe FILE` whose cluster mapping preloads a Python file "
+         "(cluster: preload: [x.py]; issue 21 item 5)",
+         "exit 2 naming the key and --allow-recipe-code, before any cluster starts; x.py never runs (marker "
+         "absent); with --allow-recipe-code (allow_code=True) the recipe is accepted and the preload really runs")
+    from distributed import LocalCluster
+
+    from flows.options import build
+    from tests.reliability._helpers import refuse_cli
+    from workers.cluster import ClusterSpec, load_recipe
+
+    marker = tmp_path / "pwned"
+    code = tmp_path / "x.py"
+    code.write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"cluster": {"preload": [str(code)]}}))
+    refused = r"cluster recipe '.*recipe\.yaml' sets \['cluster\.preload'\], which make the cluster load and run code; "
+    measured, problems = refuse_cli(["run", str(demo_crop), "--out", str(tmp_path / "out"), "--no-unmix",
+                                     "--recipe", str(recipe)], tmp_path, refused + r".*--allow-recipe-code")
+    case.measure(**measured)
+    assert not problems, "\n".join(problems)
+    assert not marker.exists(), "the recipe's preload ran although the recipe was refused"
+    with pytest.raises(ConfigError, match=refused):
+        load_recipe(str(recipe))
+    with pytest.raises(ConfigError, match=refused):
+        ClusterSpec(recipe=str(recipe))
+    # opted in, as --allow-recipe-code does: accepted, and the preload is live (it runs on the workers)
+    _job, spec = build({"recipe": str(recipe), "allow_recipe_code": True, "unmix": False})
+    kw = spec.cluster_kwargs()
+    assert spec.allow_code and kw["preload"] == [str(code)]
+    with LocalCluster(**{**kw, "n_workers": 1}, processes=False, dashboard_address=None):
+        pass
+    assert marker.exists(), "the allowed preload did not run"
+    case.measure(payload_ran_when_refused=False, payload_ran_when_allowed=True)
 
 
 HOSTILE = ["../../etc/passwd", "..", "/etc/shadow", "a/../../../b", "..\\..\\windows", "~root/.ssh", ".bashrc",
@@ -122,16 +158,16 @@ def test_output_confined_end_to_end(case, demo_crop: Path, tmp_path: Path) -> No
          "every file written lies under the output root; the symlinked run folder raises WriteError")
     from pipeline.config import RunConfig
     from workers.infer import IdentityTileModel
-    from workers.run import plan_run, run_scene
+    from workers.run import Job, plan_run, run_scene
 
     scene = tmp_path / "in" / "..;..;etc passwd$(id).tif"
     scene.parent.mkdir()
     scene.write_bytes(demo_crop.read_bytes())
     out = tmp_path / "out"
     before = {p for p in tmp_path.rglob("*")}
-    cfg = RunConfig(tile=32, halo=4, unmix=False)
+    models = {"denoise": IdentityTileModel()}
     with ThreadPoolExecutor(2) as ex:
-        res = run_scene(scene, out, cfg, client=ex, denoise_model=IdentityTileModel())
+        res = run_scene(scene, Job(RunConfig(out_root=out, tile=32, halo=4), unmix=None), ex, tile_models=models)
     assert res.status == "complete"
     new = {p for p in tmp_path.rglob("*")} - before
     assert new and all(p.resolve() == out.resolve() or out.resolve() in p.resolve().parents for p in new)
@@ -145,7 +181,7 @@ def test_output_confined_end_to_end(case, demo_crop: Path, tmp_path: Path) -> No
     sym_scene = tmp_path / "in" / "scene.tif"
     sym_scene.write_bytes(demo_crop.read_bytes())
     with pytest.raises(WriteError, match=r"escapes the output root"):
-        plan_run(sym_scene, out2, cfg, IdentityTileModel())
+        plan_run(sym_scene, Job(RunConfig(out_root=out2, tile=32, halo=4), unmix=None), tile_models=models)
     assert not any(outside.iterdir())
     case.measure(files_written=len(new), run_folder=str(res.run_dir.relative_to(out.resolve())))
 
