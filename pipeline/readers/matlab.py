@@ -179,7 +179,15 @@ class MatSource(SceneSource):
         from pipeline.scene import check_scene_values
 
         nb, ny, nx = self.shape
-        da = self.build(self.read(0, ny, 0, nx))
+        oor = np.zeros(nb, dtype=np.int64)
+        da = self.build(self.read(0, ny, 0, nx, out_of_range=oor))
+        da.attrs["out_of_range_per_band"] = oor.tolist()
+        # as in the ingest: a good band without one finite value becomes a bad band
+        good = np.asarray(da["good_band"].values, dtype=bool)
+        empty = good & ~np.isfinite(np.asarray(da.values)).any(axis=(1, 2))
+        if empty.any() and not empty[good].all():
+            da = da.assign_coords(good_band=("band", good & ~empty))
+            da.attrs["nodata_bands"] = np.flatnonzero(empty).tolist()
         check_scene_values(da)
         return da
 

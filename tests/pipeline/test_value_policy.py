@@ -84,3 +84,19 @@ def test_read_checked_names_the_chunk(tmp_path: Path) -> None:
     with pytest.raises(ChunkChecksumError, match=r"chunk 'c/0/1/0' \(index \(0, 1, 0\), elements \[0:3, 4:8, 0:4\]\) "
                        r"of array 'a' in zarr store 's' fails its crc32c checksum .*; re-ingest\."):
         read_checked(arr, (slice(None), slice(2, 6), slice(1, 3)), store="s", array="a", fix="re-ingest.")
+
+
+def test_all_nan_band_of_a_mat_cube_becomes_a_bad_band(tmp_path: Path) -> None:
+    import scipy.io
+
+    from pipeline.readers import open_scene
+    from tests.pipeline.test_readers import PAVIA
+
+    cube = scipy.io.loadmat(PAVIA)["paviaU_subimg"].astype(np.float32)  # (rows, cols, bands), x10^4
+    cube[:, :, 4] = np.nan
+    cube[3, 3, 7] = 1e6  # one hot value: nodata, counted
+    scipy.io.savemat(tmp_path / "p.mat", {"paviaU_subimg": cube})
+    da = open_scene(tmp_path / "p.mat", scale_factor=10000.0)
+    assert not bool(da["good_band"].values[4]) and int(da["good_band"].values.sum()) == 102
+    assert da.attrs["nodata_bands"] == [4] and da.attrs["out_of_range_per_band"][7] == 1
+    assert np.isnan(da.values[7, 3, 3]) and np.isfinite(da.values[6]).all()
