@@ -268,10 +268,24 @@ def local_torch_threads(n_workers: int, threads_per_worker: int = 1) -> int:
 
 
 def _start(spec: ClusterSpec, device: str) -> tuple[Any, int]:
-    """Start the cluster ``spec`` asks for; returns (cluster, its CPU worker count or 0 for GPUs)."""
-    from distributed import LocalCluster
+    """Start the cluster ``spec`` asks for; returns (cluster, its CPU worker count or 0 for GPUs).
+
+    The recipe's ``worker_env`` reaches the worker processes through distributed's
+    ``nanny.pre-spawn-environ`` (set before a worker starts, so thread counts apply; dask-cuda
+    replaces a Nanny's ``env`` with its own device list). The flow's own environment wins.
+    """
+    import dask.config
 
     kw = spec.cluster_kwargs()
+    env = kw.pop("env", None) or {}
+    key = "distributed.nanny.pre-spawn-environ"
+    with dask.config.set({key: {**(dask.config.get(key, default={}) or {}), **env}}):
+        return _construct(spec, device, kw)
+
+
+def _construct(spec: ClusterSpec, device: str, kw: dict[str, Any]) -> tuple[Any, int]:
+    from distributed import LocalCluster
+
     want_cuda = spec.kind == "cuda" or (device != "cpu" and _cuda_count() > 0)
     if want_cuda:
         kw.pop("n_workers", None)  # one worker per visible GPU
