@@ -78,15 +78,15 @@ def sweep(root: Path, out: Path, client: Any, max_concurrent: int) -> dict[str, 
     from pipeline.config import RunConfig
     from pipeline.errors import HyperdeqError
     from workers.infer import IdentityTileModel
-    from workers.run import run_scene
+    from workers.run import Job, run_scene
 
     patterns = ["**/*.tif"] + [p for p in ("**/*.bsq", "**/*.mat") if any(root.glob(p))]
     scenes = scan_archive(root, patterns=patterns)
-    cfg = RunConfig(tile=32, halo=4, unmix=False, batch_size=2)
+    job = Job(RunConfig(out_root=out, tile=32, halo=4, batch_size=2), unmix=None)
 
     def one(scene: Path) -> dict[str, str]:
         try:
-            res = run_scene(scene, out, cfg, client=client, denoise_model=IdentityTileModel())
+            res = run_scene(scene, job, client, tile_models={"denoise": IdentityTileModel()})
             return {"status": res.status, "reason": ",".join(res.failed_tiles)}
         except HyperdeqError as exc:
             return {"status": "failed", "error": type(exc).__name__, "reason": str(exc)}
