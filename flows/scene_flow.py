@@ -99,7 +99,7 @@ class CancelWatch:
             except Exception:  # a monitoring hiccup never stops a run
                 continue
             self.event.set()
-            if self._main:
+            if self._main and not self._stop.is_set():  # not once the run has left the watched block
                 _thread.interrupt_main(signal.SIGTERM)
             return
 
@@ -164,15 +164,23 @@ def process_scene(scene: str, out_dir: str = "hyperdeq-out", options: RunOptions
     cluster.check_reachable()
     progress = scene_progress(plan.scene.name, stage_names(plan), logger=log)
     t0 = time.perf_counter()
-    with CancelWatch(flow_run.get_id()) as watch, signals_cancel():
+    try:
+        with CancelWatch(flow_run.get_id()) as watch, signals_cancel():
 
-        def tile_progress(stage: str, done: int, total: int) -> None:
-            if watch.event.is_set():
-                raise RunCancelled("cancelled in Prefect")
-            progress(stage, done, total)
+            def tile_progress(stage: str, done: int, total: int) -> None:
+                if watch.event.is_set():
+                    raise RunCancelled("cancelled in Prefect")
+                progress(stage, done, total)
 
-        res = execute(plan, cluster, call=_prefect_call(plan.scene.name, progress), progress=tile_progress,
-                      log=log.info)
+            res = execute(plan, cluster, call=_prefect_call(plan.scene.name, progress), progress=tile_progress,
+                          log=log.info)
+    except RunCancelled as exc:  # the record says 'cancelled'; the flow run ends Cancelled, not Crashed
+        from prefect.states import Cancelled
+
+        log.warning("scene %s: run %s cancelled (%s); %s says 'cancelled'; rerun to resume",
+                    plan.scene.name, plan.run_id, exc, plan.run_dir / "run.json")
+        return Cancelled(message=f"run {plan.run_id} of {plan.scene.name} cancelled ({exc}); "  # type: ignore[return-value]
+                                 "rerun the same command to resume")
     if res.reused:
         log.info("scene %s already has a complete run with this configuration and weights: %s",
                  plan.scene.name, res.run_dir)
