@@ -23,6 +23,8 @@ import pytest
 from tests.reliability import report
 
 _CASES: dict[str, dict[str, Any]] = {}
+#: test ids this session collected, deselected ones included (to drop rows of tests that no longer exist)
+_COLLECTED: set[str] = set()
 
 
 class Case:
@@ -66,8 +68,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
             row["skip_reason"] = str(rep.longrepr[-1]) if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
 
 
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    _COLLECTED.update(i.nodeid for i in items)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    _COLLECTED.update(i.nodeid for i in session.items)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Merge this session's cases into the results JSON (by test id) and re-render the markdown."""
+    """Merge this session's cases into the results JSON (by test id) and re-render the markdown.
+
+    Rows of a test file this session collected whose test id it no longer has (a renamed or removed
+    test or case) are dropped; rows of files not collected this time are kept as they were.
+    """
     if not _CASES or os.environ.get("HYPERDEQ_RELIABILITY_REPORT") != "1":
         return
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -79,9 +93,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             old = {}
     for row in _CASES.values():
         row["run_at"] = now
+    files = {n.split("::", 1)[0] for n in _COLLECTED}
+    old = {k: r for k, r in old.items() if k in _COLLECTED or k.split("::", 1)[0] not in files}
     merged = {**old, **_CASES}
     rows = sorted(merged.values(), key=lambda r: (report.KIND_ORDER.get(r["kind"], 9), r["nodeid"]))
-    payload = {"generated": now, "exitstatus": int(exitstatus), "cases": rows}
+    payload = {"generated": now, "exitstatus": int(exitstatus), "cases": rows,
+               "machine": {"cpus": os.cpu_count(), "load_avg_1_5_15_min": [round(v, 1) for v in os.getloadavg()]}}
     report.RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
     from pipeline.provenance import portable
 

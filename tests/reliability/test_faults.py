@@ -275,6 +275,7 @@ def test_output_disk_full_partway(case, demo_crop: Path, reference: dict[str, st
     r = run_sync(_driver(demo_crop, out, tmp_path / "log2", "--workers", "2"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert output_digests(run_dirs(out)[0]) == reference
+    case.measure(outputs_identical=True)
     assert status == "failed", f"run.json says {status!r} after the failure"
 
 
@@ -316,6 +317,7 @@ def test_scheduler_lost_mid_run(case, demo_crop: Path, reference: dict[str, str]
     assert r.returncode == 0, r.stderr[-2000:]
     assert _stage(run_dir)["n_reused"] >= len(done_before) > 0
     assert output_digests(run_dir) == reference
+    case.measure(outputs_identical=True)
     assert err and "scheduler" in err[-1].lower(), msg[-2000:]
 
 
