@@ -27,6 +27,7 @@ from typing import Any, cast
 import numpy as np
 import xarray as xr
 
+from pipeline.chunk_checksums import compressors
 from pipeline.errors import ConfigError, InputValidationError, WriteError
 from pipeline.hashing import sha256_path
 from pipeline.readers import open_source
@@ -138,6 +139,9 @@ def _encoding(ds: xr.Dataset, chunks: tuple[int, int, int]) -> dict[str, Any]:
             "fill_value": np.nan,
         }
     }
+    for name in ds.variables:  # the coordinates (band metadata, map coordinates) are checksummed too
+        if name != VARIABLE:
+            enc[str(name)] = {"compressors": compressors()}
     return enc
 
 

@@ -90,9 +90,18 @@ def open_zarr_scene(path: str | Path) -> xr.DataArray:
     data = _guarded_data(p, var)
     # the per-band coordinates are dask-backed too: read them here (small), never through a
     # process-wide default Dask client
-    band_coords = {k: np.asarray(ds[k].data.compute(scheduler=LOCAL_SCHEDULER)
-                                 if hasattr(ds[k].data, "compute") else ds[k].data)
-                   for k in ("wavelength", "fwhm", "good_band")}
+    band_coords = {}
+    for k in ("wavelength", "fwhm", "good_band"):
+        try:
+            band_coords[k] = np.asarray(ds[k].data.compute(scheduler=LOCAL_SCHEDULER)
+                                        if hasattr(ds[k].data, "compute") else ds[k].data)
+        except Exception as exc:
+            what = ("fails its crc32c checksum (its bytes changed on disk after it was written)"
+                    if is_checksum_error(exc) else f"does not decode ({type(exc).__name__}: {exc})")
+            raise ReadError(
+                f"the {k!r} array of zarr store {str(p)!r} {what}; copy the store again or ingest "
+                "the source again with overwrite=True."
+            ) from exc
     from affine import Affine
 
     transform = Affine(*meta["transform"]) if meta.get("transform") else None

@@ -100,3 +100,24 @@ def test_all_nan_band_of_a_mat_cube_becomes_a_bad_band(tmp_path: Path) -> None:
     assert not bool(da["good_band"].values[4]) and int(da["good_band"].values.sum()) == 102
     assert da.attrs["nodata_bands"] == [4] and da.attrs["out_of_range_per_band"][7] == 1
     assert np.isnan(da.values[7, 3, 3]) and np.isfinite(da.values[6]).all()
+
+
+def test_coordinate_arrays_of_the_ingested_store_are_checksummed(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from pipeline.errors import ReadError
+    from pipeline.ingest import open_zarr_scene
+
+    store = ingest_scene(TILE, tmp_path / "s.zarr")
+    for name in ("reflectance", "wavelength", "good_band", "x", "y"):
+        codecs = [c["name"] for c in json.loads((store / name / "zarr.json").read_text())["codecs"]]
+        assert codecs[-1] == "crc32c", (name, codecs)
+    copy = Path(shutil.copytree(store, tmp_path / "copy.zarr"))
+    f = copy / "wavelength" / "c" / "0"
+    b = bytearray(f.read_bytes())
+    b[len(b) // 2] ^= 4
+    f.write_bytes(bytes(b))
+    with pytest.raises(ReadError, match=r"the 'wavelength' array of zarr store '.*copy\.zarr' fails its crc32c "
+                       r"checksum .*ingest the source again"):
+        open_zarr_scene(copy)
