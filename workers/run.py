@@ -128,7 +128,7 @@ def _check_out_root(out_root: Path) -> None:
         probe_dir = probe_dir.parent
     if probe_dir.exists() and not probe_dir.is_dir():
         raise ConfigError(f"output folder {str(p)!r} is under {str(probe_dir)!r}, which is a file; choose a folder")
-    if str(p.resolve()).startswith(("/proc", "/sys", "/dev")):
+    if p.resolve().parts[1:2] in (("proc",), ("sys",), ("dev",)):  # not /device-data, /system, ...
         raise ConfigError(f"output folder {str(p)!r} is on a system file system; choose a folder on a disk")
     if not os.access(probe_dir, os.W_OK):
         raise ConfigError(f"output folder {str(p)!r} is not writable ({str(probe_dir)!r} refuses writes); "
