@@ -36,6 +36,8 @@ DOC = ROOT / "docs" / "benchmarks.md"
 
 #: key, title, module:function(section, plan, device)
 SECTIONS: tuple[tuple[str, str, str], ...] = (
+    ("cli_vs_fasthyde", "hyperdeq run --no-unmix (CLI defaults, fresh process) vs FastHyDe, same cube",
+     "cli_vs_fasthyde:run"),
     ("throughput", "Model throughput, FLOPs per voxel, achieved vs peak", "throughput:run"),
     ("overhead", "Pipeline overhead ratio and where the time goes", "pipeline_bench:overhead"),
     ("scaling", "Scaling: 2 workers ÷ 1 worker (model stage)", "pipeline_bench:scaling"),
