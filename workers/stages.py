@@ -509,6 +509,17 @@ def _stac(plan: RunPlan, record: dict[str, Any], like: Any) -> dict[str, Any]:
     return prov.stac_item(record, geo, bbox, geometry, scene=like, run_dir=plan.run_dir / STAGING)
 
 
+def _input_policy(store: Path, like: Any) -> dict[str, Any]:
+    """What the ingest made nodata (values outside the physical range, per band) and the bad bands."""
+    import zarr
+
+    h = dict(zarr.open_group(str(store), mode="r").attrs).get("hyperdeq", {})
+    oor = [int(v) for v in h.get("out_of_range_per_band") or []]
+    good = np.asarray(like["good_band"].values, dtype=bool)
+    return {"out_of_range_total": int(sum(oor)), "out_of_range_per_band": oor,
+            "bad_bands": [int(i) for i in np.flatnonzero(~good)]}
+
+
 def promote_outputs(run_dir: Path, outputs: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Move the staged outputs to their final names; returns their run.json entries (size, sha256)."""
     entries: dict[str, dict[str, Any]] = {}
@@ -544,6 +555,7 @@ def stage_record(plan: RunPlan, outputs: dict[str, str], env: StageEnv, start: s
                    for k, v in stages.items()},
     }
     like = open_zarr_scene(run_dir / INGESTED)
+    record["input"].update(_input_policy(run_dir / INGESTED, like))
     for key in ("denoised_zarr", "abundances_zarr"):
         if key in outputs:
             update_output_attrs(run_dir / STAGING / outputs[key], {"hyperdeq_run": json.loads(json.dumps(
