@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
@@ -318,10 +319,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                other = json.loads(path.read_text() or "{}")
-            except (OSError, ValueError):
-                other = {}
+            other = _read_lock(path)
             if other.get("host") == me["host"] and not _alive(int(other.get("pid") or 0)):
                 _log.warning("taking over the stale lock of pid %s (no longer running) on %s", other.get("pid"), run_dir)
                 path.unlink(missing_ok=True)
@@ -334,10 +332,26 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         with os.fdopen(fd, "w") as fh:
             json.dump(me, fh)
         break
+    else:  # the lock came back after each takeover: another process is taking it too
+        raise ConfigError(f"run folder {str(run_dir)!r} is being taken by another hyperdeq run at the same time; "
+                          "wait for it to finish")
     try:
         yield
     finally:
         path.unlink(missing_ok=True)
+
+
+def _read_lock(path: Path) -> dict[str, Any]:
+    """The lock's holder; waits briefly for a lock just created (empty until its holder writes it)."""
+    for _ in range(20):
+        try:
+            other = json.loads(path.read_text() or "{}")
+        except (OSError, ValueError):
+            other = {}
+        if other or not path.exists():
+            return other if isinstance(other, dict) else {}
+        time.sleep(0.05)
+    return {}
 
 
 def _alive(pid: int) -> bool:
