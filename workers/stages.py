@@ -227,6 +227,17 @@ def _tile_model(plan: RunPlan, stage: str, env: StageEnv, fit_dir: Path | None) 
     return plan.job.options(stage).tile_model(plan.config.device, fit_dir)
 
 
+def _pixel_convergence(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pixels whose own solve converged, summed over the tiles (models with per-pixel stopping)."""
+    stats = [r.get("stats") or {} for r in records if r.get("status") == "ok"]
+    if not any("converged_pixels" in st for st in stats):
+        return {}
+    conv = sum(int(st.get("converged_pixels", 0)) for st in stats)
+    valid = sum(int(st.get("valid_pixels", 0)) for st in stats)
+    return {"converged_pixels": conv, "valid_pixels": valid,
+            "converged_pixel_fraction": round(conv / valid, 4) if valid else None}
+
+
 def stage_model(plan: RunPlan, stage: str, tile_store: Path, env: StageEnv, fit_dir: Path | None = None) -> dict[str, Any]:
     """Run a model stage (``denoise`` or ``unmix``) over every tile; returns the stage summary."""
     model = _tile_model(plan, stage, env, fit_dir)
@@ -255,6 +266,7 @@ def stage_model(plan: RunPlan, stage: str, tile_store: Path, env: StageEnv, fit_
         "weights_sha256": model.weights_sha256, "halo": model.halo, "channels": channels,
         "wall_s": res.wall_s, **prov.summarise_tiles(res.records),
         "n_reused": sum(bool(r.get("reused")) for r in res.records),
+        **_pixel_convergence(res.records),
     }
     env.log(f"{stage}: {summary['n_ok']}/{summary['n_tiles']} tiles ok, {len(summary['not_converged'])} not "
             f"converged, {len(summary['failed'])} failed, {summary['n_reused']} reused, in {res.wall_s:.1f} s")
@@ -459,7 +471,8 @@ def _tile_rows(recs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     # pass: k, pixels kept outside, impulse pixels and lines cleaned; the unmixer's converged pixels
     return [{**{k: r.get(k) for k in keys},
              **{k: v for k, v in (r.get("stats") or {}).items()
-                if (k.startswith("guard") and k != "guard_w") or k.startswith(("subspace", "pixels", "precision"))}}
+                if (k.startswith("guard") and k != "guard_w")
+                or k.startswith(("subspace", "precision")) or k in ("converged_pixels", "valid_pixels")}}
             for _, r in sorted(recs.items())]
 
 
