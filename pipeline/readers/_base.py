@@ -301,9 +301,12 @@ def to_canonical(
         out[missing] = np.nan
     if valid_range is not None:
         lo, hi = np.float32(valid_range[0]), np.float32(valid_range[1])
-        # band by band: no window-sized temporaries; NaN and ±inf compare False / are kept
+        flat = out.reshape(out.shape[0] if out.ndim == 3 else 1, -1)
+        with np.errstate(invalid="ignore"):  # fmin/fmax skip NaN: a cheap test of whole bands
+            suspect = np.flatnonzero((np.fmin.reduce(flat, axis=1) < lo) | (np.fmax.reduce(flat, axis=1) > hi))
+        # band by band: no window-sized temporaries; NaN and ±inf are kept
         # (infinities are rejected by the ingest with their position)
-        for b in range(out.shape[0] if out.ndim == 3 else 1):
+        for b in suspect if flat.shape[1] else ():
             band = out[b] if out.ndim == 3 else out
             with np.errstate(invalid="ignore"):
                 bad = ((band < lo) | (band > hi)) & np.isfinite(band)
