@@ -201,7 +201,7 @@ def _map_input(model: DECSC, y: Tensor) -> Tensor:
 
 def test_conv3d_banded_equals_conv3d_and_folded() -> None:
     g = torch.Generator().manual_seed(0)
-    for cin, cout in [(1, 4), (4, 1), (4, 4), (3, 5)]:
+    for cin, cout in [(1, 4), (4, 1), (4, 4), (3, 5), (16, 1), (1, 1)]:
         x = torch.randn(2, cin, 31, 9, 11, generator=g, dtype=torch.float64)
         w = torch.randn(cout, cin, 3, 3, 3, generator=g, dtype=torch.float64)
         b = torch.randn(cout, generator=g, dtype=torch.float64)

@@ -139,17 +139,51 @@ class WindowAttention(nn.Module):
         return t.permute(0, 3, 1, 2)
 
 
-def conv3d_banded(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """3x3x3 convolution (zero padding 1) of ``x`` (N, Cin, B, H, W): ``F.conv3d(x, weight, bias, padding=1)``.
+def _conv3d_band_offsets(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.conv3d(x, weight, bias, padding=k // 2)`` as one 2D convolution over the bands as a batch.
 
-    Computed as a true 3D convolution: every multiply-add pairs a kernel tap with an input voxel
-    (no structural zeros; counted FLOPs equal the useful ones). Earlier versions folded the band
-    axis into channels and ran one 2D convolution with a block-banded (Cout*B, Cin*B, 3, 3) kernel,
-    of which only 3 of B band diagonals are non-zero (about 10x the useful FLOPs at B = 31; issue 22).
-    The input is handed to oneDNN in ``channels_last_3d`` order (one copy): for the few channels
-    used here its channels-last 3D kernels were 1.2-2x faster than the plain-layout ones on the
-    development CPU (``benchmarks/flops.py`` reports the FLOPs; ``docs/benchmarks.md`` the timings).
+    ``x`` (N, Cin, B, H, W) is viewed as N*B images of Cin channels; one conv2d with the kernel's
+    k band slices stacked as k*Cout output channels gives every band's contribution to its
+    neighbours, which are then added with the band offset (shift-add along B, zero padded).
+    Exactly the useful multiply-adds, plus k - 1 additions per output voxel.
     """
+    n, cin, b, h, w = x.shape
+    cout, k = weight.shape[0], weight.shape[2]
+    p = k // 2
+    xb = x.transpose(1, 2).reshape(n * b, cin, h, w)
+    wk = weight.permute(2, 0, 1, 3, 4).reshape(k * cout, cin, k, weight.shape[-1])
+    y = F.conv2d(xb, wk, None, padding=(weight.shape[-2] // 2, weight.shape[-1] // 2)).reshape(n, b, k, cout, h, w)
+    out = y[:, :, p].clone()
+    for d in range(k):  # output band j reads input band j + d - p
+        off = d - p
+        if off < 0:
+            out[:, -off:] += y[:, : b + off, d]
+        elif off > 0:
+            out[:, : b - off] += y[:, off:, d]
+    if bias is not None:
+        out += bias[None, None, :, None, None]
+    return out.transpose(1, 2)
+
+
+def conv3d_banded(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """kxkxk convolution (zero padding k // 2) of ``x`` (N, Cin, B, H, W): ``F.conv3d(x, weight, bias, padding=k // 2)``.
+
+    Computed without structural zeros: every multiply-add pairs a kernel tap with an input voxel
+    (counted FLOPs equal the useful ones, ``benchmarks/flops.py``). Earlier versions folded the
+    band axis into channels and ran one 2D convolution with a block-banded (Cout*B, Cin*B, 3, 3)
+    kernel of which only 3 of B band diagonals are non-zero (4-6x the map's useful FLOPs; issue 22).
+
+    Two exact formulations, chosen by shape from measurements of the DECSC map on the development
+    CPU (1 thread, N=2 windows of 64x64 and 96x96 pixels, ``docs/benchmarks.md``):
+
+    - ``Cout > 1``: a true 3D convolution, input handed to oneDNN in ``channels_last_3d`` order
+      (one copy): 1.1-1.3x faster than the plain layout for the few channels used here;
+    - ``Cout == 1`` (the synthesis ``D_u``): :func:`_conv3d_band_offsets`, one 2D convolution with
+      k output channels and a shift-add along the bands; oneDNN's 3D kernels handle a single output
+      channel poorly (slower than the old folded form there), this one was ~1.6x faster.
+    """
+    if weight.shape[0] == 1:
+        return _conv3d_band_offsets(x, weight, bias)
     x = x.contiguous(memory_format=torch.channels_last_3d)
     return F.conv3d(x, weight, bias, padding=weight.shape[-1] // 2)
 
