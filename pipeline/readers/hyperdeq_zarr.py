@@ -278,7 +278,8 @@ class ZarrSceneSource(SceneSource):
             out = np.asarray(self._scene.data[:, y0:y1, x0:x1].compute(scheduler=LOCAL_SCHEDULER))
         except Exception as exc:  # a chunk that does not decode: truncated or overwritten
             detail = exc.detail if isinstance(exc, _ChunkReadError) else f"{type(exc).__name__}: {exc}"
-            raise ReadError(
+            cls = ChunkChecksumError if isinstance(exc, ChunkChecksumError) else ReadError
+            raise cls(
                 f"cannot read rows {y0}:{y1}, cols {x0}:{x1} of zarr store {str(self.path)!r}: "
                 f"{detail}; a chunk is corrupt (an interrupted copy?). Copy the "
                 "store again or ingest the source again with overwrite=True."

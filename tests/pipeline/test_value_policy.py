@@ -121,3 +121,18 @@ def test_coordinate_arrays_of_the_ingested_store_are_checksummed(tmp_path: Path)
     with pytest.raises(ReadError, match=r"the 'wavelength' array of zarr store '.*copy\.zarr' fails its crc32c "
                        r"checksum .*ingest the source again"):
         open_zarr_scene(copy)
+
+
+def test_reingesting_a_damaged_store_names_the_chunk(tmp_path: Path) -> None:
+    """A hyperdeq store read as a source (re-ingest, open_source): the checksum error keeps its class."""
+    import shutil
+
+    store = ingest_scene(TILE, tmp_path / "s.zarr", chunk=16)
+    copy = Path(shutil.copytree(store, tmp_path / "copy.zarr"))
+    f = copy / "reflectance" / "c" / "0" / "1" / "1"
+    b = bytearray(f.read_bytes())
+    b[len(b) // 2] ^= 8
+    f.write_bytes(bytes(b))
+    with pytest.raises(ChunkChecksumError, match=r"zarr store '.*copy\.zarr'.*chunk reflectance/c/0/1/1 fails its "
+                       r"crc32c checksum"):
+        ingest_scene(copy, tmp_path / "again.zarr")
