@@ -118,7 +118,9 @@ def _name_run(flow_run_id: Any, name: str, tags: list[str]) -> None:
         from prefect.client.orchestration import get_client
 
         with get_client(sync_client=True) as client:
-            client.update_flow_run(flow_run_id, name=name, tags=tags)
+            # update_flow_run replaces the tags: keep the run's own (a deployment's, the caller's)
+            current = list(client.read_flow_run(flow_run_id).tags or [])
+            client.update_flow_run(flow_run_id, name=name, tags=list(dict.fromkeys([*current, *tags])))
     except Exception as exc:
         logging.getLogger("hyperdeq.flow").warning("could not rename the flow run: %s", exc)
 
