@@ -37,15 +37,19 @@ class SolverConfig:
     lam: float = 1e-4
     beta: float = 1.0
     damping: float = 0.0
+    #: iterations between the solver's stop tests (its only host synchronisation; see ``solve``)
+    check_every: int = 1
 
     def __post_init__(self) -> None:
         _check(self.method, self.tol, self.max_iter, self.m, self.lam, self.beta, self.damping)
         if self.eval_max_iter is not None and self.eval_max_iter < 1:
             raise ConfigError(f"eval_max_iter must be >= 1 or None, got {self.eval_max_iter!r}")
+        if self.check_every < 1:
+            raise ConfigError(f"check_every must be >= 1, got {self.check_every!r}")
 
     def kwargs(self, max_iter: int) -> dict:
         return dict(method=self.method, tol=self.tol, max_iter=max_iter, m=self.m,
-                    lam=self.lam, beta=self.beta, damping=self.damping)
+                    lam=self.lam, beta=self.beta, damping=self.damping, check_every=self.check_every)
 
 
 class DEQFixedPoint(nn.Module):
@@ -53,6 +57,8 @@ class DEQFixedPoint(nn.Module):
 
     ``init(x)`` builds the cold start (default ``zeros_like(x)``); ``forward(x, z0)`` accepts a
     warm start. ``max_iter`` applies in training, ``eval_max_iter`` (default ``max_iter``) in eval.
+    ``check_every``: iterations between the solver's stop tests, its only host synchronisation
+    (a GPU run may raise it; results and statistics do not change, see :func:`solve`).
     """
 
     def __init__(
@@ -73,6 +79,7 @@ class DEQFixedPoint(nn.Module):
         backward_max_iter: int | None = None,
         phantom_steps: int = 5,
         phantom_tau: float = 0.6,
+        check_every: int = 1,
     ) -> None:
         super().__init__()
         if backward not in BACKWARDS:
@@ -84,7 +91,7 @@ class DEQFixedPoint(nn.Module):
             )
         self.func = func
         self.init = init
-        self.cfg = SolverConfig(method, tol, max_iter, eval_max_iter, m, lam, beta, damping)
+        self.cfg = SolverConfig(method, tol, max_iter, eval_max_iter, m, lam, beta, damping, check_every)
         self.backward_mode = backward
         self.backward_tol = tol if backward_tol is None else backward_tol
         self.backward_max_iter = max_iter if backward_max_iter is None else backward_max_iter
@@ -134,7 +141,7 @@ class DEQFixedPoint(nn.Module):
                     g, bstats = solve(
                         adjoint, grad, method=self.cfg.method, tol=self.backward_tol,
                         max_iter=self.backward_max_iter, m=self.cfg.m, lam=self.cfg.lam,
-                        beta=self.cfg.beta, damping=self.cfg.damping,
+                        beta=self.cfg.beta, damping=self.cfg.damping, check_every=self.cfg.check_every,
                     )
                 self.last_backward_stats = bstats
                 return g
