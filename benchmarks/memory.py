@@ -40,18 +40,18 @@ def case(scene: Path, out: Path, model_kind: str, tile: int, max_iter: int | Non
     from benchmarks.harness import peak_rss_since_reset_mib
     from benchmarks.models import bench_denoiser, warm_worker
     from pipeline.config import RunConfig
-    from workers.cluster import get_cluster
+    from workers.cluster import ClusterSpec, open_cluster
     from workers.infer import IdentityTileModel
-    from workers.run import run_scene
+    from workers.run import Job, run_scene
 
     model: Any = bench_denoiser("cpu", max_iter, threads=1) if model_kind == "decsc" else IdentityTileModel(halo=min(16, tile // 2))
-    handle = get_cluster(2, None, device="cpu", threads_per_worker=1)
+    handle = open_cluster(ClusterSpec(n_workers=2, threads_per_worker=1), "cpu")
     try:
         handle.client.run(warm_worker, model)
         before = handle.client.run(_worker_peak)
         t0 = time.perf_counter()
-        res = run_scene(scene, out, RunConfig(out_root=out, tile=tile, unmix=False, batch_size=1),
-                        client=handle, denoise_model=model)
+        res = run_scene(scene, Job(RunConfig(out_root=out, tile=tile, batch_size=1), unmix=None),
+                        cluster=handle, tile_models={"denoise": model})
         wall = time.perf_counter() - t0
         after = handle.client.run(_worker_peak)
     finally:

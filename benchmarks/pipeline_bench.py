@@ -6,7 +6,7 @@ the whole scene in one process without tiling (same pixels, same device, the sam
 of cores as torch threads). The breakdown comes from the run record's stage timings and the
 per-tile records.
 
-Scaling: the model stage alone (``stage_denoise`` over one tile store) on a LocalCluster of 1 and
+Scaling: the model stage alone (``stage_model(plan, "denoise", ...)`` over one tile store) on a LocalCluster of 1 and
 of 2 single-threaded workers (torch threads per worker = 1), models preloaded on every worker
 before timing; throughput = core voxels ÷ stage wall time.
 """
@@ -26,9 +26,9 @@ from benchmarks.plan import SizePlan
 
 
 def _cluster(n: int, device: str) -> Any:
-    from workers.cluster import get_cluster
+    from workers.cluster import ClusterSpec, open_cluster
 
-    return get_cluster(n, None, device=device, threads_per_worker=1)
+    return open_cluster(ClusterSpec(n_workers=n, threads_per_worker=1), device)
 
 
 def _scene_file(tmp: Path, crop: Crop | None) -> tuple[Path, Crop]:
@@ -60,21 +60,21 @@ def overhead(sec: Section, plan: SizePlan, device: str) -> None:
     from pipeline import tiles as tstore
     from pipeline.config import RunConfig
     from workers.denoise.api import denoise_cube
-    from workers.run import load_stage, run_scene
+    from workers.run import Job, load_stage, run_scene
 
     n_workers = 1 if device == "cuda" else 2
     with tempfile.TemporaryDirectory(prefix="hyperdeq-bench-") as td:
         tmp = Path(td)
         scene, crop = _scene_file(tmp, plan.pipeline_crop)
         model = bench_denoiser(device, plan.decsc_max_iter, threads=1 if device == "cpu" else None)
-        cfg = RunConfig(out_root=tmp / "out", tile=plan.pipeline_tile, unmix=False, device=device,
-                        batch_size=1)
+        # the tile stores are read below for the per-tile breakdown: keep them
+        cfg = RunConfig(out_root=tmp / "out", tile=plan.pipeline_tile, device=device, batch_size=1, keep_tiles=True)
         t0 = time.perf_counter()
         handle = _cluster(n_workers, device)
         start_s = time.perf_counter() - t0
         try:
             t1 = time.perf_counter()
-            res = run_scene(scene, config=cfg, client=handle, denoise_model=model)
+            res = run_scene(scene, Job(cfg, unmix=None), cluster=handle, tile_models={"denoise": model})
             run_s = time.perf_counter() - t1
             from benchmarks.memory import _worker_peak
 
@@ -168,18 +168,20 @@ def _unmix_overhead(sec: Section, plan: SizePlan, device: str, n_workers: int) -
     """Unmix-only run_scene ÷ (fit_scene + apply_fit on the whole scene), same epochs and settings."""
     from pipeline.config import RunConfig
     from pipeline.ingest import open_zarr_scene
-    from workers.run import INGESTED, load_stage, run_scene
+    from workers.run import INGESTED, Job, load_stage, run_scene
     from workers.unmix.fit import apply_fit, fit_scene
+    from workers.unmix.options import UnmixOptions
 
     with tempfile.TemporaryDirectory(prefix="hyperdeq-bench-") as td:
         tmp = Path(td)
         scene, crop = _scene_file(tmp, plan.pipeline_crop)
-        cfg = RunConfig(out_root=tmp / "out", tile=plan.pipeline_tile, denoise=False, unmix=True, n_endmembers=4,
-                        unmix_epochs=max(1, plan.unmix_fit_epochs), device=device, batch_size=1)
+        cfg = RunConfig(out_root=tmp / "out", tile=plan.pipeline_tile, device=device, batch_size=1)
+        epochs = max(1, plan.unmix_fit_epochs)
+        job = Job(cfg, denoise=None, unmix=UnmixOptions(endmembers=4, epochs=epochs))
         handle = _cluster(n_workers, device)
         try:
             t1 = time.perf_counter()
-            res = run_scene(scene, config=cfg, client=handle)
+            res = run_scene(scene, job, cluster=handle)
             run_s = time.perf_counter() - t1
         finally:
             handle.close()
@@ -187,7 +189,7 @@ def _unmix_overhead(sec: Section, plan: SizePlan, device: str, n_workers: int) -
         unmix_stage = load_stage(res.run_dir, "unmix") or {}
         whole = open_zarr_scene(res.run_dir / INGESTED).load()
         t2 = time.perf_counter()
-        fit = fit_scene(whole, 4, seed=cfg.seed, max_epochs=cfg.unmix_epochs)
+        fit = fit_scene(whole, 4, seed=cfg.seed, max_epochs=epochs)
         fit_s = time.perf_counter() - t2
         from pipeline.scene import good_band_index
 
@@ -198,7 +200,7 @@ def _unmix_overhead(sec: Section, plan: SizePlan, device: str, n_workers: int) -
     b, h, w = cube.shape
     ratio = run_s / (fit_s + apply_s)
     sec.tables["Overhead ratio, unmixing (DEQ-Unmix, per-scene fit included)"] = [{
-        "scene": crop.label, "pixels": h * w, "bands": b, "tile": plan.pipeline_tile, "epochs": cfg.unmix_epochs,
+        "scene": crop.label, "pixels": h * w, "bands": b, "tile": plan.pipeline_tile, "epochs": epochs,
         "run_scene wall s": run_s, "of which fit s": fit_stage.get("wall_s"), "of which unmix stage s": unmix_stage.get("wall_s"),
         "whole-scene fit s": fit_s, "whole-scene apply s": apply_s, "overhead ratio": ratio,
     }]
@@ -209,8 +211,11 @@ def _unmix_overhead(sec: Section, plan: SizePlan, device: str, n_workers: int) -
 
 def scaling(sec: Section, plan: SizePlan, device: str) -> None:
     """Model stage throughput with 1 and 2 workers (torch threads = 1 per worker)."""
+    import dataclasses
+
     from pipeline.config import RunConfig
-    from workers.run import stage_denoise, stage_ingest, stage_tile
+    from workers.run import Job, plan_run
+    from workers.stages import StageEnv, stage_ingest, stage_model, stage_tile
 
     if device != "cpu":
         sec.status = "skipped"
@@ -222,10 +227,11 @@ def scaling(sec: Section, plan: SizePlan, device: str) -> None:
         scene, crop = _scene_file(tmp, plan.scaling_crop)
         model = bench_denoiser("cpu", plan.scaling_max_iter, threads=1)
         cfg = RunConfig(out_root=tmp, tile=plan.scaling_tile, halo=model.halo if model.halo < plan.scaling_tile else
-                        plan.scaling_tile // 2, unmix=False, batch_size=1)
-        base = tmp / "base"
-        ingested = stage_ingest(scene, base, cfg)
-        store = stage_tile(ingested, base, cfg)
+                        plan.scaling_tile // 2, batch_size=1)
+        run_plan = plan_run(scene, Job(cfg, unmix=None), tile_models={"denoise": model})
+        base = dataclasses.replace(run_plan, run_dir=tmp / "base")
+        ingested = stage_ingest(base)
+        store = stage_tile(base, ingested, "input")
         from pipeline import tiles as tstore
 
         grid = tstore.open_grid(store)
@@ -235,9 +241,9 @@ def scaling(sec: Section, plan: SizePlan, device: str) -> None:
             handle = _cluster(n, "cpu")
             try:
                 handle.client.run(warm_worker, model)
-                run_dir = tmp / f"w{n}"
+                env = StageEnv(model_executor=handle.model_executor(), n_workers=n, tile_models={"denoise": model})
                 t0 = time.perf_counter()
-                summ = stage_denoise(store, run_dir, cfg, executor=handle.model_executor(), model=model)
+                summ = stage_model(dataclasses.replace(run_plan, run_dir=tmp / f"w{n}"), "denoise", store, env)
                 wall = time.perf_counter() - t0
             finally:
                 handle.close()

@@ -5,7 +5,7 @@ real tile is read from the EnMAP Potsdam demo mosaic (good bands, NaN nodata kep
 reflectance scale), the process's peak-RSS mark is reset (``/proc/self/clear_refs``), then
 ``denoise_cube`` runs the tile as a worker would. Reported: the peak RSS above the level before
 the call (what the tile's denoising added), next to the parts of
-``RunConfig.tile_memory_parts`` that it should stay under (``decsc`` + ``subspace``; the ``io``
+``RunConfig.tile_memory_parts`` (with ``DenoiseOptions.memory_parts``) that it should stay under (``decsc`` + ``subspace``; the ``io``
 part, 12× the input, covers the tile's input, outputs and blending buffers in the tile engine).
 
 Run: ``python -m benchmarks.tile_memory [--sizes 96,160] [--arch shipped] [--threads 2]`` (Linux).
@@ -76,13 +76,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     from pipeline.config import RunConfig
     from pipeline.provenance import code_version, cpu_model
+    from workers.denoise.options import DenoiseOptions
 
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         for subspace in (8, 0):
             m = measure(size, args.arch, subspace, args.threads)
-            cfg = RunConfig(tile=size, halo=0, denoise_arch=args.arch, denoise_subspace=subspace, tile_memory_mb=1e9)
-            parts = cfg.tile_memory_parts(m["bands"])
+            cfg = RunConfig(tile=size, halo=0, tile_memory_mb=1e9)
+            model = DenoiseOptions(arch=args.arch, subspace=subspace).memory_parts(size, size, m["bands"], cfg.device)
+            parts = cfg.tile_memory_parts(m["bands"], model)
             est = parts["decsc"] + parts["subspace"]
             row = {"tile_px": size, "arch": args.arch, "subspace": subspace, **m,
                    "estimate_decsc_subspace_bytes": est, "estimate_total_bytes": sum(parts.values()),

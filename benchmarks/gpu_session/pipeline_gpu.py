@@ -6,7 +6,7 @@ Run on the GPU machine with the geospatial/Dask wheels carried (see ``run_pipeli
     python3 -m benchmarks.gpu_session.pipeline_gpu OUT_DIR [--device cuda]
 
 The cluster is dask-cuda's ``LocalCUDACluster`` when that package imports (one worker per GPU,
-``resources={"GPU": 1}``), else the documented fallback of :func:`workers.cluster.get_cluster`:
+``resources={"GPU": 1}``), else the documented fallback of :func:`workers.cluster.open_cluster`:
 one ``LocalCluster`` worker process labelled ``GPU``. Prints one JSON object: cluster, run status,
 per-stage timings from the run record, and where model tiles ran (device per tile record).
 """
@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from pipeline.config import RunConfig
     from pipeline.readers.geotiff import crop_geotiff
-    from workers.cluster import get_cluster
-    from workers.run import run_scene
+    from workers.cluster import ClusterSpec, open_cluster
+    from workers.run import Job, run_scene
+    from workers.unmix.options import UnmixOptions
 
     a.out.mkdir(parents=True, exist_ok=True)
     scene = a.scene or (DEMO if a.full else crop_geotiff(DEMO, a.out / "demo_96.tif", (48, 144, 32, 128)))
@@ -44,11 +45,11 @@ def main(argv: list[str] | None = None) -> dict:
         kind = "dask_cuda.LocalCUDACluster"
     except ImportError:
         kind = "LocalCluster, one worker process labelled GPU (dask-cuda not installed)"
-    cfg = RunConfig(out_root=a.out / "runs", device=a.device, tile=64, n_endmembers=4, unmix_epochs=10)
+    job = Job(RunConfig(out_root=a.out / "runs", device=a.device, tile=64), unmix=UnmixOptions(endmembers=4, epochs=10))
     t0 = time.perf_counter()
-    with get_cluster(device=a.device, preload=("decsc",)) as handle:
+    with open_cluster(ClusterSpec(), a.device, job.preload()) as handle:  # DECSC preloaded on the workers
         desc = handle.describe()
-        res = run_scene(scene, a.out / "runs", cfg, client=handle)
+        res = run_scene(scene, job, cluster=handle)
     wall = time.perf_counter() - t0
     rec = json.loads((res.run_dir / "run.json").read_text())
     devices: dict[str, dict[str, int]] = {}
