@@ -30,8 +30,8 @@ def _old_code() -> Iterator[None]:
     import workers.deq.fixed_point as fp
     from tests.workers.test_decsc_equivalence import _conv3d_folded, _old_solve
 
-    def old_solve(f: Any, z0: Any, *, method: str, **kw: Any) -> Any:
-        assert method == "anderson", method
+    def old_solve(f: Any, z0: Any, *, method: str, check_every: int = 1, **kw: Any) -> Any:
+        assert method == "anderson", method  # the old solver tested every iteration
         return _old_solve(f, z0, **kw)
 
     saved = decsc.conv3d_banded, fp.solve
