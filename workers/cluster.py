@@ -114,10 +114,16 @@ class ClusterSpec:
                 object.__setattr__(self, "kind", "address")
         if self.kind == "address" and self.address is None:
             raise ConfigError("cluster kind 'address' needs the scheduler address, e.g. --scheduler tcp://host:8786")
-        if self.kind == "address" and (self.n_workers is not None or self.recipe is not None):
+        if self.address is not None and self.kind == "cuda":  # the address would be ignored silently
+            raise ConfigError(
+                f"give either a scheduler address ({self.address!r}) or --cluster cuda (start a dask-cuda "
+                "cluster here), not both"
+            )
+        if self.kind == "address" and (self.n_workers is not None or self.recipe is not None
+                                       or self.memory_limit is not None):
             raise ConfigError(
                 f"give either a scheduler address ({self.address!r}) or a cluster to start "
-                f"(workers={self.n_workers!r}, recipe={self.recipe!r}), not both"
+                f"(workers={self.n_workers!r}, recipe={self.recipe!r}, memory_limit={self.memory_limit!r}), not both"
             )
         for name in ("n_workers", "threads_per_worker"):
             v = getattr(self, name)

@@ -20,6 +20,7 @@ DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "enmap_potsdam_mo
         (["--tile", "16", "--halo", "16"], r"halo 16 must be smaller than the tile 16"),
         (["--no-denoise", "--no-unmix"], r"nothing to do"),
         (["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], r"not both"),
+        (["--cluster", "cuda", "--scheduler", "tcp://127.0.0.1:1"], r"or --cluster cuda .*not both"),
         (["--blend", "median"], r"unknown blend window 'median'"),
         (["--endmembers", "1"], r"endmembers must be an integer >= 2"),
         (["--denoiser", "huge"], r"unknown denoiser 'huge'"),
