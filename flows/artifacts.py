@@ -12,13 +12,12 @@
   markdown report, written next to the outputs, and published as image artifacts only when an
   ``http(s)`` address serving the output root is given.
 
-Rendering helpers are pure (numpy + Pillow) so they are tested without a server.
+Rendering lives in :mod:`pipeline.quicklooks` (numpy + Pillow), shared with the run's own
+quicklook PNGs, and is tested without a server.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import re
 import time
@@ -30,11 +29,19 @@ from uuid import UUID
 
 import numpy as np
 
+# the quicklooks are drawn by pipeline.quicklooks (the run folder's PNGs too)
+from pipeline.quicklooks import (
+    QUICKLOOK_MAX_SIDE,
+    abundance_png,
+    data_uri,
+    rgb_bands,
+    rgb_png,
+    rgb_title,
+    spectra_png,
+)
+
 log = logging.getLogger("hyperdeq.flows.artifacts")
 
-# EnMAP/AVIRIS-like true colour (nm)
-RGB_NM: tuple[float, float, float] = (640.0, 550.0, 460.0)
-QUICKLOOK_MAX_SIDE = 384
 _KEY_RE = re.compile(r"[^a-z0-9-]+")
 
 
@@ -112,271 +119,6 @@ def scene_progress(scene: str, stages: Sequence[str],
                    logger: logging.Logger | logging.LoggerAdapter | None = None) -> SceneProgress:
     """The progress artifact of one scene run (key ``hyperdeq-<scene>-progress``)."""
     return SceneProgress(artifact_key("hyperdeq", Path(scene).stem, "progress"), scene, stages, logger)
-
-
-# ---------------------------------------------------------------------------------- images
-#: quicklooks are at least this many pixels on their longer side: a small scene is enlarged by
-#: an integer factor (nearest neighbour, so pixels stay visible as squares)
-QUICKLOOK_MIN_SIDE = 256
-#: height of the title strip above every quicklook panel (pixels)
-HEADER_PX = 22
-_WHITE = (255, 255, 255)
-_INK = (30, 30, 30)
-# distinct line colours for endmember spectra (chosen by hand; colour-blind-friendly order)
-_LINE_COLOURS = [(0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167), (86, 180, 233),
-                 (213, 94, 0), (240, 228, 66), (0, 0, 0), (120, 120, 120), (150, 75, 0)]
-
-
-def _font(size: int = 13) -> Any:
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow built without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _stretch(x: np.ndarray, lo_pct: float = 2.0, hi_pct: float = 98.0) -> np.ndarray:
-    """Percentile stretch to [0, 1] ignoring NaN; constant or empty input gives zeros."""
-    finite = x[np.isfinite(x)]
-    if finite.size == 0:
-        return np.zeros_like(x, dtype=np.float32)
-    lo, hi = np.percentile(finite, [lo_pct, hi_pct])
-    if not hi > lo:
-        return np.zeros_like(x, dtype=np.float32)
-    return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-
-
-def _downsample(arr: np.ndarray, max_side: int) -> np.ndarray:
-    """Stride-subsample the last two axes so that neither exceeds ``max_side``."""
-    h, w = arr.shape[-2:]
-    step = max(1, int(np.ceil(max(h, w) / max_side)))
-    return arr[..., ::step, ::step]
-
-
-def _enlarge(img: Any, min_side: int) -> Any:
-    """``img`` scaled up by the smallest integer factor that makes its longer side >= ``min_side``."""
-    from PIL import Image
-
-    k = max(1, int(np.ceil(min_side / max(img.size))))
-    return img if k == 1 else img.resize((img.width * k, img.height * k), Image.Resampling.NEAREST)
-
-
-def _wrap(text: str, width: int, font: Any) -> list[str]:
-    """``text`` broken at spaces into lines no wider than ``width`` pixels (a long word stays whole)."""
-    lines: list[str] = []
-    for word in text.split(" "):
-        cand = f"{lines[-1]} {word}" if lines else word
-        if lines and font.getlength(cand) <= width:
-            lines[-1] = cand
-        else:
-            lines.append(word)
-    return lines or [""]
-
-
-def _titled(img: Any, title: str, mode: str) -> Any:
-    """``img`` below a white strip holding ``title``: :data:`HEADER_PX` per line, wrapped to the width."""
-    from PIL import Image, ImageDraw
-
-    f = _font(13)
-    lines = _wrap(title, img.width - 8, f)
-    head = HEADER_PX + (len(lines) - 1) * 16
-    out = Image.new(mode, (img.width, img.height + head), _WHITE + ((255,) if mode == "RGBA" else ()))
-    out.paste(img, (0, head))
-    d = ImageDraw.Draw(out)
-    for i, line in enumerate(lines):
-        d.text((4, 4 + 16 * i), line.replace("\u00a0", " "), fill=_INK, font=f)  # NBSP: no break, a space
-    return out
-
-
-def _png(img: Any) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
-
-
-def rgb_bands(wavelength: Sequence[float] | None, n_bands: int,
-              good: Sequence[bool] | None = None) -> tuple[int, int, int]:
-    """Band indices closest to :data:`RGB_NM` among good bands (thirds of the cube without wavelengths)."""
-    idx = np.arange(n_bands)
-    ok = np.ones(n_bands, bool) if good is None else np.asarray(good, bool)
-    wl = None if wavelength is None else np.asarray(wavelength, float)
-    if wl is None or not np.isfinite(wl).all() or not ok.any():
-        cand = idx[ok] if ok.any() else idx
-        n = len(cand)
-        return int(cand[(3 * n) // 4]), int(cand[n // 2]), int(cand[n // 4])
-    wl = np.where(ok, wl, np.inf)
-    return tuple(int(np.argmin(np.abs(wl - t))) for t in RGB_NM)  # type: ignore[return-value]
-
-
-def rgb_title(label: str, wavelengths_nm: Sequence[float] | None) -> str:
-    """``label · R 640 nm G 550 nm B 460 nm`` (the bands shown)."""
-    if wavelengths_nm is None or not np.all(np.isfinite(np.asarray(wavelengths_nm, float))):
-        return label
-    r, g, b = (float(w) for w in wavelengths_nm)
-    nb = "\u00a0"  # no break inside "R 641 nm" when the title wraps
-    return f"{label} · " + " ".join(f"{c}{nb}{w:.0f}{nb}nm" for c, w in (("R", r), ("G", g), ("B", b)))
-
-
-def rgb_png(cube: np.ndarray, bands: tuple[int, int, int], max_side: int = QUICKLOOK_MAX_SIDE, *,
-            title: str | None = None, min_side: int = QUICKLOOK_MIN_SIDE) -> bytes:
-    """PNG bytes of a ``(band, y, x)`` cube shown as RGB from ``bands``; nodata is transparent.
-
-    Decimated to ``max_side``, enlarged to at least ``min(min_side, max_side)`` (integer factor,
-    nearest); with
-    ``title``, a white strip of :data:`HEADER_PX` above the image names what is shown.
-    """
-    from PIL import Image
-
-    sub = _downsample(np.asarray(cube[list(bands)], dtype=np.float32), max_side)
-    valid = np.isfinite(sub).all(axis=0)
-    rgb = np.stack([_stretch(b) for b in sub], axis=-1)
-    rgba = np.concatenate([rgb, valid[..., None].astype(np.float32)], axis=-1)
-    img = Image.fromarray((np.nan_to_num(rgba) * 255).round().astype(np.uint8), mode="RGBA")
-    img = _enlarge(img, min(min_side, max_side))
-    return _png(_titled(img, title, "RGBA") if title else img)
-
-
-# a perceptually ordered ramp (dark blue -> teal -> yellow), anchors only; no copied colormap
-_RAMP = np.array([[0.10, 0.05, 0.30], [0.15, 0.40, 0.55], [0.20, 0.65, 0.50],
-                  [0.70, 0.80, 0.25], [0.99, 0.90, 0.15]], dtype=np.float32)
-
-
-def _colorize(x: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] to RGB along :data:`_RAMP` (NaN -> white: nodata)."""
-    pos = np.clip(np.nan_to_num(x, nan=0.0), 0, 1) * (len(_RAMP) - 1)
-    i = np.minimum(pos.astype(int), len(_RAMP) - 2)
-    f = (pos - i)[..., None]
-    out = _RAMP[i] * (1 - f) + _RAMP[i + 1] * f
-    out[~np.isfinite(x)] = 1.0
-    return out
-
-
-def _colour_bar(height: int, label: str = "abundance (fraction)") -> Any:
-    """A vertical colour bar of the 0-1 ramp with ticks 0, 0.25, 0.5, 0.75, 1 and a label."""
-    from PIL import Image, ImageDraw
-
-    bar_w, width = 16, 92
-    img = Image.new("RGB", (width, height), _WHITE)
-    top, bottom = HEADER_PX + 6, height - 8
-    ramp = _colorize(np.linspace(1.0, 0.0, max(bottom - top, 2))[:, None].repeat(bar_w, axis=1))
-    img.paste(Image.fromarray((ramp * 255).round().astype(np.uint8), "RGB"), (6, top))
-    d = ImageDraw.Draw(img)
-    d.rectangle((6, top, 6 + bar_w - 1, bottom - 1), outline=_INK)
-    f = _font(11)
-    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
-        y = bottom - 1 - round(v * (bottom - top - 1))
-        d.line((6 + bar_w, y, 6 + bar_w + 4, y), fill=_INK)
-        d.text((6 + bar_w + 7, y - 6), f"{v:g}", fill=_INK, font=f)
-    d.text((2, 4), label.split(" ")[0], fill=_INK, font=f)
-    return img
-
-
-def abundance_png(abundance: np.ndarray, names: Sequence[str] | None = None, max_side: int = 256,
-                  gap: int = 8, *, min_side: int = QUICKLOOK_MIN_SIDE) -> bytes:
-    """PNG bytes of ``P`` abundance maps ``(P, y, x)`` side by side on one fixed 0-1 ramp.
-
-    Each panel (at least ``min_side`` px on its longer side) is titled with its endmember's name
-    (``names``, else ``endmember k``); a colour bar with ticks closes the strip; white is nodata.
-    """
-    from PIL import Image
-
-    ab = _downsample(np.asarray(abundance, dtype=np.float32), max_side)
-    p = ab.shape[0]
-    labels = [str(n) for n in names] if names is not None else [f"endmember {k + 1}" for k in range(p)]
-    panels = []
-    for k in range(p):
-        img = Image.fromarray((_colorize(ab[k]) * 255).round().astype(np.uint8), "RGB")
-        img = _enlarge(img, min(min_side, max_side))
-        panels.append(_titled(img, labels[k], "RGB"))
-    bar = _colour_bar(panels[0].height)
-    w = sum(q.width for q in panels) + gap * p + bar.width
-    canvas = Image.new("RGB", (w, panels[0].height), _WHITE)
-    x = 0
-    for q in panels:
-        canvas.paste(q, (x, 0))
-        x += q.width + gap
-    canvas.paste(bar, (x, 0))
-    return _png(canvas)
-
-
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About ``n`` round tick values covering [lo, hi]."""
-    span = max(hi - lo, 1e-12)
-    raw = span / max(n - 1, 1)
-    mag = 10 ** np.floor(np.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    start = np.ceil(lo / step) * step
-    return [float(v) for v in np.arange(start, hi + step * 0.001, step)]
-
-
-def spectra_png(wavelength_nm: Sequence[float | None], spectra: Mapping[str, Sequence[float]],
-                width: int = 720, height: int = 400, *, title: str = "endmember spectra") -> bytes:
-    """PNG bytes of a line plot of endmember spectra against wavelength (nm), with axes and a legend.
-
-    Lines break over gaps in the wavelengths (bad bands left out of the fit, e.g. the water
-    absorption bands) and over NaN values, so no line is drawn where there is no data.
-    """
-    from PIL import Image, ImageDraw
-
-    wl = np.array([np.nan if w is None else float(w) for w in wavelength_nm], dtype=float)
-    if not np.isfinite(wl).any():
-        wl = np.arange(len(wl), dtype=float)
-        xlabel = "band"
-    else:
-        xlabel = "wavelength (nm)"
-    ys = {str(k): np.asarray(v, dtype=float) for k, v in spectra.items()}
-    finite = np.concatenate([y[np.isfinite(y)] for y in ys.values()] or [np.zeros(1)])
-    ylo, yhi = 0.0, float(max(finite.max() if finite.size else 1.0, 1e-6)) * 1.05
-    xlo, xhi = float(np.nanmin(wl)), float(np.nanmax(wl))
-    if not xhi > xlo:
-        xhi = xlo + 1.0
-    img = Image.new("RGB", (width, height), _WHITE)
-    d = ImageDraw.Draw(img)
-    f, fs = _font(13), _font(11)
-    left, right, top, bottom = 64, width - 150, HEADER_PX + 8, height - 48
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - xlo) / (xhi - xlo) * (right - left), bottom - (y - ylo) / (yhi - ylo) * (bottom - top))
-
-    d.text((4, 4), title, fill=_INK, font=f)
-    d.rectangle((left, top, right, bottom), outline=_INK)
-    for t in _ticks(xlo, xhi, 6):
-        x, _ = px(t, ylo)
-        d.line((x, bottom, x, bottom + 4), fill=_INK)
-        d.text((x - 14, bottom + 6), f"{t:g}", fill=_INK, font=fs)
-    for t in _ticks(ylo, yhi, 5):
-        _, y = px(xlo, t)
-        d.line((left - 4, y, left, y), fill=_INK)
-        d.line((left + 1, y, right - 1, y), fill=(230, 230, 230))
-        d.text((6, y - 7), f"{t:g}", fill=_INK, font=fs)
-    d.text(((left + right) // 2 - 50, bottom + 24), xlabel, fill=_INK, font=f)
-    d.text((left + 4, top + 2), "reflectance", fill=_INK, font=fs)
-    steps = np.diff(wl[np.isfinite(wl)])
-    gap = 3.0 * float(np.median(steps)) if steps.size else np.inf
-    for k, (name, y) in enumerate(ys.items()):
-        colour = _LINE_COLOURS[k % len(_LINE_COLOURS)]
-        seg: list[tuple[float, float]] = []
-        prev = None
-        for xv, yv in zip(wl, y, strict=False):
-            if not (np.isfinite(xv) and np.isfinite(yv)) or (prev is not None and xv - prev > gap):
-                if len(seg) > 1:
-                    d.line(seg, fill=colour, width=2)
-                seg = []
-            if np.isfinite(xv) and np.isfinite(yv):
-                seg.append(px(xv, float(np.clip(yv, ylo, yhi))))
-                prev = xv
-        if len(seg) > 1:
-            d.line(seg, fill=colour, width=2)
-        ly = top + 6 + 18 * k
-        d.line((right + 10, ly + 7, right + 32, ly + 7), fill=colour, width=3)
-        d.text((right + 38, ly), name[:16], fill=_INK, font=fs)
-    return _png(img)
-
-
-def data_uri(png: bytes) -> str:
-    """``data:image/png;base64,...`` for embedding a PNG in markdown."""
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 # ---------------------------------------------------------------------------------- report
@@ -685,7 +427,7 @@ QUICKLOOK_TITLES = {"before_rgb": "input (before denoising)", "after_rgb": "deno
 def render_quicklooks(run_dir: str | Path) -> dict[str, bytes]:
     """``before_rgb``, ``after_rgb`` (denoised), ``abundances`` (labelled, colour bar) and
     ``endmember_spectra`` (against wavelength) PNGs of a finished run, each at least
-    :data:`QUICKLOOK_MIN_SIDE` px wide."""
+    :data:`pipeline.quicklooks.QUICKLOOK_MIN_SIDE` px wide."""
     import json
 
     from pipeline.ingest import open_zarr_scene

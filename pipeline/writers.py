@@ -1,4 +1,4 @@
-"""Georeferenced outputs: zarr v3 (template then region writes), COG, quicklook PNGs.
+"""Georeferenced outputs: zarr v3 (template then region writes), COG (quicklook PNGs: ``pipeline.quicklooks``).
 
 * Each zarr output is created once from a lazy template (``to_zarr(compute=False)``), so that
   coordinates, CRS (CF ``spatial_ref`` + ``grid_mapping``) and GeoZarr-style ``proj:`` attributes
@@ -394,56 +394,3 @@ def _tag(v: Any) -> str:
     import json
 
     return json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
-
-
-# ---------------------------------------------------------------------------- quicklooks
-def _stride(shape: tuple[int, ...], max_side: int) -> int:
-    return max(1, -(-max(shape[-2:]) // max_side))
-
-
-def _stretch(x: np.ndarray, lo_hi: tuple[float, float] | None = None) -> np.ndarray:
-    fin = np.isfinite(x)
-    if not fin.any():
-        return np.zeros(x.shape, np.uint8)
-    lo, hi = lo_hi if lo_hi is not None else np.percentile(x[fin], [2, 98])
-    y = np.clip((x - lo) / max(hi - lo, 1e-12), 0, 1)
-    return np.where(fin, np.round(y * 255), 0).astype(np.uint8)
-
-
-def rgb_bands(wavelength: np.ndarray, good: np.ndarray, targets: Sequence[float] = (640.0, 550.0, 460.0)) -> list[int]:
-    """Band positions nearest to red/green/blue among good bands (first/middle/last if unknown)."""
-    idx = np.flatnonzero(good)
-    wl = np.asarray(wavelength, dtype=float)[idx]
-    if not np.isfinite(wl).all():
-        return [int(idx[-1]), int(idx[len(idx) // 2]), int(idx[0])]
-    return [int(idx[np.argmin(np.abs(wl - t))]) for t in targets]
-
-
-def quicklook_rgb(src_array: str | Path, bands: Sequence[int], dest: str | Path, max_side: int = 1024) -> Path:
-    """An RGBA PNG (nodata transparent) of three bands, 2–98 % stretched, decimated to ``max_side``."""
-    from PIL import Image
-
-    arr = zarr.open_array(str(src_array), mode="r")
-    s = _stride(arr.shape, max_side)
-    chans = [np.asarray(arr[b, ::s, ::s], dtype=np.float32) for b in bands]
-    alpha = np.where(np.all([np.isfinite(c) for c in chans], axis=0), 255, 0).astype(np.uint8)
-    rgba = np.dstack([_stretch(c) for c in chans] + [alpha])
-    Image.fromarray(rgba, "RGBA").save(dest, optimize=False)
-    return Path(dest)
-
-
-def quicklook_abundances(src_array: str | Path, dest: str | Path, max_side: int = 512, gap: int = 4) -> Path:
-    """Abundance maps side by side as greyscale panels (0 black, 1 white; nodata transparent)."""
-    from PIL import Image
-
-    arr = zarr.open_array(str(src_array), mode="r")
-    s = _stride(arr.shape, max_side)
-    panels = [np.asarray(arr[p, ::s, ::s], dtype=np.float32) for p in range(arr.shape[0])]
-    h, w = panels[0].shape
-    canvas = np.zeros((h, len(panels) * (w + gap) - gap, 2), np.uint8)
-    for i, p in enumerate(panels):
-        x0 = i * (w + gap)
-        canvas[:, x0 : x0 + w, 0] = _stretch(p, (0.0, 1.0))
-        canvas[:, x0 : x0 + w, 1] = np.where(np.isfinite(p), 255, 0)
-    Image.fromarray(canvas, "LA").save(dest, optimize=False)
-    return Path(dest)

@@ -30,6 +30,7 @@ from pipeline.blend import BlendTarget, blend_stage
 from pipeline.errors import ClusterError, ProvenanceError
 from pipeline.grid import plan_grid
 from pipeline.hashing import output_entry
+from pipeline.quicklooks import quicklook_abundances, quicklook_rgb, quicklook_spectra, rgb_bands
 from pipeline.runner import StageResult, TileModel, run_tiles
 from pipeline.writers import (
     confined_path,
@@ -37,9 +38,6 @@ from pipeline.writers import (
     geo_attrs,
     mark_complete,
     open_output,
-    quicklook_abundances,
-    quicklook_rgb,
-    rgb_bands,
     spectral_band_metadata,
     update_output_attrs,
     write_cog,
@@ -68,6 +66,7 @@ OUT_NAMES = {
     "endmembers_json": "endmembers.json",
     "quicklook_rgb": "quicklook_rgb.png",
     "quicklook_abundances": "quicklook_abundances.png",
+    "quicklook_spectra": "quicklook_spectra.png",
     "stac_item": prov.STAC_JSON,
 }
 #: the blended store each model stage writes
@@ -415,7 +414,7 @@ def _write_denoised(run_dir: Path, like: Any, tags: dict[str, str], outputs: dic
     _atomic(staged(run_dir, "denoised_tif"), lambda tmp: write_cog(
         z / "denoised", tmp, like, descriptions=meta["descriptions"], band_tags=meta["band_tags"], tags=tags))
     outputs["denoised_tif"] = OUT_NAMES["denoised_tif"]
-    _atomic(staged(run_dir, "quicklook_rgb"), lambda tmp: quicklook_rgb(z / "denoised", rgb_bands(wl, good), tmp))
+    _atomic(staged(run_dir, "quicklook_rgb"), lambda tmp: quicklook_rgb(z / "denoised", rgb_bands(wl, len(wl), good), tmp))
     outputs["quicklook_rgb"] = OUT_NAMES["quicklook_rgb"]
 
 
@@ -433,16 +432,19 @@ def _write_abundances(run_dir: Path, like: Any, tags: dict[str, str], outputs: d
     for key, var, desc in (("abundances_tif", "abundances", names), ("rmse_tif", "rmse", ["rmse"])):
         _atomic(staged(run_dir, key), functools.partial(_cog, z / var, like=like, descriptions=desc, tags=tags))
         outputs[key] = OUT_NAMES[key]
-    _atomic(staged(run_dir, "quicklook_abundances"), lambda tmp: quicklook_abundances(z / "abundances", tmp))
+    _atomic(staged(run_dir, "quicklook_abundances"), lambda tmp: quicklook_abundances(z / "abundances", tmp, names=names))
     outputs["quicklook_abundances"] = OUT_NAMES["quicklook_abundances"]
     csv, js = staged(run_dir, "endmembers_csv"), staged(run_dir, "endmembers_json")
     _atomic(csv, lambda tmp_csv: _atomic(js, lambda tmp_js: write_endmembers(
         load_fit(str(run_dir / FIT_DIR)), tmp_csv, tmp_js)))
     outputs["endmembers_csv"], outputs["endmembers_json"] = OUT_NAMES["endmembers_csv"], OUT_NAMES["endmembers_json"]
+    _atomic(staged(run_dir, "quicklook_spectra"), lambda tmp: quicklook_spectra(js, tmp))
+    outputs["quicklook_spectra"] = OUT_NAMES["quicklook_spectra"]
     if rgb:
         scene = run_dir / INGESTED
+        wl, good = like["wavelength"].values, like["good_band"].values.astype(bool)
         _atomic(staged(run_dir, "quicklook_rgb"), lambda tmp: quicklook_rgb(
-            scene / _scene_var(scene), rgb_bands(like["wavelength"].values, like["good_band"].values.astype(bool)), tmp))
+            scene / _scene_var(scene), rgb_bands(wl, len(wl), good), tmp, label="input reflectance"))
         outputs["quicklook_rgb"] = OUT_NAMES["quicklook_rgb"]
 
 

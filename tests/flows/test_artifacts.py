@@ -1,4 +1,5 @@
-"""Artifact rendering on a real EnMAP tile (no Prefect server needed)."""
+"""Artifacts (keys, report, quality table, progress, quicklooks of a real run) without a Prefect server;
+the rendering itself is tested in tests/pipeline/test_quicklooks.py."""
 
 from __future__ import annotations
 
@@ -11,92 +12,13 @@ import pytest
 from PIL import Image
 
 from flows import artifacts as art
-
-
-@pytest.fixture(scope="module")
-def enmap_tile(test_data: Path):
-    from pipeline.readers import open_scene
-
-    return open_scene(test_data / "enmap_potsdam_tile" / "enmap_potsdam_tile_128_0.tif").load()
+from pipeline import quicklooks as ql
 
 
 def test_artifact_keys_are_prefect_safe() -> None:
     assert art.artifact_key("hyperdeq", "ENMAP01_L2A.Spectral Image", "report") == \
         "hyperdeq-enmap01-l2a-spectral-image-report"
     assert art.artifact_key("--", "") == "hyperdeq"
-
-
-def test_rgb_bands_pick_true_colour_good_bands(enmap_tile) -> None:
-    wl = enmap_tile["wavelength"].values
-    good = enmap_tile["good_band"].values
-    r, g, b = art.rgb_bands(wl, enmap_tile.sizes["band"], good)
-    assert abs(wl[r] - 640) < 10 and abs(wl[g] - 550) < 10 and abs(wl[b] - 460) < 10
-    assert good[[r, g, b]].all()
-    # without wavelengths: spread over the good bands
-    assert len(set(art.rgb_bands(None, 10))) == 3
-
-
-def test_rgb_png_marks_nodata_transparent_and_is_at_least_256_px(enmap_tile) -> None:
-    cube = enmap_tile.values.copy()
-    cube[:, :4, :] = np.nan  # a nodata strip
-    bands = art.rgb_bands(enmap_tile["wavelength"].values, cube.shape[0], enmap_tile["good_band"].values)
-    img = Image.open(io.BytesIO(art.rgb_png(cube, bands)))
-    a = np.asarray(img)
-    # the 32 px tile is enlarged 8x (nearest): every scene pixel is an 8x8 block
-    assert img.mode == "RGBA" and a.shape == (256, 256, 4)
-    assert (a[:32, :, 3] == 0).all() and (a[32:, :, 3] == 255).all()
-    assert a[32:, :, :3].std() > 10  # real image content, stretched
-    np.testing.assert_array_equal(a[32:40, 0:8], np.broadcast_to(a[32, 0], (8, 8, 4)))
-    titled = np.asarray(Image.open(io.BytesIO(art.rgb_png(cube, bands, title="input (before denoising)"))))
-    assert titled.shape == (256 + art.HEADER_PX, 256, 4)
-    header = titled[: art.HEADER_PX, :, :3]
-    assert (header < 128).any() and (titled[: art.HEADER_PX, :, 3] == 255).all()  # text on white
-    np.testing.assert_array_equal(titled[art.HEADER_PX:], a)
-    wl = enmap_tile["wavelength"].values
-    assert art.rgb_title("x", [wl[b] for b in bands]).replace("\u00a0", " ").startswith("x · R 6")
-
-
-def test_abundance_png_has_labelled_panels_and_a_colour_bar() -> None:
-    ab = np.stack([np.linspace(0, 1, 400).reshape(20, 20)] * 3)
-    ab[:, :2] = np.nan
-    png = art.abundance_png(ab, ["vegetation", "soil", "water"], gap=2)
-    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    panel = 20 * 13  # 20 px enlarged by 13 to reach 256 px
-    assert img.shape[0] == panel + art.HEADER_PX
-    assert img.shape[1] > 3 * panel + 2 * 2  # the colour bar is to the right
-    # each panel: a title strip with text, then the map; nodata rows are white
-    for k in range(3):
-        x0 = k * (panel + 2)
-        assert (img[: art.HEADER_PX, x0:x0 + panel] < 128).any()
-        assert (img[art.HEADER_PX:art.HEADER_PX + 26, x0:x0 + panel] == 255).all()
-    bar = img[art.HEADER_PX + 10:-10, 3 * (panel + 2) + 8]  # a column inside the colour bar
-    assert len({tuple(c) for c in bar}) > 20  # a ramp, not a flat colour
-    # the same value maps to the same colour in every panel (one fixed 0-1 scale)
-    assert (img[200, 100] == img[200, 100 + panel + 2]).all()
-    uri = art.data_uri(png)
-    assert uri.startswith("data:image/png;base64,")
-    import base64
-
-    assert base64.b64decode(uri.split(",", 1)[1]) == png
-
-
-def test_spectra_png_draws_each_endmember_against_wavelength(enmap_tile) -> None:
-    wl = enmap_tile["wavelength"].values
-    good = enmap_tile["good_band"].values
-    keep = np.flatnonzero(good)
-    cube = enmap_tile.values[keep]
-    spectra = {"bright": np.nanmax(cube, axis=(1, 2)), "dark": np.nanmin(cube, axis=(1, 2))}
-    png = art.spectra_png([float(w) for w in wl[keep]], {k: v.tolist() for k, v in spectra.items()})
-    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    assert img.shape == (400, 720, 3)
-    for colour in art._LINE_COLOURS[:2]:  # both lines and their legend entries are drawn
-        assert (np.abs(img.astype(int) - colour).sum(axis=-1) < 30).sum() > 200
-
-
-def test_quicklooks_are_downsampled() -> None:
-    big = np.random.default_rng(0).random((3, 1000, 800)).astype(np.float32)
-    img = Image.open(io.BytesIO(art.rgb_png(big, (0, 1, 2), max_side=200)))
-    assert max(img.size) <= 200
 
 
 def test_solver_summary_and_report() -> None:
@@ -200,8 +122,16 @@ def test_quicklooks_and_tables_of_a_real_run(tmp_path: Path, test_data: Path, mo
     assert set(images) == {"before_rgb", "after_rgb", "abundances", "endmember_spectra"}
     sizes = {k: Image.open(io.BytesIO(v)).size for k, v in images.items()}
     assert all(min(w, h) >= 256 for w, h in sizes.values()), sizes  # the scene is 32 px
-    assert sizes["before_rgb"][0] == 256 and sizes["before_rgb"][1] >= 256 + art.HEADER_PX  # title above
+    assert sizes["before_rgb"][0] == 256 and sizes["before_rgb"][1] >= 256 + ql.HEADER_PX  # title above
     assert sizes["abundances"][0] > 3 * 256  # three labelled panels and the colour bar
+    # the artifacts' images are the shared renderer's (pipeline.quicklooks), the abundances labelled
+    # with the stored endmember names
+    from pipeline.writers import open_output
+
+    ab = open_output(run / "abundances.zarr", "abundances")
+    assert images["abundances"] == ql.abundance_png(ab.values, ["vegetation", "soil", "water"])
+    before = np.asarray(Image.open(io.BytesIO(images["before_rgb"])))
+    assert before.shape[-1] == 4 and (before[-256:, :, 3] == 255).all()  # the tile has no nodata
     looks = art.write_quicklooks(run, images)
     assert {p.name for p in (run / "quicklooks").iterdir()} == {f"{k}.png" for k in images}
 

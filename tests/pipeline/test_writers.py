@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +13,14 @@ import xarray as xr
 import zarr
 from PIL import Image
 
+from pipeline import quicklooks as ql
 from pipeline.errors import WriteError
+from pipeline.quicklooks import quicklook_abundances, quicklook_rgb, quicklook_spectra, rgb_bands
 from pipeline.writers import (
     confined_path,
     create_output_zarr,
     mark_complete,
     open_output,
-    quicklook_abundances,
-    quicklook_rgb,
-    rgb_bands,
     safe_name,
     write_cog,
 )
@@ -94,24 +95,57 @@ def test_cog_round_trip(tmp_path: Path, crop: xr.DataArray) -> None:
 
 
 def test_quicklooks(tmp_path: Path, crop: xr.DataArray) -> None:
+    """The run folder's PNGs from the zarr outputs: >= 256 px, titled from what the store holds
+    (long name, band wavelengths, endmember names), nodata transparent, the artifacts' renderer."""
     arrays = create_output_zarr(tmp_path / "d.zarr", "denoised", crop, channel_dim="band",
                                 channel_coords=_bands(crop), chunk=16)
     zarr.open_array(arrays["denoised"], mode="r+")[...] = crop.values
-    bands = rgb_bands(crop["wavelength"].values, crop["good_band"].values)
-    assert [abs(crop["wavelength"].values[b] - t) < 10 for b, t in zip(bands, (640, 550, 460), strict=True)] == [True] * 3
-    png = quicklook_rgb(arrays["denoised"], bands, tmp_path / "rgb.png", max_side=24)
+    wl = crop["wavelength"].values
+    bands = rgb_bands(wl, len(wl), crop["good_band"].values)
+    assert [abs(wl[b] - t) < 10 for b, t in zip(bands, (640, 550, 460), strict=True)] == [True] * 3
+    png = quicklook_rgb(arrays["denoised"], bands, tmp_path / "rgb.png")
     im = np.asarray(Image.open(png))
-    assert im.shape == (24, 24, 4)
-    valid = np.isfinite(crop.values[bands]).all(axis=0)[::2, ::2]
-    np.testing.assert_array_equal(im[..., 3] == 255, valid)
-    assert im[..., :3][valid].std() > 0
+    # 48 px scene enlarged 6x (nearest) to 288 px, under a title strip
+    assert Image.open(png).mode == "RGBA" and im.shape[1] == 288 and im.shape[0] >= 288 + ql.HEADER_PX
+    head, body = im[:-288], im[-288:]
+    assert (head[..., 3] == 255).all() and (head[..., :3] < 128).all(axis=-1).any()
+    valid = np.isfinite(crop.values[list(bands)]).all(axis=0)
+    assert not valid.all()  # the crop has nodata: transparency is checked, not assumed
+    np.testing.assert_array_equal(body[..., 3] == 255, np.kron(valid, np.ones((6, 6), bool)))
+    assert body[..., :3][body[..., 3] == 255].std() > 0
+    # the same pixels as the artifacts' renderer with the bands named: one renderer
+    title = ql.rgb_title("denoised surface reflectance", [wl[b] for b in bands])
+    np.testing.assert_array_equal(im, np.asarray(Image.open(io.BytesIO(ql.rgb_png(crop.values, bands, 1024, title=title)))))
+    # a large scene is capped at max_side
+    small = np.asarray(Image.open(quicklook_rgb(arrays["denoised"], bands, tmp_path / "s.png", max_side=24, min_side=0)))
+    assert small.shape[1] == 24
+
     ab = np.stack([np.full((48, 48), 0.2), np.full((48, 48), 0.8)]).astype(np.float32)
-    ab[:, :5] = np.nan
-    za = zarr.create_array(str(tmp_path / "a.zarr"), shape=ab.shape, chunks=ab.shape, dtype="float32")
-    za[...] = ab
-    q = np.asarray(Image.open(quicklook_abundances(tmp_path / "a.zarr", tmp_path / "ab.png", gap=4)))
-    assert q.shape == (48, 100, 2)
-    assert q[10, 10, 0] == 51 and q[10, 60, 0] == 204 and q[0, 0, 1] == 0
+    ab[:, :, :5] = np.nan
+    za = create_output_zarr(tmp_path / "a.zarr", "abundances", crop, channel_dim="endmember", chunk=16,
+                            channel_coords={"endmember": np.array(["soil", "tree"], dtype=object)})
+    zarr.open_array(za["abundances"], mode="r+")[...] = ab
+    q = np.asarray(Image.open(quicklook_abundances(za["abundances"], tmp_path / "ab.png")))
+    assert q.shape == (288 + ql.HEADER_PX, 2 * (288 + 8) + 92, 4)
+    for k, value in enumerate((0.2, 0.8)):
+        x0 = k * (288 + 8)
+        assert (q[: ql.HEADER_PX, x0:x0 + 288, :3] < 128).all(axis=-1).any()  # titled
+        assert (q[ql.HEADER_PX:, x0:x0 + 30, 3] == 0).all()  # nodata columns transparent
+        px = q[ql.HEADER_PX + 10, x0 + 100]
+        np.testing.assert_array_equal(px[:3], (ql._colorize(np.array([value])) * 255).round()[0])
+        assert px[3] == 255
+    # the titles are the stored endmember names
+    named = np.asarray(Image.open(quicklook_abundances(za["abundances"], tmp_path / "ab2.png", names=["soil", "tree"])))
+    renamed = np.asarray(Image.open(quicklook_abundances(za["abundances"], tmp_path / "ab3.png", names=["x", "y"])))
+    np.testing.assert_array_equal(q, named)
+    assert (renamed[: ql.HEADER_PX] != q[: ql.HEADER_PX]).any()
+
+    (tmp_path / "em.json").write_text(json.dumps({"wavelength_nm": [float(w) for w in wl[:40]],
+                                                  "endmembers": {"soil": [0.2] * 40, "tree": [0.4] * 40}}))
+    sp = np.asarray(Image.open(quicklook_spectra(tmp_path / "em.json", tmp_path / "sp.png")).convert("RGB"))
+    assert sp.shape == (400, 720, 3)
+    for colour in ql.LINE_COLOURS[:2]:
+        assert (np.abs(sp.astype(int) - colour).sum(axis=-1) < 30).sum() > 200
 
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "/abs/scene", "..", "a/../../b", "\x00x", ".hidden"])
