@@ -6,8 +6,8 @@
   found on rerun and recomputed, never reused.
 * item 6: one process per run folder: a second run while the lock is held is refused naming the
   holder's host and pid; a stale lock (dead pid on this host) is taken over.
-* item 7: SIGTERM during a run ends ``run.json`` ``cancelled`` and raises ``RunCancelled``; the
-  same command resumes.
+* item 7: SIGTERM (or SIGINT) during a run ends ``run.json`` ``cancelled`` and raises
+  ``RunCancelled``; the same command resumes.
 
 Every test runs the real pipeline (:func:`workers.run.run_scene`) on a real crop of the EnMAP demo
 scene (64x64 px, 40 bands), with the identity tile model in a thread pool.
@@ -260,29 +260,33 @@ def test_lock_of_another_host_is_refused_and_a_dead_pid_lock_is_taken_over(
 
 # ---------------------------------------------------------------------------- item 7
 @dataclass(frozen=True)
-class TermDuringTiles(SlowIdentity):
-    """Slow identity whose first call has SIGTERM sent to this process shortly after (the handler
-    runs in the main thread, which is waiting for the tile batches)."""
+class SignalDuringTiles(SlowIdentity):
+    """Slow identity whose first call has ``signum`` sent to this process shortly after (the
+    handler runs in the main thread, which is waiting for the tile batches)."""
 
+    signum: int = signal.SIGTERM
     sent: list[int] = field(default_factory=list)
 
     def __call__(self, cube: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         if not self.sent:
             self.sent.append(1)
-            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            threading.Timer(0.2, os.kill, (os.getpid(), self.signum)).start()
         return super().__call__(cube)
 
 
-def test_sigterm_during_a_run_ends_the_record_cancelled(demo_crop: Path, tmp_path: Path, case: Any) -> None:
-    case("fault", "SIGTERM sent to the driver while the denoise tiles run (in-process thread pool)",
-         "RunCancelled (exit code 143) raised, run.json 'cancelled' with the stage, no final-named output, the lock "
-         "released and the previous SIGTERM handler restored; the same command resumes to a complete run")
-    before = signal.getsignal(signal.SIGTERM)
-    model = TermDuringTiles(delay=0.5)
-    with pytest.raises(RunCancelled, match="stopped by SIGTERM") as info:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_a_run_ends_the_record_cancelled(demo_crop: Path, tmp_path: Path, signum: int,
+                                                       case: Any) -> None:
+    name = signal.Signals(signum).name
+    case("fault", f"{name} sent to the driver while the denoise tiles run (in-process thread pool)",
+         f"RunCancelled (exit code {128 + signum}) raised, run.json 'cancelled' with the stage, no final-named "
+         "output, the lock released and the previous handlers restored; the same command resumes to a complete run")
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    model = SignalDuringTiles(delay=0.5, signum=signum)
+    with pytest.raises(RunCancelled, match=f"stopped by {name}") as info:
         _run(demo_crop, tmp_path / "out", model)
-    assert info.value.exit_code == 128 + signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert info.value.exit_code == 128 + signum
+    assert {s: signal.getsignal(s) for s in before} == before
     (run_dir,) = [p.parent for p in tmp_path.glob(f"out/*/*/{prov.RUN_JSON}")]
     rec = _record(run_dir)
     assert rec["status"] == "cancelled" and rec["failed_stage"] == "denoise" and "RunCancelled" in rec["error"]
