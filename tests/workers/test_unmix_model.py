@@ -139,7 +139,10 @@ def test_fit_scene_nodata_and_bad_bands(crops):
     good[[0, 1]] = False
     cube[0] = np.nan  # a bad band full of NaN must not invalidate pixels
     scene = build_scene(cube, good_band=good, source="samson-crop")
-    fit = fit_scene(scene, None, seed=1, sample_pixels=300, fit_tiles=2, fit_tile_size=16, max_epochs=1)
+    # the VCA start: the start rule is tested on its own; here P = 8 from HySime would make it
+    # score every candidate of the default rule
+    fit = fit_scene(scene, None, seed=1, sample_pixels=300, fit_tiles=2, fit_tile_size=16, max_epochs=1,
+                    options={"init": "vca"})
     assert fit.endmembers.shape[0] == cube.shape[0] - 2
     assert fit.provenance["n_endmembers"]["method"] == "hysime"
     assert 2 <= fit.n_endmembers <= 8
@@ -354,7 +357,7 @@ def test_fit_tiles_are_distinct_windows_scaled_to_the_scene(crops):
 
     assert window_starts(32, 12) == [0, 10, 20] and window_starts(50, 64) == [0] and window_starts(24, 12) == [0, 12]
     scene = build_scene(crops["samson_cube"], source="samson-crop")
-    kw = dict(sample_pixels=300, fit_tile_size=12, max_epochs=0)
+    kw = dict(sample_pixels=300, fit_tile_size=12, max_epochs=0, options={"init": "vca"})
     t8 = fit_scene(scene, 3, seed=0, fit_tiles=8, **kw).provenance["fit_tiles"]
     origins = [tuple(o) for o in t8["origins_yx"]]
     assert t8["count"] == 8 and len(set(origins)) == 8 and t8["size"] == [12, 12]
