@@ -21,7 +21,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from pipeline.chunk_checksums import compressors
+from pipeline.chunk_checksums import compressors, read_checked
 from pipeline.errors import WriteError
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -347,7 +347,9 @@ def write_cog(
             for y in range(0, ny, block):
                 for x in range(0, nx, block):
                     ys, xs = slice(y, min(y + block, ny)), slice(x, min(x + block, nx))
-                    data = np.asarray(arr[:, ys, xs] if three_d else arr[ys, xs])
+                    data = read_checked(arr, (slice(None), ys, xs) if three_d else (ys, xs),
+                                        store=Path(src_array).parent, array=Path(src_array).name,
+                                        fix="the run's staged output is damaged: rerun the same command")
                     if not three_d:
                         data = data[None]
                     dst.write(data, window=RWindow(x, y, xs.stop - x, ys.stop - y))

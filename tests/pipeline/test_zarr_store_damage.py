@@ -91,3 +91,26 @@ def test_corrupt_chunk_read_lazily_is_a_read_error_naming_store_and_chunk(
     # the undamaged chunks still read, and exactly as before
     good = open_zarr_scene(store).isel(x=slice(0, 16)).values
     np.testing.assert_array_equal(scene.isel(x=slice(0, 16)).values, good)
+
+
+def test_bit_flip_in_an_output_store_is_named_when_exported(store: Path, tmp_path: Path) -> None:
+    """Output stores carry crc32c per chunk: a flipped byte fails the COG export with the chunk named."""
+    from pipeline.chunk_checksums import ChunkChecksumError
+    from pipeline.writers import create_output_zarr, write_cog
+
+    like = open_zarr_scene(store)
+    out = tmp_path / "denoised.zarr"
+    arrays = create_output_zarr(out, "denoised", like, channel_dim="band", chunk=16,
+                                channel_coords={k: like[k].values for k in ("band", "wavelength", "fwhm", "good_band")})
+    import zarr
+
+    z = zarr.open_array(str(out / "denoised"), mode="r+")
+    z[:] = np.nan_to_num(like.values)
+    write_cog(out / "denoised", tmp_path / "ok.tif", like)  # intact: exports
+    chunk = next(p for p in (out / "denoised").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(ChunkChecksumError, match=r"chunk 'c/.*of array 'denoised'.*crc32c checksum"):
+        write_cog(out / "denoised", tmp_path / "bad.tif", like)
+    assert arrays["denoised"]
