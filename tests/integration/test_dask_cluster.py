@@ -85,39 +85,52 @@ def cluster(tmp_path: Path) -> Iterator[tuple[object, dict[str, str]]]:
         assert not leaked, f"processes still alive after shutdown: {leaked}"
 
 
-def _prepared_run(tmp_path: Path) -> tuple[Path, Path, object]:
+def _prepared_run(tmp_path: Path, tile_models: dict | None = None) -> tuple[object, Path]:
+    """A denoise-only run planned on a real 48x48 crop, ingested and cut into 16 px tiles."""
     from pipeline.config import RunConfig
-    from workers.run import stage_ingest, stage_tile
+    from workers.run import Job, plan_run
+    from workers.stages import stage_ingest, stage_tile
 
     scene = write_crop_tif(tmp_path / "crop.tif", 0, 0, 48, 48)
-    cfg = RunConfig(tile=16, halo=4, unmix=False, batch_size=2)
-    run_dir = tmp_path / "run"
-    ingested = stage_ingest(scene, run_dir, cfg)
-    return run_dir, stage_tile(ingested, run_dir, cfg), cfg
+    job = Job(RunConfig(out_root=tmp_path / "out", tile=16, halo=4, batch_size=2), unmix=None)
+    plan = plan_run(scene, job, tile_models=tile_models)
+    ingested = stage_ingest(plan)
+    return plan, stage_tile(plan, ingested)
+
+
+def _env(handle, tile_models: dict | None = None):
+    from workers.stages import StageEnv
+
+    return StageEnv(model_executor=handle.model_executor(), executor=handle.executor(),
+                    n_workers=max(1, handle.n_workers()), cluster=handle.describe(), client=handle.client,
+                    tile_models=tile_models or {})
 
 
 def test_model_tasks_run_on_the_gpu_labelled_worker(cluster: tuple[object, dict[str, str]], tmp_path: Path) -> None:
     from pipeline import tiles as ts
     from workers.cluster import ClusterHandle, has_gpu_workers
     from workers.infer import IdentityTileModel
-    from workers.run import stage_blend, stage_denoise
+    from workers.stages import stage_blend, stage_model
 
     client, names = cluster
     assert has_gpu_workers(client)  # type: ignore[arg-type]
     handle = ClusterHandle(client=client, gpu=True)  # type: ignore[arg-type]
     desc = handle.describe()
     assert desc["n_workers"] == 2 and desc["gpu_workers"] == [names["gpu-worker"]]
-    run_dir, tiles, cfg = _prepared_run(tmp_path)
-    summary = stage_denoise(tiles, run_dir, cfg, executor=handle.model_executor(), model=IdentityTileModel())
+    models = {"denoise": IdentityTileModel()}
+    plan, tiles = _prepared_run(tmp_path, models)
+    env = _env(handle, models)
+    summary = stage_model(plan, "denoise", tiles, env)
     assert summary["n_ok"] == summary["n_tiles"] == 9 and not summary["failed"]
     recs = ts.load_records(summary["path"])
     assert {r["worker"] for r in recs.values()} == {names["gpu-worker"]}
     # blending (one task per output chunk) may use both workers and reproduces the input exactly
-    out = stage_blend("denoise", run_dir, cfg, executor=handle.executor())
+    out = stage_blend(plan, "denoise", env)
     from pipeline.ingest import open_zarr_scene
     from pipeline.writers import open_output
+    from workers.run import INGESTED
 
-    src = open_zarr_scene(run_dir / "ingest" / "scene.zarr")
+    src = open_zarr_scene(plan.run_dir / INGESTED)
     good = src["good_band"].values
     np.testing.assert_array_equal(open_output(out, "denoised").values[good], src.values[good])
 
@@ -139,18 +152,18 @@ def test_real_denoiser_loaded_once_per_worker_by_the_plugin(
 ) -> None:
     from pipeline import tiles as ts
     from workers.cluster import ClusterHandle
-    from workers.infer import DenoiseTileModel, cached_keys
+    from workers.infer import cached_keys
     from workers.plugin import ModelPlugin
-    from workers.run import stage_denoise
+    from workers.stages import stage_model
 
     client, names = cluster
-    client.register_plugin(ModelPlugin(models=("decsc",)), name=ModelPlugin.name)  # type: ignore[attr-defined]
+    plan, tiles = _prepared_run(tmp_path)
+    # the plugin the run registers: the models the job's options ask to preload
+    client.register_plugin(ModelPlugin(**plan.job.preload()), name=ModelPlugin.name)  # type: ignore[attr-defined]
     loaded = client.run(cached_keys)  # type: ignore[attr-defined]
     assert all(any(k[0] == "decsc" for k in keys) for keys in loaded.values())
     handle = ClusterHandle(client=client, gpu=True)  # type: ignore[arg-type]
-    run_dir, tiles, cfg = _prepared_run(tmp_path)
-    summary = stage_denoise(tiles, run_dir, cfg, executor=handle.model_executor(),
-                            model=DenoiseTileModel.from_registry("cpu"))
+    summary = stage_model(plan, "denoise", tiles, _env(handle))  # the registry's DECSC (job.denoise)
     assert summary["n_ok"] == 9, json.dumps(summary)[:2000]
     recs = ts.load_records(summary["path"]).values()
     assert {r["worker"] for r in recs} == {names["gpu-worker"]}
