@@ -3,10 +3,10 @@
 Scenes come from an archive root scanned with the glob patterns of ``deploy/sensors.yaml`` (or
 given patterns), or from a list file (one path per line, ``#`` comments). A scene is *pending*
 when no complete run with the same input sha256, configuration hash and weights sha256s exists
-under ``out_root`` (:func:`pipeline.provenance.find_completed_run`), so a second sweep with
+under ``out_root`` whose outputs verify (:func:`workers.run.find_completed`), so a second sweep with
 nothing new does nothing. Pending scenes run as ``process_scene`` subflows, at most
 ``max_concurrent`` at a time, on one Dask cluster opened for the whole sweep; a failing scene is
-recorded with its reason and the others go on.
+recorded with its reason and the others go on, and the sweep then ends Failed with its table.
 """
 
 from __future__ import annotations
