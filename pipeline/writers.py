@@ -21,7 +21,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from pipeline.chunk_checksums import compressors, read_checked
+from pipeline.chunk_checksums import ChunkChecksumError, compressors, read_checked
 from pipeline.errors import WriteError
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -383,6 +383,8 @@ def write_cog(
                 interleave="band", compress="deflate", predictor=3, copy_src_overviews=True,
                 bigtiff="IF_SAFER",
             )
+    except ChunkChecksumError:  # a damaged source, not a write failure: its message says what to do
+        raise
     except Exception as exc:
         dest.unlink(missing_ok=True)
         raise WriteError(f"writing the GeoTIFF {str(dest)!r} failed: {exc}; check free space and permissions") from exc
