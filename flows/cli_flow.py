@@ -229,10 +229,14 @@ def _run_flow(scene: Path, out: Path, options: Any, what: str) -> Path:
     with _prefect_defaults():
         state = process_scene(scene=str(scene), out_dir=str(out), options=options, return_state=True)
     run_id = state.state_details.flow_run_id
+    if state.is_cancelled():  # run.json says 'cancelled'; the same command resumes
+        typer.secho(f"{what} cancelled: {state.message}", fg=typer.colors.YELLOW, err=True)
+        typer.echo(_ui_hint(run_id))
+        raise typer.Exit(130)
     if not state.is_completed():
         typer.secho(f"{what} failed: {state.message}", fg=typer.colors.RED, err=True)
         typer.echo(_ui_hint(run_id))
-        raise typer.Exit(130 if state.is_cancelled() else 1)
+        raise typer.Exit(1)
     record = Path(state.result())
     typer.echo(f"run record: {record}")
     typer.echo(_ui_hint(run_id))
