@@ -163,12 +163,13 @@ def plan_run(scene: str | Path, job: Job, *, tile_models: dict[str, TileModel] |
     _check_out_root(job.config.out_root)
     _check_device(job.config.device)
     info = _scene_header(scene) if header else {}
+    if info:  # before the model specs load (their imports take seconds)
+        _check_scene_options(job, scene, info)
     halos = {m.model: (int(tile_models[m.stage].halo) if m.stage in tile_models else m.halo()) for m in job.models}
     cfg = job.config.with_model_halos(list(halos.values()))
     if info:
         hw = (info["rows"], info["cols"])
         cfg = _choose_tile(job.replace(config=cfg), info["good_bands"], hw)
-        _check_scene_options(job, scene, info)
     elif cfg.tile is None:
         cfg = cfg.replace(tile=DEFAULT_TILE)
     cfg = cfg.replace(halo=min(int(cfg.halo or 0), int(cfg.tile or DEFAULT_TILE) - 1)) if job.config.halo is None else cfg
