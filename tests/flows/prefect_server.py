@@ -77,6 +77,8 @@ def prefect_server(home: Path, log_path: Path) -> Iterator[tuple[str, dict[str, 
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = prefect_env(home)
+    # `--port` alone leaves the UI calling the API on 4200 (docs/prefect.md, Production)
+    env["PREFECT_SERVER_API_PORT"] = str(port)
     prefect_bin = str(Path(sys.executable).with_name("prefect"))
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(

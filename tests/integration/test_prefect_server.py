@@ -53,6 +53,30 @@ async def _wait_deployment(name: str, timeout: float = 180.0) -> None:
                 await asyncio.sleep(1.0)
 
 
+async def _deployment(name: str):
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return await client.read_deployment_by_name(name)
+
+
+def _assert_options_described(schema: dict) -> None:
+    from flows.options import OPTIONS
+
+    defs = schema.get("definitions") or schema.get("$defs") or {}
+    props = defs["RunOptions"]["properties"]
+    assert set(props) == {o.name for o in OPTIONS}
+    missing = [k for k, v in props.items() if not str(v.get("description") or "").strip()]
+    assert not missing, missing
+
+
+async def _flow_run(flow_run_id):
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return await client.read_flow_run(flow_run_id)
+
+
 async def _artifacts(flow_run_id) -> list:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -74,14 +98,18 @@ def test_served_process_scene_run_through_the_api(server, tmp_path: Path, enmap_
     out = tmp_path / "out"
     with temporary_settings({PREFECT_API_URL: api_url, PREFECT_HOME: env["PREFECT_HOME"]}), \
             background([str(BIN / "hyperdeq"), "serve", "--limit", "1"], env, d / "serve.log", cwd=ROOT):
-        asyncio.run(_wait_deployment("process-scene/on-demand"))
+        # `hyperdeq serve` names its deployments apart from deploy/prefect.yaml's (on-demand, nightly-sweep)
+        asyncio.run(_wait_deployment("process-scene/served-on-demand"))
+        asyncio.run(_wait_deployment("sweep-archive/served-nightly-sweep"))
+        schema = asyncio.run(_deployment("process-scene/served-on-demand")).parameter_openapi_schema
+        _assert_options_described(schema)  # the deployment form: every option has its help (issue 23 item 8)
         params = {
             "scene": str(scene), "out_dir": str(out),
-            "options": {"denoise": decsc_installed(), "unmix": True, "n_endmembers": 3, "tile": 32,
-                        "batch_size": 2},
-            "cluster": {"n_workers": 1},
+            # the cluster is part of the options (no separate `cluster` parameter)
+            "options": {"denoise": decsc_installed(), "unmix": True, "endmembers": 3, "tile": 32,
+                        "batch": 2, "workers": 1},
         }
-        fr = run_deployment("process-scene/on-demand", parameters=params, timeout=360, poll_interval=2)
+        fr = run_deployment("process-scene/served-on-demand", parameters=params, timeout=360, poll_interval=2)
         log = (d / "serve.log").read_text()[-3000:]
         assert fr.state is not None and fr.state.is_completed(), f"{fr.state}\n{log}"
 
@@ -89,18 +117,19 @@ def test_served_process_scene_run_through_the_api(server, tmp_path: Path, enmap_
         by_type: dict[str, list] = {}
         for a in arts:
             by_type.setdefault(a.type, []).append(a)
-        assert {"progress", "markdown", "table", "image"} <= set(by_type), sorted(by_type)
+        assert {"progress", "markdown", "table"} <= set(by_type), sorted(by_type)
         (progress,) = by_type["progress"]
         assert float(progress.data) == pytest.approx(100.0)
         report = next(a for a in by_type["markdown"] if a.key and a.key.endswith("-report"))
         assert "enmap_potsdam_crop.tif" in report.data and "## Solver statistics" in report.data
         assert "data:image/png;base64," in report.data  # quicklooks embedded
+        assert "![before_rgb](data:image/png;base64," in report.data
+        assert "![abundances](data:image/png;base64," in report.data
         (table,) = by_type["table"]
-        assert "reconstruction_rmse" in str(table.data) and "nodata_fraction" in str(table.data)
-        images = {a.key for a in by_type["image"]}
-        assert any(k.endswith("-before-rgb") for k in images)
-        assert any(k.endswith("-abundances") for k in images)
-        assert all(str(a.data).startswith("data:image/png;base64,") for a in by_type["image"])
+        cols = str(table.data).lower().replace("_", " ")  # column names carry their units
+        assert "reconstruction rmse" in cols and "nodata" in cols, table.data
+        # image artifacts hold only a URL: none without an http(s) base URL, never a base64 payload
+        assert not any(str(a.data).startswith("data:") for a in by_type.get("image", []))
 
     record = sorted(out.glob("*/*/run.json"))
     assert len(record) == 1
@@ -109,6 +138,13 @@ def test_served_process_scene_run_through_the_api(server, tmp_path: Path, enmap_
     rec = json.loads(record[0].read_text())
     assert rec["status"] == "complete"
     assert (record[0].parent / "quicklooks" / "abundances.png").is_file()
+    assert (record[0].parent / "quicklooks" / "before_rgb.png").is_file()
+    # the deployment's flow run is renamed `<scene stem> · <run id>` and tagged (issue 23 item 7)
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        named = asyncio.run(_flow_run(fr.id))
+    assert named.name == f"enmap_potsdam_crop · {rec['run_id']}", named.name
+    assert {"hyperdeq", "scene:enmap_potsdam_crop", "model:deq-unmix"} <= set(named.tags), named.tags
+    assert "served" in named.tags  # the deployment's own tags are kept
 
 
 def test_prefect_deploy_accepts_the_repository_yaml(server) -> None:
