@@ -263,19 +263,25 @@ def refuse_cli(args: list[str], root: Path, match: str, *, prefix: tuple[str, ..
                env_extra: dict[str, str] | None = None, timeout: float = 300) -> tuple[dict[str, Any], list[str]]:
     """Run ``hyperdeq ARGS`` (behind ``prefix``) and check it refused the input as a user must see it:
     exit status 2, an ``error:`` line matching ``match``, no traceback, no Dask cluster started and
-    no ``run.json`` anywhere under ``root``. Returns what was measured (``refuse_s``: the whole
-    process, interpreter start included) and what is wrong ([] when the refusal is right)."""
+    no ``run.json`` anywhere under ``root``. Returns what was measured (``refuse_s``: wall time of
+    the whole process, interpreter start included; ``refuse_cpu_s``: its CPU time, which a busy
+    machine does not inflate) and what is wrong ([] when the refusal is right)."""
     import re
+    import resource
 
     e = env()
     e.update(env_extra or {})
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run([*prefix, HYPERDEQ, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=e)
     wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)  # of the command, whatever the load
     text = r.stdout + r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     records = sorted(str(p) for p in root.rglob("run.json"))
-    measured = {"exit_code": r.returncode, "refuse_s": round(wall, 2), "traceback": "Traceback" in text,
+    measured = {"exit_code": r.returncode, "refuse_s": round(wall, 2), "refuse_cpu_s": round(cpu, 2),
+                "traceback": "Traceback" in text,
                 "cluster_started": CLUSTER_STARTED in text, "run_json_written": bool(records),
                 "complete_marked": sum(json.loads(Path(p).read_text()).get("status") == "complete" for p in records),
                 "message": (errors[-1][7:] if errors else text.strip()[-200:])[:160]}

@@ -47,7 +47,7 @@ def _times(rows: list[dict[str, Any]], key: str) -> str:
         return "not measured"
     worst, wr = max(timed, key=lambda t: t[0])
     name = wr["nodeid"].split("[", 1)[-1].rstrip("]") if "[" in wr["nodeid"] else wr["nodeid"].split("::")[-1]
-    return f"median {_median([t for t, _ in timed]):.2f} s, worst {worst:.2f} s (`{name}`) over {len(timed)} cases"
+    return f"median {_median([t for t, _ in timed]):.3f} s, worst {worst:.3f} s (`{name}`) over {len(timed)} cases"
 
 
 def summary(payload: dict[str, Any]) -> list[str]:
@@ -82,11 +82,12 @@ def summary(payload: dict[str, Any]) -> list[str]:
         f"- Dask clusters started before a command-line refusal (goal 0): "
         f"**{sum(bool(x.get('cluster_started')) for x in m)}** of {len(cli)}; run records written before it: "
         f"{sum(bool(x.get('run_json_written')) for x in m)}.",
-        f"- Time to refuse at the command line (the whole process: interpreter start, imports, checks): "
-        f"{_times(cli, 'refuse_s')}. In-process time to raise: {_times(lib, 'raise_s')}.",
+        f"- Time to refuse at the command line (the whole process: interpreter start, imports, checks), wall "
+        f"clock: {_times(cli, 'refuse_s')}; CPU time of that process (what a busy machine does not inflate): "
+        f"{_times(cli, 'refuse_cpu_s')}. In-process time to raise: {_times(lib, 'raise_s')}.",
         f"- Faults survived: **{sum(r.get('outcome') == 'passed' for r in faults)}** of {len(faults)} fault "
-        f"scenarios; with outputs byte-identical to an undisturbed run: **{len(identical)}** (the others check "
-        "a refusal or a clear failure instead).",
+        f"scenarios; with outputs byte-identical to an undisturbed run: **{len(identical)}** (the other "
+        "scenarios check a refusal, a clear failure or the run record instead).",
     ]
     if machine:
         lines.append(f"- Machine: {machine.get('cpus')} CPU cores, load average "

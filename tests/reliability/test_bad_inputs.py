@@ -4,6 +4,11 @@ Every case names the call it makes (the public entry point a user would reach), 
 it must raise and a fragment of the message (which must show the offending value and the fix).
 Cases marked ``accepted`` are inputs that are unusual but legal: they must go through and the
 test checks what came out.
+
+A second catalogue runs ``hyperdeq`` itself in a subprocess (issue 21 items 9, 10, 11): each
+command line must exit with status 2 and one ``error:`` line naming the value and the fix, show no
+traceback, and be refused before any Dask cluster starts and before any run record is written;
+the time to refuse is recorded (not asserted: the test machine is shared).
 """
 
 from __future__ import annotations
@@ -251,6 +256,15 @@ def workers_and_scheduler(tmp: Path, crop: Path) -> Callable[[], Any]:
     return lambda: ClusterSpec(n_workers=2, address="tcp://127.0.0.1:8786")
 
 
+def out_root_named_like_dev(tmp: Path, crop: Path) -> Callable[[], Any]:
+    from workers.run import _check_out_root
+
+    if not os.access("/", os.W_OK):
+        pytest.skip("needs a writable / to probe a top-level folder")
+    # a folder whose name only starts with "dev"/"sys"/"proc" is an ordinary folder (nothing is created)
+    return lambda: [_check_out_root(Path(p)) for p in ("/devices-data/out", "/system-out/x", "/processed/out")]
+
+
 def tile_over_memory_budget(tmp: Path, crop: Path) -> Callable[[], Any]:
     from workers.denoise.options import DenoiseOptions
     from workers.infer import IdentityTileModel
@@ -386,6 +400,9 @@ CATALOGUE: dict[str, Bad] = {
     "config-workers-and-scheduler": Bad("workers=2 and scheduler=tcp://... together", workers_and_scheduler,
                                         ConfigError, r"give either a scheduler address \('tcp://127\.0\.0\.1:8786'\) "
                                                      r"or a cluster to start \(workers=2, .*not both"),
+    "out-root-named-like-dev": Bad("output roots /devices-data, /system-out, /processed (not /dev, /sys, /proc)",
+                                   out_root_named_like_dev, None, "accepted: not taken for system file systems",
+                                   lambda out: None if out == [None, None, None] else pytest.fail(repr(out))),
     "tile-over-memory-budget": Bad("64x64 px read window of 40 bands with a 350 MiB per-tile budget",
                                    tile_over_memory_budget, ConfigError,
                                    r"64x64 px tile of 40 bands needs about 353 MiB \(io 8 MiB, decsc 345 MiB\), "
