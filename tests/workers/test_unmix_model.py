@@ -434,3 +434,18 @@ def test_solver_converges_on_at_least_95_percent_of_pixels(pavia, which, request
     assert stats["converged_pixels"] >= 0.95 * stats["valid_pixels"], stats
     solver = fit.provenance["solver_check"]
     assert solver["pixels"] == 32 * 32 and solver["converged_pixels"] >= 0.95 * solver["pixels"], solver
+
+
+def test_one_module_shared_by_threads_unmixes_each_tile_as_alone(fitted, synthetic):
+    """The tile engine's threads share one module per process: tiles of different sizes unmixed
+    concurrently give what each gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cube, _, _ = synthetic
+    tiles = [cube, cube[:, :12, :20], cube[:, 5:, 3:17], cube[:, :20, :9]] * 2
+    module = fitted.model()
+    alone = [apply_fit(fitted, t, model=module)[0] for t in tiles]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda t: apply_fit(fitted, t, model=module)[0], tiles))
+    for a, b in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(a, b)

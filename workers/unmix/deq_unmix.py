@@ -19,6 +19,7 @@ Endmembers ``E`` (L×P) are learnable parameters, started from the blind estimat
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -69,6 +70,10 @@ class CorrectionNet(nn.Module):
 
 #: receptive field of one application of the map, pixels each side
 STEP_RADIUS = 1
+
+#: the map reads per-call state set by ``_prepare`` (G, η, the maps' shape); a tile engine's threads
+#: share one module per process, so forward passes take turns
+_FORWARD_LOCK = threading.RLock()
 
 
 class DEQUnmix(nn.Module):
@@ -159,10 +164,13 @@ class DEQUnmix(nn.Module):
     def forward(
         self, Y: Tensor, band_mask: Tensor | None = None, max_iter: int | None = None
     ) -> tuple[Tensor, SolverStats]:
-        """Abundances ``(N, P, H, W)`` and per-pixel solver statistics (length N·H·W)."""
-        x, A0 = self._prepare(Y, band_mask)
-        z, stats = self.deq(x, self._to_pixels(A0), max_iter=max_iter)
-        return self._to_maps(z), stats
+        """Abundances ``(N, P, H, W)`` and per-pixel solver statistics (length N·H·W).
+
+        Thread-safe: concurrent calls on one module run one after the other."""
+        with _FORWARD_LOCK:
+            x, A0 = self._prepare(Y, band_mask)
+            z, stats = self.deq(x, self._to_pixels(A0), max_iter=max_iter)
+            return self._to_maps(z), stats
 
     def reconstruct(self, A: Tensor) -> Tensor:
         """``E·A`` as a cube ``(N, L, H, W)``."""
