@@ -87,33 +87,29 @@ def load_run_record(run_dir: str | Path) -> dict[str, Any]:
         raise ProvenanceError(f"run record {str(p)!r} is corrupt ({exc}); rerun the scene") from exc
 
 
+def output_problems(run_dir: str | Path) -> list[str]:
+    """What is wrong with a run's recorded outputs (missing, other size or sha256); [] when intact."""
+    from pipeline.hashing import verify_entry
+
+    rec = load_run_record(run_dir)
+    problems = []
+    for key, entry in (rec.get("outputs") or {}).items():
+        if not isinstance(entry, dict):
+            problems.append(f"{key}: recorded without a checksum (written by an older hyperdeq)")
+            continue
+        why = verify_entry(entry, run_dir)
+        if why:
+            problems.append(why)
+    return problems
+
+
 def is_complete(run_dir: str | Path) -> bool:
+    """True when ``run.json`` says complete and every output it lists is intact (size and sha256)."""
     try:
         rec = load_run_record(run_dir)
     except ProvenanceError:
         return False
-    return rec.get("status") == COMPLETE and all((Path(run_dir) / o).exists() for o in rec.get("outputs", {}).values())
-
-
-def find_completed_run(
-    out_root: str | Path, input_sha256: str, config_hash: str, weights_sha256s: dict[str, str | None]
-) -> Path | None:
-    """The run directory under ``out_root`` that already holds this exact run, complete; else None."""
-    root = Path(out_root)
-    if not root.is_dir():
-        return None
-    want = {k: v for k, v in weights_sha256s.items()}
-    for rec_path in sorted(root.glob(f"**/{RUN_JSON}")):
-        try:
-            rec = json.loads(rec_path.read_text())
-        except (OSError, ValueError):
-            continue
-        if (rec.get("status") == COMPLETE and rec.get("input", {}).get("sha256") == input_sha256
-                and rec.get("config_hash") == config_hash
-                and {m["name"]: m.get("weights_sha256") for m in rec.get("models", [])} == want
-                and is_complete(rec_path.parent)):
-            return rec_path.parent
-    return None
+    return rec.get("status") == COMPLETE and bool(rec.get("outputs")) and not output_problems(run_dir)
 
 
 EO_EXT = "https://stac-extensions.github.io/eo/v2.0.0/schema.json"

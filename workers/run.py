@@ -33,7 +33,7 @@ from typing import Any
 from pipeline import provenance as prov
 from pipeline.config import AUTO_TILES, DEFAULT_TILE, RunConfig
 from pipeline.errors import ConfigError, HyperdeqError, ModelError, WriteError
-from pipeline.hashing import sha256_path, verify_entry
+from pipeline.hashing import sha256_path
 from pipeline.runner import TileModel
 from pipeline.writers import confined_path, safe_name
 from workers.cluster import ClusterHandle, ClusterSpec, has_gpu_workers, open_cluster
@@ -267,16 +267,7 @@ class RunResult:
 
 def verify_outputs(run_dir: Path) -> list[str]:
     """What is wrong with a completed run's outputs (sizes and sha256s against ``run.json``); [] when intact."""
-    rec = prov.load_run_record(run_dir)
-    problems = []
-    for key, entry in (rec.get("outputs") or {}).items():
-        if not isinstance(entry, dict):
-            problems.append(f"{key}: recorded without a checksum (written by an older hyperdeq)")
-            continue
-        why = verify_entry(entry, run_dir)
-        if why:
-            problems.append(why)
-    return problems
+    return prov.output_problems(run_dir)
 
 
 def find_completed(plan: RunPlan) -> Path | None:

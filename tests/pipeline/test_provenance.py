@@ -44,20 +44,26 @@ def test_run_id_changes_with_input_config_or_weights() -> None:
                 prov.make_run_id("a", "c", {"decsc": "v"}), prov.make_run_id("a", "c", {"decsc": "w", "deq-unmix": None})}) == 5
 
 
-def test_only_a_complete_record_with_its_outputs_counts(tmp_path: Path) -> None:
+def test_only_a_complete_record_with_intact_outputs_counts(tmp_path: Path) -> None:
+    from pipeline.hashing import output_entry
+
     run = tmp_path / "scene" / "r1"
     run.mkdir(parents=True)
-    _record(run, prov.RUNNING)
-    args = (tmp_path, "a" * 64, "c" * 64, {"decsc": "w" * 64})
-    assert prov.find_completed_run(*args) is None  # a crashed run never looks complete
-    _record(run, prov.COMPLETE)
-    assert prov.find_completed_run(*args) == run
-    assert prov.find_completed_run(tmp_path, "a" * 64, "c" * 64, {"decsc": "x" * 64}) is None
-    assert prov.find_completed_run(tmp_path, "a" * 64, "e" * 64, {"decsc": "w" * 64}) is None
+    (run / "out.tif").write_bytes(b"real output bytes")
+    entry = {"out_tif": output_entry(run / "out.tif", run)}
+    prov.write_run_record(run, {"status": prov.RUNNING, "outputs": entry})
+    assert not prov.is_complete(run)  # a crashed run never looks complete
+    prov.write_run_record(run, {"status": prov.COMPLETE, "outputs": entry})
+    assert prov.is_complete(run) and prov.output_problems(run) == []
+    (run / "out.tif").write_bytes(b"real output byteZ")  # same size, other content
+    assert not prov.is_complete(run)
+    assert "sha256" in prov.output_problems(run)[0]
     (run / "out.tif").unlink()  # an output went missing: no longer complete
-    assert prov.find_completed_run(*args) is None
-    _record(run, prov.FAILED, failed_tiles=["denoise:r00000_c00001"])
-    assert prov.find_completed_run(*args) is None
+    assert prov.output_problems(run) == ["'out.tif' is missing"]
+    prov.write_run_record(run, {"status": prov.COMPLETE, "outputs": {"out_tif": "out.tif"}})
+    assert not prov.is_complete(run)  # an output without a checksum cannot be verified
+    prov.write_run_record(run, {"status": prov.FAILED, "outputs": {}})
+    assert not prov.is_complete(run)
 
 
 def test_bad_status_and_corrupt_record_raise(tmp_path: Path) -> None:
