@@ -1,8 +1,8 @@
 """Scene-scale DEQ-Unmix: fit once per scene on a bounded sample, then apply tile by tile.
 
-``fit_scene`` extracts endmembers (VCA) from a seeded sample of valid pixels and fits the
-network on a seeded sample of valid tiles (blind: no ground truth); ``apply_fit`` unmixes any
-tile of that scene. Memory is bounded by ``sample_pixels`` and ``fit_tiles × fit_tile_size²``,
+``fit_scene`` estimates the endmembers' start from a seeded sample of valid pixels and fits
+the network and the endmembers on distinct windows of the scene (blind: no ground truth);
+``apply_fit`` unmixes any tile of that scene. Memory is bounded by ``sample_pixels`` and ``fit_tiles × fit_tile_size²``,
 whatever the scene size (the scene may be dask-backed and larger than memory).
 """
 
@@ -461,11 +461,18 @@ def fit_scene(
     1. seeded sample of valid pixels on the good bands; ``P`` given or from HySime;
     2. the start of ``E`` from that sample (:func:`init_endmembers`: the minimum-volume simplex
        where the linear model explains the sample to its noise floor, else VCA / N-FINDR /
-       purest-pixel averages, the one with the lowest FCLS reconstruction error);
-    3. up to ``max_epochs`` Adam steps on a seeded batch of valid tiles, on the correction net
+       purest-pixel averages or class means, the one with the lowest FCLS reconstruction error);
+    3. the fit tiles: up to ``fit_tiles`` distinct, at least half valid windows of the grid that
+       covers the scene with ``fit_tile_size`` windows (:func:`_sample_tiles`; a scene no larger
+       than that is one tile, the whole scene);
+    4. up to ``max_epochs`` Adam steps on a random crop of every fit tile, on the correction net
        and on ``S`` in ``E = E_start·exp(S)``; every ``val_every`` steps a fixed held-out-band
        validation loss is computed and the best state (the start included) is kept, with early
-       stopping after ``patience`` evaluations without improvement. Loss: band-split
+       stopping after ``patience`` evaluations without improvement, not counting those where
+       the start is still the best state and the training loss still falls
+       (:func:`training_loss_falls`); the record says why the fit stopped (``stop_reason``) and
+       why it kept its start (``kept_start``), and how many pixels of the validation crops the
+       solver converged on at the inference cap (``solver_check``). Loss: band-split
        self-supervision: each step solves the fixed point on a random half of the bands and scores
        the reconstruction ``‖Y − E·A*‖²`` on the other half (noise is independent across bands,
        so the held-out error tracks the clean error and rewards spatially coherent abundances),
