@@ -12,6 +12,17 @@ from pipeline import provenance as prov
 from pipeline.errors import ProvenanceError
 
 
+def _record(run_dir: Path, status: str, **kw: object) -> dict:
+    (run_dir / "out.tif").write_bytes(b"data")
+    rec = {"run_id": run_dir.name, "status": status, "start": "2026-01-01T00:00:00Z", "end": "2026-01-01T00:01:00Z",
+           "input": {"path": "/x/scene.tif", "sha256": "a" * 64}, "config_hash": "c" * 64,
+           "models": [{"name": "decsc", "weights_sha256": "w" * 64}], "outputs": {"denoised_tif": "out.tif"},
+           "failed_tiles": [], "not_converged_tiles": [], "tiles": {}}
+    rec.update(kw)
+    prov.write_run_record(run_dir, rec)
+    return rec
+
+
 def test_sha256_of_files_and_folders(tmp_path: Path) -> None:
     f = tmp_path / "a.bin"
     f.write_bytes(b"hello")
