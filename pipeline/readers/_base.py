@@ -10,7 +10,6 @@ in a dask array (lazy); ``ingest_scene`` calls ``read`` window by window (stream
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -445,7 +444,3 @@ def _roughness(cube: np.ndarray) -> float:
     d = np.abs(np.diff(x, axis=0))
     return float(np.median(d) / (np.median(np.abs(x)) + 1.0))
 
-
-def warn_once(message: str, category: type[Warning] = UserWarning) -> None:
-    """Small wrapper so readers warn with a stable stack level."""
-    warnings.warn(message, category, stacklevel=3)
