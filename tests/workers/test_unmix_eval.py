@@ -36,12 +36,12 @@ def test_run_case_scores_and_report_keeps_notes(case, tmp_path):
            "scipy": "s", "python": "p"}
     write_report([res], env, "hyperdeq eval unmixer", md, js, {"seed": 0})
     text = md.read_text()
-    assert "| usgs3 | 3 | deq-unmix |" in text and NOTES_MARKER not in text
+    assert "| usgs3 | tuning | 0 | 3 | deq-unmix |" in text and NOTES_MARKER not in text
     assert json.loads(js.read_text())["results"][0]["scene"] == "usgs3"
     md.write_text(text + "\n" + NOTES_MARKER + "\n## Targets\nwritten by hand\n")
     write_report([res], env, "hyperdeq eval unmixer", md, js, {"seed": 0})
     again = md.read_text()
-    assert again.count("| usgs3 | 3 | deq-unmix |") == 1
+    assert again.count("| usgs3 | tuning | 0 | 3 | deq-unmix |") == 1
     assert again.endswith(NOTES_MARKER + "\n## Targets\nwritten by hand\n")
 
 
@@ -70,3 +70,62 @@ def test_abundance_floors_bayes_beats_fcls_at_low_snr_and_refuses_at_high(test_d
         assert f["mmse_ess_median"] < 100 and f["mmse_true_e"] is None and f["fcls_true_e"] < 0.05
     with pytest.raises(Exception, match="known noise"):
         abundance_floors(Case("real", Y.reshape(-1, 20, 20), E, A, ["a", "b", "c"], None))
+
+
+def test_ablation_fcls_same_e_is_computed_reported_and_is_the_fcls_floor_with_true_e(case, tmp_path):
+    """The ablation scores FCLS with the DEQ's own endmembers next to the DEQ and VCA+FCLS, with the
+    ratios and the issue-25 targets, in the JSON and the markdown; with the true endmembers as the
+    "fit" FCLS-same-E is exactly the FCLS floor of the synthetic case."""
+    from unittest import mock
+
+    from workers.unmix import fit as fit_mod
+    from workers.unmix.classical import fcls
+    from workers.unmix.evaluate import TARGET_VS_SAME_E, TARGET_VS_VCA, abundance_rmse
+
+    res = run_case(case, seed=0, max_epochs=2, methods=("deq-unmix", "vca+fcls"))
+    d, f = res["deq-unmix"], res["fcls-same-e"]
+    assert f["sad_mean_deg"] == pytest.approx(d["sad_mean_deg"])  # same endmembers, same SAD
+    ab = res["ablation"]
+    assert ab["vs_fcls_same_e"]["armse_ratio"] == pytest.approx(d["abundance_rmse"] / f["abundance_rmse"])
+    assert ab["vs_vca_fcls"]["armse_ratio"] == pytest.approx(d["abundance_rmse"] / res["vca+fcls"]["abundance_rmse"])
+    assert ab["vs_fcls_same_e"]["target_armse_ratio"] == TARGET_VS_SAME_E
+    assert ab["vs_vca_fcls"]["met"] == (ab["vs_vca_fcls"]["armse_ratio"] <= TARGET_VS_VCA)
+    assert res["role"] == "tuning" and res["seed"] == 0 and "stop_reason" in d
+
+    # with the true endmembers as the fit's endmembers, FCLS-same-E is the FCLS floor
+    real_fit = fit_mod.fit_scene
+
+    def true_e_fit(scene, P, **kw):
+        fit = real_fit(scene, P, **{**kw, "max_epochs": 0})
+        fit.endmembers[...] = case.E.astype(fit.endmembers.dtype)
+        return fit
+
+    with mock.patch.object(fit_mod, "fit_scene", true_e_fit):
+        res_t = run_case(case, seed=0, max_epochs=0, methods=("deq-unmix", "vca+fcls"))
+    Y = case.cube.reshape(case.cube.shape[0], -1)
+    floor = abundance_rmse(case.A, fcls(Y, case.E))[0]
+    assert res_t["fcls-same-e"]["sad_mean_deg"] < 1e-3
+    assert res_t["fcls-same-e"]["abundance_rmse"] == pytest.approx(floor, rel=1e-4)  # float32 E
+
+    md, js = tmp_path / "r.md", tmp_path / "r.json"
+    env = {"device": "CPU: test", "cpu_count": 2, "torch_threads": 1, "torch": "t", "numpy": "n",
+           "scipy": "s", "python": "p"}
+    write_report([res], env, "hyperdeq eval unmixer", md, js, {"seeds": [0]})
+    text = md.read_text()
+    assert "## Ablation" in text and "| usgs3 | tuning | 0 | 3 |" in text
+    assert "| usgs3 | tuning | 0 | 3 | fcls-same-e |" in text
+    assert json.loads(js.read_text())["results"][0]["ablation"]["vs_fcls_same_e"]["armse_ratio"] > 0
+
+
+def test_ablation_on_a_real_samson_crop(test_data):
+    """On a real Samson crop (tests/data/unmix) the ablation is computed and scored against the
+    reference: FCLS with the DEQ's endmembers has the DEQ's SAD, and both ratios are reported."""
+    z = np.load(test_data / "unmix" / "unmix_crops.npz")
+    c = Case("samson", z["samson_cube"].astype(np.float64), z["samson_endmembers"].astype(np.float64),
+             z["samson_abundance"].reshape(3, -1).astype(np.float64), ["soil", "tree", "water"], None)
+    res = run_case(c, seed=0, max_epochs=2, methods=("deq-unmix", "vca+fcls"))
+    assert res["role"] == "tuning"  # Samson is the named real tuning scene
+    assert res["fcls-same-e"]["sad_mean_deg"] == pytest.approx(res["deq-unmix"]["sad_mean_deg"])
+    assert 0 <= res["fcls-same-e"]["abundance_rmse"] < 0.6
+    for k in ("vs_fcls_same_e", "vs_vca_fcls"):
+        assert np.isfinite(res["ablation"][k]["armse_ratio"]) and isinstance(res["ablation"][k]["met"], bool)
