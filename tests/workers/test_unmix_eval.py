@@ -129,3 +129,20 @@ def test_ablation_on_a_real_samson_crop(test_data):
     assert 0 <= res["fcls-same-e"]["abundance_rmse"] < 0.6
     for k in ("vs_fcls_same_e", "vs_vca_fcls"):
         assert np.isfinite(res["ablation"][k]["armse_ratio"]) and isinstance(res["ablation"][k]["met"], bool)
+
+
+def test_fit_records_endmember_count_evidence_and_per_endmember_residuals(case):
+    """P estimated by default: the fit record carries HySime's criterion values, whose negative
+    entries are the estimated subspace dimension; the solver check has one residual per endmember."""
+    from pipeline.scene import build_scene
+    from workers.unmix.fit import fit_scene
+
+    scene = build_scene(case.cube.astype(np.float32), wavelength=case.wavelengths, source="usgs3")
+    fit = fit_scene(scene, None, seed=0, max_epochs=0)
+    rec = fit.provenance["n_endmembers"]
+    ev = rec["evidence"]
+    assert rec["method"] == "hysime" and len(ev["cost"]) == case.cube.shape[0]
+    assert ev["negative"] == sum(c < 0 for c in ev["cost"]) == rec["subspace_dimension"]
+    per = fit.provenance["solver_check"]["residual_by_dominant_endmember"]
+    assert set(per) == {f"em{i + 1}" for i in range(fit.n_endmembers)}
+    assert sum(v["pixels"] for v in per.values()) == fit.provenance["solver_check"]["pixels"]

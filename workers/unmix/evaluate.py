@@ -226,7 +226,8 @@ def run_case(case: Case, *, seed: int = 0, max_epochs: int | None = None, option
             pv = fit.provenance
             res.update(fit_time_s=t_fit, solver=stats, final_loss=pv["loss_curve"][-1] if pv["loss_curve"] else None,
                        best_epoch=pv.get("best_epoch"), stop_reason=pv.get("stop_reason"),
-                       kept_start=pv.get("kept_start"), endmember_init=pv.get("endmember_init", {}).get("method"))
+                       kept_start=pv.get("kept_start"), endmember_init=pv.get("endmember_init", {}).get("method"),
+                       residual_by_dominant_endmember=pv.get("solver_check", {}).get("residual_by_dominant_endmember"))
             out[meth] = res
             # ablation: the same endmembers, abundances by FCLS instead of the DEQ fixed point
             t1 = time.perf_counter()

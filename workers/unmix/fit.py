@@ -419,6 +419,28 @@ def init_endmembers(Ys: np.ndarray, P: int, seed: int, method: str = "best",
 # ------------------------------------------------------------------ fit
 
 
+def hysime_criterion(Ys: np.ndarray) -> dict[str, Any]:
+    """The evidence for HySime's number of endmembers: its criterion (projected noise power ×2
+    minus projected data power; every negative direction is kept) for every eigen-direction, and
+    the data and noise powers of the first 12. Recomputes :func:`workers.unmix.classical.hysime`'s quantities (same noise estimate)."""
+    from workers.unmix.classical import estimate_noise
+
+    Y = np.asarray(Ys, dtype=np.float64)
+    L, N = Y.shape
+    W, Rw = estimate_noise(Y)
+    X = Y - W
+    Rx = X @ X.T / N
+    U = np.linalg.svd(Rx)[0]
+    Rw = Rw + np.trace(Rx) / L / 1e5 * np.eye(L)
+    Py = np.einsum("li,lk,ki->i", U, Y @ Y.T / N, U)
+    Pn = np.einsum("li,lk,ki->i", U, Rw, U)
+    cost = 2 * Pn - Py
+    return {"criterion": "2·noise power − data power per eigen-direction of the signal correlation; "
+            "the subspace dimension is the number of negative values",
+            "negative": int(np.sum(cost < 0)), "cost": [float(f"{c:.4g}") for c in cost],
+            "data_power_first12": Py[:12].tolist(), "noise_power_first12": Pn[:12].tolist()}
+
+
 def training_loss_falls(curve: list[float]) -> bool:
     """Whether the per-step training losses still fall: the least-squares slope over all steps so far
     is negative. Each step scores a random crop and band split, so single steps are noisy; the
@@ -488,6 +510,7 @@ def fit_scene(
     Ys, sample_rec = sample_pixels_from(scene, sample_pixels, seed)
     if n_endmembers is None:
         P, p_rec = estimate_n_endmembers(Ys)
+        p_rec["evidence"] = hysime_criterion(Ys)
     else:
         P, p_rec = int(n_endmembers), {"method": "given", "p": int(n_endmembers)}
     if P > min(Ys.shape):
@@ -616,11 +639,21 @@ def fit_scene(
         model.net.load_state_dict(best_state[1])
     model.eval()
     with torch.no_grad():  # the kept state's solver at the inference cap, on the validation crops
-        _, st_v = model(Yv)
-    conv_v = st_v.converged[Mv.reshape(-1) > 0]
+        A_v, st_v = model(Yv)
+        res_v = torch.sqrt(((model.reconstruct(A_v) - Yv) ** 2).mean(dim=1)).reshape(-1)
+    valid_v = Mv.reshape(-1) > 0
+    conv_v = st_v.converged[valid_v]
+    # per-endmember residuals: reconstruction RMSE of the pixels each endmember dominates
+    dom = A_v.argmax(dim=1).reshape(-1)[valid_v]
+    res_valid = res_v[valid_v]
+    per_em = {f"em{i + 1}": {"pixels": int((dom == i).sum()),
+                             "rmse": float(res_valid[dom == i].mean()) if bool((dom == i).any()) else None}
+              for i in range(P)}
     solver_check = {"pixels": int(conv_v.numel()), "converged_pixels": int(conv_v.sum()),
                     "cap": int(opts["eval_max_iter"]), "tol": float(opts["tol"]),
-                    "where": "valid pixels of the central crops of the fit tiles, all good bands"}
+                    "where": "valid pixels of the central crops of the fit tiles, all good bands",
+                    "residual_rmse": float(res_valid.mean()) if res_valid.numel() else None,
+                    "residual_by_dominant_endmember": per_em}
     wl_all = np.asarray(scene["wavelength"].values, dtype=np.float64)
     good = good_band_index(scene)
     gb = np.asarray(scene["good_band"].values, dtype=bool)
