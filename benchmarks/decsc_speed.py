@@ -69,7 +69,7 @@ def _timed(model: Any, cube: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
     fp.solve, model.map.forward = solve, fwd
     try:
         t0, w0 = time.thread_time(), time.perf_counter()
-        out, _ = denoise_cube(model, cube, guard=True, subspace=False)
+        out, _ = denoise_cube(model, cube, guard="apply", subspace=0)
         acc["total"], acc["wall"] = time.thread_time() - t0, time.perf_counter() - w0
     finally:
         fp.solve = inner_solve

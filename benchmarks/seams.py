@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             from workers.infer import DenoiseTileModel
 
             guard = not args.no_guard
-            whole, wstats = denoise_cube(load_denoiser(args.device), cube, device=args.device, guard=guard,
-                                         subspace=args.subspace or False)
+            whole, wstats = denoise_cube(load_denoiser(args.device), cube, device=args.device,
+                                         guard="apply" if guard else "off", subspace=args.subspace or 0)
             tile_model: Any = DenoiseTileModel(args.device, halo, spec.weights_sha256, guard=guard,
                                                subspace=args.subspace)
             extra = {"band_guard": guard, "subspace_k": args.subspace}

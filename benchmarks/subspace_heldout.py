@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             row: dict[str, Any] = {"scene": name, "case": case, "noisy": round(float(nb.mean()), 2)}
             for label, k in (("alone", 0), ("subspace", args.k)):
                 t0 = time.perf_counter()
-                out, st = denoise_cube(model, y, subspace=k or False)
+                out, st = denoise_cube(model, y, subspace=k or 0)
                 bp = band_psnr(clean, np.clip(out, 0, 1))
                 row[label] = {"mpsnr_db": round(float(bp.mean()), 2), "bands_worse": int((bp < nb).sum()),
                               "time_s": round(time.perf_counter() - t0, 1)}

@@ -51,7 +51,7 @@ if cube.shape[1:] != (size, size):
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark (VmHWM)
 before = rss("VmRSS")
 t0 = time.perf_counter()
-out, st = denoise_cube(model, cube, subspace=subspace or False)
+out, st = denoise_cube(model, cube, subspace=subspace or 0)
 wall = time.perf_counter() - t0
 peak = rss("VmHWM")
 print(json.dumps({"bands": int(cube.shape[0]), "added_bytes": peak - before, "input_bytes": int(cube.nbytes),

@@ -128,7 +128,7 @@ class DenoiseTileModel:
         dev = resolve_device(self.device)
         # the guard's weights are reported per tile and applied scene-wide when the tiles are blended
         out, stats = denoise_cube(self.module(), np.asarray(cube, dtype=np.float32), device=dev,
-                                  guard="weights" if self.guard else False, subspace=self.subspace or False)
+                                  guard="weights" if self.guard else "off", subspace=self.subspace)
         return np.asarray(out, dtype=np.float32), {**_scalar_stats(stats), "device": dev, "worker": worker_name()}
 
 

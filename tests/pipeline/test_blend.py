@@ -195,7 +195,7 @@ def test_real_denoiser_blended_tiles_beat_crop_stitching_and_leave_no_seams(tmp_
     cube = crop.values[good]
     # the model's own output on both sides: this is about the blend windows (the band guard's
     # scene-wide mix at blending is tested in tests/workers/test_run.py)
-    whole, _ = denoise_cube(model, cube, guard=False)
+    whole, _ = denoise_cube(model, cube, guard="off")
     store, grid = _input_store(tmp_path, crop, 32, 16)
     tm = DenoiseTileModel.from_registry("cpu", guard=False)
     n = len(good)

@@ -96,7 +96,7 @@ def test_guard_hands_back_nearly_clean_bands_on_real_crop(model: torch.nn.Module
     sig = np.full(31, 40 / 255)
     sig[[10, 20]] = 2 / 255
     noisy = (clean + np.random.default_rng(0).standard_normal(clean.shape) * sig[:, None, None]).astype(np.float32)
-    raw, st0 = denoise_cube(model, noisy, guard=False)
+    raw, st0 = denoise_cube(model, noisy, guard="off")
     out, st = denoise_cube(model, noisy)
     pin, p_raw, p_out = _band_psnr(noisy, clean), _band_psnr(raw, clean), _band_psnr(out, clean)
     assert st0["guard"] is False and st["guard"] is True and st["guard_bands_half"] >= 2
@@ -116,14 +116,14 @@ def test_guard_does_not_hand_back_stripes_or_gaussian_noise(model: torch.nn.Modu
     noisy = (clean + rng.standard_normal(clean.shape) * sig[:, None, None]).astype(np.float32)
     cols = rng.choice(48, size=6, replace=False)
     noisy[20][:, cols] += np.array([0.2, -0.2, 0.15, -0.15, 0.25, -0.25], np.float32)[None, :]
-    raw, _ = denoise_cube(model, noisy, guard=False)
+    raw, _ = denoise_cube(model, noisy, guard="off")
     out, _ = denoise_cube(model, noisy)
     pin, p_raw, p_out = _band_psnr(noisy, clean), _band_psnr(raw, clean), _band_psnr(out, clean)
     assert p_out[20] > pin[20] + 3  # the stripes stay removed
     assert p_out[20] >= p_raw[20] - 1.0
 
     gauss = (clean + rng.standard_normal(clean.shape) * 30 / 255).astype(np.float32)
-    raw, _ = denoise_cube(model, gauss, guard=False)
+    raw, _ = denoise_cube(model, gauss, guard="off")
     out, st = denoise_cube(model, gauss)
     assert st["guard_w_max"] < 0.2
     assert abs(_band_psnr(out, clean).mean() - _band_psnr(raw, clean).mean()) < 0.1
@@ -214,7 +214,7 @@ def test_weights_mode_reports_without_applying(model: torch.nn.Module) -> None:
     sig = np.full(31, 30 / 255)
     sig[5] = 1 / 255
     noisy = (clean + np.random.default_rng(5).standard_normal(clean.shape) * sig[:, None, None]).astype(np.float32)
-    raw, _ = denoise_cube(model, noisy, guard=False)
+    raw, _ = denoise_cube(model, noisy, guard="off")
     rep, st = denoise_cube(model, noisy, guard="weights")
     out, st_on = denoise_cube(model, noisy)
     np.testing.assert_array_equal(rep, raw)

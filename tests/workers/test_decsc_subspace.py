@@ -14,6 +14,7 @@ from pipeline.metrics import band_psnr
 from pipeline.noise import add_noise
 from workers.denoise import subspace as S
 from workers.denoise.api import denoise_cube, load_denoiser
+from workers.denoise.subspace import DEFAULT_K
 
 torch.set_num_threads(1)
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -172,7 +173,7 @@ def test_subspace_pass_beats_the_model_alone_on_band_noise(model: torch.nn.Modul
     clean = _jasper()
     noisy = add_noise(clean, "band[0,95]", np.random.default_rng(0)).astype(np.float32)
     alone, _ = denoise_cube(model, noisy)
-    out, st = denoise_cube(model, noisy, subspace=True)
+    out, st = denoise_cube(model, noisy, subspace=DEFAULT_K)
     assert st["subspace_k"] == S.DEFAULT_K
     assert _mpsnr(out, clean) > _mpsnr(alone, clean) + 2.0
     assert np.isfinite(out).all() and out.shape == noisy.shape
@@ -190,13 +191,13 @@ def test_subspace_pass_keeps_nodata_and_counts_both_passes(model: torch.nn.Modul
 def test_subspace_pass_is_skipped_for_few_bands(model: torch.nn.Module) -> None:
     rng = np.random.default_rng(3)
     cube = rng.random((10, 16, 16)).astype(np.float32)
-    out, st = denoise_cube(model, cube, subspace=True)
+    out, st = denoise_cube(model, cube, subspace=DEFAULT_K)
     alone, _ = denoise_cube(model, cube)
     assert st["subspace_k"] == 0 and "10 bands" in st["subspace_skipped"]
     np.testing.assert_array_equal(out, alone)
 
 
-@pytest.mark.parametrize("bad", [0.5, -1, 65, "yes"])
+@pytest.mark.parametrize("bad", [0.5, -1, 65, "yes", True])
 def test_subspace_argument_is_checked(model: torch.nn.Module, bad: object) -> None:
     with pytest.raises(InputValidationError, match="subspace must be"):
         denoise_cube(model, np.zeros((40, 8, 8), np.float32), subspace=bad)
@@ -205,15 +206,17 @@ def test_subspace_argument_is_checked(model: torch.nn.Module, bad: object) -> No
 def test_pipeline_config_carries_the_subspace_dimension() -> None:
     from pipeline.config import RunConfig
     from pipeline.errors import ConfigError
-    from workers.infer import DenoiseTileModel
+    from workers.denoise.options import DenoiseOptions
+    from workers.plan import Job, config_hash
 
-    assert RunConfig().denoise_subspace == S.DEFAULT_K
-    on, off = RunConfig(halo=4), RunConfig(halo=4, denoise_subspace=0)
-    assert on.config_hash() != off.config_hash()  # another dimension is another run
+    assert DenoiseOptions().subspace == S.DEFAULT_K
+    cfg = RunConfig(tile=64, halo=4)
+    on, off = Job(cfg), Job(cfg, denoise=DenoiseOptions(subspace=0))
+    assert config_hash(on) != config_hash(off)  # another dimension is another run
     for bad in (-1, 65, True, 2.5):
-        with pytest.raises(ConfigError, match="denoise_subspace"):
-            RunConfig(denoise_subspace=bad)  # type: ignore[arg-type]
-    assert DenoiseTileModel.from_registry("cpu", subspace=8).subspace == 8
+        with pytest.raises(ConfigError, match="subspace must be an integer"):
+            DenoiseOptions(subspace=bad)  # type: ignore[arg-type]
+    assert DenoiseOptions(subspace=8).tile_model("cpu").subspace == 8
 
 
 def test_tile_model_runs_the_pass_it_is_given(model: torch.nn.Module) -> None:

@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -226,41 +226,41 @@ def _model_pass(model: nn.Module, filled: np.ndarray, valid: np.ndarray, *, devi
     return out, sigma.cpu().numpy(), stats
 
 
-def _subspace_k(subspace: Any) -> int:
-    """``subspace`` of :func:`denoise_cube` as a dimension (0: off)."""
-    from .subspace import DEFAULT_K
+#: what :func:`denoise_cube` does with the band guard: ``apply`` it, only report its ``weights``, or ``off``
+GuardMode = Literal["apply", "weights", "off"]
+GUARD_MODES: tuple[str, ...] = ("apply", "weights", "off")
 
-    if subspace is None or subspace is False:
-        return 0
-    if subspace is True:
-        return DEFAULT_K
-    if isinstance(subspace, (int, np.integer)) and not isinstance(subspace, bool) and 1 <= int(subspace) <= 64:
+
+def _subspace_k(subspace: int) -> int:
+    """``subspace`` of :func:`denoise_cube` checked: 0 (off) or a dimension from 1 to 64."""
+    if isinstance(subspace, int | np.integer) and not isinstance(subspace, bool) and 0 <= int(subspace) <= 64:
         return int(subspace)
     raise InputValidationError(
-        f"subspace must be True, False or a dimension from 1 to 64, got {subspace!r}; "
-        "True uses the default dimension (workers.denoise.subspace.DEFAULT_K)"
+        f"subspace must be 0 (off) or a dimension from 1 to 64, got {subspace!r}; "
+        "the pipeline's default is workers.denoise.subspace.DEFAULT_K"
     )
 
 
 @torch.no_grad()
 def denoise_cube(
     model: nn.Module, cube: np.ndarray, *, device: str = "cpu", max_iter: int | None = None,
-    window_batch: int = 2, guard: Any = True, subspace: Any = False,
+    window_batch: int = 2, guard: GuardMode = "apply", guard_model: Any = None, subspace: int = 0,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Denoise one (B, H, W) cube (floats, reflectance scale); NaN pixels stay NaN.
 
-    ``guard``: ``True`` (default) applies the shipped band guard after the model (per band,
+    ``guard``: ``"apply"`` (default) applies the band guard after the model (per band,
     ``out = d + w_b (y − d)``: part of the input handed back where the model over-smooths a
-    band, see :mod:`workers.denoise.guard`); ``False`` returns the model's output as is; a
-    :class:`workers.denoise.guard.BandGuard` uses that guard; ``"weights"`` returns the model's
-    output and only reports the shipped guard's weights (``guard_w``, over ``guard_n`` valid
-    pixels): the tile engine applies one scene-wide weight per band when it blends the tiles.
+    band, see :mod:`workers.denoise.guard`); ``"off"`` returns the model's output as is;
+    ``"weights"`` returns the model's output and only reports the guard's weights (``guard_w``,
+    over ``guard_n`` valid pixels): the tile engine applies one scene-wide weight per band when it
+    blends the tiles. ``guard_model``: a :class:`workers.denoise.guard.BandGuard` to use instead of
+    the shipped one.
 
-    ``subspace``: ``True`` (or a dimension ``k``) runs the spectral-subspace pass
+    ``subspace``: a dimension ``k`` from 1 to 64 runs the spectral-subspace pass
     (:mod:`workers.denoise.subspace`: the model, cleaning, projection onto the cube's top-``k``
     noise-whitened spectral directions, the model again; twice the compute, several dB better on
-    band-dependent and mixed noise); its first pass always uses the shipped guard; ``False``
-    (default here; the pipeline and ``hyperdeq eval denoiser`` turn it on) is the model alone.
+    band-dependent and mixed noise); its first pass always uses the guard; 0 (default here; the
+    pipeline and ``hyperdeq eval denoiser`` use ``DEFAULT_K``) is the model alone.
 
     Returns the denoised cube and the worst solver statistics over the spectral windows (and
     both passes): ``{"iterations": int, "residual": float, "converged": bool, "windows": int}``,
@@ -277,8 +277,8 @@ def denoise_cube(
     valid = np.isfinite(cube).all(axis=0)
     if not valid.any():
         return np.full_like(cube, np.nan), {"iterations": 0, "residual": 0.0, "converged": True, "windows": 0}
-    if isinstance(guard, str) and guard != "weights":
-        raise InputValidationError(f"guard must be True, False, 'weights' or a BandGuard, got {guard!r}")
+    if guard not in GUARD_MODES:
+        raise InputValidationError(f"guard must be one of {list(GUARD_MODES)!r}, got {guard!r}")
     filled = cube.copy()
     means = np.array([cube[i][valid].mean() for i in range(b)], dtype=np.float32)
     filled[:, ~valid] = means[:, None]
@@ -303,7 +303,7 @@ def denoise_cube(
         from .guard import apply_guard
         from .subspace import clean_input, project, project_own, uniform_noise_weight
 
-        g1 = guard if (guard is not False and guard is not None and not isinstance(guard, (bool, str))) else shipped_guard()
+        g1 = guard_model if guard_model is not None else shipped_guard()
         d1, _ = apply_guard(g1, filled, out, sigma, valid)
         yc, c_stats = clean_input(filled, d1, valid, stuck)  # the same input: reuse its stuck mask
         yp, p_stats = project(yc, sigma, valid, k)
@@ -321,10 +321,10 @@ def denoise_cube(
                      "subspace_lines": c_stats["lines_removed"],
                      "subspace_blend": round(w1, 4), "subspace_sigma_spread": round(min(spread, 1e6), 4)}
     guard_stats: dict[str, Any] = {"guard": False}
-    if guard is not False and guard is not None:
+    if guard != "off":
         from .guard import guard_weights
 
-        g = shipped_guard() if (guard is True or isinstance(guard, str)) else guard
+        g = guard_model if guard_model is not None else shipped_guard()
         gw = guard_weights(g, filled, out, sigma, valid)
         if guard != "weights":
             out = (out + gw[:, None, None] * (filled - out)).astype(np.float32)
@@ -337,7 +337,7 @@ def denoise_cube(
 
 def denoise_batch(
     model: nn.Module, cubes: list[np.ndarray], *, device: str = "cpu", max_iter: int | None = None,
-    guard: Any = True, subspace: Any = False,
+    guard: GuardMode = "apply", subspace: int = 0,
 ) -> list[tuple[np.ndarray, dict[str, Any]]]:
     """:func:`denoise_cube` over several tiles in one call (one result per cube, same order)."""
     return [denoise_cube(model, c, device=device, max_iter=max_iter, guard=guard, subspace=subspace)

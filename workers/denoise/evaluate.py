@@ -378,8 +378,8 @@ def run_eval(
                 t0 = time.perf_counter()
                 try:
                     kw: dict[str, Any] = {} if config.device == "cpu" else {"device": config.device}
-                    out, stats = denoise_cube(model, noisy.astype(np.float32), guard=config.guard,
-                                              subspace=config.subspace or False, **kw)
+                    out, stats = denoise_cube(model, noisy.astype(np.float32), guard="apply" if config.guard else "off",
+                                              subspace=config.subspace or 0, **kw)
                     dt = time.perf_counter() - t0
                     res = score(clean, out, noisy_bp) | {"time_s": dt} | _decsc_stats(dict(stats))
                 except HyperdeqError as exc:
