@@ -101,13 +101,6 @@ class DEQFixedPoint(nn.Module):
         # differentiable relative residual of the last training forward (for a fixed-point
         # regulariser that keeps the map contractive); None until a forward with autograd
         self.last_train_residual: Tensor | None = None
-        # Jacobian regularisation (Bai et al. 2021, "Stabilizing equilibrium models by Jacobian
-        # regularization"): when > 0, each training forward also records a Hutchinson estimate of
-        # ||df/dz(z*)||_F^2 / dim per sample (``last_jacobian``; one extra application of ``func`` and a
-        # double backward). A smaller Jacobian makes the map more contractive, so the solver converges
-        # in fewer iterations.
-        self.jacobian_samples = 0
-        self.last_jacobian: Tensor | None = None
 
     def forward(self, x: Tensor, z0: Tensor | None = None, max_iter: int | None = None) -> tuple[Tensor, SolverStats]:
         """Return ``(z*, stats)``; ``max_iter`` overrides the configured cap for this call."""
@@ -117,8 +110,6 @@ class DEQFixedPoint(nn.Module):
         z_star, stats = solve(lambda z: self.func(z, x), z0.detach(), **self.cfg.kwargs(cap))
         if not torch.is_grad_enabled():
             return z_star, stats
-        if self.jacobian_samples > 0:
-            self.last_jacobian = self.jacobian_penalty(z_star, x, self.jacobian_samples)
         if self.backward_mode == "phantom":
             z = z_star
             for _ in range(self.phantom_steps):
@@ -148,25 +139,3 @@ class DEQFixedPoint(nn.Module):
 
             z.register_hook(hook)
         return z, stats
-
-    def jacobian_penalty(self, z_star: Tensor, x: Tensor, samples: int = 1) -> Tensor:
-        """Hutchinson estimate of ``||J||_F^2 / dim`` per sample, ``J = df/dz`` at ``z_star``.
-
-        ``E||eps^T J||^2 = ||J||_F^2`` for ``eps ~ N(0, I)``; divided by the state size it is the
-        mean squared singular value of ``J`` (below 1 on average for a contractive map). Built with
-        ``create_graph=True`` so that it can be added to a training loss.
-        """
-        z_in = z_star.detach().requires_grad_()
-        # the fused CUDA attention kernels have no double backward ("derivative for
-        # aten::_scaled_dot_product_efficient_attention_backward is not implemented", seen on an
-        # H200): build this one application of func with the plain-math attention
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel(SDPBackend.MATH):
-            f_in = self.func(z_in, x)
-        total = z_star.new_zeros(z_star.shape[0])
-        for _ in range(samples):
-            eps = torch.randn_like(f_in)
-            vjp = torch.autograd.grad(f_in, z_in, eps, create_graph=True)[0]
-            total = total + vjp.flatten(1).pow(2).sum(1)
-        return total / (samples * z_star[0].numel())
