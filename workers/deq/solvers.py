@@ -55,6 +55,122 @@ def _check(method: str, tol: float, max_iter: int, m: int, lam: float, beta: flo
         raise ConfigError(f"Picard damping must be in [0, 1), got {damping!r}")
 
 
+@dataclass
+class _Tracker:
+    """Per-sample bookkeeping of the solve: the best ``f(z)`` so far, its residual, and when
+    each sample met ``tol`` (converged samples are frozen, so later steps cannot change them)."""
+
+    iterations: Tensor
+    converged: Tensor
+    best_res: Tensor
+    best: Tensor
+    inf: Tensor
+
+    @classmethod
+    def start(cls, z: Tensor, max_iter: int) -> _Tracker:
+        """Fresh state for the flattened batch ``z``: nothing converged, no residual seen."""
+        n, dev, dt = z.shape[0], z.device, z.dtype
+        return cls(
+            iterations=torch.full((n,), max_iter, dtype=torch.int64, device=dev),
+            converged=torch.zeros(n, dtype=torch.bool, device=dev),
+            best_res=torch.full((n,), float("inf"), dtype=dt, device=dev),
+            best=z.clone(),
+            inf=torch.full((), float("inf"), dtype=dt, device=dev),
+        )
+
+    def update(self, fz: Tensor, g: Tensor, k: int, tol: float) -> None:
+        """Record step ``k``: relative residual of ``fz`` (non-finite counts as inf), keep it
+        where it beats the best so far, and mark the samples that met ``tol`` now."""
+        res = g.norm(dim=1) / (fz.norm(dim=1) + _EPS)
+        res = torch.where(torch.isfinite(res), res, self.inf)
+        better = (res < self.best_res) & ~self.converged
+        torch.where(better[:, None], fz, self.best, out=self.best)
+        self.best_res = torch.where(better, res, self.best_res)
+        newly = (res <= tol) & ~self.converged
+        self.iterations = torch.where(newly, k + 1, self.iterations)
+        self.converged = self.converged | newly
+
+
+@dataclass
+class _AndersonBuffers:
+    """Preallocated Anderson state: ring buffers of ``f(z_i)`` and ``g_i = f(z_i) - z_i``
+    (``z_i = f(z_i) - g_i``, so no third buffer), the Gram matrix of the ``g_i``, two spare
+    iterate buffers used in turn, and constants, so an iteration allocates little."""
+
+    Fh: Tensor  # f(z_i), (n, m, d)
+    Gh: Tensor  # g_i = f(z_i) - z_i, (n, m, d)
+    gram: Tensor  # (n, m, m)
+    zbuf: Tensor  # iterates, used in turn, (2, n, d)
+    eye: Tensor
+    ones: Tensor
+
+    @classmethod
+    def allocate(cls, n: int, d: int, m: int, dt: torch.dtype, dev: torch.device) -> _AndersonBuffers:
+        """Buffers for ``n`` samples of size ``d`` and history ``m``."""
+        return cls(
+            Fh=torch.empty(n, m, d, dtype=dt, device=dev),
+            Gh=torch.empty(n, m, d, dtype=dt, device=dev),
+            gram=torch.zeros(n, m, m, dtype=dt, device=dev),
+            zbuf=torch.empty(2, n, d, dtype=dt, device=dev),
+            eye=torch.eye(m, dtype=dt, device=dev),
+            ones=torch.ones(n, m + 1, dtype=dt, device=dev),
+        )
+
+
+def _anderson_weights(buf: _AndersonBuffers, g: Tensor, s: int, h: int, lam: float) -> tuple[Tensor, Tensor]:
+    """Mixing weights ``alpha`` (n, h), summing to one, from the regularised Gram solve after
+    writing the newest residual's Gram row; ``ok`` marks samples whose solve succeeded and is finite."""
+    n, dt, dev = g.shape[0], g.dtype, g.device
+    # only the newest row of the Gram matrix g_s . g_j: the older entries do not change.
+    # A (1, d) x (d, h) product per sample: 4x faster on CPU than the (h, d) x (d, h) GEMM
+    # of the whole matrix (and than the (h, d) x (d, 1) form). It rounds differently from
+    # the whole-matrix GEMM; through the ill-conditioned fp32 solve that moves DECSC's
+    # unconverged outputs by up to ~7e-5 (tests/workers/test_decsc_equivalence.py)
+    row = torch.bmm(g[:, None], buf.Gh[:, :h].transpose(1, 2))[:, 0]
+    buf.gram[:, s, :h] = row
+    buf.gram[:, :h, s] = row
+    gh = buf.gram[:, :h, :h]
+    # scale the ridge with the Gram magnitude so lam is unit-free
+    scale = gh.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(_EPS)
+    # bordered system [[0, 1^T], [1, gram + ridge]] [nu; alpha] = [1; 0]
+    ridge = gh + lam * scale[:, None, None] * buf.eye[:h, :h]
+    ones = buf.ones
+    H = torch.cat([ones[:, None, : h + 1], torch.cat([ones[:, :h, None], ridge], dim=2)], dim=1)
+    H[:, 0, 0] = 0
+    rhs = torch.zeros(n, h + 1, 1, dtype=dt, device=dev)
+    rhs[:, 0] = 1
+    sol, info = torch.linalg.solve_ex(H, rhs)
+    alpha = sol[:, 1:, 0]  # (n, h), sums to one
+    ok = (info == 0) & torch.isfinite(alpha).all(dim=1)
+    return alpha, ok
+
+
+def _anderson_step(
+    buf: _AndersonBuffers, fz: Tensor, g: Tensor, k: int, m: int, lam: float, beta: float, fb_damp: float
+) -> Tensor:
+    """Next Anderson iterate after step ``k`` (``g`` is already in the ring at slot ``k % m``);
+    samples whose Gram solve failed take a damped Picard step. Returns a spare-buffer view."""
+    s = k % m
+    buf.Fh[:, s].copy_(fz)
+    h = min(k + 1, m)
+    alpha, ok = _anderson_weights(buf, g, s, h, lam)
+    # next iterate z = sum_i cf_i f(z_i) - sum_i cg_i g_i, written into a spare buffer:
+    # Anderson  cf = alpha, cg = (1 - beta) alpha   (sum alpha_i z_i = sum alpha_i (f(z_i) - g_i));
+    # fallback  cf = e_s,   cg = fb_damp e_s        ((1 - fb) f(z) + fb z = f(z) - fb g)
+    # (a non-finite f(z) makes a sample's iterates non-finite from then on either way)
+    e_s = torch.zeros_like(alpha)
+    e_s[:, s] = 1
+    cf = torch.where(ok[:, None], alpha, e_s)
+    z_next = buf.zbuf[k % 2]
+    torch.bmm(cf[:, None], buf.Fh[:, :h], out=z_next[:, None])
+    if beta != 1:
+        cg = torch.where(ok[:, None], (1 - beta) * alpha, fb_damp * e_s)
+        z_next.sub_(torch.bmm(cg[:, None], buf.Gh[:, :h])[:, 0])
+    else:  # only the fallback samples mix in g_s
+        z_next.addcmul_(g, torch.where(ok, 0.0, -fb_damp).to(g.dtype)[:, None])
+    return z_next
+
+
 def solve(
     f: Callable[[Tensor], Tensor],
     z0: Tensor,
@@ -95,82 +211,27 @@ def solve(
         shape = z0.shape
         n = shape[0]
         z = z0.reshape(n, -1)
-        dev, dt = z.device, z.dtype
-        iterations = torch.full((n,), max_iter, dtype=torch.int64, device=dev)
-        converged = torch.zeros(n, dtype=torch.bool, device=dev)
-        best_res = torch.full((n,), float("inf"), dtype=dt, device=dev)
-        best = z.clone()
-        inf = torch.full((), float("inf"), dtype=dt, device=dev)
+        track = _Tracker.start(z, max_iter)
         fb_damp = max(damping, 0.5)
         anderson = method == "anderson"
         if anderson:
-            d = z.shape[1]
-            Fh = torch.empty(n, m, d, dtype=dt, device=dev)  # f(z_i)
-            Gh = torch.empty(n, m, d, dtype=dt, device=dev)  # g_i = f(z_i) - z_i
-            gram = torch.zeros(n, m, m, dtype=dt, device=dev)
-            zbuf = torch.empty(2, n, d, dtype=dt, device=dev)  # iterates, used in turn
-            eye = torch.eye(m, dtype=dt, device=dev)
-            ones = torch.ones(n, m + 1, dtype=dt, device=dev)
+            buf = _AndersonBuffers.allocate(n, z.shape[1], m, z.dtype, z.device)
         else:
             g_buf = torch.empty_like(z)
         for k in range(max_iter):
             fz = f(z.reshape(shape)).reshape(n, -1)
             if anderson:
-                s = k % m
-                g = Gh[:, s]
+                g = buf.Gh[:, k % m]
                 torch.sub(fz, z, out=g)
             else:
                 g = torch.sub(fz, z, out=g_buf)
-            res = g.norm(dim=1) / (fz.norm(dim=1) + _EPS)
-            res = torch.where(torch.isfinite(res), res, inf)
-            better = (res < best_res) & ~converged
-            torch.where(better[:, None], fz, best, out=best)
-            best_res = torch.where(better, res, best_res)
-            newly = (res <= tol) & ~converged
-            iterations = torch.where(newly, k + 1, iterations)
-            converged = converged | newly
-            if k == max_iter - 1 or ((k + 1) % check_every == 0 and bool(converged.all())):
+            track.update(fz, g, k, tol)
+            if k == max_iter - 1 or ((k + 1) % check_every == 0 and bool(track.converged.all())):
                 break
             if not anderson:
                 z = fz if damping == 0 else torch.lerp(fz, z, damping)
                 continue
-            Fh[:, s].copy_(fz)
-            h = min(k + 1, m)
-            # only the newest row of the Gram matrix g_s . g_j: the older entries do not change.
-            # A (1, d) x (d, h) product per sample: 4x faster on CPU than the (h, d) x (d, h) GEMM
-            # of the whole matrix (and than the (h, d) x (d, 1) form). It rounds differently from
-            # the whole-matrix GEMM; through the ill-conditioned fp32 solve that moves DECSC's
-            # unconverged outputs by up to ~7e-5 (tests/workers/test_decsc_equivalence.py)
-            row = torch.bmm(g[:, None], Gh[:, :h].transpose(1, 2))[:, 0]
-            gram[:, s, :h] = row
-            gram[:, :h, s] = row
-            gh = gram[:, :h, :h]
-            # scale the ridge with the Gram magnitude so lam is unit-free
-            scale = gh.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(_EPS)
-            # bordered system [[0, 1^T], [1, gram + ridge]] [nu; alpha] = [1; 0]
-            ridge = gh + lam * scale[:, None, None] * eye[:h, :h]
-            H = torch.cat([ones[:, None, : h + 1], torch.cat([ones[:, :h, None], ridge], dim=2)], dim=1)
-            H[:, 0, 0] = 0
-            rhs = torch.zeros(n, h + 1, 1, dtype=dt, device=dev)
-            rhs[:, 0] = 1
-            sol, info = torch.linalg.solve_ex(H, rhs)
-            alpha = sol[:, 1:, 0]  # (n, h), sums to one
-            ok = (info == 0) & torch.isfinite(alpha).all(dim=1)
-            # next iterate z = sum_i cf_i f(z_i) - sum_i cg_i g_i, written into a spare buffer:
-            # Anderson  cf = alpha, cg = (1 - beta) alpha   (sum alpha_i z_i = sum alpha_i (f(z_i) - g_i));
-            # fallback  cf = e_s,   cg = fb_damp e_s        ((1 - fb) f(z) + fb z = f(z) - fb g)
-            # (a non-finite f(z) makes a sample's iterates non-finite from then on either way)
-            e_s = torch.zeros_like(alpha)
-            e_s[:, s] = 1
-            cf = torch.where(ok[:, None], alpha, e_s)
-            z_next = zbuf[k % 2]
-            torch.bmm(cf[:, None], Fh[:, :h], out=z_next[:, None])
-            if beta != 1:
-                cg = torch.where(ok[:, None], (1 - beta) * alpha, fb_damp * e_s)
-                z_next.sub_(torch.bmm(cg[:, None], Gh[:, :h])[:, 0])
-            else:  # only the fallback samples mix in g_s
-                z_next.addcmul_(g, torch.where(ok, 0.0, -fb_damp).to(dt)[:, None])
-            z = z_next
-        out = best.reshape(shape)
-        stats = SolverStats(iterations=iterations, residual=best_res, converged=converged)
+            z = _anderson_step(buf, fz, g, k, m, lam, beta, fb_damp)
+        out = track.best.reshape(shape)
+        stats = SolverStats(iterations=track.iterations, residual=track.best_res, converged=track.converged)
     return out, stats
