@@ -195,6 +195,40 @@ def _failed_records(batch: Sequence[Tile], stage: str, why: str) -> list[dict[st
             for t in batch]
 
 
+def _reusable_records(
+    model: TileModel, source: str | Path, dest: str | Path, grid: TileGrid, todo_tiles: Sequence[Tile]
+) -> dict[str, dict[str, Any]]:
+    """Records of tiles a resumed run may reuse, marked ``reused``, by tile key.
+
+    A tile is reused only when its record says ``ok``, it was computed from the same input bytes
+    with the same weights, and its stored output still matches its checksum.
+    """
+    reused: dict[str, dict[str, Any]] = {}
+    existing = load_records(dest)
+    inputs = store_attrs(source).get("checksums", {})
+    for t in todo_tiles:
+        rec = existing.get(t.key)
+        if (rec and rec.get("status") == OK and rec.get("input_checksum") == inputs.get(t.key)
+                and rec.get("weights_sha256") == getattr(model, "weights_sha256", None)
+                and verify_tile(dest, grid, t, rec.get("checksum"))):
+            reused[t.key] = {**rec, "reused": True}
+    return reused
+
+
+def _record_cut_off(
+    dest: str | Path, batches: Sequence[Sequence[Tile]], stage: str, client: Any
+) -> dict[str, dict[str, Any]]:
+    """Write and return failed records for batches that never reported because the client closed."""
+    out: dict[str, dict[str, Any]] = {}
+    for batch in batches:
+        recs = _failed_records(batch, stage, "CancelledError: the Dask client closed "
+                               f"(status {getattr(client, 'status', '?')!s}) before this batch reported")
+        for r in recs:
+            write_record(dest, r)
+            out[r["key"]] = r
+    return out
+
+
 def run_tiles(
     executor: Executor,
     model: TileModel,
@@ -224,16 +258,7 @@ def run_tiles(
     t0 = time.perf_counter()
     todo_tiles = sorted(grid.tiles if tiles is None else tiles)
     total = len(todo_tiles)
-    done_records: dict[str, dict[str, Any]] = {}
-    if resume:
-        existing = load_records(dest)
-        inputs = store_attrs(source).get("checksums", {})
-        for t in todo_tiles:
-            rec = existing.get(t.key)
-            if (rec and rec.get("status") == OK and rec.get("input_checksum") == inputs.get(t.key)
-                    and rec.get("weights_sha256") == getattr(model, "weights_sha256", None)
-                    and verify_tile(dest, grid, t, rec.get("checksum"))):
-                done_records[t.key] = {**rec, "reused": True}
+    done_records = _reusable_records(model, source, dest, grid, todo_tiles) if resume else {}
     n_done = 0
     for rec in done_records.values():
         n_done += 1
@@ -258,12 +283,7 @@ def run_tiles(
                 continue
             # the client gave up on its scheduler: futures that were being gathered may never
             # resolve, so the batches still out are recorded as cut off instead of waited for
-            for i in sorted(unreported):
-                recs = _failed_records(batches[i], stage, "CancelledError: the Dask client closed "
-                                       f"(status {getattr(client, 'status', '?')!s}) before this batch reported")
-                for r in recs:
-                    write_record(dest, r)
-                    done_records[r["key"]] = r
+            done_records.update(_record_cut_off(dest, [batches[i] for i in sorted(unreported)], stage, client))
             break
         unreported.discard(index_of[id(batch)])
         try:
