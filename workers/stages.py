@@ -528,7 +528,7 @@ def _input_policy(store: Path, like: Any) -> dict[str, Any]:
     """What the ingest made nodata (values outside the physical range, per band) and the bad bands."""
     import zarr
 
-    h = dict(zarr.open_group(str(store), mode="r").attrs).get("hyperdeq", {})
+    h: dict[str, Any] = dict(zarr.open_group(str(store), mode="r").attrs).get("hyperdeq") or {}  # type: ignore[assignment]
     oor = [int(v) for v in h.get("out_of_range_per_band") or []]
     good = np.asarray(like["good_band"].values, dtype=bool)
     return {"out_of_range_total": int(sum(oor)), "out_of_range_per_band": oor,

@@ -330,7 +330,7 @@ def write_report(results: list[dict[str, Any]], env: dict[str, Any], command: st
     for r in results:
         if "ablation" not in r or "fcls-same-e" not in r or "vca+fcls" not in r:
             continue
-        d, f, v, ab = r["deq-unmix"], r["fcls-same-e"], r.get("vca+fcls"), r["ablation"]
+        d, f, v, ab = r["deq-unmix"], r["fcls-same-e"], r["vca+fcls"], r["ablation"]
         s1 = ab.get("vs_fcls_same_e", {})
         s2 = ab.get("vs_vca_fcls", {})
         met = ", ".join(f"{k} {'yes' if ab[k]['met'] else 'no'}" for k in ("vs_fcls_same_e", "vs_vca_fcls") if k in ab)
