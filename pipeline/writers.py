@@ -319,7 +319,6 @@ def write_cog(
     import rasterio
     import rasterio.shutil
     from rasterio.enums import Resampling
-    from rasterio.windows import Window as RWindow
 
     dest = Path(dest)
     if dest.exists():
@@ -344,30 +343,8 @@ def write_cog(
         # GDAL keeps dirty blocks in its cache (default 5 % of RAM) until the file closes: capped,
         # the writer's memory stays bounded instead of growing with the scene
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(tmp, "w", **profile) as dst:
-            for y in range(0, ny, block):
-                for x in range(0, nx, block):
-                    ys, xs = slice(y, min(y + block, ny)), slice(x, min(x + block, nx))
-                    data = read_checked(arr, (slice(None), ys, xs) if three_d else (ys, xs),
-                                        store=Path(src_array).parent, array=Path(src_array).name,
-                                        fix="the run's staged output is damaged: rerun the same command")
-                    if not three_d:
-                        data = data[None]
-                    dst.write(data, window=RWindow(x, y, xs.stop - x, ys.stop - y))
-            for i in range(count):
-                if descriptions is not None:
-                    dst.set_band_description(i + 1, str(descriptions[i]))
-                if units is not None:
-                    dst.set_band_unit(i + 1, units)
-                if band_tags is not None:
-                    bt = band_tags[i]
-                    dst.update_tags(i + 1, **{k: str(v) for k, v in bt.items()})
-                    imagery = {}
-                    if "wavelength" in bt and bt.get("wavelength_units", WAVELENGTH_UNITS) == "nm":
-                        imagery["CENTRAL_WAVELENGTH_UM"] = f"{float(bt['wavelength']) / 1000:.6f}"
-                        if "fwhm" in bt:
-                            imagery["FWHM_UM"] = f"{float(bt['fwhm']) / 1000:.6f}"
-                    if imagery:
-                        dst.update_tags(i + 1, ns="IMAGERY", **imagery)
+            _copy_blocks(arr, src_array, dst, block)
+            _set_band_metadata(dst, count, descriptions, band_tags, units)
             meta = scene_metadata(like)
             meta.pop("source", None)  # a path on the processing host
             if "acquisition_time" in meta:  # EnMAP's tag name: hyperdeq's GeoTIFF reader keeps it
@@ -391,6 +368,56 @@ def write_cog(
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+def _copy_blocks(arr: Any, src_array: str | Path, dst: Any, block: int) -> None:
+    """Copy the zarr array ``arr`` into the open raster ``dst`` block by block (bounded memory).
+
+    Each block is read checksum-checked, so a damaged staged output fails with a message that
+    says to rerun rather than being written into the GeoTIFF.
+    """
+    from rasterio.windows import Window as RWindow
+
+    three_d = arr.ndim == 3
+    ny, nx = arr.shape[-2:]
+    for y in range(0, ny, block):
+        for x in range(0, nx, block):
+            ys, xs = slice(y, min(y + block, ny)), slice(x, min(x + block, nx))
+            data = read_checked(arr, (slice(None), ys, xs) if three_d else (ys, xs),
+                                store=Path(src_array).parent, array=Path(src_array).name,
+                                fix="the run's staged output is damaged: rerun the same command")
+            if not three_d:
+                data = data[None]
+            dst.write(data, window=RWindow(x, y, xs.stop - x, ys.stop - y))
+
+
+def _set_band_metadata(
+    dst: Any,
+    count: int,
+    descriptions: Sequence[str] | None,
+    band_tags: Sequence[dict[str, Any]] | None,
+    units: str | None,
+) -> None:
+    """Set each band's description, unit and tags on ``dst``.
+
+    Band tags with a wavelength in nm are also written in GDAL's ``IMAGERY`` domain
+    (``CENTRAL_WAVELENGTH_UM`` / ``FWHM_UM``) so GDAL-aware tools see the band centres.
+    """
+    for i in range(count):
+        if descriptions is not None:
+            dst.set_band_description(i + 1, str(descriptions[i]))
+        if units is not None:
+            dst.set_band_unit(i + 1, units)
+        if band_tags is not None:
+            bt = band_tags[i]
+            dst.update_tags(i + 1, **{k: str(v) for k, v in bt.items()})
+            imagery = {}
+            if "wavelength" in bt and bt.get("wavelength_units", WAVELENGTH_UNITS) == "nm":
+                imagery["CENTRAL_WAVELENGTH_UM"] = f"{float(bt['wavelength']) / 1000:.6f}"
+                if "fwhm" in bt:
+                    imagery["FWHM_UM"] = f"{float(bt['fwhm']) / 1000:.6f}"
+            if imagery:
+                dst.update_tags(i + 1, ns="IMAGERY", **imagery)
 
 
 def _tag(v: Any) -> str:
