@@ -160,6 +160,66 @@ def _endmember_names(run_dir: str | Path | None, outputs: dict[str, str]) -> lis
         return None
 
 
+def _stac_properties(record: dict[str, Any], processed: str, acquired: bool) -> dict[str, Any]:
+    """The Item's processing and ``hyperdeq:`` properties from the run record.
+
+    ``processed`` (the run's end or start) gives ``processing:datetime`` and ``created``;
+    ``acquired`` says whether the Item's ``datetime`` comes from the scene.
+    """
+    props: dict[str, Any] = {
+        "processing:software": {"hyperdeq": str(record.get("code_version", "unknown"))},
+        "processing:lineage": (
+            f"hyperdeq tiled run of {Path(record['input']['path']).name}: "
+            + " -> ".join(m["name"] for m in record.get("models", []))
+        ),
+        "processing:level": "L3",
+        "processing:datetime": _iso(processed).isoformat().replace("+00:00", "Z"),
+        "created": _iso(processed).isoformat().replace("+00:00", "Z"),
+        "hyperdeq:datetime_source": "acquisition" if acquired else "processing (the input has no acquisition time)",
+        "hyperdeq:run_id": record["run_id"],
+        "hyperdeq:config_hash": record.get("config_hash"),
+        "hyperdeq:status": record.get("status"),
+    }
+    facility = record.get("host", {}).get("hostname")
+    if facility:
+        props["processing:facility"] = str(facility)
+    return props
+
+
+def _asset_fields(
+    key: str, suffix: str, spectral: list[dict[str, Any]] | None, names: list[str] | None,
+    scale: Any, res: float | None,
+) -> dict[str, Any]:
+    """Extra fields of one output asset: its content, and for rasters and zarr stores its ``bands``.
+
+    ``bands`` is present only for ``.tif``/``.zarr`` outputs whose bands are known (spectral bands
+    of the denoised cube, endmember names of the abundances, the RMSE band); GeoTIFFs also get the
+    ``raster:`` fields.
+    """
+    extra: dict[str, Any] = {}
+    bands: list[dict[str, Any]] | None = None
+    if key.startswith("denoised") and spectral is not None:
+        bands = [dict(b) for b in spectral]
+        extra["hyperdeq:content"] = "denoised surface reflectance in [0, 1]"
+        if scale is not None:
+            extra["hyperdeq:source_scale_factor"] = float(scale)
+    elif key.startswith("abundances") and names is not None:
+        bands = [{"name": str(n), "description": f"abundance of endmember {n}"} for n in names]
+        extra["hyperdeq:content"] = "endmember abundances (fractions, sum to one)"
+    elif key.startswith("rmse"):
+        bands = [{"name": "rmse", "description": "unmixing reconstruction RMSE over good bands"}]
+    if bands is not None and suffix in (".tif", ".zarr"):
+        for b in bands:
+            b.update({"data_type": "float32", "nodata": "nan", "unit": "1"})
+        extra["bands"] = bands
+        if suffix == ".tif":
+            extra["raster:sampling"] = "area"
+            extra["raster:bits_per_sample"] = 32
+            if res is not None:
+                extra["raster:spatial_resolution"] = res
+    return extra
+
+
 def stac_item(
     record: dict[str, Any], geo: dict[str, Any], bbox: list[float] | None, geometry: dict[str, Any] | None,
     *, scene: Any | None = None, run_dir: str | Path | None = None, endmembers: Sequence[str] | None = None,
@@ -184,23 +244,7 @@ def stac_item(
     exts = [PROCESSING_EXT]
     if "proj:code" in geo or "proj:wkt2" in geo:
         exts.append(PROJECTION_EXT)
-    props: dict[str, Any] = {
-        "processing:software": {"hyperdeq": str(record.get("code_version", "unknown"))},
-        "processing:lineage": (
-            f"hyperdeq tiled run of {Path(record['input']['path']).name}: "
-            + " -> ".join(m["name"] for m in record.get("models", []))
-        ),
-        "processing:level": "L3",
-        "processing:datetime": _iso(processed).isoformat().replace("+00:00", "Z"),
-        "created": _iso(processed).isoformat().replace("+00:00", "Z"),
-        "hyperdeq:datetime_source": "acquisition" if acquired else "processing (the input has no acquisition time)",
-        "hyperdeq:run_id": record["run_id"],
-        "hyperdeq:config_hash": record.get("config_hash"),
-        "hyperdeq:status": record.get("status"),
-    }
-    facility = record.get("host", {}).get("hostname")
-    if facility:
-        props["processing:facility"] = str(facility)
+    props = _stac_properties(record, processed, bool(acquired))
     item = pystac.Item(id=f"hyperdeq-{record['run_id']}", geometry=geometry, bbox=bbox,
                        datetime=_iso(acquired or processed), properties=props, stac_extensions=exts)
     for k in ("proj:code", "proj:wkt2", "proj:transform", "proj:shape"):
@@ -218,29 +262,10 @@ def stac_item(
     for key, rel in sorted(outputs.items()):
         suffix = Path(rel).suffix
         roles = ["overview"] if suffix == ".png" else ["metadata"] if key.startswith("endmembers") else ["data"]
-        extra: dict[str, Any] = {}
-        bands: list[dict[str, Any]] | None = None
-        if key.startswith("denoised") and spectral is not None:
-            bands = [dict(b) for b in spectral]
-            extra["hyperdeq:content"] = "denoised surface reflectance in [0, 1]"
-            if scale is not None:
-                extra["hyperdeq:source_scale_factor"] = float(scale)
-        elif key.startswith("abundances") and names is not None:
-            bands = [{"name": str(n), "description": f"abundance of endmember {n}"} for n in names]
-            extra["hyperdeq:content"] = "endmember abundances (fractions, sum to one)"
-        elif key.startswith("rmse"):
-            bands = [{"name": "rmse", "description": "unmixing reconstruction RMSE over good bands"}]
-        if bands is not None and suffix in (".tif", ".zarr"):
-            for b in bands:
-                b.update({"data_type": "float32", "nodata": "nan", "unit": "1"})
-            extra["bands"] = bands
-            used_eo = used_eo or any("eo:center_wavelength" in b for b in bands)
-            if suffix == ".tif":
-                extra["raster:sampling"] = "area"
-                extra["raster:bits_per_sample"] = 32
-                if res is not None:
-                    extra["raster:spatial_resolution"] = res
-                used_raster = True
+        extra = _asset_fields(key, suffix, spectral, names, scale, res)
+        if "bands" in extra:
+            used_eo = used_eo or any("eo:center_wavelength" in b for b in extra["bands"])
+            used_raster = used_raster or suffix == ".tif"
         item.add_asset(key, pystac.Asset(href=f"./{rel}", media_type=_MEDIA.get(suffix), roles=roles,
                                          extra_fields=extra))
     item.add_asset("run_record", pystac.Asset(href=f"./{RUN_JSON}", media_type=_MEDIA[".json"], roles=["metadata"]))
