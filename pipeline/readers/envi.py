@@ -198,6 +198,67 @@ def _map_info(hdr: dict[str, str], src: Any) -> tuple[Any, Any]:
     return transform, crs
 
 
+def _raw_dtype(hdr: dict[str, str], hdr_path: Path, data_path: Path) -> tuple[int, int, np.dtype]:
+    """``(data type code, byte order, numpy dtype)`` of the data file, from the header.
+
+    Refuses unknown codes, byte orders other than 0/1 and non-real (e.g. complex) types, which
+    hyperdeq cannot process.
+    """
+    code = _int(hdr, "data type", hdr_path)
+    if code not in ENVI_DTYPES:
+        raise ReadError(
+            f"ENVI header {str(hdr_path)!r}: unknown 'data type' {code!r}; valid codes: "
+            f"{sorted(ENVI_DTYPES)!r}."
+        )
+    bo = _int(hdr, "byte order", hdr_path, default=0)
+    if bo not in (0, 1):
+        raise ReadError(
+            f"ENVI header {str(hdr_path)!r}: 'byte order' must be 0 (little) or 1 (big), got {bo!r}."
+        )
+    kind = ENVI_DTYPES[code]
+    raw_dtype = np.dtype(("<" if bo == 0 else ">") + kind)
+    if raw_dtype.kind not in "iuf":
+        raise InputValidationError(
+            f"non-numeric data type {str(raw_dtype)!r} (ENVI data type {code!r}) in "
+            f"{str(data_path)!r}; hyperdeq reads real integer or floating-point cubes only. "
+            "Convert the data (e.g. take the magnitude of complex values) first."
+        )
+    return code, bo, raw_dtype
+
+
+def _spectral_axes(hdr: dict[str, str], hdr_path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Band centres and FWHM in nm from the header (None where absent or given as band indices)."""
+    units = hdr.get("wavelength units")
+    wl = _list(hdr, "wavelength")
+    fw = _list(hdr, "fwhm")
+    try:
+        wl_v = np.asarray([float(v) for v in wl], dtype=np.float64) if wl else None
+        fw_v = np.asarray([float(v) for v in fw], dtype=np.float64) if fw else None
+    except ValueError as exc:
+        raise InputValidationError(
+            f"ENVI header {str(hdr_path)!r}: non-numeric wavelength/fwhm entry ({exc}); fix the header."
+        ) from None
+    if units and units.strip().lower() == "unknown":
+        units = None
+    if units and units.strip().lower() == "index":  # ENVI: the values are band numbers, not wavelengths
+        wl_v = fw_v = None
+    wavelength = wavelengths_to_nm(wl_v, units, source=hdr_path)
+    fwhm = wavelengths_to_nm(wl_v, units, source=hdr_path, fwhm=fw_v) if fw_v is not None else None
+    return wavelength, fwhm
+
+
+def _good_bands(hdr: dict[str, str], hdr_path: Path) -> np.ndarray | None:
+    """The header's bad-band list (``bbl``) as a good-band mask, or None when it has none."""
+    bbl = _list(hdr, "bbl")
+    try:
+        return np.asarray([float(b) != 0 for b in bbl], dtype=bool) if bbl else None
+    except ValueError as exc:
+        raise InputValidationError(
+            f"ENVI header {str(hdr_path)!r}: non-numeric 'bbl' entry ({exc}); bbl holds 1 (good "
+            "band) or 0 (bad band) per band. Fix the header."
+        ) from None
+
+
 class EnviSource(SceneSource):
     """An ENVI cube: header parsed once; windows read through ``numpy.memmap``."""
 
@@ -221,26 +282,8 @@ class EnviSource(SceneSource):
                     f"ENVI header {str(hdr_path)!r}: {key!r} must be zero or positive, got {value!r}; "
                     "fix the header."
                 )
-        code = _int(hdr, "data type", hdr_path)
-        if code not in ENVI_DTYPES:
-            raise ReadError(
-                f"ENVI header {str(hdr_path)!r}: unknown 'data type' {code!r}; valid codes: "
-                f"{sorted(ENVI_DTYPES)!r}."
-            )
-        bo = _int(hdr, "byte order", hdr_path, default=0)
-        if bo not in (0, 1):
-            raise ReadError(
-                f"ENVI header {str(hdr_path)!r}: 'byte order' must be 0 (little) or 1 (big), got {bo!r}."
-            )
+        code, bo, self.raw_dtype = _raw_dtype(hdr, hdr_path, data_path)
         self.byte_order = bo
-        kind = ENVI_DTYPES[code]
-        self.raw_dtype = np.dtype(("<" if bo == 0 else ">") + kind)
-        if self.raw_dtype.kind not in "iuf":
-            raise InputValidationError(
-                f"non-numeric data type {str(self.raw_dtype)!r} (ENVI data type {code!r}) in "
-                f"{str(data_path)!r}; hyperdeq reads real integer or floating-point cubes only. "
-                "Convert the data (e.g. take the magnitude of complex values) first."
-            )
         self.interleave = hdr.get("interleave", "bsq").strip().lower()
         if self.interleave not in ("bsq", "bil", "bip"):
             raise ReadError(
@@ -257,30 +300,8 @@ class EnviSource(SceneSource):
                 f"{self.offset}) implies {expected!r}; the data are truncated or the header is "
                 "wrong. Re-copy the data or fix samples/lines/bands/data type in the header."
             )
-        units = hdr.get("wavelength units")
-        wl = _list(hdr, "wavelength")
-        fw = _list(hdr, "fwhm")
-        try:
-            wl_v = np.asarray([float(v) for v in wl], dtype=np.float64) if wl else None
-            fw_v = np.asarray([float(v) for v in fw], dtype=np.float64) if fw else None
-        except ValueError as exc:
-            raise InputValidationError(
-                f"ENVI header {str(hdr_path)!r}: non-numeric wavelength/fwhm entry ({exc}); fix the header."
-            ) from None
-        if units and units.strip().lower() == "unknown":
-            units = None
-        if units and units.strip().lower() == "index":  # ENVI: the values are band numbers, not wavelengths
-            wl_v = fw_v = None
-        self.wavelength = wavelengths_to_nm(wl_v, units, source=hdr_path)
-        self.fwhm = wavelengths_to_nm(wl_v, units, source=hdr_path, fwhm=fw_v) if fw_v is not None else None
-        bbl = _list(hdr, "bbl")
-        try:
-            self.good_band = np.asarray([float(b) != 0 for b in bbl], dtype=bool) if bbl else None
-        except ValueError as exc:
-            raise InputValidationError(
-                f"ENVI header {str(hdr_path)!r}: non-numeric 'bbl' entry ({exc}); bbl holds 1 (good "
-                "band) or 0 (bad band) per band. Fix the header."
-            ) from None
+        self.wavelength, self.fwhm = _spectral_axes(hdr, hdr_path)
+        self.good_band = _good_bands(hdr, hdr_path)
         ignore = _float(hdr, "data ignore value", hdr_path)
         self.nodata = options.get("nodata", ignore)
         self.transform, self.crs = _map_info(hdr, hdr_path)
