@@ -69,6 +69,23 @@ class XarraySource(SceneSource):
             ) from exc
 
     def _setup(self, ds: xr.Dataset, options: dict[str, Any]) -> None:
+        """Pick the cube variable in ``ds`` and read its layout, band metadata and georeferencing."""
+        name, var = self._select_variable(ds, options)
+        self.variable = name
+        self.attrs["variable"] = name
+        self.dims = self._resolve_dims(var, name, options)
+        bdim, ydim, xdim = self.dims
+        self.shape = (var.sizes[bdim], var.sizes[ydim], var.sizes[xdim])
+        self.raw_dtype = np.dtype(var.dtype)
+        fill = var.encoding.get("_FillValue")
+        self.nodata = options.get("nodata", None if self.raw_dtype.kind == "f" else fill)
+        self._read_band_metadata(var, bdim)
+        crs = self._read_georeferencing(var, ydim, xdim)
+        if self.reader == "zarr" and crs is None:
+            self.attrs["foreign_zarr"] = True
+
+    def _select_variable(self, ds: xr.Dataset, options: dict[str, Any]) -> tuple[Any, xr.DataArray]:
+        """The cube's ``(name, variable)``: ``variable=``, else the only 3-D numeric one; checked to be a real 3-D cube."""
         name = options.get("variable")
         if name is None:
             cands = [
@@ -96,8 +113,10 @@ class XarraySource(SceneSource):
             raise InputValidationError(
                 f"variable {name!r} of {str(self.path)!r} has dims {var.dims!r}; a cube needs 3."
             )
-        self.variable = name
-        self.attrs["variable"] = name
+        return name, var
+
+    def _resolve_dims(self, var: xr.DataArray, name: Any, options: dict[str, Any]) -> tuple[str, ...]:
+        """``(band, y, x)`` dim names: from ``dims=`` (tuple or comma-separated), else identified from ``var``."""
         dims = options.get("dims")
         if isinstance(dims, str):  # "band_dim,y_dim,x_dim" (the zarr reader's layout= style)
             dims = tuple(d.strip() for d in dims.split(","))
@@ -108,13 +127,10 @@ class XarraySource(SceneSource):
                 f"dims {tuple(dims)!r} do not name the three dims {var.dims!r} of {name!r}; "
                 "pass dims=(band_dim, y_dim, x_dim)."
             )
-        self.dims = tuple(dims)
-        bdim, ydim, xdim = self.dims
-        self.shape = (var.sizes[bdim], var.sizes[ydim], var.sizes[xdim])
-        self.raw_dtype = np.dtype(var.dtype)
-        fill = var.encoding.get("_FillValue")
-        self.nodata = options.get("nodata", None if self.raw_dtype.kind == "f" else fill)
-        # band metadata: a 1-D coordinate on the band dim
+        return tuple(dims)
+
+    def _read_band_metadata(self, var: xr.DataArray, bdim: str) -> None:
+        """Set wavelength, FWHM (nm) and good-band mask from 1-D coordinates on the band dim (or a ``wavelength`` attribute)."""
         def band_coord(*names: str) -> tuple[np.ndarray | None, str | None]:
             for n in names:
                 for cname, c in var.coords.items():
@@ -141,6 +157,12 @@ class XarraySource(SceneSource):
             )
         )
         self.good_band = None if gb is None else gb.astype(bool)
+
+    def _read_georeferencing(self, var: xr.DataArray, ydim: str, xdim: str) -> Any:
+        """Set CRS (CF grid mapping) and transform (regular x/y coordinates); return the CRS or None.
+
+        A transform that cannot be computed is left None rather than failing the read.
+        """
         self.crs, self.transform = None, None
         try:
             crs = var.rio.crs
@@ -155,8 +177,7 @@ class XarraySource(SceneSource):
                 )
             except Exception:
                 self.transform = None
-        if self.reader == "zarr" and crs is None:
-            self.attrs["foreign_zarr"] = True
+        return crs
 
     def _identify_dims(self, var: xr.DataArray, name: str) -> tuple[str, str, str]:
         """``(band, y, x)`` dims from names, then band metadata; refuses to guess from sizes.
