@@ -21,6 +21,7 @@ import shutil
 import warnings
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -182,47 +183,58 @@ def _recount_valid(arr: Any, regions: list[tuple[int, int, int, int]], good: np.
     return out
 
 
-def ingest_scene(
-    src: str | Path,
-    dest: str | Path,
-    *,
-    chunk: int = 256,
-    overwrite: bool = False,
-    format: str | None = None,
-    progress: Progress | None = None,
-    workers: int = 2,
-    source_sha256: str | None = None,
-    **options: Any,
-) -> Path:
-    """Read ``src`` window by window and write it to the zarr v3 store ``dest``; return ``dest``.
+Region = tuple[int, int, int, int]
+#: one written region: (region index, valid pixel count, finite values per band, out-of-range values per band)
+_Done = tuple[int, int, np.ndarray, np.ndarray]
 
-    Values are checked per region (infinities → :class:`InputValidationError`; a scene without a
-    single valid pixel → :class:`InputValidationError`). Values outside the physical reflectance
-    range (:data:`pipeline.readers._base.REFLECTANCE_RANGE`) were made NaN by the reader; their
-    count per band is stored in ``hyperdeq.out_of_range_per_band``. A good band without a single
-    finite value becomes a bad band (``hyperdeq.nodata_bands``). Scenes below
-    :data:`pipeline.scene.MIN_SCENE_SIZE` and stores that cannot fit the free disk are refused
-    before anything is written (``docs/inputs.md``). An existing complete ``dest`` is refused
-    unless ``overwrite``; an interrupted ingest of the same source (same sha256, chunk, reader) is
-    resumed. ``source_sha256``: the input's digest when the caller already has it
-    (:func:`pipeline.hashing.sha256_path`; computed here otherwise, never twice per run).
-    ``progress(done, total)`` is called after every region. ``workers`` threads compress
-    and write regions (peak memory ≈ (workers + 2) regions). ``options`` go to the reader.
+
+@dataclass
+class _FillState:
+    """Which regions are written, their valid-pixel counts and the running per-band totals.
+
+    Mirrors ``hyperdeq.progress`` in the root attrs, which is rewritten with the done flags after
+    every batch of finished regions, so that an interrupted ingest resumes where it stopped.
     """
+
+    done: list[str]
+    valid: list[int]
+    finite_total: np.ndarray
+    oor_total: np.ndarray
+
+    @classmethod
+    def from_attrs(cls, prog: dict[str, Any], nb: int) -> _FillState:
+        """The state recorded in a store's ``hyperdeq.progress`` attrs."""
+        return cls(
+            done=list(prog["done"]),
+            valid=[int(v) for v in prog["valid"]],
+            finite_total=np.asarray(prog.get("finite_per_band", [0] * nb), dtype=np.int64),
+            oor_total=np.asarray(prog.get("out_of_range_per_band", [0] * nb), dtype=np.int64),
+        )
+
+    def as_attrs(self) -> dict[str, Any]:
+        """The state as the ``hyperdeq.progress`` attrs."""
+        return {
+            "done": "".join(self.done), "valid": self.valid,
+            "finite_per_band": self.finite_total.tolist(), "out_of_range_per_band": self.oor_total.tolist(),
+        }
+
+
+def _check_ingest_args(chunk: Any, workers: int) -> int:
+    """The chunk size as an int, after refusing non-positive chunk sizes and worker counts."""
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise ConfigError(f"chunk must be a positive integer number of pixels, got {chunk!r}.")
-    chunk = int(chunk)
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers!r}.")
-    source = open_source(src, format, **options)
-    nb, ny, nx = source.shape
-    if nb * ny * nx == 0:
-        source.build(np.zeros(source.shape, np.float32))  # raises the zero-size error
-    check_tileable(source.shape, source.path)
-    dest = Path(dest).expanduser()
-    if dest.resolve() == Path(source.path).resolve():
-        raise WriteError(f"destination {str(dest)!r} is the source itself; choose another path.")
-    sha = source_sha256 or sha256_path(source.path)
+    return int(chunk)
+
+
+def _prepare_destination(dest: Path, source: SceneSource, sha: str, chunk: int, overwrite: bool) -> bool:
+    """Make ``dest`` ready for the ingest; return True when an interrupted ingest is to be resumed.
+
+    A complete store, an interrupted ingest of another source or settings, and any other existing
+    path are refused unless ``overwrite``; a non-empty non-zarr directory is never deleted. The
+    destination folder is probed for writability before anything is written.
+    """
     resume = False
     if dest.exists() or dest.is_symlink():
         if is_hyperdeq_zarr(dest) and not overwrite:
@@ -231,7 +243,7 @@ def ingest_scene(
                 h.get("source_sha256") == sha
                 and h.get("chunk") == chunk
                 and h.get("reader") == source.reader
-                and h.get("shape") == [nb, ny, nx]
+                and h.get("shape") == list(source.shape)
             )
             if h.get("complete"):
                 raise WriteError(
@@ -268,46 +280,75 @@ def ingest_scene(
             f"cannot write to {str(dest)!r}: {exc.strerror or exc}; choose a writable folder "
             "(check permissions and free space)."
         ) from exc
-    _check_free_space(dest, (nb, ny, nx))
+    return resume
 
+
+def _create_store(dest: Path, source: SceneSource, chunk: int, sha: str, regions: list[Region]) -> None:
+    """Create the empty store from the lazy template, with provenance and zeroed progress attrs."""
     import zarr
 
-    regions = _regions(ny, nx, chunk)
+    nb, ny, nx = source.shape
     ch = (nb, min(chunk, ny), min(chunk, nx))
-    if not resume:
-        ds, attrs = _template(source, chunk)
-        attrs["hyperdeq"]["source_sha256"] = sha
-        attrs["hyperdeq"]["progress"] = {
-            "done": "0" * len(regions), "valid": [0] * len(regions),
-            # running totals over the done regions (written with the done bits: resume-safe)
-            "finite_per_band": [0] * nb, "out_of_range_per_band": [0] * nb,
-        }
-        try:
-            ds.to_zarr(
-                dest, mode="w-", compute=False, zarr_format=3, consolidated=False,
-                encoding=_encoding(ds, ch),
-            )
-            zarr.open_group(dest, mode="r+").attrs.update(_jsonable(attrs))
-        except OSError as exc:
-            _remove_store(dest)
-            raise WriteError(
-                f"cannot create zarr store {str(dest)!r}: {exc}; choose a writable folder "
-                "with enough free space."
-            ) from exc
-    group = zarr.open_group(dest, mode="r+")
+    ds, attrs = _template(source, chunk)
+    attrs["hyperdeq"]["source_sha256"] = sha
+    attrs["hyperdeq"]["progress"] = {
+        "done": "0" * len(regions), "valid": [0] * len(regions),
+        # running totals over the done regions (written with the done bits: resume-safe)
+        "finite_per_band": [0] * nb, "out_of_range_per_band": [0] * nb,
+    }
+    try:
+        ds.to_zarr(
+            dest, mode="w-", compute=False, zarr_format=3, consolidated=False,
+            encoding=_encoding(ds, ch),
+        )
+        zarr.open_group(dest, mode="r+").attrs.update(_jsonable(attrs))
+    except OSError as exc:
+        _remove_store(dest)
+        raise WriteError(
+            f"cannot create zarr store {str(dest)!r}: {exc}; choose a writable folder "
+            "with enough free space."
+        ) from exc
+
+
+def _write_region(
+    source: SceneSource, arr: Any, i: int, region: Region, good_set: set[int], block: np.ndarray, oor: np.ndarray
+) -> _Done:
+    """Check one region's values, write its chunk; return (region, valid pixel count,
+    finite values per band, out-of-range values per band)."""
+    nb = source.shape[0]
+    y0, y1, x0, x1 = region
+    if np.isinf(block).any():  # in any band: bad bands must hold NaN or data, never inf
+        b, yy, xx = (int(v) for v in np.argwhere(np.isinf(block))[0])
+        raise InputValidationError(
+            f"infinite value {block[b, yy, xx].item()!r} in {str(source.path)!r} at band "
+            f"{b}, row {y0 + yy}, col {x0 + xx}; infinities are not valid "
+            "reflectance. Mask them as nodata (NaN) or fix the scale factor."
+        )
+    ok = np.ones(block.shape[1:], dtype=bool)
+    finite = np.zeros(nb, dtype=np.int64)
+    for b in range(nb):  # band by band: no window-sized temporary
+        fb = np.isfinite(block[b])
+        finite[b] = int(np.count_nonzero(fb))
+        if b in good_set:
+            ok &= fb
+    n_valid_region = int(ok.sum())
+    arr[:, y0:y1, x0:x1] = block
+    return i, n_valid_region, finite, oor
+
+
+def _fill_regions(
+    source: SceneSource, dest: Path, group: Any, meta: dict[str, Any], regions: list[Region],
+    good_set: set[int], state: _FillState, workers: int, progress: Progress | None,
+) -> None:
+    """Read, check and write every region not yet done, recording progress in the root attrs.
+
+    A region is recorded done only after its chunk is on disk, so a failed ingest resumes. Bad
+    values remove the store (:class:`InputValidationError`); I/O failures become a resumable
+    :class:`WriteError`.
+    """
+    nb = source.shape[0]
     arr: Any = group[VARIABLE]
-    meta: dict[str, Any] = dict(cast(dict[str, Any], group.attrs["hyperdeq"]))
-    prog: dict[str, Any] = dict(meta["progress"])
-    done: list[str] = list(prog["done"])
-    valid: list[int] = [int(v) for v in prog["valid"]]
-    finite_total = np.asarray(prog.get("finite_per_band", [0] * nb), dtype=np.int64)
-    oor_total = np.asarray(prog.get("out_of_range_per_band", [0] * nb), dtype=np.int64)
-    good_vec = np.asarray(source.good_band if source.good_band is not None else np.ones(nb, bool), bool)
-    order = source.band_order()
-    good_canon = good_vec if order is None else good_vec[order]
-    good = np.flatnonzero(good_canon)
-    good_set = {int(g) for g in good}
-    todo = [i for i, d in enumerate(done) if d != "1"]
+    todo = [i for i, d in enumerate(state.done) if d != "1"]
     total = len(regions)
     n_done = total - len(todo)
     if progress is not None:
@@ -317,29 +358,21 @@ def ingest_scene(
         oor = np.zeros(nb, dtype=np.int64)
         return source.read(*regions[i], out_of_range=oor), oor
 
-    Done = tuple[int, int, np.ndarray, np.ndarray]
-
-    def _write(i: int, block: np.ndarray, oor: np.ndarray) -> Done:
-        """Check one region's values, write its chunk; return (region, valid pixel count,
-        finite values per band, out-of-range values per band)."""
-        y0, y1, x0, x1 = regions[i]
-        if np.isinf(block).any():  # in any band: bad bands must hold NaN or data, never inf
-            b, yy, xx = (int(v) for v in np.argwhere(np.isinf(block))[0])
-            raise InputValidationError(
-                f"infinite value {block[b, yy, xx].item()!r} in {str(source.path)!r} at band "
-                f"{b}, row {y0 + yy}, col {x0 + xx}; infinities are not valid "
-                "reflectance. Mask them as nodata (NaN) or fix the scale factor."
-            )
-        ok = np.ones(block.shape[1:], dtype=bool)
-        finite = np.zeros(nb, dtype=np.int64)
-        for b in range(nb):  # band by band: no window-sized temporary
-            fb = np.isfinite(block[b])
-            finite[b] = int(np.count_nonzero(fb))
-            if b in good_set:
-                ok &= fb
-        n_valid_region = int(ok.sum())
-        arr[:, y0:y1, x0:x1] = block
-        return i, n_valid_region, finite, oor
+    def _record(finished: set[Future[_Done]]) -> None:
+        nonlocal n_done
+        before = n_done
+        for fut in finished:
+            i, n_valid_region, finite, oor = fut.result()
+            state.valid[i] = n_valid_region
+            state.finite_total[:] += finite
+            state.oor_total[:] += oor
+            state.done[i] = "1"
+            n_done += 1
+        meta["progress"] = state.as_attrs()
+        group.attrs["hyperdeq"] = meta
+        if progress is not None:
+            for n in range(before + 1, n_done + 1):  # one call per region
+                progress(n, total)
 
     try:
         # a small pipeline: one window is read ahead while up to `workers` regions are checked,
@@ -349,32 +382,12 @@ def ingest_scene(
             max_workers=workers
         ) as writers:
             nxt = readers.submit(_read, todo[0]) if todo else None
-            pending: set[Future[Done]] = set()
-
-            def _record(finished: set[Future[Done]]) -> None:
-                nonlocal n_done
-                before = n_done
-                for fut in finished:
-                    i, n_valid_region, finite, oor = fut.result()
-                    valid[i] = n_valid_region
-                    finite_total[:] += finite
-                    oor_total[:] += oor
-                    done[i] = "1"
-                    n_done += 1
-                meta["progress"] = {
-                    "done": "".join(done), "valid": valid,
-                    "finite_per_band": finite_total.tolist(), "out_of_range_per_band": oor_total.tolist(),
-                }
-                group.attrs["hyperdeq"] = meta
-                if progress is not None:
-                    for n in range(before + 1, n_done + 1):  # one call per region
-                        progress(n, total)
-
+            pending: set[Future[_Done]] = set()
             for k, i in enumerate(todo):
                 assert nxt is not None
                 block, oor = nxt.result()
                 nxt = readers.submit(_read, todo[k + 1]) if k + 1 < len(todo) else None
-                pending.add(writers.submit(_write, i, block, oor))
+                pending.add(writers.submit(_write_region, source, arr, i, regions[i], good_set, block, oor))
                 del block
                 if len(pending) >= workers:
                     finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -390,15 +403,27 @@ def ingest_scene(
             f"writing zarr store {str(dest)!r} failed: {exc}; free disk space or choose another "
             "folder, then re-run the same command to resume."
         ) from exc
-    # a good band without a single finite value (all nodata, or all out of range) becomes a bad
-    # band: it says nothing about any pixel, and as a good band it would make every pixel invalid
-    empty = [int(b) for b in good if finite_total[b] == 0]
+
+
+def _mark_empty_bands(
+    source: SceneSource, group: Any, meta: dict[str, Any], regions: list[Region],
+    good_canon: np.ndarray, state: _FillState,
+) -> list[int]:
+    """Turn good bands without a single finite value into bad bands; return their indices.
+
+    Such a band says nothing about any pixel, and as a good band it would make every pixel
+    invalid: valid pixels are recounted without it and the user is warned (on the caller of
+    :func:`ingest_scene`).
+    """
+    good = np.flatnonzero(good_canon)
+    empty = [int(b) for b in good if state.finite_total[b] == 0]
     if empty and len(empty) < len(good):
         good_canon = good_canon.copy()
         good_canon[empty] = False
-        valid = _recount_valid(arr, regions, np.flatnonzero(good_canon))
+        state.valid = _recount_valid(group[VARIABLE], regions, np.flatnonzero(good_canon))
         group["good_band"][:] = good_canon
-        meta["progress"] = {**meta["progress"], "valid": valid}
+        meta["progress"] = {**meta["progress"], "valid": state.valid}
+        order = source.band_order()
         wl = source.wavelength if order is None or source.wavelength is None else np.asarray(source.wavelength)[order]
         warnings.warn(
             f"{len(empty)!r} band(s) of {str(source.path)!r} hold no valid value (all nodata or out "
@@ -406,18 +431,26 @@ def ingest_scene(
             f"{'...' if len(empty) > 10 else ''}"
             + (f" at {[round(float(wl[b]), 2) for b in empty[:10]]!r} nm" if wl is not None else "")
             + "; they are marked bad bands (good_band False) and not processed.",
-            stacklevel=2,
+            stacklevel=3,
         )
+    return empty
+
+
+def _finish_store(
+    dest: Path, source: SceneSource, group: Any, meta: dict[str, Any], state: _FillState, empty: list[int]
+) -> None:
+    """Write the value statistics, refuse an all-nodata scene, then set the ``complete`` marker last."""
+    _, ny, nx = source.shape
     meta["nodata_bands"] = empty
-    meta["out_of_range_per_band"] = oor_total.tolist()
-    meta["out_of_range_total"] = int(oor_total.sum())
+    meta["out_of_range_per_band"] = state.oor_total.tolist()
+    meta["out_of_range_total"] = int(state.oor_total.sum())
     meta["valid_range"] = list(REFLECTANCE_RANGE)
-    n_valid = int(sum(valid))
+    n_valid = int(sum(state.valid))
     if n_valid == 0:
         _remove_store(dest)
         raise InputValidationError(
             f"all-nodata scene: no pixel of {str(source.path)!r} has finite values in every good "
-            f"band (nodata value {source.nodata!r}; {int(oor_total.sum())!r} values outside the "
+            f"band (nodata value {source.nodata!r}; {int(state.oor_total.sum())!r} values outside the "
             f"physical reflectance range {REFLECTANCE_RANGE!r} made nodata); check the nodata value, "
             "the scale factor or the crop."
         )
@@ -427,6 +460,63 @@ def ingest_scene(
     # the commit marker goes last, after every chunk and statistic is on disk
     meta["complete"] = True
     group.attrs["hyperdeq"] = meta
+
+
+def ingest_scene(
+    src: str | Path,
+    dest: str | Path,
+    *,
+    chunk: int = 256,
+    overwrite: bool = False,
+    format: str | None = None,
+    progress: Progress | None = None,
+    workers: int = 2,
+    source_sha256: str | None = None,
+    **options: Any,
+) -> Path:
+    """Read ``src`` window by window and write it to the zarr v3 store ``dest``; return ``dest``.
+
+    Values are checked per region (infinities → :class:`InputValidationError`; a scene without a
+    single valid pixel → :class:`InputValidationError`). Values outside the physical reflectance
+    range (:data:`pipeline.readers._base.REFLECTANCE_RANGE`) were made NaN by the reader; their
+    count per band is stored in ``hyperdeq.out_of_range_per_band``. A good band without a single
+    finite value becomes a bad band (``hyperdeq.nodata_bands``). Scenes below
+    :data:`pipeline.scene.MIN_SCENE_SIZE` and stores that cannot fit the free disk are refused
+    before anything is written (``docs/inputs.md``). An existing complete ``dest`` is refused
+    unless ``overwrite``; an interrupted ingest of the same source (same sha256, chunk, reader) is
+    resumed. ``source_sha256``: the input's digest when the caller already has it
+    (:func:`pipeline.hashing.sha256_path`; computed here otherwise, never twice per run).
+    ``progress(done, total)`` is called after every region. ``workers`` threads compress
+    and write regions (peak memory ≈ (workers + 2) regions). ``options`` go to the reader.
+    """
+    chunk = _check_ingest_args(chunk, workers)
+    source = open_source(src, format, **options)
+    nb, ny, nx = source.shape
+    if nb * ny * nx == 0:
+        source.build(np.zeros(source.shape, np.float32))  # raises the zero-size error
+    check_tileable(source.shape, source.path)
+    dest = Path(dest).expanduser()
+    if dest.resolve() == Path(source.path).resolve():
+        raise WriteError(f"destination {str(dest)!r} is the source itself; choose another path.")
+    sha = source_sha256 or sha256_path(source.path)
+    resume = _prepare_destination(dest, source, sha, chunk, overwrite)
+    _check_free_space(dest, (nb, ny, nx))
+
+    import zarr
+
+    regions = _regions(ny, nx, chunk)
+    if not resume:
+        _create_store(dest, source, chunk, sha, regions)
+    group = zarr.open_group(dest, mode="r+")
+    meta: dict[str, Any] = dict(cast(dict[str, Any], group.attrs["hyperdeq"]))
+    state = _FillState.from_attrs(dict(meta["progress"]), nb)
+    good_vec = np.asarray(source.good_band if source.good_band is not None else np.ones(nb, bool), bool)
+    order = source.band_order()
+    good_canon = good_vec if order is None else good_vec[order]
+    good_set = {int(g) for g in np.flatnonzero(good_canon)}
+    _fill_regions(source, dest, group, meta, regions, good_set, state, workers, progress)
+    empty = _mark_empty_bands(source, group, meta, regions, good_canon, state)
+    _finish_store(dest, source, group, meta, state, empty)
     return dest
 
 
