@@ -221,10 +221,10 @@ def _run_flow(scene: Path, out: Path, options: Any, what: str) -> Path:
     """Run ``process_scene`` in this process; refuse bad input before Prefect or a cluster starts."""
     from flows.options import options_to_build
     from flows.scene_flow import process_scene
-    from workers.run import plan_run
+    from workers.run import preflight
 
     job, spec = options_to_build(options, out)
-    plan_run(scene, job)  # header, options against the scene, output folder, device: all checked first
+    preflight(scene, job)  # header, options against the scene, output folder, device, memory: all first
     spec.check_reachable()
     with _prefect_defaults():
         state = process_scene(scene=str(scene), out_dir=str(out), options=options, return_state=True)

@@ -148,14 +148,20 @@ def _check_device(device: str) -> None:
                           "use --device cpu (or auto), or run on a GPU host")
 
 
-def plan_run(scene: str | Path, job: Job, *, tile_models: dict[str, TileModel] | None = None,
-             header: bool = True) -> RunPlan:
-    """Check the input and the options against it, hash the input once, and name the run folder.
+@dataclass(frozen=True)
+class Preflight:
+    """What :func:`preflight` resolved: the job with its tile and halo, the models' halos, the header."""
 
-    Reads the scene's header only (no pixels). ``tile_models`` replace a model stage's registry
-    model (e.g. the identity model in tests). ``header=False`` skips the header read (a scene's
-    readability is then checked by the ingest stage).
-    """
+    job: Job
+    halos: dict[str, int]
+    info: dict[str, Any]
+
+
+def preflight(scene: str | Path, job: Job, *, tile_models: dict[str, TileModel] | None = None,
+              header: bool = True) -> Preflight:
+    """Every check a run needs before any work, without hashing the input: the scene exists and its
+    header reads, the options fit it, the output folder and device are usable, and a tile fits the
+    memory budget (the tile size chosen when left open). Reads the header only (no pixels)."""
     scene = Path(scene)
     if not scene.exists():
         raise ConfigError(f"scene {str(scene)!r} does not exist; check the path")
@@ -168,8 +174,7 @@ def plan_run(scene: str | Path, job: Job, *, tile_models: dict[str, TileModel] |
     halos = {m.model: (int(tile_models[m.stage].halo) if m.stage in tile_models else m.halo()) for m in job.models}
     cfg = job.config.with_model_halos(list(halos.values()))
     if info:
-        hw = (info["rows"], info["cols"])
-        cfg = _choose_tile(job.replace(config=cfg), info["good_bands"], hw)
+        cfg = _choose_tile(job.replace(config=cfg), info["good_bands"], (info["rows"], info["cols"]))
     elif cfg.tile is None:
         cfg = cfg.replace(tile=DEFAULT_TILE)
     cfg = cfg.replace(halo=min(int(cfg.halo or 0), int(cfg.tile or DEFAULT_TILE) - 1)) if job.config.halo is None else cfg
@@ -180,10 +185,24 @@ def plan_run(scene: str | Path, job: Job, *, tile_models: dict[str, TileModel] |
             "halo %s px is smaller than the halo the model(s) declare (%s): tile borders may show in the "
             "output (docs/models/decsc.md, Limits); leave --halo unset to use the models' own",
             cfg.halo, ", ".join(f"{m} {h} px" for m, h in short.items()))
-    if info:  # before hashing the input (seconds to minutes for a large scene)
+    if info:
         hw = (info["rows"], info["cols"])
         rows, cols = cfg.read_window(hw)
         cfg.check_tile_memory(info["good_bands"], job.model_parts(rows, cols, info["good_bands"]), hw)
+    return Preflight(job, halos, info)
+
+
+def plan_run(scene: str | Path, job: Job, *, tile_models: dict[str, TileModel] | None = None,
+             header: bool = True) -> RunPlan:
+    """:func:`preflight`, then hash the input (once per run) and name the run folder.
+
+    ``tile_models`` replace a model stage's registry model (e.g. the identity model in tests).
+    ``header=False`` skips the header read (a scene's readability is then checked by the ingest stage).
+    """
+    scene = Path(scene)
+    tile_models = tile_models or {}
+    pre = preflight(scene, job, tile_models=tile_models, header=header)
+    job = pre.job
     weights: dict[str, str | None] = {}
     for m in job.models:
         if m.stage in tile_models:
@@ -195,7 +214,7 @@ def plan_run(scene: str | Path, job: Job, *, tile_models: dict[str, TileModel] |
     run_id = prov.make_run_id(input_sha, plan_hash, weights)
     run_dir = confined_path(job.config.out_root, safe_name(scene.name.split(".")[0]), run_id)
     return RunPlan(scene=scene, job=job, input_sha256=input_sha, config_hash=plan_hash, weights=weights,
-                   halos=halos, run_id=run_id, run_dir=run_dir, scene_info=info)
+                   halos=pre.halos, run_id=run_id, run_dir=run_dir, scene_info=pre.info)
 
 
 # ---------------------------------------------------------------------------- the one sequence
