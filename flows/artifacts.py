@@ -60,25 +60,32 @@ def _in_prefect_run() -> bool:
 
 # ---------------------------------------------------------------------------------- progress
 class SceneProgress:
-    """One progress artifact per scene, moved forward as stages and tile batches finish.
+    """One progress artifact per scene, moved forward as stages and tiles finish, with an ETA.
 
     ``stages`` lists the stages in order; the library calls ``progress(stage, done, total)``
-    from its tile loops (``denoise``, ``blend_denoise``, ``unmix``, ``blend_unmix``) and the flow
-    calls :meth:`stage_done` after the others. Overall progress = (finished stages + fraction of
-    the current one) / number of stages. Updates are throttled to one per ``min_interval_s``;
-    outside a Prefect run it only logs. A monitoring hiccup never fails the run.
+    from its tile loops (``denoise``, ``blend_denoise``, ``unmix``, ``blend_unmix``) once per
+    finished tile, and the flow calls :meth:`stage_done` after each stage. Overall progress =
+    (finished stages + fraction of the current one) / number of stages. The description gives the
+    stage's tiles done and an ETA for the stage: its elapsed time (since the previous stage ended)
+    / tiles done × tiles left. Updates are throttled to one per ``min_interval_s``; outside a
+    Prefect run it only logs. A monitoring hiccup never fails the run.
     """
 
     def __init__(self, key: str, scene: str, stages: Sequence[str],
                  logger: logging.Logger | logging.LoggerAdapter | None = None,
-                 min_interval_s: float = 1.0) -> None:
+                 min_interval_s: float = 1.0, clock: Any = time.monotonic) -> None:
         self.key, self.scene, self.stages = key, scene, list(stages)
         self.log = logger or log
         self.min_interval_s = min_interval_s
+        self.clock = clock
         self.artifact_id: UUID | None = None
         self.percent = 0.0
+        self.description = ""
+        self.eta_s: float | None = None
         self.done_stages: set[str] = set()
         self._last_t = 0.0
+        self._stage_t0: dict[str, float] = {}
+        self._prev_end = clock()
         if _in_prefect_run():
             from prefect.artifacts import create_progress_artifact
 
@@ -89,6 +96,7 @@ class SceneProgress:
         return self.stages.index(stage) if stage in self.stages else len(self.done_stages)
 
     def _push(self, percent: float, description: str, force: bool) -> None:
+        self.description = description
         now = time.monotonic()
         if not force and now - self._last_t < self.min_interval_s:
             return
@@ -102,17 +110,41 @@ class SceneProgress:
             except Exception as exc:
                 self.log.warning("could not update progress artifact %r: %s", self.key, exc)
 
+    def eta(self, stage: str, done: int, total: int) -> float | None:
+        """Seconds left in ``stage``: its elapsed time / tiles done × tiles left (None before a tile)."""
+        if done <= 0 or total <= 0:
+            return None
+        if done >= total:
+            return 0.0
+        elapsed = self.clock() - self._stage_t0.setdefault(stage, self._prev_end)
+        return max(0.0, elapsed / done * (total - done))
+
     def __call__(self, stage: str, done: int, total: int) -> None:
+        self._stage_t0.setdefault(stage, self._prev_end)
         frac = 1.0 if total <= 0 else done / total
         pct = round(100.0 * (self._stage_pos(stage) + frac) / max(len(self.stages), 1), 1)
-        desc = f"{self.scene}: {stage} {done}/{total} tiles"
+        self.eta_s = self.eta(stage, done, total)
+        left = "" if self.eta_s is None or done >= total else f", ETA {_duration(self.eta_s)}"
+        desc = f"{self.scene}: {stage} {done}/{total} tiles{left}"
         self.log.info("%s (scene %.0f %%)", desc, pct)
         self._push(min(pct, 100.0), desc, force=done >= total)
 
     def stage_done(self, stage: str) -> None:
         self.done_stages.add(stage)
+        self._prev_end = self.clock()
+        self.eta_s = None
         pct = round(100.0 * (self._stage_pos(stage) + 1) / max(len(self.stages), 1), 1)
         self._push(min(pct, 100.0), f"{self.scene}: {stage} done", force=True)
+
+
+def _duration(s: float) -> str:
+    """``45 s``, ``3 min 20 s``, ``1 h 05 min``."""
+    s = int(round(s))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 def scene_progress(scene: str, stages: Sequence[str],

@@ -10,7 +10,9 @@ run finished (nothing is cached by Prefect, so no result storage is created per 
 from __future__ import annotations
 
 import _thread
+import contextlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -34,16 +36,46 @@ from pipeline.errors import ClusterError, ModelError
 #: errors worth a retry of the stage (a lost worker or scheduler, an I/O timeout); bad input never is
 TRANSIENT = (ClusterError, TimeoutError, ConnectionError)
 STAGE_RETRIES = 2
+#: per-stage timeout: ``3600`` (every stage) or ``denoise=7200,unmix=1800,*=3600`` (``*``: the others)
+TIMEOUT_ENV = "HYPERDEQ_STAGE_TIMEOUT_S"
+#: the global concurrency limit that caps scenes running at once across processes, when it exists
+SCENE_LIMIT = "hyperdeq-scenes"
 
 
 def _retry_transient(_task: Any, _run: Any, state: Any) -> bool:
+    """Retry a stage that failed with a :data:`TRANSIENT` error, never one that ran past its own
+    timeout (it would again) nor one that failed on its input or options."""
+    from prefect.task_engine import TaskRunTimeoutError
+
     try:
         state.result()
+    except TaskRunTimeoutError:
+        return False
     except TRANSIENT:
         return True
     except BaseException:
         return False
     return False
+
+
+def stage_timeout(stage: str, spec: str | None = None) -> float | None:
+    """Seconds ``stage`` may run (:data:`TIMEOUT_ENV`, or ``spec``); None: no timeout."""
+    spec = os.environ.get(TIMEOUT_ENV, "") if spec is None else spec
+    table: dict[str, str] = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        key, _, val = part.rpartition("=")
+        table[key.strip() or "*"] = val.strip()
+    raw = table.get(stage, table.get("*"))
+    if raw in (None, "", "0", "none"):
+        return None
+    try:
+        secs = float(raw)  # type: ignore[arg-type]
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}={spec!r}: {raw!r} is not a number of seconds; use e.g. "
+                         "'3600' or 'denoise=7200,*=3600'") from None
+    if secs <= 0:
+        raise ValueError(f"{TIMEOUT_ENV}={spec!r}: the timeout of {stage!r} must be positive")
+    return secs
 
 
 def _prefect_call(scene_name: str, progress: Any) -> Any:
@@ -52,12 +84,36 @@ def _prefect_call(scene_name: str, progress: Any) -> Any:
     def call(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         t = task(fn, name=name.replace("_", "-"), task_run_name=f"{name.replace('_', ' ')} {scene_name}",
                  cache_policy=NO_CACHE, retries=STAGE_RETRIES, retry_delay_seconds=[10, 60],
-                 retry_condition_fn=_retry_transient)
+                 retry_condition_fn=_retry_transient, timeout_seconds=stage_timeout(name))
         out = t(*[quote(a) for a in args], **{k: quote(v) for k, v in kwargs.items()})
         progress.stage_done(name)
         return out
 
     return call
+
+
+@contextlib.contextmanager
+def scene_slot(log: Any = None) -> Any:
+    """Hold one slot of the global concurrency limit :data:`SCENE_LIMIT` while a scene runs, when the
+    server has that limit (``prefect gcl create hyperdeq-scenes --limit N``); else do nothing, so a
+    plain run never waits on a limit nobody set."""
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            limit = client.read_global_concurrency_limit_by_name(SCENE_LIMIT)
+        active = bool(getattr(limit, "active", True))
+    except Exception:  # not defined (404) or no server: no limit
+        active = False
+    if not active:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    if log is not None:
+        log.info("waiting for a slot of the global concurrency limit %r", SCENE_LIMIT)
+    with concurrency(SCENE_LIMIT, occupy=1):
+        yield
 
 
 class CancelWatch:
@@ -167,7 +223,7 @@ def process_scene(scene: str, out_dir: str = "hyperdeq-out", options: RunOptions
     progress = scene_progress(plan.scene.name, stage_names(plan), logger=log)
     t0 = time.perf_counter()
     try:
-        with CancelWatch(flow_run.get_id()) as watch, signals_cancel():
+        with scene_slot(log), CancelWatch(flow_run.get_id()) as watch, signals_cancel():
 
             def tile_progress(stage: str, done: int, total: int) -> None:
                 if watch.event.is_set():

@@ -16,7 +16,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -65,6 +65,21 @@ class TileModel(Protocol):
 
 ProgressFn = Callable[[int, int, dict[str, Any]], None]
 
+
+@runtime_checkable
+class TileFeed(Protocol):
+    """Per-tile progress from wherever the tasks run (a Dask feed lives in ``workers/``).
+
+    ``open(put)`` returns the small picklable callable each task calls with a tile's record once
+    the tile is committed; the feed delivers those records to ``put`` (thread-safe, any thread).
+    ``close()`` stops delivering. Without a feed, a ``ThreadPoolExecutor`` reports per tile
+    in-process and any other executor per finished batch.
+    """
+
+    def open(self, put: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None] | None: ...
+
+    def close(self) -> None: ...
+
 OK, FAILED, REUSED = "ok", "failed", "reused"
 
 
@@ -78,6 +93,8 @@ class TileJob:
     tiles: tuple[Tile, ...]
     model: Any
     stage: str = ""
+    #: called with each tile's record once written (per-tile progress; a failure here is ignored)
+    notify: Any = None
 
 
 @dataclass
@@ -150,11 +167,20 @@ def process_batch(job: TileJob) -> list[dict[str, Any]]:
         rec["wall_s"] = round(time.perf_counter() - t0, 4)
         write_record(job.dest, rec)
         out.append(rec)
+        if job.notify is not None:
+            try:
+                job.notify(rec)
+            except Exception:  # progress is monitoring: it never fails a tile
+                pass
     return out
 
 
-def _put(q: queue.Queue[tuple[tuple[Tile, ...], Any]], batch: tuple[Tile, ...], fut: Any) -> None:
+def _put(q: queue.Queue[tuple[Any, Any]], batch: tuple[Tile, ...], fut: Any) -> None:
     q.put((batch, fut))
+
+
+def _put_tile(q: queue.Queue[tuple[Any, Any]], rec: dict[str, Any]) -> None:
+    q.put(("tile", rec))
 
 
 def effective_batch_size(n_tiles: int, batch_size: int, n_workers: int | None = None) -> int:
@@ -229,6 +255,39 @@ def _record_cut_off(
     return out
 
 
+def _collect(
+    results: queue.Queue[tuple[Any, Any]], batches: list[tuple[Tile, ...]], dest: str | Path, stage: str,
+    done_records: dict[str, dict[str, Any]], tick: Callable[[dict[str, Any]], None], client: Any,
+) -> None:
+    """Wait for every batch (``client``: a Dask ClientExecutor's client, else None); ``tick`` each tile
+    as its commit or its batch is reported."""
+    unreported = set(range(len(batches)))
+    index_of = {id(b): i for i, b in enumerate(batches)}
+    while unreported:
+        try:
+            batch, fut = results.get(timeout=_POLL_S)
+        except queue.Empty:
+            if not _client_closed(client):
+                continue
+            # the client gave up on its scheduler: futures that were being gathered may never
+            # resolve, so the batches still out are recorded as cut off instead of waited for
+            done_records.update(_record_cut_off(dest, [batches[i] for i in sorted(unreported)], stage, client))
+            break
+        if isinstance(batch, str):  # a tile committed ("tile", record)
+            tick(fut)
+            continue
+        unreported.discard(index_of[id(batch)])
+        try:
+            recs = fut.result()
+        except Exception as exc:  # the task itself died (worker lost, unpicklable model, ...)
+            recs = _failed_records(batch, stage, f"{type(exc).__name__}: {exc}")
+            for r in recs:
+                write_record(dest, r)
+        for rec in recs:
+            done_records[rec["key"]] = rec
+            tick(rec)
+
+
 def run_tiles(
     executor: Executor,
     model: TileModel,
@@ -243,6 +302,7 @@ def run_tiles(
     resume: bool = True,
     progress: ProgressFn | None = None,
     submit: Callable[..., Any] | None = None,
+    feed: TileFeed | None = None,
 ) -> StageResult:
     """Run ``model`` over ``tiles`` (default: every run tile of ``grid``) and return their records.
 
@@ -254,6 +314,9 @@ def run_tiles(
     ``executor.submit`` (e.g. to pass Dask resources per task). ``n_workers`` (the workers that
     run these tasks) caps the batch size at ``ceil(tiles still to run / n_workers)`` so that
     small stages spread over every worker (:func:`effective_batch_size`); None keeps ``batch_size``.
+    ``progress(done, total, record)`` is called in this thread once per tile: as each tile is
+    committed when the tasks can say so (a ``ThreadPoolExecutor``, or ``feed``: :class:`TileFeed`),
+    else when its batch reports.
     """
     t0 = time.perf_counter()
     todo_tiles = sorted(grid.tiles if tiles is None else tiles)
@@ -265,37 +328,35 @@ def run_tiles(
         if progress:
             progress(n_done, total, rec)
     pending = [t for t in todo_tiles if t.key not in done_records]
+    pending_keys = {t.key for t in pending}
+    counted: set[str] = set()
+
+    def tick(rec: dict[str, Any]) -> None:
+        nonlocal n_done
+        if rec.get("key") not in pending_keys or rec["key"] in counted:
+            return
+        counted.add(rec["key"])
+        n_done += 1
+        if progress:
+            progress(n_done, total, rec)
+
     batches = plan_batches(pending, batch_size, n_workers)
-    results: queue.Queue[tuple[tuple[Tile, ...], Any]] = queue.Queue()
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    notify: Any = None
+    if progress and batches:
+        if feed is not None:
+            notify = feed.open(partial(_put_tile, results))
+        elif isinstance(executor, ThreadPoolExecutor):
+            notify = partial(_put_tile, results)
     do_submit = submit or executor.submit
-    for batch in batches:
-        job = TileJob(str(source), str(dest), grid, batch, model, stage)
-        fut = do_submit(process_batch, job)
-        fut.add_done_callback(partial(_put, results, batch))
-    unreported = set(range(len(batches)))
-    index_of = {id(b): i for i, b in enumerate(batches)}
-    client = getattr(executor, "_client", None)  # a Dask ClientExecutor's client (else None)
-    while unreported:
-        try:
-            batch, fut = results.get(timeout=_POLL_S)
-        except queue.Empty:
-            if not _client_closed(client):
-                continue
-            # the client gave up on its scheduler: futures that were being gathered may never
-            # resolve, so the batches still out are recorded as cut off instead of waited for
-            done_records.update(_record_cut_off(dest, [batches[i] for i in sorted(unreported)], stage, client))
-            break
-        unreported.discard(index_of[id(batch)])
-        try:
-            recs = fut.result()
-        except Exception as exc:  # the task itself died (worker lost, unpicklable model, ...)
-            recs = _failed_records(batch, stage, f"{type(exc).__name__}: {exc}")
-            for r in recs:
-                write_record(dest, r)
-        for rec in recs:
-            done_records[rec["key"]] = rec
-            n_done += 1
-            if progress:
-                progress(n_done, total, rec)
+    try:
+        for batch in batches:
+            job = TileJob(str(source), str(dest), grid, batch, model, stage, notify)
+            fut = do_submit(process_batch, job)
+            fut.add_done_callback(partial(_put, results, batch))
+        _collect(results, batches, dest, stage, done_records, tick, getattr(executor, "_client", None))
+    finally:
+        if feed is not None and notify is not None:
+            feed.close()
     records = [done_records[t.key] for t in todo_tiles]
     return StageResult(records=records, wall_s=time.perf_counter() - t0)

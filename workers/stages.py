@@ -250,8 +250,11 @@ def stage_model(plan: RunPlan, stage: str, tile_store: Path, env: StageEnv, fit_
     progress = env.progress
     cb = (lambda d, t, _r: progress(stage, d, t)) if progress else None
     with _executor_for(env.model_executor, env.n_workers) as ex:
+        from workers.tile_feed import feed_for  # per-tile progress from Dask workers
+
         res: StageResult = run_tiles(ex, model, tile_store, dest, grid, batch_size=plan.config.batch_size,
-                                     stage=stage, progress=cb, n_workers=env.n_workers)
+                                     stage=stage, progress=cb, n_workers=env.n_workers,
+                                     feed=feed_for(env.client, ex, dest) if cb else None)
     # batches the cluster dropped (scheduler gone) are not tile failures: stop before anything blends them
     lost = [r["key"] for r in res.records if r.get("status") == "failed"
             and str(r.get("error", "")).startswith("task failed:")
