@@ -348,13 +348,29 @@ def init_endmembers(Ys: np.ndarray, P: int, seed: int, method: str = "best",
     ``class_fraction`` of the pixels it dominates (:func:`class_pure_means`); reconstruction error
     cannot choose between the two families, it always prefers the most extreme simplex.
     """
+    _check_init_args(method, class_fraction)
+    if method == "minvol":
+        E, info = minvol(Ys, P, seed=seed)
+        return np.clip(E, 0.0, None), {"method": "minvol", "seed": seed, "minvol": info}
+    base = _extractions(Ys, P, seed, method)
+    if method != "best":
+        name, E, idx_list = base[0]
+        return E, {"method": name, "seed": seed, "sample_indices": idx_list}
+    return _best_start(Ys, P, seed, base, topk, class_fraction)
+
+
+def _check_init_args(method: str, class_fraction: float) -> None:
+    """Reject an unknown start rule or a class fraction outside (0, 1] before any extraction runs."""
     if method not in ("vca", "nfindr", "minvol", "best"):
         raise ConfigError(f"init must be 'vca', 'nfindr', 'minvol' or 'best', got {method!r}")
     if not 0.0 < float(class_fraction) <= 1.0:
         raise ConfigError(f"init_class_fraction must be in (0, 1], got {class_fraction!r}")
-    if method == "minvol":
-        E, info = minvol(Ys, P, seed=seed)
-        return np.clip(E, 0.0, None), {"method": "minvol", "seed": seed, "minvol": info}
+
+
+def _extractions(Ys: np.ndarray, P: int, seed: int,
+                 method: str) -> list[tuple[str, np.ndarray, list[int]]]:
+    """The pure-pixel extractions the rule needs (VCA, N-FINDR or both, VCA first, clipped to
+    ``>= 0``) with the sample indices they picked; VCA first because "best" starts minvol from it."""
     base: list[tuple[str, np.ndarray, list[int]]] = []
     if method in ("vca", "best"):
         E, idx = vca(Ys, P, seed=seed)
@@ -362,19 +378,25 @@ def init_endmembers(Ys: np.ndarray, P: int, seed: int, method: str = "best",
     if method in ("nfindr", "best"):
         E, idx = nfindr(Ys, P, seed=seed)
         base.append(("nfindr", np.clip(E, 0.0, None), idx.tolist()))
-    if method != "best":
-        name, E, idx_list = base[0]
-        return E, {"method": name, "seed": seed, "sample_indices": idx_list}
+    return base
 
-    def rmse(E: np.ndarray) -> tuple[float, np.ndarray]:
-        A = fcls(Ys, E)
-        return float(np.sqrt(np.mean((Ys - E @ A) ** 2))), A
 
+def _fcls_rmse(Ys: np.ndarray, E: np.ndarray) -> tuple[float, np.ndarray]:
+    """FCLS reconstruction RMSE of the sample with endmembers ``E`` and the abundances: the score
+    every candidate start is ranked by (no ground truth)."""
+    A = fcls(Ys, E)
+    return float(np.sqrt(np.mean((Ys - E @ A) ** 2))), A
+
+
+def _best_start(Ys: np.ndarray, P: int, seed: int, base: list[tuple[str, np.ndarray, list[int]]],
+                topk: list[int] | tuple[int, ...], class_fraction: float) -> tuple[np.ndarray, dict]:
+    """The ``"best"`` rule of :func:`init_endmembers`: the minimum-volume simplex where it reaches
+    the noise floor, else the pure-pixel or the class-mean candidates (:func:`_choose_start`)."""
     noise_var = noise_variances(Ys)  # one noise estimate for the floor and the hinge
     floor = noise_floor(Ys, P, noise_var=noise_var)
     E_mv, mv_info = minvol(Ys, P, seed=seed, start=base[0][1], noise_var=noise_var)
     E_mv = np.clip(E_mv, 0.0, None)
-    r_mv, _ = rmse(E_mv)
+    r_mv, _ = _fcls_rmse(Ys, E_mv)
     rec: dict[str, Any] = {"seed": seed, "noise_floor_rmse": floor, "minvol_rmse": r_mv,
                            "minvol_rmse_over_floor": r_mv / floor if floor > 0 else None,
                            "lmm_tolerance": LMM_TOLERANCE, "minvol": {**mv_info, "hinge_c": MINVOL_HINGE_C, "hinge_range": list(MINVOL_HINGE_RANGE)},
@@ -383,21 +405,39 @@ def init_endmembers(Ys: np.ndarray, P: int, seed: int, method: str = "best",
         rec.update(method="minvol", selection="linear model explains the sample (minimum-volume "
                    "simplex at the noise floor): minimum-volume start")
         return E_mv, rec
+    cands, classes = _start_candidates(Ys, P, base, topk, class_fraction, rec)
+    return _choose_start(cands, classes, floor, rec)
+
+
+def _start_candidates(
+    Ys: np.ndarray, P: int, base: list[tuple[str, np.ndarray, list[int]]],
+    topk: list[int] | tuple[int, ...], class_fraction: float, rec: dict[str, Any],
+) -> tuple[list[tuple[str, np.ndarray, float]], list[tuple[str, np.ndarray, float]]]:
+    """The two families of starts with their FCLS RMSE: pure-pixel candidates (each extraction and
+    the means of its ``k`` purest pixels, ``2 <= k <= N/(4P)``) and class means
+    (:func:`class_pure_means`); the pixels averaged per class go to ``rec["class_pixels"]``."""
     N = Ys.shape[1]
     cands: list[tuple[str, np.ndarray, float]] = []
     classes: list[tuple[str, np.ndarray, float]] = []
     for name, E, _ in base:
-        r, A = rmse(E)
+        r, A = _fcls_rmse(Ys, E)
         cands.append((name, E, r))
         for k in sorted({int(k) for k in topk}):
             if k < 2 or k > N // (4 * P):
                 continue
             top = np.argsort(-A, axis=1)[:, :k]
             Ek = np.stack([Ys[:, top[i]].mean(axis=1) for i in range(P)], axis=1)
-            cands.append((f"{name}-top{k}", Ek, rmse(Ek)[0]))
+            cands.append((f"{name}-top{k}", Ek, _fcls_rmse(Ys, Ek)[0]))
         Ec, counts = class_pure_means(Ys, E, A, float(class_fraction))
-        classes.append((f"{name}-class{class_fraction:g}", Ec, rmse(Ec)[0]))
+        classes.append((f"{name}-class{class_fraction:g}", Ec, _fcls_rmse(Ys, Ec)[0]))
         rec.setdefault("class_pixels", {})[name] = counts
+    return cands, classes
+
+
+def _choose_start(cands: list[tuple[str, np.ndarray, float]], classes: list[tuple[str, np.ndarray, float]],
+                  floor: float, rec: dict[str, Any]) -> tuple[np.ndarray, dict]:
+    """The best pure-pixel candidate if it is within ``PURE_TOLERANCE`` of the noise floor (a linear
+    mixture with pure pixels), else the best class mean; ``rec`` says which and why."""
     best = min(cands, key=lambda c: c[2])
     rec["pure_pixel_rmse_over_floor"] = best[2] / floor if floor > 0 else None
     if not (floor > 0 and best[2] <= PURE_TOLERANCE * floor):
