@@ -542,22 +542,10 @@ def fit_scene(
     """
     _check_fit_args(n_endmembers, sample_pixels, fit_tiles, fit_tile_size, max_epochs)
     validate_scene(scene)
-    opts = {**DEFAULTS, **(options or {})}
-    unknown = set(opts) - set(DEFAULTS)
-    if unknown:
-        raise ConfigError(f"unknown fit options {sorted(unknown)!r}; valid: {sorted(DEFAULTS)!r}")
+    opts = _fit_options(options)
     t_start = time.perf_counter()
     Ys, sample_rec = sample_pixels_from(scene, sample_pixels, seed)
-    if n_endmembers is None:
-        P, p_rec = estimate_n_endmembers(Ys)
-        p_rec["evidence"] = hysime_criterion(Ys)
-    else:
-        P, p_rec = int(n_endmembers), {"method": "given", "p": int(n_endmembers)}
-    if P > min(Ys.shape):
-        raise ConfigError(
-            f"{P!r} endmembers cannot be extracted from {Ys.shape[1]!r} pixels × {Ys.shape[0]!r} "
-            "bands; lower n_endmembers or sample more pixels"
-        )
+    P, p_rec = _endmember_count(Ys, n_endmembers)
     E0, init_rec = init_endmembers(Ys, P, seed, str(opts["init"]), list(opts["init_topk"]),
                                    class_fraction=float(opts["init_class_fraction"]))
     fill = E0.mean(axis=1)
@@ -573,112 +561,238 @@ def fit_scene(
         backward_max_iter=int(opts["train_max_iter"]),
         m=int(opts["anderson_m"]),
     )
+    data = _fit_data(tiles, tmask, opts, seed)
+    cfg = _TrainSettings(max_epochs=max_epochs, val_every=int(opts["val_every"]),
+                         patience=int(opts["patience"]), lr_net=float(opts["lr_net"]),
+                         lr_endmembers=float(opts["lr_endmembers"]))
+    state = _train(model, data, cfg, seed, progress)
+    solver_check = _solver_check(model, data, P, opts)
+    records = {"sample": sample_rec, "n_endmembers": p_rec, "endmember_init": init_rec,
+               "fit_tiles": tiles_rec}
+    return _fit_result(scene, model, E0, opts, max_epochs, records, state, solver_check, t_start)
+
+
+def _fit_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """:data:`DEFAULTS` updated with ``options``; an unknown name is an error (a typo would
+    otherwise be ignored silently)."""
+    opts = {**DEFAULTS, **(options or {})}
+    unknown = set(opts) - set(DEFAULTS)
+    if unknown:
+        raise ConfigError(f"unknown fit options {sorted(unknown)!r}; valid: {sorted(DEFAULTS)!r}")
+    return opts
+
+
+def _endmember_count(Ys: np.ndarray, n_endmembers: int | None) -> tuple[int, dict[str, Any]]:
+    """``P`` and its record: given, or HySime's estimate on the sample with its evidence; it must
+    not exceed the sample's pixels or bands (no extraction could find more)."""
+    if n_endmembers is None:
+        P, p_rec = estimate_n_endmembers(Ys)
+        p_rec["evidence"] = hysime_criterion(Ys)
+    else:
+        P, p_rec = int(n_endmembers), {"method": "given", "p": int(n_endmembers)}
+    if P > min(Ys.shape):
+        raise ConfigError(
+            f"{P!r} endmembers cannot be extracted from {Ys.shape[1]!r} pixels × {Ys.shape[0]!r} "
+            "bands; lower n_endmembers or sample more pixels"
+        )
+    return P, p_rec
+
+
+@dataclass(frozen=True)
+class _TrainSettings:
+    """The training loop's settings: step count, validation cadence, patience, Adam steps."""
+
+    max_epochs: int
+    val_every: int
+    patience: int
+    lr_net: float
+    lr_endmembers: float
+
+
+@dataclass(frozen=True)
+class _FitData:
+    """What the fit trains and validates on: the fit tiles ``(N, L, th, tw)`` with their validity
+    masks ``(N, 1, th, tw)``, the training crop size, the number of held-out bands per step, and the
+    fixed validation set (the central crop of every tile with a band split of its own seed)."""
+
+    tiles: torch.Tensor
+    mask: torch.Tensor
+    crop: tuple[int, int]
+    n_hold: int
+    val_tiles: torch.Tensor
+    val_mask: torch.Tensor
+    val_fit: torch.Tensor | None
+    val_score: torch.Tensor
+
+
+@dataclass
+class _FitState:
+    """The training loop's state: curves, the best validated state (endmembers, net parameters)
+    and the early-stopping bookkeeping that ends up in the fit record."""
+
+    best_state: tuple[torch.Tensor, dict[str, torch.Tensor]]
+    stop_reason: str
+    curve: list[float] = field(default_factory=list)
+    iters: list[float] = field(default_factory=list)
+    val_curve: list[list[float]] = field(default_factory=list)
+    best_val: float = np.inf
+    best_epoch: int = 0
+    bad: int = 0
+    stopped_early: bool = False
+    # validations not counted against patience: the start still best, loss falling
+    waited: list[int] = field(default_factory=list)
+    kept_start: str | None = None
+
+
+def _band_split(g: torch.Generator, L: int, n_hold: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A random split of the ``L`` bands: the bands the solver sees (``None``: all) and the
+    ``n_hold`` held-out bands the reconstruction is scored on (all bands when none are held out)."""
+    if not n_hold:
+        return None, torch.ones(L, dtype=torch.bool)
+    perm = torch.randperm(L, generator=g)
+    fit_mask = torch.ones(L, dtype=torch.bool)
+    fit_mask[perm[:n_hold]] = False
+    return fit_mask, ~fit_mask
+
+
+def _fit_data(tiles: np.ndarray, tmask: np.ndarray, opts: dict[str, Any], seed: int) -> _FitData:
+    """The fit tiles as tensors, the crop size and held-out band count from ``opts``, and the fixed
+    validation crops (central, one per tile) with their band split (seed ``seed + 3``)."""
     Yt = torch.from_numpy(tiles)
     M = torch.from_numpy(tmask[:, None].astype(np.float32))
+    L = Yt.shape[1]
+    n_hold = max(1, int(round(float(opts["holdout_fraction"]) * L))) if opts["holdout_fraction"] > 0 else 0
+    th, tw = int(Yt.shape[-2]), int(Yt.shape[-1])
+    ch, cw = int(min(int(opts["train_crop"]), th)), int(min(int(opts["train_crop"]), tw))
+    cy, cx = (th - ch) // 2, (tw - cw) // 2
+    Yv, Mv = Yt[..., cy : cy + ch, cx : cx + cw], M[..., cy : cy + ch, cx : cx + cw]
+    v_fit, v_score = _band_split(torch.Generator().manual_seed(seed + 3), L, n_hold)
+    return _FitData(tiles=Yt, mask=M, crop=(ch, cw), n_hold=n_hold, val_tiles=Yv, val_mask=Mv,
+                    val_fit=v_fit, val_score=v_score)
+
+
+def _heldout_loss(model: DEQUnmix, Yc: torch.Tensor, Mc: torch.Tensor, fit_mask: torch.Tensor | None,
+                  score: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Band-split self-supervision: solve on the ``fit_mask`` bands, score the reconstruction on the
+    ``score`` bands over valid pixels, relative to the held-out signal power; and the solver stats."""
+    A, st = model(Yc, band_mask=fit_mask)
+    rec = torch.einsum("lp,nphw->nlhw", model.E[score], A)
+    target = Yc[:, score]
+    n = (Mc.sum() * int(score.sum())).clamp_min(1.0)
+    err = (((target - rec) ** 2) * Mc).sum() / n
+    return err / ((target**2) * Mc).sum().div(n).clamp_min(1e-12), st
+
+
+def _validate(model: DEQUnmix, data: _FitData) -> float:
+    """The fixed held-out-band validation loss (no gradients)."""
+    with torch.no_grad():
+        return float(_heldout_loss(model, data.val_tiles, data.val_mask, data.val_fit, data.val_score)[0])
+
+
+def _net_copy(model: DEQUnmix) -> dict[str, torch.Tensor]:
+    """A detached copy of the correction net's parameters (for the best validated state)."""
+    return {k: v.detach().clone() for k, v in model.net.state_dict().items()}
+
+
+def _train_step(model: DEQUnmix, data: _FitData, S: torch.Tensor, E_start: torch.Tensor,
+                opt: torch.optim.Optimizer, gen: torch.Generator) -> tuple[torch.Tensor, Any]:
+    """One Adam step on a random crop of every fit tile and a random band split; the endmembers
+    are updated through ``E = E_start·exp(S)`` (positive, relative steps) and projected."""
+    th, tw = int(data.tiles.shape[-2]), int(data.tiles.shape[-1])
+    ch, cw = data.crop
+    oy = int(torch.randint(0, th - ch + 1, (1,), generator=gen))
+    ox = int(torch.randint(0, tw - cw + 1, (1,), generator=gen))
+    Yc, Mc = data.tiles[..., oy : oy + ch, ox : ox + cw], data.mask[..., oy : oy + ch, ox : ox + cw]
+    fit_mask, score = _band_split(gen, int(data.tiles.shape[1]), data.n_hold)
+    loss, st = _heldout_loss(model, Yc, Mc, fit_mask, score)
+    opt.zero_grad()
+    model.E.grad = None
+    loss.backward()
+    with torch.no_grad():  # chain rule through E = E_start·exp(S)
+        S.grad = model.E.grad * model.E if model.E.grad is not None else torch.zeros_like(S)
+    opt.step()
+    with torch.no_grad():
+        model.E.copy_(E_start * torch.exp(S))
+    model.project_()
+    return loss, st
+
+
+def _train(model: DEQUnmix, data: _FitData, cfg: _TrainSettings, seed: int,
+           progress: Callable[[int, float], None] | None) -> _FitState:
+    """Up to ``cfg.max_epochs`` training steps with validation every ``cfg.val_every`` steps and
+    early stopping; the model ends in eval mode, in the best validated state (epoch 0: the start)."""
     E_start = model.E.detach().clone()
     # E = E_start·exp(S): positive by construction, relative steps for dark and bright spectra
     S = torch.zeros_like(E_start, requires_grad=True)
     opt = torch.optim.Adam(
         [
-            {"params": model.net.parameters(), "lr": float(opts["lr_net"])},
-            {"params": [S], "lr": float(opts["lr_endmembers"])},
+            {"params": model.net.parameters(), "lr": cfg.lr_net},
+            {"params": [S], "lr": cfg.lr_endmembers},
         ]
     )
     gen = torch.Generator().manual_seed(seed + 2)
-    L = Yt.shape[1]
-    n_hold = max(1, int(round(float(opts["holdout_fraction"]) * L))) if opts["holdout_fraction"] > 0 else 0
-    th, tw = int(Yt.shape[-2]), int(Yt.shape[-1])
-    ch, cw = int(min(int(opts["train_crop"]), th)), int(min(int(opts["train_crop"]), tw))
-
-    def band_split(g: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor]:
-        if not n_hold:
-            return None, torch.ones(L, dtype=torch.bool)
-        perm = torch.randperm(L, generator=g)
-        fit_mask = torch.ones(L, dtype=torch.bool)
-        fit_mask[perm[:n_hold]] = False
-        return fit_mask, ~fit_mask
-
-    def heldout_loss(Yc: torch.Tensor, Mc: torch.Tensor, fit_mask: torch.Tensor | None,
-                     score: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        A, st = model(Yc, band_mask=fit_mask)
-        rec = torch.einsum("lp,nphw->nlhw", model.E[score], A)
-        target = Yc[:, score]
-        n = (Mc.sum() * int(score.sum())).clamp_min(1.0)
-        err = (((target - rec) ** 2) * Mc).sum() / n
-        return err / ((target**2) * Mc).sum().div(n).clamp_min(1e-12), st
-
-    # fixed validation: the central crop of every fit tile, a fixed band split of its own seed
-    cy, cx = (th - ch) // 2, (tw - cw) // 2
-    Yv, Mv = Yt[..., cy : cy + ch, cx : cx + cw], M[..., cy : cy + ch, cx : cx + cw]
-    v_fit, v_score = band_split(torch.Generator().manual_seed(seed + 3))
-    val_every, patience = int(opts["val_every"]), int(opts["patience"])
-
-    def validate() -> float:
-        with torch.no_grad():
-            return float(heldout_loss(Yv, Mv, v_fit, v_score)[0])
-
-    curve: list[float] = []
-    iters: list[float] = []
-    val_curve: list[list[float]] = []
     model.train()
-    best_val, best_epoch, bad = np.inf, 0, 0
-    best_state = (E_start.clone(), {k: v.detach().clone() for k, v in model.net.state_dict().items()})
-    if max_epochs > 0 and val_every > 0:
-        best_val = validate()
-        val_curve.append([0, best_val])
-    stopped_early = False
-    stop_reason = "max_epochs" if max_epochs > 0 else "no training (max_epochs 0)"
-    waited: list[int] = []  # validations not counted against patience: the start still best, loss falling
-    for epoch in range(max_epochs):
-        oy = int(torch.randint(0, th - ch + 1, (1,), generator=gen))
-        ox = int(torch.randint(0, tw - cw + 1, (1,), generator=gen))
-        Yc, Mc = Yt[..., oy : oy + ch, ox : ox + cw], M[..., oy : oy + ch, ox : ox + cw]
-        fit_mask, score = band_split(gen)
-        loss, st = heldout_loss(Yc, Mc, fit_mask, score)
-        opt.zero_grad()
-        model.E.grad = None
-        loss.backward()
-        with torch.no_grad():  # chain rule through E = E_start·exp(S)
-            S.grad = model.E.grad * model.E if model.E.grad is not None else torch.zeros_like(S)
-        opt.step()
-        with torch.no_grad():
-            model.E.copy_(E_start * torch.exp(S))
-        model.project_()
-        curve.append(float(loss.detach()))
-        iters.append(float(st.iterations.float().mean()))
+    state = _FitState(best_state=(E_start.clone(), _net_copy(model)),
+                      stop_reason="max_epochs" if cfg.max_epochs > 0 else "no training (max_epochs 0)")
+    if cfg.max_epochs > 0 and cfg.val_every > 0:
+        state.best_val = _validate(model, data)
+        state.val_curve.append([0, state.best_val])
+    for epoch in range(cfg.max_epochs):
+        loss, st = _train_step(model, data, S, E_start, opt, gen)
+        state.curve.append(float(loss.detach()))
+        state.iters.append(float(st.iterations.float().mean()))
         if progress is not None:
-            progress(epoch, curve[-1])
-        if val_every > 0 and ((epoch + 1) % val_every == 0 or epoch + 1 == max_epochs):
-            v = validate()
-            val_curve.append([epoch + 1, v])
-            if v < best_val:
-                best_val, best_epoch, bad = v, epoch + 1, 0
-                best_state = (model.E.detach().clone(),
-                              {k: x.detach().clone() for k, x in model.net.state_dict().items()})
-            elif best_epoch == 0 and training_loss_falls(curve):
-                # the start is still the best validated state but the fit is still learning: an
-                # early stop here would return the start, so patience waits
-                waited.append(epoch + 1)
-            else:
-                bad += 1
-                if bad >= patience:
-                    stopped_early = True
-                    stop_reason = (f"patience: {patience} validations without improvement on epoch "
-                                   f"{best_epoch}" + ("" if best_epoch else
-                                                      ", and the training loss no longer falls"))
-                    break
-    kept_start = None
-    if val_every > 0 and max_epochs > 0 and best_epoch == 0:
-        kept_start = (f"no validated state (epochs {[int(e) for e, _ in val_curve[1:]]}) had a lower "
-                      f"held-out-band validation loss than the start ({val_curve[0][1]:.4g}); "
-                      + ("the training loss no longer fell" if stopped_early else
-                         f"stopped at max_epochs {max_epochs}"))
-    if val_every > 0 and max_epochs > 0:  # keep the best validated state (epoch 0: the start)
+            progress(epoch, state.curve[-1])
+        if cfg.val_every > 0 and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.max_epochs):
+            if _record_validation(state, model, epoch + 1, _validate(model, data), cfg.patience):
+                break
+    state.kept_start = _kept_start_reason(state, cfg)
+    if cfg.val_every > 0 and cfg.max_epochs > 0:  # keep the best validated state (epoch 0: the start)
         with torch.no_grad():
-            model.E.copy_(best_state[0])
-        model.net.load_state_dict(best_state[1])
+            model.E.copy_(state.best_state[0])
+        model.net.load_state_dict(state.best_state[1])
     model.eval()
-    with torch.no_grad():  # the kept state's solver at the inference cap, on the validation crops
+    return state
+
+
+def _record_validation(state: _FitState, model: DEQUnmix, epoch: int, v: float, patience: int) -> bool:
+    """Record the validation loss ``v`` after ``epoch`` steps: keep the state if it is the best so
+    far, else count it against patience (unless the start is still best and the training loss still
+    falls). Returns whether the fit stops early."""
+    state.val_curve.append([epoch, v])
+    if v < state.best_val:
+        state.best_val, state.best_epoch, state.bad = v, epoch, 0
+        state.best_state = (model.E.detach().clone(), _net_copy(model))
+    elif state.best_epoch == 0 and training_loss_falls(state.curve):
+        # the start is still the best validated state but the fit is still learning: an
+        # early stop here would return the start, so patience waits
+        state.waited.append(epoch)
+    else:
+        state.bad += 1
+        if state.bad >= patience:
+            state.stopped_early = True
+            state.stop_reason = (f"patience: {patience} validations without improvement on epoch "
+                                 f"{state.best_epoch}" + ("" if state.best_epoch else
+                                                          ", and the training loss no longer falls"))
+            return True
+    return False
+
+
+def _kept_start_reason(state: _FitState, cfg: _TrainSettings) -> str | None:
+    """Why the fit kept its start (no validated state beat it), or ``None`` when it did not."""
+    if cfg.val_every > 0 and cfg.max_epochs > 0 and state.best_epoch == 0:
+        return (f"no validated state (epochs {[int(e) for e, _ in state.val_curve[1:]]}) had a lower "
+                f"held-out-band validation loss than the start ({state.val_curve[0][1]:.4g}); "
+                + ("the training loss no longer fell" if state.stopped_early else
+                   f"stopped at max_epochs {cfg.max_epochs}"))
+    return None
+
+
+def _solver_check(model: DEQUnmix, data: _FitData, P: int, opts: dict[str, Any]) -> dict[str, Any]:
+    """The kept state's solver at the inference cap on the validation crops: converged pixels,
+    reconstruction RMSE overall and per dominant endmember (valid pixels only)."""
+    Yv, Mv = data.val_tiles, data.val_mask
+    with torch.no_grad():
         A_v, st_v = model(Yv)
         res_v = torch.sqrt(((model.reconstruct(A_v) - Yv) ** 2).mean(dim=1)).reshape(-1)
     valid_v = Mv.reshape(-1) > 0
@@ -689,35 +803,40 @@ def fit_scene(
     per_em = {f"em{i + 1}": {"pixels": int((dom == i).sum()),
                              "rmse": float(res_valid[dom == i].mean()) if bool((dom == i).any()) else None}
               for i in range(P)}
-    solver_check = {"pixels": int(conv_v.numel()), "converged_pixels": int(conv_v.sum()),
-                    "cap": int(opts["eval_max_iter"]), "tol": float(opts["tol"]),
-                    "where": "valid pixels of the central crops of the fit tiles, all good bands",
-                    "residual_rmse": float(res_valid.mean()) if res_valid.numel() else None,
-                    "residual_by_dominant_endmember": per_em}
+    return {"pixels": int(conv_v.numel()), "converged_pixels": int(conv_v.sum()),
+            "cap": int(opts["eval_max_iter"]), "tol": float(opts["tol"]),
+            "where": "valid pixels of the central crops of the fit tiles, all good bands",
+            "residual_rmse": float(res_valid.mean()) if res_valid.numel() else None,
+            "residual_by_dominant_endmember": per_em}
+
+
+def _fit_result(scene: xr.DataArray, model: DEQUnmix, E0: np.ndarray, opts: dict[str, Any],
+                max_epochs: int, records: dict[str, Any], state: _FitState,
+                solver_check: dict[str, Any], t_start: float) -> UnmixFit:
+    """The :class:`UnmixFit` of the trained model with its provenance: the scene, the sample, ``P``,
+    start and fit-tile ``records`` (in that order), options, curves, why the fit stopped, the
+    solver check, timing, environment and the spectra (fitted and start)."""
     wl_all = np.asarray(scene["wavelength"].values, dtype=np.float64)
     good = good_band_index(scene)
     gb = np.asarray(scene["good_band"].values, dtype=bool)
     E_fit = np.ascontiguousarray(model.E.detach().numpy(), dtype=np.float32)
-    names = [f"em{i + 1}" for i in range(P)]
+    names = [f"em{i + 1}" for i in range(E_fit.shape[1])]
     provenance = {
         "model": "deq-unmix",
         "scene": str(scene.attrs.get("source", "")),
         "scene_shape": [int(s) for s in scene.shape],
         "good_bands": int(good.size),
-        "sample": sample_rec,
-        "n_endmembers": p_rec,
-        "endmember_init": init_rec,
-        "fit_tiles": tiles_rec,
+        **records,
         "options": opts,
         "max_epochs": max_epochs,
-        "loss_curve": curve,
-        "val_curve": val_curve,
-        "best_epoch": best_epoch,
-        "stopped_early": stopped_early,
-        "stop_reason": stop_reason,
-        "patience_waited_at": waited,
-        "kept_start": kept_start,
-        "train_solver_iterations_mean": iters,
+        "loss_curve": state.curve,
+        "val_curve": state.val_curve,
+        "best_epoch": state.best_epoch,
+        "stopped_early": state.stopped_early,
+        "stop_reason": state.stop_reason,
+        "patience_waited_at": state.waited,
+        "kept_start": state.kept_start,
+        "train_solver_iterations_mean": state.iters,
         "solver_check": solver_check,
         "wall_time_s": time.perf_counter() - t_start,
         "torch": torch.__version__,
