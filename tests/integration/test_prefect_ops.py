@@ -278,3 +278,20 @@ def test_automation_recipe_notifies_on_a_failed_run(server: Any, tmp_path: Path)
     finally:
         hook.shutdown()
         hook.server_close()
+
+
+def test_deployments_carry_the_limits_and_a_valid_stage_timeout() -> None:
+    import yaml
+
+    from flows.scene_flow import stage_timeout
+
+    cfg = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())
+    deps = {d["name"]: d for d in cfg["deployments"]}
+    assert deps["on-demand"]["concurrency_limit"] == {"limit": 4, "collision_strategy": "ENQUEUE"}
+    assert deps["nightly-sweep"]["concurrency_limit"] == 1
+    spec = cfg["definitions"]["work_pools"]["process_pool"]["job_variables"]["env"][
+        "HYPERDEQ_STAGE_TIMEOUT_S"
+    ]
+    assert stage_timeout("denoise", spec) == 86400.0 and stage_timeout("ingest", spec) == 21600.0
+    (auto,) = yaml.safe_load((ROOT / "deploy" / "automations.yaml").read_text())["automations"]
+    assert set(auto["trigger"]["expect"]) == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
