@@ -8,6 +8,7 @@ matrix; the same permutation is applied to the abundance rows.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,33 +301,59 @@ def write_report(results: list[dict[str, Any]], env: dict[str, Any], command: st
 
     Notes after :data:`NOTES_MARKER` in an existing markdown report are kept (appended again).
     """
-    import json
-
     command = portable(command)
     rec = {"command": command, "environment": env, "settings": settings, "results": results}
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(rec, indent=1))
-    lines = ["# DEQ-Unmix evaluation", "",
-             f"Command: `{command}`  ",
-             f"Device: {env['device']} ({env['cpu_count']} cores, torch threads {env['torch_threads']}); "
-             f"torch {env['torch']}, numpy {env['numpy']}, scipy {env['scipy']}, Python {env['python']}.  ",
-             f"Settings: {json.dumps(settings)}", "",
-             "Protocol: `../shared/PROTOCOL.md` (Unmixing). Endmembers matched to the reference by "
-             "Hungarian assignment on the SAD matrix (degrees); abundance RMSE over all endmembers and "
-             "pixels. Time: wall seconds for extraction + abundances (DEQ: blind fit + apply) on a "
-             "shared, loaded machine: compare times only within a row.", "",
-             f"Split (issue 25): tuning scenes {', '.join(TUNING_SCENES)} (hyperparameters may be chosen "
-             f"there); reported scenes {', '.join(REPORTED_SCENES)} (never used for a choice). The class "
-             "fraction 0.25 and the endmember step 5e-4 were chosen on Samson + Jasper Ridge before this "
-             "split; Samson is now the one real tuning scene.", "",
-             "## Ablation: the same endmembers, abundances by FCLS vs the DEQ", "",
-             "FCLS-same-E: FCLS (NNLS on the sum-to-one augmented system) with the DEQ fit's endmembers, "
-             "so its SAD equals the DEQ's; the aRMSE difference is what the DEQ fixed point adds over "
-             f"FCLS. Targets on every reported real scene: DEQ / FCLS-same-E ≤ {TARGET_VS_SAME_E:g} "
-             f"(aRMSE ≥ 20 % below) and DEQ / VCA+FCLS ≤ {TARGET_VS_VCA:g}.", "",
-             "| scene | role | seed | P | DEQ aRMSE | FCLS-same-E aRMSE | VCA+FCLS aRMSE | DEQ SAD (°) | "
-             "VCA+FCLS SAD (°) | DEQ / FCLS-same-E (aRMSE) | DEQ / VCA+FCLS (aRMSE, SAD) | targets met | fit stop |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = _report_header(command, env, settings)
+    lines += _ablation_rows(results)
+    lines.append("")
+    lines += _target_lines(results)
+    lines += ["", "## All methods", "",
+              "| scene | role | seed | P | method | mean SAD (°) | per-endmember SAD (°) | aRMSE | time (s) | DEQ solver |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += _method_rows(results)
+    lines.append("")
+    lines += _summary_lines(results)
+    text = "\n".join(lines) + "\n"
+    if md_path.is_file():
+        old = md_path.read_text()
+        if NOTES_MARKER in old:
+            text += "\n" + old[old.index(NOTES_MARKER):]
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(text)
+
+
+def _report_header(command: str, env: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """The report's title, command, environment, settings, protocol and split, up to the header of
+    the ablation table (the ablation comes first: it is what the issue-25 targets are about)."""
+    return ["# DEQ-Unmix evaluation", "",
+            f"Command: `{command}`  ",
+            f"Device: {env['device']} ({env['cpu_count']} cores, torch threads {env['torch_threads']}); "
+            f"torch {env['torch']}, numpy {env['numpy']}, scipy {env['scipy']}, Python {env['python']}.  ",
+            f"Settings: {json.dumps(settings)}", "",
+            "Protocol: `../shared/PROTOCOL.md` (Unmixing). Endmembers matched to the reference by "
+            "Hungarian assignment on the SAD matrix (degrees); abundance RMSE over all endmembers and "
+            "pixels. Time: wall seconds for extraction + abundances (DEQ: blind fit + apply) on a "
+            "shared, loaded machine: compare times only within a row.", "",
+            f"Split (issue 25): tuning scenes {', '.join(TUNING_SCENES)} (hyperparameters may be chosen "
+            f"there); reported scenes {', '.join(REPORTED_SCENES)} (never used for a choice). The class "
+            "fraction 0.25 and the endmember step 5e-4 were chosen on Samson + Jasper Ridge before this "
+            "split; Samson is now the one real tuning scene.", "",
+            "## Ablation: the same endmembers, abundances by FCLS vs the DEQ", "",
+            "FCLS-same-E: FCLS (NNLS on the sum-to-one augmented system) with the DEQ fit's endmembers, "
+            "so its SAD equals the DEQ's; the aRMSE difference is what the DEQ fixed point adds over "
+            f"FCLS. Targets on every reported real scene: DEQ / FCLS-same-E ≤ {TARGET_VS_SAME_E:g} "
+            f"(aRMSE ≥ 20 % below) and DEQ / VCA+FCLS ≤ {TARGET_VS_VCA:g}.", "",
+            "| scene | role | seed | P | DEQ aRMSE | FCLS-same-E aRMSE | VCA+FCLS aRMSE | DEQ SAD (°) | "
+            "VCA+FCLS SAD (°) | DEQ / FCLS-same-E (aRMSE) | DEQ / VCA+FCLS (aRMSE, SAD) | targets met | fit stop |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def _ablation_rows(results: list[dict[str, Any]]) -> list[str]:
+    """One ablation table row per result that has the ablation and both FCLS baselines: aRMSE,
+    SAD, the ratios, which targets are met and why the DEQ fit stopped."""
+    rows: list[str] = []
     for r in results:
         if "ablation" not in r or "fcls-same-e" not in r or "vca+fcls" not in r:
             continue
@@ -335,12 +362,17 @@ def write_report(results: list[dict[str, Any]], env: dict[str, Any], command: st
         s2 = ab.get("vs_vca_fcls", {})
         met = ", ".join(f"{k} {'yes' if ab[k]['met'] else 'no'}" for k in ("vs_fcls_same_e", "vs_vca_fcls") if k in ab)
         stop = (d.get("stop_reason") or "") + ("; kept start" if d.get("kept_start") else "")
-        lines.append(
+        rows.append(
             f"| {r['scene']} | {r.get('role', '')} | {r.get('seed', '')} | {r['p']} | {d['abundance_rmse']:.4f} | "
             f"{f['abundance_rmse']:.4f} | {v['abundance_rmse']:.4f} | {d['sad_mean_deg']:.2f} | {v['sad_mean_deg']:.2f} | "
             f"{s1.get('armse_ratio', float('nan')):.3f} | {s2.get('armse_ratio', float('nan')):.3f}, "
             f"{s2.get('sad_ratio', float('nan')):.3f} | {met} | {stop} |")
-    lines.append("")
+    return rows
+
+
+def _target_lines(results: list[dict[str, Any]]) -> list[str]:
+    """Per reported scene and target: the ratio of every seed and whether all seeds meet it."""
+    lines: list[str] = []
     for scene in REPORTED_SCENES:
         rs = [r for r in results if r["scene"] == scene and "ablation" in r]
         if not rs:
@@ -352,42 +384,56 @@ def write_report(results: list[dict[str, Any]], env: dict[str, Any], command: st
             lines.append(f"- target {scene} (reported), {label} (aRMSE): "
                          + " / ".join(f"seed {sd} {x['armse_ratio']:.3f}" for sd, x in vals)
                          + f": **{'met' if n_met == len(vals) else 'missed'}** ({n_met} of {len(vals)} seeds)")
-    lines += ["", "## All methods", "",
-              "| scene | role | seed | P | method | mean SAD (°) | per-endmember SAD (°) | aRMSE | time (s) | DEQ solver |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _method_rows(results: list[dict[str, Any]]) -> list[str]:
+    """One "All methods" row per result and method it has: SAD (mean and per endmember), aRMSE,
+    time and, for the DEQ, its solver's worst case."""
+    rows: list[str] = []
     for r in results:
         for meth in ("deq-unmix", "fcls-same-e", "vca+fcls", "nfindr+fcls"):
             if meth not in r:
                 continue
             v = r[meth]
             per = ", ".join(f"{k} {s:.2f}" for k, s in v["sad_deg"].items())
-            solver = ""
-            if "solver" in v:
-                s = v["solver"]
-                solver = f"max it {s['iterations']}, res {s['residual']:.1e}, conv {s['converged']}"
-                if "valid_pixels" in s:
-                    solver += f" ({s['converged_pixels']}/{s['valid_pixels']} px)"
-            lines.append(f"| {r['scene']} | {r.get('role', '')} | {r.get('seed', '')} | {r['p']} | {meth} | "
-                         f"{v['sad_mean_deg']:.2f} | {per} | {v['abundance_rmse']:.4f} | {v['time_s']:.1f} | {solver} |")
-    lines.append("")
+            rows.append(f"| {r['scene']} | {r.get('role', '')} | {r.get('seed', '')} | {r['p']} | {meth} | "
+                        f"{v['sad_mean_deg']:.2f} | {per} | {v['abundance_rmse']:.4f} | {v['time_s']:.1f} | "
+                        f"{_solver_cell(v)} |")
+    return rows
+
+
+def _solver_cell(v: dict[str, Any]) -> str:
+    """The solver column of a method's row: iterations, residual, convergence (and the converged
+    pixel count where recorded); empty for methods without a solver."""
+    if "solver" not in v:
+        return ""
+    s = v["solver"]
+    solver = f"max it {s['iterations']}, res {s['residual']:.1e}, conv {s['converged']}"
+    if "valid_pixels" in s:
+        solver += f" ({s['converged_pixels']}/{s['valid_pixels']} px)"
+    return solver
+
+
+def _summary_lines(results: list[dict[str, Any]]) -> list[str]:
+    """One line per result with both the DEQ and VCA+FCLS: aRMSE and SAD against each other, the
+    case's note and, where computed, the floors with the true endmembers."""
+    lines: list[str] = []
     for r in results:
         if "deq-unmix" in r and "vca+fcls" in r:
             d, b = r["deq-unmix"]["abundance_rmse"], r["vca+fcls"]["abundance_rmse"]
-            floors = ""
-            if "floors" in r:
-                f = r["floors"]
-                m = f["mmse_true_e"]
-                bayes = (f"Bayes (posterior mean, the best any estimator can expect) {m:.4f}" if m is not None else
-                         f"Bayes not resolved by prior sampling (median ESS {f['mmse_ess_median']:.0f})")
-                floors = (f" Floors with the true endmembers: FCLS {f['fcls_true_e']:.4f}, {bayes}; the −30 % target is "
-                          f"{0.7 * b:.4f}{' (below the Bayes floor: unreachable)' if m is not None and 0.7 * b < m else ''}.")
+            floors = _floors_note(r["floors"], b) if "floors" in r else ""
             lines.append(f"- {r['scene']} (seed {r.get('seed', '')}): DEQ-Unmix aRMSE {d:.4f} vs VCA+FCLS {b:.4f} "
                          f"({100 * (d - b) / b:+.1f} %); mean SAD {r['deq-unmix']['sad_mean_deg']:.2f}° vs "
                          f"{r['vca+fcls']['sad_mean_deg']:.2f}°.{(' ' + r['note'] + '.') if r.get('note') else ''}{floors}")
-    text = "\n".join(lines) + "\n"
-    if md_path.is_file():
-        old = md_path.read_text()
-        if NOTES_MARKER in old:
-            text += "\n" + old[old.index(NOTES_MARKER):]
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(text)
+    return lines
+
+
+def _floors_note(f: dict[str, Any], b: float) -> str:
+    """The floors with the true endmembers (FCLS, Bayes when prior sampling resolved it) and whether
+    the −30 % target below VCA+FCLS aRMSE ``b`` is under the Bayes floor (unreachable)."""
+    m = f["mmse_true_e"]
+    bayes = (f"Bayes (posterior mean, the best any estimator can expect) {m:.4f}" if m is not None else
+             f"Bayes not resolved by prior sampling (median ESS {f['mmse_ess_median']:.0f})")
+    return (f" Floors with the true endmembers: FCLS {f['fcls_true_e']:.4f}, {bayes}; the −30 % target is "
+            f"{0.7 * b:.4f}{' (below the Bayes floor: unreachable)' if m is not None and 0.7 * b < m else ''}.")
