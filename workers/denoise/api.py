@@ -241,6 +241,56 @@ def _subspace_k(subspace: int) -> int:
     )
 
 
+def _subspace_pass(
+    model: nn.Module, filled: np.ndarray, out: np.ndarray, sigma: np.ndarray, valid: np.ndarray,
+    stuck: np.ndarray, k: int, stats: dict[str, Any], guard_model: Any, pass_kw: dict[str, Any],
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Second, spectral-subspace pass over the first pass ``out``: guard, clean, project onto the
+    top-``k`` directions, run the model again, and blend; folds the worst solver statistics of
+    both passes into ``stats`` (in place) and returns the new output and the subspace record."""
+    from .guard import apply_guard
+    from .subspace import clean_input, project, project_own, uniform_noise_weight
+
+    g1 = guard_model if guard_model is not None else shipped_guard()
+    d1, _ = apply_guard(g1, filled, out, sigma, valid)
+    yc, c_stats = clean_input(filled, d1, valid, stuck)  # the same input: reuse its stuck mask
+    yp, p_stats = project(yc, sigma, valid, k)
+    d2, _, st2 = _model_pass(model, yp.astype(np.float32), valid, **pass_kw)
+    out = project_own(d2, valid, k).astype(np.float32)
+    w1, spread = uniform_noise_weight(sigma)
+    if w1 > 0:  # step 5b: i.i.d.-like noise: average with the projected first pass
+        out *= np.float32(1.0 - w1)  # in place: tiles can be large
+        out += np.float32(w1) * project_own(d1, valid, k)
+    stats.update(iterations=max(stats["iterations"], st2["iterations"]),  # worst of both passes
+                 residual=max(stats["residual"], st2["residual"]),
+                 converged=stats["converged"] and st2["converged"])
+    sub_stats = {"subspace_k": p_stats["k"], "subspace_outside": p_stats["pixels_kept_outside"],
+                 "subspace_impulses": c_stats["impulse_pixels"], "subspace_stuck": c_stats["stuck_pixels"],
+                 "subspace_lines": c_stats["lines_removed"],
+                 "subspace_blend": round(w1, 4), "subspace_sigma_spread": round(min(spread, 1e6), 4)}
+    return out, sub_stats
+
+
+def _band_guard(
+    guard: GuardMode, guard_model: Any, filled: np.ndarray, out: np.ndarray, sigma: np.ndarray,
+    valid: np.ndarray,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The band guard per ``guard`` mode: per-band weights of the input handed back, applied
+    (``"apply"``) or only reported (``"weights"``); ``"off"`` leaves ``out`` as is."""
+    if guard == "off":
+        return out, {"guard": False}
+    from .guard import guard_weights
+
+    g = guard_model if guard_model is not None else shipped_guard()
+    gw = guard_weights(g, filled, out, sigma, valid)
+    if guard != "weights":
+        out = (out + gw[:, None, None] * (filled - out)).astype(np.float32)
+    guard_stats = {"guard": True, "guard_applied": guard != "weights", "guard_w_mean": float(gw.mean()),
+                   "guard_w_max": float(gw.max()), "guard_bands_half": int(np.sum(gw > 0.5)),
+                   "guard_w": [float(v) for v in gw], "guard_n": int(valid.sum())}
+    return out, guard_stats
+
+
 @torch.no_grad()
 def denoise_cube(
     model: nn.Module, cube: np.ndarray, *, device: str = "cpu", max_iter: int | None = None,
@@ -300,37 +350,8 @@ def denoise_cube(
         sub_stats = {"subspace_k": 0, "subspace_skipped": f"{b} bands, {int(valid.sum())} pixels < 2k bands / 2B pixels"}
         k = 0
     if k:
-        from .guard import apply_guard
-        from .subspace import clean_input, project, project_own, uniform_noise_weight
-
-        g1 = guard_model if guard_model is not None else shipped_guard()
-        d1, _ = apply_guard(g1, filled, out, sigma, valid)
-        yc, c_stats = clean_input(filled, d1, valid, stuck)  # the same input: reuse its stuck mask
-        yp, p_stats = project(yc, sigma, valid, k)
-        d2, _, st2 = _model_pass(model, yp.astype(np.float32), valid, **pass_kw)
-        out = project_own(d2, valid, k).astype(np.float32)
-        w1, spread = uniform_noise_weight(sigma)
-        if w1 > 0:  # step 5b: i.i.d.-like noise: average with the projected first pass
-            out *= np.float32(1.0 - w1)  # in place: tiles can be large
-            out += np.float32(w1) * project_own(d1, valid, k)
-        stats.update(iterations=max(stats["iterations"], st2["iterations"]),  # worst of both passes
-                     residual=max(stats["residual"], st2["residual"]),
-                     converged=stats["converged"] and st2["converged"])
-        sub_stats = {"subspace_k": p_stats["k"], "subspace_outside": p_stats["pixels_kept_outside"],
-                     "subspace_impulses": c_stats["impulse_pixels"], "subspace_stuck": c_stats["stuck_pixels"],
-                     "subspace_lines": c_stats["lines_removed"],
-                     "subspace_blend": round(w1, 4), "subspace_sigma_spread": round(min(spread, 1e6), 4)}
-    guard_stats: dict[str, Any] = {"guard": False}
-    if guard != "off":
-        from .guard import guard_weights
-
-        g = guard_model if guard_model is not None else shipped_guard()
-        gw = guard_weights(g, filled, out, sigma, valid)
-        if guard != "weights":
-            out = (out + gw[:, None, None] * (filled - out)).astype(np.float32)
-        guard_stats = {"guard": True, "guard_applied": guard != "weights", "guard_w_mean": float(gw.mean()),
-                       "guard_w_max": float(gw.max()), "guard_bands_half": int(np.sum(gw > 0.5)),
-                       "guard_w": [float(v) for v in gw], "guard_n": int(valid.sum())}
+        out, sub_stats = _subspace_pass(model, filled, out, sigma, valid, stuck, k, stats, guard_model, pass_kw)
+    out, guard_stats = _band_guard(guard, guard_model, filled, out, sigma, valid)
     out[:, ~valid] = np.nan
     return out, {**stats, **guard_stats, **sub_stats}
 
