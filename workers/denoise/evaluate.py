@@ -315,6 +315,78 @@ def environment(config: EvalConfig) -> dict[str, Any]:
     }
 
 
+def _split_baselines(config: EvalConfig, say: Callable[[str], None]) -> tuple[list[str], dict[str, str]]:
+    """The requested baselines that can run here, and why the others cannot (each said once)."""
+    skipped: dict[str, str] = {}
+    runnable: list[str] = []
+    for name in config.baselines:
+        ok, why = availability(name)
+        if ok:
+            runnable.append(name)
+        else:
+            skipped[name] = why
+            say(why)
+    return runnable, skipped
+
+
+def _decsc_setup(config: EvalConfig, say: Callable[[str], None]) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, denoise_cube, provenance) for DECSC, or (None, None, why not) when it is off or
+    cannot load; the provenance records the band guard and the subspace pass of this run."""
+    model = denoise_cube = None
+    decsc_info: dict[str, Any] = {"status": "off", "note": "DECSC not requested (--no-decsc)"}
+    if config.decsc:
+        model, denoise_cube, decsc_info = _load_decsc(config.device, config.weights, config.arch)
+        if model is None:
+            say(f"DECSC skipped: {decsc_info['note']}")
+        else:
+            decsc_info["band_guard"] = _guard_info(config.guard)
+            decsc_info["subspace"] = ({"status": "on", "k": config.subspace, "module": "workers.denoise.subspace"}
+                                      if config.subspace else {"status": "off"})
+    return model, denoise_cube, decsc_info
+
+
+def _measure_decsc(config: EvalConfig, model: Any, denoise_cube: Any, clean: np.ndarray, noisy: np.ndarray,
+                   noisy_bp: Any) -> dict[str, Any]:
+    """Score DECSC on one noisy cube with its time and solver statistics; a refusal is recorded
+    as an error rather than ending the run."""
+    t0 = time.perf_counter()
+    try:
+        kw: dict[str, Any] = {} if config.device == "cpu" else {"device": config.device}
+        out, stats = denoise_cube(model, noisy.astype(np.float32), guard="apply" if config.guard else "off",
+                                  subspace=config.subspace or 0, **kw)
+        dt = time.perf_counter() - t0
+        res = score(clean, out, noisy_bp) | {"time_s": dt} | _decsc_stats(dict(stats))
+    except HyperdeqError as exc:
+        res = {"error": f"{type(exc).__name__}: {exc}"}
+    return res
+
+
+def _measure_baseline(name: str, cache: _Cache, config: EvalConfig, scene: str, meta: dict[str, Any], case: str,
+                      noisy_hash: str, clean: np.ndarray, noisy: np.ndarray, info: CaseInfo,
+                      noisy_bp: Any) -> dict[str, Any]:
+    """Score one classical baseline on one noisy cube, from the cache when everything that
+    determines the result matches; successful measurements are cached, failures reported."""
+    bl = get_baseline(name)
+    key = "|".join(
+        [scene, meta.get("crop", "full"), case, str(config.seed), name, noisy_hash,
+         json.dumps(bl.versions(), sort_keys=True)]
+    )
+    cached = cache.get(key)
+    if cached is not None:
+        return dict(cached) | {"cached": True}
+    t0 = time.perf_counter()
+    try:
+        out = bl.denoise(noisy, info)
+        dt = time.perf_counter() - t0
+        res = score(clean, out, noisy_bp) | {"time_s": dt}
+    except Exception as exc:  # noqa: BLE001 - a failing anchor is reported, not fatal
+        res = {"error": f"{type(exc).__name__}: {exc}"}
+    res["measured_utc"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    if "error" not in res:
+        cache.put(key, res)
+    return res
+
+
 def run_eval(
     config: EvalConfig,
     progress: Callable[[str], None] | None = None,
@@ -330,27 +402,8 @@ def run_eval(
 
         torch.set_num_threads(config.threads)
     cache = _Cache(config.cache)
-
-    skipped: dict[str, str] = {}
-    runnable: list[str] = []
-    for name in config.baselines:
-        ok, why = availability(name)
-        if ok:
-            runnable.append(name)
-        else:
-            skipped[name] = why
-            say(why)
-
-    model = denoise_cube = None
-    decsc_info: dict[str, Any] = {"status": "off", "note": "DECSC not requested (--no-decsc)"}
-    if config.decsc:
-        model, denoise_cube, decsc_info = _load_decsc(config.device, config.weights, config.arch)
-        if model is None:
-            say(f"DECSC skipped: {decsc_info['note']}")
-        else:
-            decsc_info["band_guard"] = _guard_info(config.guard)
-            decsc_info["subspace"] = ({"status": "on", "k": config.subspace, "module": "workers.denoise.subspace"}
-                                      if config.subspace else {"status": "off"})
+    runnable, skipped = _split_baselines(config, say)
+    model, denoise_cube, decsc_info = _decsc_setup(config, say)
 
     env = environment(config)
     results: list[dict[str, Any]] = []
@@ -375,38 +428,13 @@ def run_eval(
             say(f"{scene} {case}: noisy {row['methods'][NOISY]['mpsnr_db']:.2f} dB")
 
             if model is not None and denoise_cube is not None:
-                t0 = time.perf_counter()
-                try:
-                    kw: dict[str, Any] = {} if config.device == "cpu" else {"device": config.device}
-                    out, stats = denoise_cube(model, noisy.astype(np.float32), guard="apply" if config.guard else "off",
-                                              subspace=config.subspace or 0, **kw)
-                    dt = time.perf_counter() - t0
-                    res = score(clean, out, noisy_bp) | {"time_s": dt} | _decsc_stats(dict(stats))
-                except HyperdeqError as exc:
-                    res = {"error": f"{type(exc).__name__}: {exc}"}
+                res = _measure_decsc(config, model, denoise_cube, clean, noisy, noisy_bp)
                 row["methods"][DECSC] = res
                 say(f"{scene} {case}: decsc {res.get('mpsnr_db', float('nan')):.2f} dB")
 
             for name in runnable:
-                bl = get_baseline(name)
-                key = "|".join(
-                    [scene, meta.get("crop", "full"), case, str(config.seed), name, noisy_hash,
-                     json.dumps(bl.versions(), sort_keys=True)]
-                )
-                cached = cache.get(key)
-                if cached is not None:
-                    res = dict(cached) | {"cached": True}
-                else:
-                    t0 = time.perf_counter()
-                    try:
-                        out = bl.denoise(noisy, info)
-                        dt = time.perf_counter() - t0
-                        res = score(clean, out, noisy_bp) | {"time_s": dt}
-                    except Exception as exc:  # noqa: BLE001 - a failing anchor is reported, not fatal
-                        res = {"error": f"{type(exc).__name__}: {exc}"}
-                    res["measured_utc"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-                    if "error" not in res:
-                        cache.put(key, res)
+                res = _measure_baseline(name, cache, config, scene, meta, case, noisy_hash, clean, noisy, info,
+                                        noisy_bp)
                 row["methods"][name] = res
                 say(f"{scene} {case}: {name} {res.get('mpsnr_db', float('nan')):.2f} dB")
             if groups is not None:
@@ -495,24 +523,10 @@ def _fmt(v: Any, nd: int = 2) -> str:
     return str(v)
 
 
-def render_markdown(res: dict[str, Any]) -> str:
-    """The human report: environment, MPSNR summary, per-case tables, verdict, notes."""
-    env = res["environment"]
-    methods = [NOISY, DECSC, *res["config"]["baselines"]]
-    lines = [
-        "# Denoising evaluation: DECSC vs classical anchors",
-        "",
-        "Protocol: `docs/evaluation.md` (MPSNR in dB, mean of per-band PSNR, peak 1; MSSIM; SAM in "
-        "degrees; ERGAS; outputs clamped to [0, 1]; noise seeded per scene × case).",
-        "",
-        f"- command: `{env['command']}`",
-        f"- date: {env['date_utc']}; git commit {env['git_commit']}",
-        f"- device: {env['cpu']} ({env['cpu_count']} cores visible, torch threads "
-        f"{env['torch_threads']}); DECSC on {env['decsc_device']}",
-        f"- versions: python {env['python']}, "
-        + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
-    ]
-    d = res["decsc"]
+def _md_decsc(d: dict[str, Any]) -> list[str]:
+    """Header lines on DECSC: weights and their digest, band guard and subspace pass, or why it
+    did not run."""
+    lines: list[str] = []
     if d.get("status") == "ok":
         lines.append(
             f"- DECSC weights: `{d.get('weights_file', '?')}` sha256 `{d.get('weights_sha256', '?')}`"
@@ -531,31 +545,13 @@ def render_markdown(res: dict[str, Any]) -> str:
             lines.append("- DECSC spectral-subspace pass: **off** (`--subspace 0`): the model alone")
     else:
         lines.append(f"- DECSC: **{d.get('status')}**: {d.get('note')}")
-    for name, why in res["skipped_baselines"].items():
-        lines.append(f"- baseline `{name}` **skipped**: {why}")
-    for name, b in res["baselines"].items():
-        lines.append(f"- `{name}`: {b['settings']} ({', '.join(f'{k} {v}' for k, v in b['versions'].items())})")
-    for scene, meta in res["scenes"].items():
-        lines.append(
-            f"- scene `{scene}`: `{meta['file']}`, (B, H, W) = {tuple(meta['shape_bhw'])}, "
-            f"scaling {meta['scaling']}" + (f", {meta['crop']}" if "crop" in meta else "")
-        )
+    return lines
 
-    missing_cases = [c for c in DEFAULT_CASES if c not in res["config"]["cases"]]
-    missing_bl = [b for b in BASELINE_NAMES if b not in res["config"]["baselines"]]
-    if missing_cases or missing_bl or res["config"].get("crop"):
-        lines.append(
-            "- **not part of this run**: "
-            + "; ".join(
-                x
-                for x in (
-                    f"default cases {missing_cases}" if missing_cases else "",
-                    f"baselines {missing_bl}" if missing_bl else "",
-                    f"full scenes (centre crop {res['config']['crop']})" if res["config"].get("crop") else "",
-                )
-                if x
-            )
-        )
+
+def _md_verdict_and_summary(res: dict[str, Any], methods: list[str]) -> list[str]:
+    """The verdict table against the issue's targets, DECSC's convergence count, and the MPSNR
+    summary of every method per scene × case."""
+    lines: list[str] = []
     lines += ["", "## Verdict (targets of issue 8: MPSNR ≥ best anchor + margin)", ""]
     lines += [
         "| scene | case | DECSC MPSNR (dB) | best anchor | anchor MPSNR (dB) | margin (dB) | target | status |",
@@ -581,7 +577,39 @@ def render_markdown(res: dict[str, Any]) -> str:
             mm = r["methods"].get(m)
             cells.append("–" if mm is None else ("error" if "error" in mm else _fmt(mm["mpsnr_db"])))
         lines.append(f"| {r['scene']} | {r['case']} | " + " | ".join(cells) + " |")
+    return lines
 
+
+def _md_notes(m: str, mm: dict[str, Any]) -> list[str]:
+    """Notes column of one method's row: non-finite values, cache origin, and for DECSC its
+    solver convergence, band guard and subspace pass."""
+    notes = []
+    if mm.get("nonfinite_values"):
+        notes.append(f"{mm['nonfinite_values']} non-finite values scored as 0")
+    if mm.get("cached"):
+        notes.append(f"cached, measured {mm.get('measured_utc', '?')}")
+    if m == DECSC:
+        notes.append(
+            f"converged {_fmt(mm.get('converged_fraction'), 2)} ({mm.get('solves')} spectral windows), "
+            f"iters mean {_fmt(mm.get('iterations_mean'), 1)} max {_fmt(mm.get('iterations_max'), 0)}, "
+            f"max residual {_fmt(mm.get('residual_max'), 4)}"
+        )
+        if mm.get("guard"):
+            notes.append(f"guard w mean {_fmt(mm.get('guard_w_mean'), 3)} max {_fmt(mm.get('guard_w_max'), 2)}, "
+                         f"{mm.get('guard_bands_half')} bands w > 0.5")
+        if mm.get("subspace_k"):
+            notes.append(f"subspace k {mm['subspace_k']}: {mm.get('subspace_outside')} pixels kept outside, "
+                         f"{mm.get('subspace_impulses')} impulse pixels ({mm.get('subspace_stuck', 0)} stuck) and "
+                         f"{mm.get('subspace_lines')} "
+                         "line offsets cleaned"
+                         + (f", σ spread {_fmt(mm.get('subspace_sigma_spread'), 2)} → blend "
+                            f"{_fmt(mm.get('subspace_blend'), 2)}" if "subspace_blend" in mm else ""))
+    return notes
+
+
+def _md_per_case(res: dict[str, Any], methods: list[str]) -> list[str]:
+    """One table per scene × case: every metric of every method that ran, with notes."""
+    lines: list[str] = []
     lines += ["", "## Per scene and case", ""]
     for r in res["results"]:
         lines += [
@@ -597,33 +625,61 @@ def render_markdown(res: dict[str, Any]) -> str:
             if "error" in mm:
                 lines.append(f"| {m} | – | – | – | – | – | – | failed: {mm['error'][:160]} |")
                 continue
-            notes = []
-            if mm.get("nonfinite_values"):
-                notes.append(f"{mm['nonfinite_values']} non-finite values scored as 0")
-            if mm.get("cached"):
-                notes.append(f"cached, measured {mm.get('measured_utc', '?')}")
-            if m == DECSC:
-                notes.append(
-                    f"converged {_fmt(mm.get('converged_fraction'), 2)} ({mm.get('solves')} spectral windows), "
-                    f"iters mean {_fmt(mm.get('iterations_mean'), 1)} max {_fmt(mm.get('iterations_max'), 0)}, "
-                    f"max residual {_fmt(mm.get('residual_max'), 4)}"
-                )
-                if mm.get("guard"):
-                    notes.append(f"guard w mean {_fmt(mm.get('guard_w_mean'), 3)} max {_fmt(mm.get('guard_w_max'), 2)}, "
-                                 f"{mm.get('guard_bands_half')} bands w > 0.5")
-                if mm.get("subspace_k"):
-                    notes.append(f"subspace k {mm['subspace_k']}: {mm.get('subspace_outside')} pixels kept outside, "
-                                 f"{mm.get('subspace_impulses')} impulse pixels ({mm.get('subspace_stuck', 0)} stuck) and "
-                                 f"{mm.get('subspace_lines')} "
-                                 "line offsets cleaned"
-                                 + (f", σ spread {_fmt(mm.get('subspace_sigma_spread'), 2)} → blend "
-                                    f"{_fmt(mm.get('subspace_blend'), 2)}" if "subspace_blend" in mm else ""))
+            notes = _md_notes(m, mm)
             lines.append(
                 f"| {m} | {_fmt(mm['mpsnr_db'])} | {_fmt(mm['mssim'], 4)} | {_fmt(mm['sam_deg'])} | "
                 f"{_fmt(mm['ergas'])} | {_fmt(mm['time_s'], 1)} | "
                 f"{_fmt(mm.get('bands_worse_than_noisy'))} | {'; '.join(notes)} |"
             )
         lines.append("")
+    return lines
+
+
+def render_markdown(res: dict[str, Any]) -> str:
+    """The human report: environment, MPSNR summary, per-case tables, verdict, notes."""
+    env = res["environment"]
+    methods = [NOISY, DECSC, *res["config"]["baselines"]]
+    lines = [
+        "# Denoising evaluation: DECSC vs classical anchors",
+        "",
+        "Protocol: `docs/evaluation.md` (MPSNR in dB, mean of per-band PSNR, peak 1; MSSIM; SAM in "
+        "degrees; ERGAS; outputs clamped to [0, 1]; noise seeded per scene × case).",
+        "",
+        f"- command: `{env['command']}`",
+        f"- date: {env['date_utc']}; git commit {env['git_commit']}",
+        f"- device: {env['cpu']} ({env['cpu_count']} cores visible, torch threads "
+        f"{env['torch_threads']}); DECSC on {env['decsc_device']}",
+        f"- versions: python {env['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+    ]
+    lines += _md_decsc(res["decsc"])
+    for name, why in res["skipped_baselines"].items():
+        lines.append(f"- baseline `{name}` **skipped**: {why}")
+    for name, b in res["baselines"].items():
+        lines.append(f"- `{name}`: {b['settings']} ({', '.join(f'{k} {v}' for k, v in b['versions'].items())})")
+    for scene, meta in res["scenes"].items():
+        lines.append(
+            f"- scene `{scene}`: `{meta['file']}`, (B, H, W) = {tuple(meta['shape_bhw'])}, "
+            f"scaling {meta['scaling']}" + (f", {meta['crop']}" if "crop" in meta else "")
+        )
+
+    missing_cases = [c for c in DEFAULT_CASES if c not in res["config"]["cases"]]
+    missing_bl = [b for b in BASELINE_NAMES if b not in res["config"]["baselines"]]
+    if missing_cases or missing_bl or res["config"].get("crop"):
+        lines.append(
+            "- **not part of this run**: "
+            + "; ".join(
+                x
+                for x in (
+                    f"default cases {missing_cases}" if missing_cases else "",
+                    f"baselines {missing_bl}" if missing_bl else "",
+                    f"full scenes (centre crop {res['config']['crop']})" if res["config"].get("crop") else "",
+                )
+                if x
+            )
+        )
+    lines += _md_verdict_and_summary(res, methods)
+    lines += _md_per_case(res, methods)
     lines += [
         "Bands worse than noisy: number of bands whose PSNR after denoising is below that of the "
         "noisy input (clamped to [0, 1]); 0 is the goal (\"never worse than the input\").",
