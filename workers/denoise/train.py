@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from pipeline.noise import NOISE_CASES, add_noise
 from .api import build_model, shipped_state, weights_metadata
 from .data import HELD_OUT_CAVE, load_cave, load_training_data, sample_patch
 from .decsc import DECSC
+
+if TYPE_CHECKING:
+    from workers.deq import SolverStats
 
 LOSSES = ("l1", "l1-noise-relative")
 #: added to each band's noise level in the noise-relative loss (the error a band keeps even when it
@@ -210,15 +213,10 @@ def validation_set(data_dir: Path, bands: int) -> list[tuple[str, torch.Tensor, 
     return out
 
 
-def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> Path:
-    """Train; returns the path of the exported safetensors weights (``out_dir/decsc.safetensors``)."""
-    from safetensors.torch import save_file
-
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = cfg.out_dir / "checkpoint.pt"
-    log_path = cfg.out_dir / "train_log.jsonl"
+def _init_run(cfg: TrainConfig, ckpt: Path) -> tuple[DECSC, torch.optim.Optimizer, np.random.Generator, int, float, dict[str, str], torch.device]:
+    """Model, optimiser and data RNG for a run: fresh (optionally from ``cfg.init_weights``) or
+    resumed from ``ckpt``; returns them with the step, the elapsed seconds before this run, the
+    initial-weights provenance and the device."""
     dev = torch.device(cfg.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"training device {cfg.device!r} asked for but torch sees no CUDA device; use --device cpu")
@@ -244,6 +242,79 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
         step, elapsed_before = int(state["step"]), float(state["elapsed"])
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
+    return model, opt, rng, step, elapsed_before, init_note, dev
+
+
+class _Rollback:
+    """Divergence guard: DEQs can turn expansive; keep a known-good state and roll back to it
+    (halving the learning rate) when a step's loss or fixed-point residual blows up."""
+
+    def __init__(self, model: DECSC, opt: torch.optim.Optimizer) -> None:
+        self.keep(model, opt)
+        self.ema: float | None = None
+        self.lr_scale = 1.0
+        self.rollbacks = 0
+
+    def keep(self, model: DECSC, opt: torch.optim.Optimizer) -> None:
+        """Remember the current model and optimiser state as the known-good one."""
+        self.good = {k: v.clone() for k, v in model.state_dict().items()}
+        self.good_opt = copy.deepcopy(opt.state_dict())
+
+    def step(self, model: DECSC, opt: torch.optim.Optimizer, lval: float, st: SolverStats,
+             gnorm: torch.Tensor, step: int) -> bool:
+        """Take the optimiser step, or roll back if diverging (returned); skip non-finite gradients."""
+        diverging = (not math.isfinite(lval)) or float(st.residual.mean()) > 0.6 or (
+            self.ema is not None and step > 50 and lval > 3 * self.ema)
+        if diverging:
+            model.load_state_dict(self.good)
+            opt.load_state_dict(self.good_opt)
+            self.lr_scale *= 0.5
+            self.rollbacks += 1
+        elif torch.isfinite(gnorm):
+            opt.step()
+            self.ema = lval if self.ema is None else 0.95 * self.ema + 0.05 * lval
+        return diverging
+
+
+def _next_batch(stream: _BatchPrefetch | None, cave: list[np.ndarray], extras: list[np.ndarray], cfg: TrainConfig,
+                bands: int, rng: np.random.Generator, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The next (clean, noisy, cases) batch on ``dev``: from the prefetch workers or built here."""
+    if stream is not None:
+        x, y, cases = stream.get()
+    else:
+        xc, yc, cases = make_batch(cave, extras, cfg, bands, rng)
+        x, y = torch.from_numpy(xc), torch.from_numpy(yc)
+    return x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), cases
+
+
+def _forward_backward(model: DECSC, opt: torch.optim.Optimizer, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor
+                      ) -> tuple[torch.Tensor, SolverStats, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss (reconstruction plus weighted fixed-point residual) and its clipped gradients; returns
+    the output, solver statistics, fixed-point residual, reconstruction loss, loss and grad norm."""
+    out, st = model(y)
+    fp_res = model.deq.last_train_residual
+    assert fp_res is not None, "the DEQ did not record its training residual"
+    if cfg.loss == "l1":
+        rec_loss = F.l1_loss(out, x)
+    else:
+        rec_loss = ((out - x).abs() * band_weights(x, y)).mean()
+    loss = rec_loss + cfg.residual_weight * fp_res.mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    return out, st, fp_res, rec_loss, loss, gnorm
+
+
+def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> Path:
+    """Train; returns the path of the exported safetensors weights (``out_dir/decsc.safetensors``)."""
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = cfg.out_dir / "checkpoint.pt"
+    log_path = cfg.out_dir / "train_log.jsonl"
+    model, opt, rng, step, elapsed_before, init_note, dev = _init_run(cfg, ckpt)
     cave, extras, names = load_training_data(cfg.data_dir)
     val = [(n, a.to(dev), b.to(dev)) for n, a, b in validation_set(cfg.data_dir, model.cfg.bands)]
     stream = None
@@ -253,56 +324,27 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
     bands = model.cfg.bands
     t0 = time.time() - elapsed_before
     model.train()
-    # divergence guard: DEQs can turn expansive; keep a known-good state and roll back to it
-    good = {k: v.clone() for k, v in model.state_dict().items()}
-    good_opt = copy.deepcopy(opt.state_dict())
-    ema, lr_scale, rollbacks = None, 1.0, 0
+    guard = _Rollback(model, opt)
     with _closing(stream), log_path.open("a") as log:
         log.write(json.dumps({"event": "start", "step": step, "config": {k: str(v) for k, v in asdict(cfg).items()},
                               "cave_scenes": names, "extras": len(extras), **init_note}) + "\n")
         while step < cfg.max_steps and (time.time() - t0) < cfg.minutes * 60:
-            if stream is not None:
-                x, y, cases = stream.get()
-            else:
-                xc, yc, cases = make_batch(cave, extras, cfg, bands, rng)
-                x, y = torch.from_numpy(xc), torch.from_numpy(yc)
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            lr = lr_scale * _lr(cfg, step, time.time() - t0)
+            x, y, cases = _next_batch(stream, cave, extras, cfg, bands, rng, dev)
+            lr = guard.lr_scale * _lr(cfg, step, time.time() - t0)
             for g in opt.param_groups:
                 g["lr"] = lr
             ts = time.time()
-            out, st = model(y)
-            fp_res = model.deq.last_train_residual
-            assert fp_res is not None, "the DEQ did not record its training residual"
-            if cfg.loss == "l1":
-                rec_loss = F.l1_loss(out, x)
-            else:
-                rec_loss = ((out - x).abs() * band_weights(x, y)).mean()
-            loss = rec_loss + cfg.residual_weight * fp_res.mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-            lval = loss.item()
-            diverging = (not math.isfinite(lval)) or float(st.residual.mean()) > 0.6 or (
-                ema is not None and step > 50 and lval > 3 * ema)
-            if diverging:
-                model.load_state_dict(good)
-                opt.load_state_dict(good_opt)
-                lr_scale *= 0.5
-                rollbacks += 1
-            elif torch.isfinite(gnorm):
-                opt.step()
-                ema = lval if ema is None else 0.95 * ema + 0.05 * lval
+            out, st, fp_res, rec_loss, loss, gnorm = _forward_backward(model, opt, cfg, x, y)
+            diverging = guard.step(model, opt, loss.item(), st, gnorm, step)
             step += 1
             if step % 25 == 0 and not diverging:
-                good = {k: v.clone() for k, v in model.state_dict().items()}
-                good_opt = copy.deepcopy(opt.state_dict())
+                guard.keep(model, opt)
             rec: dict[str, Any] = {
                 "step": step, "loss": loss.item(), "l1": rec_loss.item(), "fp_res": fp_res.mean().item(),
                 "psnr": mpsnr(out.detach(), x), "psnr_noisy": mpsnr(y, x),
                 "iterations": float(st.iterations.float().mean()), "residual": float(st.residual.mean()),
-                "grad_norm": float(gnorm), "lr": lr, "rollback": diverging, "rollbacks": rollbacks, "cases": cases, "step_s": time.time() - ts,
-                "elapsed_s": time.time() - t0,
+                "grad_norm": float(gnorm), "lr": lr, "rollback": diverging, "rollbacks": guard.rollbacks, "cases": cases,
+                "step_s": time.time() - ts, "elapsed_s": time.time() - t0,
             }
             if step % cfg.val_every == 0:
                 rec["val"] = evaluate(model, val)
