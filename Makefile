@@ -38,6 +38,7 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check pipeline workers flows tests benchmarks
+	$(VENV)/bin/ruff format --check pipeline workers flows tests benchmarks
 	$(VENV)/bin/mypy
 
 bench: install

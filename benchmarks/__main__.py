@@ -36,14 +36,21 @@ DOC = ROOT / "docs" / "benchmarks.md"
 
 #: key, title, module:function(section, plan, device)
 SECTIONS: tuple[tuple[str, str, str], ...] = (
-    ("cli_vs_fasthyde", "hyperdeq run --no-unmix (CLI defaults, fresh process) vs FastHyDe, same cube",
-     "cli_vs_fasthyde:run"),
+    (
+        "cli_vs_fasthyde",
+        "hyperdeq run --no-unmix (CLI defaults, fresh process) vs FastHyDe, same cube",
+        "cli_vs_fasthyde:run",
+    ),
     ("throughput", "Model throughput, FLOPs per voxel, achieved vs peak", "throughput:run"),
     ("overhead", "Pipeline overhead ratio and where the time goes", "pipeline_bench:overhead"),
     ("scaling", "Scaling: 2 workers ÷ 1 worker (model stage)", "pipeline_bench:scaling"),
     ("memory", "Memory: peak RSS per worker at 1×, 4×, 16× (and 36×) the scene area", "memory:run"),
     ("solver", "DEQ solver: iterations per tile, cold vs warm start", "solver:run"),
-    ("fragments", "Seams, training memory, ingest (benchmarks owned by other areas)", "fragments:run"),
+    (
+        "fragments",
+        "Seams, training memory, ingest (benchmarks owned by other areas)",
+        "fragments:run",
+    ),
     ("gpu", "GPU", "gpu:run"),
 )
 SECTION_KEYS = tuple(k for k, _, _ in SECTIONS)
@@ -63,8 +70,14 @@ def _fn(spec: str) -> Callable[[Section, Any, str], None]:
     return getattr(importlib.import_module(f"benchmarks.{mod}"), fn)
 
 
-def run_bench(size: str = "default", device: str = "cpu", sections: tuple[str, ...] | None = None,
-              json_path: Path | None = None, out: Path | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_bench(
+    size: str = "default",
+    device: str = "cpu",
+    sections: tuple[str, ...] | None = None,
+    json_path: Path | None = None,
+    out: Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run the benchmark sections; write the JSON and the markdown report; return the payload."""
     from benchmarks.plan import get_plan
     from pipeline.errors import ConfigError
@@ -82,7 +95,9 @@ def run_bench(size: str = "default", device: str = "cpu", sections: tuple[str, .
     plan = get_plan(size)
     env = environment(device)
     if device == "cuda" and env["gpu"] is None:
-        log("[bench] --device cuda but no CUDA device: model sections run on CPU are skipped; GPU section says so")
+        log(
+            "[bench] --device cuda but no CUDA device: model sections run on CPU are skipped; GPU section says so"
+        )
     t0 = time.perf_counter()
     secs: list[Section] = []
     json_path = json_path or RESULTS_DIR / f"bench_{size}_{device}.json"
@@ -91,27 +106,46 @@ def run_bench(size: str = "default", device: str = "cpu", sections: tuple[str, .
         if key not in chosen:
             continue
         if device == "cuda" and env["gpu"] is None and key != "gpu":
-            s = Section(key=key, title=title, status="skipped", notes=["no CUDA device: nothing measured"])
+            s = Section(
+                key=key, title=title, status="skipped", notes=["no CUDA device: nothing measured"]
+            )
         else:
             s = run_section(key, title, lambda sec, spec=spec: _fn(spec)(sec, plan, device), log)
         secs.append(s)
-        payload = _save(json_path, size, device, plan, env, secs, t0, sections)  # after every section
+        payload = _save(
+            json_path, size, device, plan, env, secs, t0, sections
+        )  # after every section
     env["load_average_at_end"] = load_average()
     payload = _save(json_path, size, device, plan, env, secs, t0, sections)
     out = out or DOC
-    others = _other_runs(json_path, size) if json_path.parent.resolve() == RESULTS_DIR.resolve() else []
+    others = (
+        _other_runs(json_path, size) if json_path.parent.resolve() == RESULTS_DIR.resolve() else []
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_report([payload, *others]))
     log(f"[bench] wrote {json_path} and {out} in {payload['wall_s']:.0f} s")
     return payload
 
 
-def _save(json_path: Path, size: str, device: str, plan: Any, env: dict[str, Any], secs: list[Section],
-          t0: float, sections: tuple[str, ...] | None) -> dict[str, Any]:
+def _save(
+    json_path: Path,
+    size: str,
+    device: str,
+    plan: Any,
+    env: dict[str, Any],
+    secs: list[Section],
+    t0: float,
+    sections: tuple[str, ...] | None,
+) -> dict[str, Any]:
     """Write the results so far (a partial rerun updates those sections of the last full run)."""
-    payload = {"size": size, "device": device, "plan": _plan_dict(plan), "environment": env,
-               "wall_s": time.perf_counter() - t0,
-               "sections": {s.key: {**s.to_dict(), "environment": env} for s in secs}}
+    payload = {
+        "size": size,
+        "device": device,
+        "plan": _plan_dict(plan),
+        "environment": env,
+        "wall_s": time.perf_counter() - t0,
+        "sections": {s.key: {**s.to_dict(), "environment": env} for s in secs},
+    }
     if sections and json_path.is_file():
         old = json.loads(json_path.read_text())
         if old.get("size") == size and old.get("device") == device:
@@ -147,9 +181,17 @@ def _targets_table(payloads: list[dict[str, Any]]) -> str:
     for pl in payloads:
         for s in pl["sections"].values():
             for t in s.get("targets", []):
-                rows.append({"run": f"{pl['size']}/{pl['device']}", "section": s["title"], "target": t["name"],
-                             "measured": t["value"], "goal": t["goal"],
-                             "met": {True: "met", False: "MISSED", None: "n/a"}[t["met"]], "why / caveat": t["why"]})
+                rows.append(
+                    {
+                        "run": f"{pl['size']}/{pl['device']}",
+                        "section": s["title"],
+                        "target": t["name"],
+                        "measured": t["value"],
+                        "goal": t["goal"],
+                        "met": {True: "met", False: "MISSED", None: "n/a"}[t["met"]],
+                        "why / caveat": t["why"],
+                    }
+                )
     return md_table(rows)
 
 
@@ -162,62 +204,99 @@ def findings(pl: dict[str, Any]) -> list[str]:
     out: list[str] = []
     missing = [k for k in SECTION_KEYS if k not in pl["sections"]]
     if missing:
-        out.append(f"{tag} Not measured in this run (did not finish before the results were committed, or not "
-                   f"selected): {', '.join(missing)}.")
+        out.append(
+            f"{tag} Not measured in this run (did not finish before the results were committed, or not "
+            f"selected): {', '.join(missing)}."
+        )
     la = pl["environment"].get("load_average_at_start")
     if la and la[0] > (pl["environment"].get("cpu_cores") or 1):
-        out.append(f"{tag} The machine was oversubscribed while measuring (load average {la[0]} on "
-                   f"{pl['environment'].get('cpu_cores')} cores): absolute seconds and MVox/s are pessimistic and "
-                   "noisy; ratios measured back to back are the figures to compare.")
+        out.append(
+            f"{tag} The machine was oversubscribed while measuring (load average {la[0]} on "
+            f"{pl['environment'].get('cpu_cores')} cores): absolute seconds and MVox/s are pessimistic and "
+            "noisy; ratios measured back to back are the figures to compare."
+        )
     v = s.get("throughput", {}).get("values", {})
     if v:
         w = v.get("decsc_weights", "")
-        out.append(f"{tag} DECSC runs at {v.get('decsc_mvox_s', float('nan')):.4f} MVox/s and DEQ-Unmix at "
-                   f"{v.get('unmix_mvox_s', float('nan')):.4f} MVox/s on this CPU (weights: {w}); see the table for "
-                   "the classical anchors on the same pixels and the fraction of measured matmul peak reached.")
+        out.append(
+            f"{tag} DECSC runs at {v.get('decsc_mvox_s', float('nan')):.4f} MVox/s and DEQ-Unmix at "
+            f"{v.get('unmix_mvox_s', float('nan')):.4f} MVox/s on this CPU (weights: {w}); see the table for "
+            "the classical anchors on the same pixels and the fraction of measured matmul peak reached."
+        )
     v = s.get("overhead", {}).get("values", {})
     if v:
-        floors = {r["tile"]: next(x for k, x in r.items() if k.startswith("read px")) for r in halo_table()}
-        out.append(f"{tag} Overhead ratio {v['overhead_ratio']:.2f}; this run's tiles read ×{v['halo_factor']:.2f} the "
-                   f"pixels they own (halo recompute), so the ratio cannot go below that with a per-pixel-cost model. "
-                   f"On a 1000×1000 scene with halo 16 that floor is {floors[128]:.2f} at tile 128 and {floors[256]:.2f} "
-                   f"at tile 256: the ≤ 1.3 goal needs tiles of 256 px or more (or a smaller halo, if the seam "
-                   "benchmark allows it).")
+        floors = {
+            r["tile"]: next(x for k, x in r.items() if k.startswith("read px"))
+            for r in halo_table()
+        }
+        out.append(
+            f"{tag} Overhead ratio {v['overhead_ratio']:.2f}; this run's tiles read ×{v['halo_factor']:.2f} the "
+            f"pixels they own (halo recompute), so the ratio cannot go below that with a per-pixel-cost model. "
+            f"On a 1000×1000 scene with halo 16 that floor is {floors[128]:.2f} at tile 128 and {floors[256]:.2f} "
+            f"at tile 256: the ≤ 1.3 goal needs tiles of 256 px or more (or a smaller halo, if the seam "
+            "benchmark allows it)."
+        )
     v = s.get("scaling", {}).get("values", {})
     if v:
-        out.append(f"{tag} Two workers deliver ×{v['scaling_2_over_1']:.2f} the model-stage throughput of one "
-                   "(goal ≥ 1.7 on 2 cores); the scheduler, the driver and tile I/O share those cores"
-                   + (", and other jobs were running (see the load average)." if _busy(pl) else "."))
+        out.append(
+            f"{tag} Two workers deliver ×{v['scaling_2_over_1']:.2f} the model-stage throughput of one "
+            "(goal ≥ 1.7 on 2 cores); the scheduler, the driver and tile I/O share those cores"
+            + (", and other jobs were running (see the load average)." if _busy(pl) else ".")
+        )
     v = s.get("memory", {}).get("values", {})
     if v:
-        out.append(f"{tag} Peak worker RSS across the area steps: "
-                   + ", ".join(f"{x:.0f}" for x in v.get("worker_peak_mib", [])) + " MiB "
-                   f"(highest ÷ smallest scene ×{v['worker_peak_growth']:.2f}; driver "
-                   + ", ".join(f"{x:.0f}" for x in v.get("driver_peak_mib", [])) + f" MiB, ×{v['driver_peak_growth']:.2f}).")
+        out.append(
+            f"{tag} Peak worker RSS across the area steps: "
+            + ", ".join(f"{x:.0f}" for x in v.get("worker_peak_mib", []))
+            + " MiB "
+            f"(highest ÷ smallest scene ×{v['worker_peak_growth']:.2f}; driver "
+            + ", ".join(f"{x:.0f}" for x in v.get("driver_peak_mib", []))
+            + f" MiB, ×{v['driver_peak_growth']:.2f})."
+        )
     v = s.get("solver", {}).get("values", {})
     if v and "warm_iterations_mean" in v:
-        out.append(f"{tag} DEQ solver: {v['cold_iterations_mean']:.1f} iterations per tile from a cold start vs "
-                   f"{v['warm_iterations_mean']:.1f} with the best warm start ({v['warm_best']}), same tolerance; converged "
-                   f"{v.get('cold_converged')} cold vs {v.get('warm_converged')} warm, worst residual "
-                   f"{v.get('cold_residual_max', float('nan')):.2e} vs {v.get('warm_residual_max', float('nan')):.2e}.")
+        out.append(
+            f"{tag} DEQ solver: {v['cold_iterations_mean']:.1f} iterations per tile from a cold start vs "
+            f"{v['warm_iterations_mean']:.1f} with the best warm start ({v['warm_best']}), same tolerance; converged "
+            f"{v.get('cold_converged')} cold vs {v.get('warm_converged')} warm, worst residual "
+            f"{v.get('cold_residual_max', float('nan')):.2e} vs {v.get('warm_residual_max', float('nan')):.2e}."
+        )
     g = s.get("gpu", {})
     if g.get("values", {}).get("gpu"):
         tabs = g.get("tables", {})
         main = next(iter(tabs.get(f"GPU: {g['values']['gpu']}", [])), {})
         fl = next(iter(tabs.get("GPU FLOPs per voxel and achieved vs peak", [])), {})
-        peak32 = next((r["TFLOP/s"] for r in tabs.get("GPU peak estimate (measured matmul)", [])
-                       if "float32" in r.get("matmul", "")), float("nan"))
+        peak32 = next(
+            (
+                r["TFLOP/s"]
+                for r in tabs.get("GPU peak estimate (measured matmul)", [])
+                if "float32" in r.get("matmul", "")
+            ),
+            float("nan"),
+        )
         # achieved at the best tile size: FLOP/voxel × voxels/s ÷ the measured fp32 peak
-        best_pct = 100 * fl.get("FLOP/voxel", float("nan")) * main.get("best mvox_s (any tile)", float("nan")) * 1e6 / (peak32 * 1e12)
-        line = (f"{tag} On the {g['values']['gpu']}: DECSC reaches {main.get('best mvox_s (any tile)', float('nan')):.2f} MVox/s "
-                f"at its best tile size (a 1000×1000×224 scene ≈ {main.get('est. 1000×1000×224 scene s', float('nan')):.0f} s), "
-                f"{best_pct:.1f} % of the measured float32 matmul peak there ({fl.get('% of float32 peak', float('nan')):.2f} % "
-                "on the small crop): the fixed-point map is "
-                "small convolutions, window attention on 32 channels and element-wise work, bound by memory traffic and "
-                f"kernel launches rather than arithmetic. GPU busy fraction {g['values'].get('gpu_busy', float('nan')):.0%} "
-                "on the small model crop"
-                + (f", {g['values']['gpu_busy_steady']:.0%} in steady state on the largest tile" if "gpu_busy_steady" in g["values"] else "")
-                + " (goal ≥ 80 %).")
+        best_pct = (
+            100
+            * fl.get("FLOP/voxel", float("nan"))
+            * main.get("best mvox_s (any tile)", float("nan"))
+            * 1e6
+            / (peak32 * 1e12)
+        )
+        line = (
+            f"{tag} On the {g['values']['gpu']}: DECSC reaches {main.get('best mvox_s (any tile)', float('nan')):.2f} MVox/s "
+            f"at its best tile size (a 1000×1000×224 scene ≈ {main.get('est. 1000×1000×224 scene s', float('nan')):.0f} s), "
+            f"{best_pct:.1f} % of the measured float32 matmul peak there ({fl.get('% of float32 peak', float('nan')):.2f} % "
+            "on the small crop): the fixed-point map is "
+            "small convolutions, window attention on 32 channels and element-wise work, bound by memory traffic and "
+            f"kernel launches rather than arithmetic. GPU busy fraction {g['values'].get('gpu_busy', float('nan')):.0%} "
+            "on the small model crop"
+            + (
+                f", {g['values']['gpu_busy_steady']:.0%} in steady state on the largest tile"
+                if "gpu_busy_steady" in g["values"]
+                else ""
+            )
+            + " (goal ≥ 80 %)."
+        )
         if "gpu_unmix_mvox_s" in g["values"]:
             line += f" DEQ-Unmix applies at up to {g['values']['gpu_unmix_mvox_s']:.0f} MVox/s."
         out.append(line)
@@ -241,15 +320,21 @@ def render_report(payloads: list[dict[str, Any]]) -> str:
     ]
     has_gpu = any(pl["device"] == "cuda" and pl["environment"].get("gpu") for pl in payloads)
     if not has_gpu:
-        lines += ["> **GPU tables are pending a GPU session.** No CUDA device was available where these runs were "
-                  "made; `hyperdeq bench --device cuda` implements the GPU section (throughput, busy fraction, "
-                  "largest tile, 1000×1000×224 estimate, bf16) and skips cleanly without CUDA.", ""]
+        lines += [
+            "> **GPU tables are pending a GPU session.** No CUDA device was available where these runs were "
+            "made; `hyperdeq bench --device cuda` implements the GPU section (throughput, busy fraction, "
+            "largest tile, 1000×1000×224 estimate, bf16) and skips cleanly without CUDA.",
+            "",
+        ]
     lines += ["## Targets at a glance", "", _targets_table(payloads)]
-    lines += ["## Reading the numbers", ""] + [f"- {b}" for pl in payloads for b in findings(pl)] + [""]
+    lines += (
+        ["## Reading the numbers", ""] + [f"- {b}" for pl in payloads for b in findings(pl)] + [""]
+    )
     for pl in payloads:
         env = pl["environment"]
         lines += [
-            f"## Run: size `{pl['size']}`, device `{pl['device']}`", "",
+            f"## Run: size `{pl['size']}`, device `{pl['device']}`",
+            "",
             f"- command: `{env.get('command')}` (commit {env.get('git_commit')}, started {env.get('started_utc')}, "
             f"{pl['wall_s']:.0f} s in all)",
             f"- CPU: {env.get('cpu')} × {env.get('cpu_cores')} cores, {env.get('memory_gib')} GiB; GPU: {env.get('gpu') or 'none'}",
@@ -263,19 +348,36 @@ def render_report(payloads: list[dict[str, Any]]) -> str:
                 from benchmarks.pipeline_bench import HALO_TABLE, halo_table
 
                 s["tables"].setdefault(HALO_TABLE, halo_table())
-            sec = Section(key=s["key"], title=s["title"], status=s["status"], tables=s["tables"], values=s["values"],
-                          notes=s["notes"], targets=[Target(**t) for t in s["targets"]], wall_s=s["wall_s"],
-                          error=s.get("error"))
+            sec = Section(
+                key=s["key"],
+                title=s["title"],
+                status=s["status"],
+                tables=s["tables"],
+                values=s["values"],
+                notes=s["notes"],
+                targets=[Target(**t) for t in s["targets"]],
+                wall_s=s["wall_s"],
+                error=s.get("error"),
+            )
             lines.append(section_markdown(sec, s.get("environment") or env))
-    lines += ["## Appendix: reports of the benchmark modules owned by other areas", "",
-              "Included verbatim as committed (each states its own command and device).", ""]
+    lines += [
+        "## Appendix: reports of the benchmark modules owned by other areas",
+        "",
+        "Included verbatim as committed (each states its own command and device).",
+        "",
+    ]
     from benchmarks.fragments import FRAGMENTS, docs_for
 
     seen: set[Path] = set()
     for fr in FRAGMENTS:
         docs = docs_for(fr)
         if not docs:
-            lines += [f"### benchmarks/{fr.name}.py", "", f"_No report committed yet ({fr.what})._", ""]
+            lines += [
+                f"### benchmarks/{fr.name}.py",
+                "",
+                f"_No report committed yet ({fr.what})._",
+                "",
+            ]
         for p in docs:
             if p in seen:
                 continue
@@ -290,12 +392,30 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="default", choices=SIZES)
     ap.add_argument("--device", default="cpu", choices=DEVICES)
-    ap.add_argument("--out", type=Path, default=None, help="markdown report (default docs/benchmarks.md)")
-    ap.add_argument("--json", type=Path, default=None, help="results JSON (default benchmarks/results/bench_<size>_<device>.json)")
-    ap.add_argument("--sections", default=None, help=f"comma list, default all: {','.join(SECTION_KEYS)}")
-    ap.add_argument("--render-only", action="store_true", help="rebuild the report from the committed JSON files")
-    ap.add_argument("--merge", type=Path, nargs="+", default=None,
-                    help="combine the sections of result JSONs of the same size/device (parallel partial runs) into --json")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="markdown report (default docs/benchmarks.md)"
+    )
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="results JSON (default benchmarks/results/bench_<size>_<device>.json)",
+    )
+    ap.add_argument(
+        "--sections", default=None, help=f"comma list, default all: {','.join(SECTION_KEYS)}"
+    )
+    ap.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rebuild the report from the committed JSON files",
+    )
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="combine the sections of result JSONs of the same size/device (parallel partial runs) into --json",
+    )
     a = ap.parse_args(argv)
     if a.merge:
         parts = [json.loads(p.read_text()) for p in a.merge]
@@ -305,14 +425,20 @@ def main(argv: list[str] | None = None) -> int:
         base["sections"] = {k: base["sections"][k] for k in SECTION_KEYS if k in base["sections"]}
         base["wall_s"] = max(p["wall_s"] for p in parts)
         base["environment"]["command"] = " + ".join(p["environment"]["command"] for p in parts)
-        base["environment"]["load_average_at_end"] = parts[-1]["environment"].get("load_average_at_end")
+        base["environment"]["load_average_at_end"] = parts[-1]["environment"].get(
+            "load_average_at_end"
+        )
         dest = a.json or RESULTS_DIR / f"bench_{base['size']}_{base['device']}.json"
         write_json(dest, base)
         runs = [base] + _other_runs(dest, base["size"])
         (a.out or DOC).write_text(render_report(runs))
         return 0
     if a.render_only:
-        runs = [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("bench_*_*.json")) if "smoke" not in p.name]
+        runs = [
+            json.loads(p.read_text())
+            for p in sorted(RESULTS_DIR.glob("bench_*_*.json"))
+            if "smoke" not in p.name
+        ]
         (a.out or DOC).write_text(render_report(runs))
         return 0
     secs = tuple(s.strip() for s in a.sections.split(",")) if a.sections else None

@@ -43,9 +43,20 @@ def time_cli_run(scene: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr[-2000:]}")
         rec = json.loads(next(Path(tmp).glob("*/*/run.json")).read_text())
     stages = rec.get("stages", {})
-    return {"command": " ".join(["hyperdeq", *cmd[1:]]), "wall_s": wall, "cpu_s": cpu,
-            "denoise_stage_s": stages.get("denoise", {}).get("wall_s"),
-            "precision": next((t.get("precision") for t in rec.get("tiles", {}).get("denoise", []) if t.get("precision")), None)}
+    return {
+        "command": " ".join(["hyperdeq", *cmd[1:]]),
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "denoise_stage_s": stages.get("denoise", {}).get("wall_s"),
+        "precision": next(
+            (
+                t.get("precision")
+                for t in rec.get("tiles", {}).get("denoise", [])
+                if t.get("precision")
+            ),
+            None,
+        ),
+    }
 
 
 def time_fasthyde(scene: Path) -> dict[str, Any]:
@@ -65,15 +76,23 @@ def time_fasthyde(scene: Path) -> dict[str, Any]:
     base = get_baseline("fasthyde")
     c0, t0 = _cpu(resource.RUSAGE_SELF), time.perf_counter()
     base.denoise(cube, info)
-    return {"wall_s": time.perf_counter() - t0, "cpu_s": _cpu(resource.RUSAGE_SELF) - c0,
-            "mvox": cube.size / 1e6}
+    return {
+        "wall_s": time.perf_counter() - t0,
+        "cpu_s": _cpu(resource.RUSAGE_SELF) - c0,
+        "mvox": cube.size / 1e6,
+    }
 
 
 def compare(scene: Path = SCENE) -> dict[str, Any]:
     fh = time_fasthyde(scene)
     cli = time_cli_run(scene)
-    return {"scene": scene.name, "fasthyde": fh, "cli": cli, "ratio_wall": cli["wall_s"] / fh["wall_s"],
-            "ratio_cpu": cli["cpu_s"] / fh["cpu_s"] if fh["cpu_s"] else None}
+    return {
+        "scene": scene.name,
+        "fasthyde": fh,
+        "cli": cli,
+        "ratio_wall": cli["wall_s"] / fh["wall_s"],
+        "ratio_cpu": cli["cpu_s"] / fh["cpu_s"] if fh["cpu_s"] else None,
+    }
 
 
 def run(sec: Any, plan: Any, device: str) -> None:
@@ -87,13 +106,27 @@ def run(sec: Any, plan: Any, device: str) -> None:
     r = compare()
     sec.values.update(r)
     sec.tables["hyperdeq run --no-unmix vs FastHyDe (same cube)"] = [
-        {"method": "hyperdeq run --no-unmix (fresh process, defaults)", "wall s": r["cli"]["wall_s"],
-         "CPU s": r["cli"]["cpu_s"], "denoise stage s": r["cli"]["denoise_stage_s"]},
-        {"method": "FastHyDe (hyde-images, k=10, iid=False; cube in memory)", "wall s": r["fasthyde"]["wall_s"],
-         "CPU s": r["fasthyde"]["cpu_s"], "denoise stage s": None},
+        {
+            "method": "hyperdeq run --no-unmix (fresh process, defaults)",
+            "wall s": r["cli"]["wall_s"],
+            "CPU s": r["cli"]["cpu_s"],
+            "denoise stage s": r["cli"]["denoise_stage_s"],
+        },
+        {
+            "method": "FastHyDe (hyde-images, k=10, iid=False; cube in memory)",
+            "wall s": r["fasthyde"]["wall_s"],
+            "CPU s": r["fasthyde"]["cpu_s"],
+            "denoise stage s": None,
+        },
     ]
-    sec.targets.append(Target("CLI wall time / FastHyDe wall time", r["ratio_wall"], f"<= {TARGET_RATIO}",
-                              r["ratio_wall"] <= TARGET_RATIO))
+    sec.targets.append(
+        Target(
+            "CLI wall time / FastHyDe wall time",
+            r["ratio_wall"],
+            f"<= {TARGET_RATIO}",
+            r["ratio_wall"] <= TARGET_RATIO,
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

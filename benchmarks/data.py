@@ -55,9 +55,12 @@ def export_cube(dest: str | Path) -> Path:
 
     s = open_scene(demo_path())
     dest = Path(dest)
-    np.savez_compressed(dest, cube=np.asarray(s.values, dtype=np.float32),
-                        good_band=np.asarray(s["good_band"].values, dtype=bool),
-                        wavelength=np.asarray(s["wavelength"].values, dtype=np.float64))
+    np.savez_compressed(
+        dest,
+        cube=np.asarray(s.values, dtype=np.float32),
+        good_band=np.asarray(s["good_band"].values, dtype=bool),
+        wavelength=np.asarray(s["wavelength"].values, dtype=np.float64),
+    )
     return dest
 
 
@@ -68,14 +71,18 @@ def _exported() -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     if not p:
         return None
     if not Path(p).is_file():
-        raise ConfigError(f"{CUBE_ENV}={p!r} is not a file; write it with `python -m benchmarks.data export {p}`")
+        raise ConfigError(
+            f"{CUBE_ENV}={p!r} is not a file; write it with `python -m benchmarks.data export {p}`"
+        )
     with np.load(p) as d:
         return d["cube"], d["good_band"], d["wavelength"]
 
 
 def demo_path() -> Path:
     if not DEMO.is_file():
-        raise ConfigError(f"demo scene {str(DEMO)!r} is missing; the benchmarks need the shipped tests/data")
+        raise ConfigError(
+            f"demo scene {str(DEMO)!r} is missing; the benchmarks need the shipped tests/data"
+        )
     return DEMO
 
 
@@ -89,7 +96,7 @@ def read_cube(crop: Crop | None = None, good_only: bool = True) -> tuple[np.ndar
         cube, good, wl = ex
         if crop is not None:
             nb = crop.bands or cube.shape[0]
-            cube = cube[:nb, crop.y0:crop.y0 + crop.h, crop.x0:crop.x0 + crop.w]
+            cube = cube[:nb, crop.y0 : crop.y0 + crop.h, crop.x0 : crop.x0 + crop.w]
             good, wl = good[:nb], wl[:nb]
         if good_only:
             cube, wl = cube[good], wl[good]
@@ -103,7 +110,9 @@ def read_cube(crop: Crop | None = None, good_only: bool = True) -> tuple[np.ndar
             s = s.isel(band=slice(0, crop.bands))
     if good_only:
         s = s.isel(band=np.flatnonzero(np.asarray(s["good_band"].values, dtype=bool)))
-    return np.asarray(s.values, dtype=np.float32), np.asarray(s["wavelength"].values, dtype=np.float64)
+    return np.asarray(s.values, dtype=np.float32), np.asarray(
+        s["wavelength"].values, dtype=np.float64
+    )
 
 
 def _profile_and_tags(n_bands: int) -> tuple[dict, dict, list[dict], list[str | None]]:
@@ -130,8 +139,17 @@ def write_crop(dest: str | Path, crop: Crop) -> Path:
         data = src.read(indexes=list(range(1, nb + 1)), window=win)
         transform = src.window_transform(win)
     prof, tags, band_tags, desc = _profile_and_tags(nb)
-    prof.update(count=nb, height=crop.h, width=crop.w, transform=transform, tiled=True,
-                blockxsize=16, blockysize=16, compress=None, interleave="pixel")
+    prof.update(
+        count=nb,
+        height=crop.h,
+        width=crop.w,
+        transform=transform,
+        tiled=True,
+        blockxsize=16,
+        blockysize=16,
+        compress=None,
+        interleave="pixel",
+    )
     with rasterio.open(dest, "w", **prof) as dst:
         dst.write(data)
         dst.update_tags(**tags)
@@ -166,8 +184,18 @@ def write_mirrored(dest: str | Path, factor: int, base: Crop | None = None) -> P
     prof, tags, band_tags, desc = _profile_and_tags(nb)
     h, w = base.h, base.w
     bs = 32 if min(h, w) >= 32 else 16
-    prof.update(count=nb, height=h * k, width=w * k, transform=transform, tiled=True,
-                blockxsize=bs, blockysize=bs, compress=None, interleave="pixel", BIGTIFF="IF_SAFER")
+    prof.update(
+        count=nb,
+        height=h * k,
+        width=w * k,
+        transform=transform,
+        tiled=True,
+        blockxsize=bs,
+        blockysize=bs,
+        compress=None,
+        interleave="pixel",
+        BIGTIFF="IF_SAFER",
+    )
     with rasterio.open(dest, "w", **prof) as dst:
         for i in range(k):
             for j in range(k):

@@ -63,7 +63,9 @@ def training_step(fmap: Any, x: Any, size: int, mode: str, n: int) -> None:
         return v.new_zeros(v.shape[0], sum(fmap.sizes(size, size)))
 
     if mode == "implicit":
-        deq = DEQFixedPoint(fmap, init=init, tol=1e-12, max_iter=n, backward_tol=1e-12, backward_max_iter=n)
+        deq = DEQFixedPoint(
+            fmap, init=init, tol=1e-12, max_iter=n, backward_tol=1e-12, backward_max_iter=n
+        )
         z, _st = deq(x)
     else:
         z = init(x)
@@ -77,8 +79,13 @@ def run(iterations: list[int], size: int) -> dict:
     rows = []
     for n in iterations:
         for mode in ("implicit", "unrolled"):
-            out = subprocess.run([sys.executable, "-c", _CHILD, mode, str(n), str(size), str(crop)],
-                                 capture_output=True, text=True, cwd=ROOT, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", _CHILD, mode, str(n), str(size), str(crop)],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                check=True,
+            )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
     import torch
@@ -88,9 +95,13 @@ def run(iterations: list[int], size: int) -> dict:
     cpu = cpu_model()
     return {
         "command": "python -m benchmarks.deq_memory" + (f" --size {size}" if size != 24 else ""),
-        "device": f"CPU: {cpu}", "torch": torch.__version__, "python": platform.python_version(),
-        "threads": 1, "input": f"2 x 31 x {size} x {size} CAVE balloons crop + gauss30 noise",
-        "model": "DECSC map, shipped CPU config", "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "device": f"CPU: {cpu}",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": 1,
+        "input": f"2 x 31 x {size} x {size} CAVE balloons crop + gauss30 noise",
+        "model": "DECSC map, shipped CPU config",
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "results": rows,
     }
 
@@ -107,7 +118,9 @@ def main() -> None:
     print("| iterations | implicit DEQ peak (MiB) | unrolled peak (MiB) |\n|---|---|---|")
     by = {(r["mode"], r["iterations"]): r for r in res["results"]}
     for n in a.iterations:
-        print(f"| {n} | {by[('implicit', n)]['peak_delta_mib']} | {by[('unrolled', n)]['peak_delta_mib']} |")
+        print(
+            f"| {n} | {by[('implicit', n)]['peak_delta_mib']} | {by[('unrolled', n)]['peak_delta_mib']} |"
+        )
 
 
 if __name__ == "__main__":

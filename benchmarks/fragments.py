@@ -34,15 +34,44 @@ class Fragment:
 
 
 FRAGMENTS: tuple[Fragment, ...] = (
-    Fragment("ingest", "ingest peak RSS and throughput vs plain read-and-write", "ingest.md",
-             ("--reps", "2", "--small-reps", "0", "--tmpdir", "{tmp}", "--no-write")),
+    Fragment(
+        "ingest",
+        "ingest peak RSS and throughput vs plain read-and-write",
+        "ingest.md",
+        ("--reps", "2", "--small-reps", "0", "--tmpdir", "{tmp}", "--no-write"),
+    ),
     Fragment("seams", "seam error: tiled-and-blended vs whole-scene output", "seams.md", None),
-    Fragment("deq_memory", "DECSC training peak memory, implicit vs unrolled, 10/20/40 iterations",
-             "deq_memory.md", None),
-    Fragment("unmix_memory", "DEQ-Unmix training peak memory, implicit vs unrolled, 10/20/40 iterations",
-             "unmix.md", ("--scene", "crop", "--iters", "10,20,40", "--batch", "2", "--size", "32", "--out", "{tmp}/unmix_memory.json",
-                          "--md", "{tmp}/unmix.md")),
-    Fragment("tile_memory", "DECSC per-tile peak RSS vs the pipeline's per-tile memory estimate", "tile_memory.md", None),
+    Fragment(
+        "deq_memory",
+        "DECSC training peak memory, implicit vs unrolled, 10/20/40 iterations",
+        "deq_memory.md",
+        None,
+    ),
+    Fragment(
+        "unmix_memory",
+        "DEQ-Unmix training peak memory, implicit vs unrolled, 10/20/40 iterations",
+        "unmix.md",
+        (
+            "--scene",
+            "crop",
+            "--iters",
+            "10,20,40",
+            "--batch",
+            "2",
+            "--size",
+            "32",
+            "--out",
+            "{tmp}/unmix_memory.json",
+            "--md",
+            "{tmp}/unmix.md",
+        ),
+    ),
+    Fragment(
+        "tile_memory",
+        "DECSC per-tile peak RSS vs the pipeline's per-tile memory estimate",
+        "tile_memory.md",
+        None,
+    ),
 )
 
 
@@ -91,13 +120,21 @@ def _small_run(fr: Fragment) -> dict[str, Any]:
         cmd = [sys.executable, "-m", f"benchmarks.{fr.name}", *args]
         t0 = time.perf_counter()
         try:
-            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=fr.timeout_s,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+            p = subprocess.run(
+                cmd,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=fr.timeout_s,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
         except subprocess.TimeoutExpired:
             return {"status": "timeout", "timeout_s": fr.timeout_s, "command": " ".join(cmd[1:])}
-        out: dict[str, Any] = {"status": "ok" if p.returncode == 0 else f"rc={p.returncode}",
-                               "wall_s": time.perf_counter() - t0,
-                               "command": "python " + " ".join(cmd[1:]).replace(td, "<tmp>")}
+        out: dict[str, Any] = {
+            "status": "ok" if p.returncode == 0 else f"rc={p.returncode}",
+            "wall_s": time.perf_counter() - t0,
+            "command": "python " + " ".join(cmd[1:]).replace(td, "<tmp>"),
+        }
         for j in Path(td).glob("*.json"):
             try:
                 out["result"] = json.loads(j.read_text())
@@ -119,12 +156,17 @@ def _ingest_rows(res: dict[str, Any] | None, source: str) -> list[dict[str, Any]
     rows = []
     for r in (res or {}).get("runs", []) if isinstance(res, dict) else []:
         try:
-            rows.append({"source": source, "scene": "×".join(map(str, r["source"]["shape"])),
-                         "plain read+write MiB/s": r.get("baseline_throughput_mib_s"),
-                         "ingest MiB/s": r.get("ingest_throughput_mib_s"),
-                         "ingest ÷ plain time": r.get("ingest_over_baseline_time"),
-                         "plain peak RSS MiB": r.get("baseline", {}).get("peak_rss_mib"),
-                         "ingest peak RSS MiB": r.get("ingest", {}).get("peak_rss_mib")})
+            rows.append(
+                {
+                    "source": source,
+                    "scene": "×".join(map(str, r["source"]["shape"])),
+                    "plain read+write MiB/s": r.get("baseline_throughput_mib_s"),
+                    "ingest MiB/s": r.get("ingest_throughput_mib_s"),
+                    "ingest ÷ plain time": r.get("ingest_over_baseline_time"),
+                    "plain peak RSS MiB": r.get("baseline", {}).get("peak_rss_mib"),
+                    "ingest peak RSS MiB": r.get("ingest", {}).get("peak_rss_mib"),
+                }
+            )
         except (KeyError, TypeError):
             continue
     return rows
@@ -136,32 +178,52 @@ def run(sec: Section, plan: Any, device: str) -> None:
         present = _exists(fr.name)
         res = committed(fr.name)
         docs = docs_for(fr)
-        row: dict[str, Any] = {"benchmark": f"benchmarks/{fr.name}.py", "measures": fr.what,
-                               "module": "present" if present else "missing",
-                               "committed results": f"benchmarks/results/{fr.name}.json" if res else "none yet",
-                               "report": ", ".join(f"docs/benchmarks/{p.name}" for p in docs) or "none yet",
-                               "results date": (res or {}).get("date_utc") or (res or {}).get("date")}
+        row: dict[str, Any] = {
+            "benchmark": f"benchmarks/{fr.name}.py",
+            "measures": fr.what,
+            "module": "present" if present else "missing",
+            "committed results": f"benchmarks/results/{fr.name}.json" if res else "none yet",
+            "report": ", ".join(f"docs/benchmarks/{p.name}" for p in docs) or "none yet",
+            "results date": (res or {}).get("date_utc") or (res or {}).get("date"),
+        }
         sec.values[f"{fr.name}_committed"] = res
         if present and plan.run_fragments and fr.small_args is not None and device == "cpu":
             small = _small_run(fr)
             sec.values[f"{fr.name}_small_run"] = small
-            row["small run here"] = f"{small['status']} ({small.get('wall_s', 0):.0f} s): `{small['command']}`"
+            row["small run here"] = (
+                f"{small['status']} ({small.get('wall_s', 0):.0f} s): `{small['command']}`"
+            )
         else:
-            row["small run here"] = ("not in this size" if present else "module missing")
+            row["small run here"] = "not in this size" if present else "module missing"
         rows.append(row)
     sec.tables["Benchmarks owned by other areas (reused)"] = rows
     sec.values["fragments_present"] = sum(r["module"] == "present" for r in rows)
-    ingest_rows = _ingest_rows(sec.values.get("ingest_committed"), "committed (benchmarks/results/ingest.json)")
+    ingest_rows = _ingest_rows(
+        sec.values.get("ingest_committed"), "committed (benchmarks/results/ingest.json)"
+    )
     small = (sec.values.get("ingest_small_run") or {}).get("result")
     ingest_rows += _ingest_rows(small, "small run in this bench")
     if ingest_rows:
         sec.tables["Ingest vs plain read-and-write (from benchmarks/ingest.py)"] = ingest_rows
     for fr in FRAGMENTS:  # modules that report a flat list of rows (training memory, seams)
-        for label, res in (("committed", sec.values.get(f"{fr.name}_committed")),
-                           ("small run in this bench", (sec.values.get(f"{fr.name}_small_run") or {}).get("result"))):
+        for label, res in (
+            ("committed", sec.values.get(f"{fr.name}_committed")),
+            (
+                "small run in this bench",
+                (sec.values.get(f"{fr.name}_small_run") or {}).get("result"),
+            ),
+        ):
             rows_ = res.get("rows") if isinstance(res, dict) else None
             if isinstance(rows_, list) and rows_ and all(isinstance(r, dict) for r in rows_):
-                flat = [{k: v for k, v in r.items() if isinstance(v, int | float | str | bool) or v is None}
-                        for r in rows_]
+                flat = [
+                    {
+                        k: v
+                        for k, v in r.items()
+                        if isinstance(v, int | float | str | bool) or v is None
+                    }
+                    for r in rows_
+                ]
                 sec.tables[f"benchmarks/{fr.name}.py: {label} ({res.get('command', '')})"] = flat
-    sec.notes.append("Their full reports are included at the end of this document (Appendix), as committed.")
+    sec.notes.append(
+        "Their full reports are included at the end of this document (Appendix), as committed."
+    )

@@ -126,14 +126,27 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
         t_thr = mvox_per_s(side * side, b, s)
         best_thr = max(best_thr, t_thr)
         peak_gib = torch.cuda.max_memory_allocated() / 2**30
-        sizes.append({"tile side": side, "fits": True, "seconds": s, "mvox_s": t_thr, "peak GiB": peak_gib,
-                      "GPU busy (NVML)": tile_busy})
+        sizes.append(
+            {
+                "tile side": side,
+                "fits": True,
+                "seconds": s,
+                "mvox_s": t_thr,
+                "peak GiB": peak_gib,
+                "GPU busy (NVML)": tile_busy,
+            }
+        )
         if s > 15:  # the next size takes ~4x as long: estimate from memory ∝ area instead of trying
             total = torch.cuda.get_device_properties(0).total_memory / 2**30
             est = int(side * (0.9 * total / peak_gib) ** 0.5)
-            sizes.append({"tile side": f"≈{est} (estimated)", "fits": None,
-                          "note": f"not run (a {2 * side}-px tile would take ~{4 * s:.0f} s); peak memory ∝ area → "
-                                  f"side × √(0.9 × {total:.0f} GiB ÷ {peak_gib:.2f} GiB)"})
+            sizes.append(
+                {
+                    "tile side": f"≈{est} (estimated)",
+                    "fits": None,
+                    "note": f"not run (a {2 * side}-px tile would take ~{4 * s:.0f} s); peak memory ∝ area → "
+                    f"side × √(0.9 × {total:.0f} GiB ÷ {peak_gib:.2f} GiB)",
+                }
+            )
             break
         side *= 2
     torch.cuda.empty_cache()
@@ -163,25 +176,51 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
         amp_err = f"{type(exc).__name__}: {exc}"
         amp_speedup = float("nan")
     big = 1000 * 1000 * 224
-    sec.tables[f"GPU: {gpu_name()}"] = [{
-        "model": "DECSC", "weights": wlabel, "crop": plan.model_crop.label, "seconds (events)": e0.elapsed_time(e1) / 1e3,
-        "wall s": wall, "mvox_s": thr, "GPU busy fraction": busy, "busy measured by": busy_how,
-        "solver iterations": st["iterations"], "best mvox_s (any tile)": best_thr,
-        "est. 1000×1000×224 scene s": big / 1e6 / best_thr,
-        "bf16 autocast s (one window)": amp_s, "bf16 speed-up": amp_speedup, "bf16 vs fp32 PSNR dB": psnr,
-        "bf16 kept": bool(psnr >= 50) if not amp_err else amp_err,
-    }]
+    sec.tables[f"GPU: {gpu_name()}"] = [
+        {
+            "model": "DECSC",
+            "weights": wlabel,
+            "crop": plan.model_crop.label,
+            "seconds (events)": e0.elapsed_time(e1) / 1e3,
+            "wall s": wall,
+            "mvox_s": thr,
+            "GPU busy fraction": busy,
+            "busy measured by": busy_how,
+            "solver iterations": st["iterations"],
+            "best mvox_s (any tile)": best_thr,
+            "est. 1000×1000×224 scene s": big / 1e6 / best_thr,
+            "bf16 autocast s (one window)": amp_s,
+            "bf16 speed-up": amp_speedup,
+            "bf16 vs fp32 PSNR dB": psnr,
+            "bf16 kept": bool(psnr >= 50) if not amp_err else amp_err,
+        }
+    ]
     sec.tables["Largest tile that fits"] = sizes
     sec.values.update({"gpu": gpu_name(), "gpu_mvox_s": thr, "gpu_busy": busy})
-    sec.targets.append(Target("GPU busy fraction (DECSC, model crop)", busy, "≥ 0.8", bool(busy >= 0.8),
-                              f"sampled while denoising the {plan.model_crop.label} crop ({busy_how})"))
-    steady = [r for r in sizes if r.get("fits") and np.isfinite(r.get("GPU busy (NVML)", float("nan")))]
+    sec.targets.append(
+        Target(
+            "GPU busy fraction (DECSC, model crop)",
+            busy,
+            "≥ 0.8",
+            bool(busy >= 0.8),
+            f"sampled while denoising the {plan.model_crop.label} crop ({busy_how})",
+        )
+    )
+    steady = [
+        r for r in sizes if r.get("fits") and np.isfinite(r.get("GPU busy (NVML)", float("nan")))
+    ]
     if steady:
         big = steady[-1]
         sec.values["gpu_busy_steady"] = big["GPU busy (NVML)"]
-        sec.targets.append(Target("GPU busy fraction in steady state (largest tile run)", big["GPU busy (NVML)"],
-                                  "≥ 0.8", bool(big["GPU busy (NVML)"] >= 0.8),
-                                  f"NVML utilisation sampled through the {big['tile side']}-px tile"))
+        sec.targets.append(
+            Target(
+                "GPU busy fraction in steady state (largest tile run)",
+                big["GPU busy (NVML)"],
+                "≥ 0.8",
+                bool(big["GPU busy (NVML)"] >= 0.8),
+                f"NVML utilisation sampled through the {big['tile side']}-px tile",
+            )
+        )
     _flops(sec, model, cube, best_thr, st, plan)
     _unmixer(sec, cube)
     _train_memory(sec, cube)
@@ -200,8 +239,11 @@ def _gpu_peaks() -> list[dict[str, Any]]:
 
     n = 8192
     rows: list[dict[str, Any]] = []
-    for label, dtype, tf32 in (("float32", torch.float32, False), ("TF32", torch.float32, True),
-                               ("bfloat16", torch.bfloat16, False)):
+    for label, dtype, tf32 in (
+        ("float32", torch.float32, False),
+        ("TF32", torch.float32, True),
+        ("bfloat16", torch.bfloat16, False),
+    ):
         old = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
@@ -215,7 +257,9 @@ def _gpu_peaks() -> list[dict[str, Any]]:
                 a @ b
                 torch.cuda.synchronize()
                 best = min(best, time.perf_counter() - t)
-            rows.append({"matmul": f"{n}³ {label}", "seconds": best, "TFLOP/s": 2 * n**3 / best / 1e12})
+            rows.append(
+                {"matmul": f"{n}³ {label}", "seconds": best, "TFLOP/s": 2 * n**3 / best / 1e12}
+            )
             del a, b
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
@@ -223,7 +267,9 @@ def _gpu_peaks() -> list[dict[str, Any]]:
     return rows
 
 
-def _flops(sec: Section, model: Any, cube: np.ndarray, thr: float, st: dict, plan: SizePlan) -> None:
+def _flops(
+    sec: Section, model: Any, cube: np.ndarray, thr: float, st: dict, plan: SizePlan
+) -> None:
     from benchmarks.throughput import count_flops
     from workers.denoise.api import denoise_cube
 
@@ -234,11 +280,18 @@ def _flops(sec: Section, model: Any, cube: np.ndarray, thr: float, st: dict, pla
     per_vox_it = fl1 / sub.size
     it = max(1, int(st["iterations"]))
     achieved = per_vox_it * it * thr * 1e6 / 1e12  # TFLOP/s at the measured throughput
-    sec.tables["GPU FLOPs per voxel and achieved vs peak"] = [{
-        "model": "DECSC (float32), at the best tile size", "FLOP/voxel/iteration": per_vox_it, "iterations (worst window)": it,
-        "FLOP/voxel": per_vox_it * it, "achieved TFLOP/s (upper bound)": achieved,
-        **{f"% of {p['matmul'].split()[-1]} peak": 100 * achieved / p["TFLOP/s"] for p in peaks},
-    }]
+    sec.tables["GPU FLOPs per voxel and achieved vs peak"] = [
+        {
+            "model": "DECSC (float32), at the best tile size",
+            "FLOP/voxel/iteration": per_vox_it,
+            "iterations (worst window)": it,
+            "FLOP/voxel": per_vox_it * it,
+            "achieved TFLOP/s (upper bound)": achieved,
+            **{
+                f"% of {p['matmul'].split()[-1]} peak": 100 * achieved / p["TFLOP/s"] for p in peaks
+            },
+        }
+    ]
 
 
 def _unmixer(sec: Section, cube: np.ndarray, dev: str = "cuda") -> None:
@@ -250,7 +303,9 @@ def _unmixer(sec: Section, cube: np.ndarray, dev: str = "cuda") -> None:
 
     d = os.environ.get("HYPERDEQ_BENCH_UNMIX_FIT")
     if not d or not Path(d).is_dir():
-        sec.notes.append("DEQ-Unmix on the GPU: not measured (HYPERDEQ_BENCH_UNMIX_FIT names no saved fit).")
+        sec.notes.append(
+            "DEQ-Unmix on the GPU: not measured (HYPERDEQ_BENCH_UNMIX_FIT names no saved fit)."
+        )
         return
     from safetensors.torch import load_file
 
@@ -259,8 +314,14 @@ def _unmixer(sec: Section, cube: np.ndarray, dev: str = "cuda") -> None:
     t = load_file(str(Path(d) / "unmix_fit.safetensors"))
     cfg = json.loads((Path(d) / "unmix_fit.json").read_text())["config"]
     E = t["endmembers"].float()
-    m = DEQUnmix(E.clone(), hidden=int(cfg["hidden"]), tol=float(cfg["tol"]), max_iter=int(cfg["max_iter"]),
-                 eval_max_iter=int(cfg["eval_max_iter"]), backward_max_iter=int(cfg["max_iter"]))
+    m = DEQUnmix(
+        E.clone(),
+        hidden=int(cfg["hidden"]),
+        tol=float(cfg["tol"]),
+        max_iter=int(cfg["max_iter"]),
+        eval_max_iter=int(cfg["eval_max_iter"]),
+        backward_max_iter=int(cfg["max_iter"]),
+    )
     m.net.load_state_dict({k.removeprefix("net."): v for k, v in t.items() if k.startswith("net.")})
     m = m.eval().to(dev)
     b = E.shape[0]
@@ -276,9 +337,18 @@ def _unmixer(sec: Section, cube: np.ndarray, dev: str = "cuda") -> None:
             _A, ust = m(xt)
             _sync(dev)
             s = time.perf_counter() - ts
-        rows.append({"model": "DEQ-Unmix (module)", "tile": f"{side}×{side}", "bands": b, "P": int(E.shape[1]),
-                     "seconds": s, "mvox_s": mvox_per_s(side * side, b, s),
-                     "iterations (max)": int(ust.iterations.max()), "converged": bool(ust.converged.all())})
+        rows.append(
+            {
+                "model": "DEQ-Unmix (module)",
+                "tile": f"{side}×{side}",
+                "bands": b,
+                "P": int(E.shape[1]),
+                "seconds": s,
+                "mvox_s": mvox_per_s(side * side, b, s),
+                "iterations (max)": int(ust.iterations.max()),
+                "converged": bool(ust.converged.all()),
+            }
+        )
     sec.tables["GPU: DEQ-Unmix throughput (fit from the CPU machine)"] = rows
     sec.values["gpu_unmix_mvox_s"] = max(r["mvox_s"] for r in rows)
 
@@ -297,7 +367,11 @@ def _train_memory(sec: Section, cube: np.ndarray, dev: str = "cuda") -> None:
     reps = (1, -(-size // cube.shape[1]), -(-size // cube.shape[2]))
     clean = np.tile(np.nan_to_num(cube[:bands]), reps)[:, :size, :size].clip(0, 1)
     rng = np.random.default_rng(0)
-    y = torch.from_numpy((clean + rng.normal(0, 30 / 255, clean.shape)).astype(np.float32))[None].repeat(4, 1, 1, 1).to(dev)
+    y = (
+        torch.from_numpy((clean + rng.normal(0, 30 / 255, clean.shape)).astype(np.float32))[None]
+        .repeat(4, 1, 1, 1)
+        .to(dev)
+    )
     sig = estimate_sigma(y)
     x = torch.cat([y, sig[:, :, None, None].expand_as(y)], 1)
 
@@ -313,7 +387,16 @@ def _train_memory(sec: Section, cube: np.ndarray, dev: str = "cuda") -> None:
             ts = time.perf_counter()
             training_step(fmap, x, size, mode, n)
             _sync(dev)
-            rows.append({"backward": mode, "solver iterations": n, "batch": 4, "tile": f"{size}×{size}×{bands}",
-                         "peak MiB above start": (torch.cuda.max_memory_allocated() - base) / 2**20 if dev == "cuda" else None,
-                         "seconds": time.perf_counter() - ts})
+            rows.append(
+                {
+                    "backward": mode,
+                    "solver iterations": n,
+                    "batch": 4,
+                    "tile": f"{size}×{size}×{bands}",
+                    "peak MiB above start": (torch.cuda.max_memory_allocated() - base) / 2**20
+                    if dev == "cuda"
+                    else None,
+                    "seconds": time.perf_counter() - ts,
+                }
+            )
     sec.tables["GPU: DEQ training memory, implicit vs unrolled (DECSC map)"] = rows

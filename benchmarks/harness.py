@@ -38,9 +38,23 @@ def versions() -> dict[str, str]:
     """Versions of the packages whose speed the numbers depend on."""
     from pipeline.environment import package_versions
 
-    names = ("torch", "numpy", "scipy", "dask", "distributed", "zarr", "xarray", "rasterio", "hyde-images", "bm4d",
-             "prefect")
-    return {"python": platform.python_version(), **{k: v or "missing" for k, v in package_versions(names).items()}}
+    names = (
+        "torch",
+        "numpy",
+        "scipy",
+        "dask",
+        "distributed",
+        "zarr",
+        "xarray",
+        "rasterio",
+        "hyde-images",
+        "bm4d",
+        "prefect",
+    )
+    return {
+        "python": platform.python_version(),
+        **{k: v or "missing" for k, v in package_versions(names).items()},
+    }
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -132,7 +146,6 @@ class Target:
     why: str = ""
 
 
-
 def peak_rss_since_reset_mib() -> float:
     """Peak RSS of this process since the last :func:`reset_peak_rss` (or since exec), MiB (VmHWM)."""
     with open("/proc/self/status") as fh:
@@ -151,6 +164,7 @@ def reset_peak_rss() -> None:
     """
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
+
 
 @dataclass
 class Section:
@@ -191,7 +205,9 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def run_section(key: str, title: str, fn: Callable[[Section], None], log: Callable[[str], None]) -> Section:
+def run_section(
+    key: str, title: str, fn: Callable[[Section], None], log: Callable[[str], None]
+) -> Section:
     """Run one section body; a failure is recorded in the section (status ``failed``), never hidden."""
     sec = Section(key=key, title=title)
     log(f"[bench] {key}: {title} ...")
@@ -264,11 +280,20 @@ def section_markdown(sec: Section, env: dict[str, Any]) -> str:
         out.append(md_table(rows))
     if sec.targets:
         out.append("**Targets**\n")
-        out.append(md_table([
-            {"target": t.name, "measured": t.value, "goal": t.goal,
-             "met": {True: "met", False: "MISSED", None: "n/a"}[t.met], "why": t.why}
-            for t in sec.targets
-        ]))
+        out.append(
+            md_table(
+                [
+                    {
+                        "target": t.name,
+                        "measured": t.value,
+                        "goal": t.goal,
+                        "met": {True: "met", False: "MISSED", None: "n/a"}[t.met],
+                        "why": t.why,
+                    }
+                    for t in sec.targets
+                ]
+            )
+        )
     for n in sec.notes:
         if not n.startswith("traceback:"):
             out.append(f"- {n}")

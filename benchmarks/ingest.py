@@ -62,8 +62,14 @@ def build_scene(dest: Path, reps: int, block: int = 256) -> dict[str, Any]:
     nb, ny, nx = mosaic.shape
     H, W = ny * reps, nx * reps
     profile.update(
-        height=H, width=W, tiled=True, blockxsize=block, blockysize=block, interleave="pixel",
-        compress=None, BIGTIFF="YES",
+        height=H,
+        width=W,
+        tiled=True,
+        blockxsize=block,
+        blockysize=block,
+        interleave="pixel",
+        compress=None,
+        BIGTIFF="YES",
     )
     profile.pop("compress", None)
     t0 = time.perf_counter()
@@ -136,8 +142,12 @@ def run_child(code: str, *args: str) -> dict[str, Any]:
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, cwd=ROOT, env=env,
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
     )
     ps = psutil.Process(proc.pid)
     peak = 0
@@ -224,9 +234,14 @@ def _versions() -> dict[str, str]:
     from pipeline.ingest import hyperdeq_version
 
     return {
-        "hyperdeq": hyperdeq_version(), "zarr": zarr.__version__, "xarray": xarray.__version__,
-        "dask": dask.__version__, "rasterio": rasterio.__version__, "gdal": rasterio.__gdal_version__,
-        "numcodecs": numcodecs.__version__, "numpy": np.__version__,
+        "hyperdeq": hyperdeq_version(),
+        "zarr": zarr.__version__,
+        "xarray": xarray.__version__,
+        "dask": dask.__version__,
+        "rasterio": rasterio.__version__,
+        "gdal": rasterio.__gdal_version__,
+        "numcodecs": numcodecs.__version__,
+        "numpy": np.__version__,
     }
 
 
@@ -280,7 +295,7 @@ def write_doc(result: dict[str, Any]) -> None:
     )
     text = f"""# Ingest benchmark (streaming zarr v3)
 
-Produced by `{result['command']}` on {result['date_utc']} (UTC). Raw numbers:
+Produced by `{result["command"]}` on {result["date_utc"]} (UTC). Raw numbers:
 [`benchmarks/results/ingest.json`](../../benchmarks/results/ingest.json).
 
 **What is measured.** The real EnMAP Potsdam mosaic (224 bands, 192 × 160 px, 42 % nodata,
@@ -290,12 +305,12 @@ in a fresh Python process; peak RSS is the child's own high-water mark since exe
 `/proc/self/status`; `ru_maxrss` is not used because Linux carries the parent's RSS at fork time
 into it), in brackets psutil sampling every 20 ms from outside. *Baseline* reads the same 256 × 256 all-band windows with rasterio and
 writes the raw bytes to one flat file (no conversion, no compression). *Ingest* is
-`pipeline.ingest.ingest_scene(src, dest, chunk={result['chunk']})`: sha256 of the whole source, window
-reads, nodata → NaN, ÷ 10⁴, per-region value checks, blosc/zstd compression ({result['compressor']}), zarr v3
+`pipeline.ingest.ingest_scene(src, dest, chunk={result["chunk"]})`: sha256 of the whole source, window
+reads, nodata → NaN, ÷ 10⁴, per-region value checks, blosc/zstd compression ({result["compressor"]}), zarr v3
 region writes, a progress record per region and the completion marker. Throughput is source
 payload (float32 bytes) ÷ wall time of the work (imports excluded). The source file was just
 written, so both runs read it largely from the page cache. Both use GDAL's block cache capped at
-{result['gdal_cache_mb']} MiB (the reader's setting); with GDAL's default (5 % of RAM) a plain
+{result["gdal_cache_mb"]} MiB (the reader's setting); with GDAL's default (5 % of RAM) a plain
 window-by-window rasterio read of the 2.2 GB file peaked at 1489 MiB RSS in an earlier run of this
 benchmark (psutil-sampled), which is why the reader caps it. The machine is shared (2 cores, other
 jobs running): treat times as indicative, ratios as more robust.
@@ -308,13 +323,13 @@ RSS sampled after each finished region (min–max over the run): {rss_rows}.
 The peak is transient, inside a region (several windows alive at once); it does not build up.
 
 Peak RSS of a process that only imports `pipeline.ingest` (xarray, dask, zarr, rasterio...):
-{result['import_only_peak_rss_mib']:.0f} MiB. Above that, ingest holds at most about
+{result["import_only_peak_rss_mib"]:.0f} MiB. Above that, ingest holds at most about
 (workers + 2) regions of 224 × 256 × 256 float32 (57 MiB each) plus their compression buffers.
 
-**Reading.** Target: < 1 GiB peak RSS on a ≥ 2 GB scene. {result['verdict']}
+**Reading.** Target: < 1 GiB peak RSS on a ≥ 2 GB scene. {result["verdict"]}
 
-Device: {d['cpu']}, {d['logical_cpus']} logical CPUs, {d['ram_gib']} GiB RAM; Python {d['python']} on {d['platform']}.
-Versions: {', '.join(f'{k} {val}' for k, val in v.items())}.
+Device: {d["cpu"]}, {d["logical_cpus"]} logical CPUs, {d["ram_gib"]} GiB RAM; Python {d["python"]} on {d["platform"]}.
+Versions: {", ".join(f"{k} {val}" for k, val in v.items())}.
 """
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
@@ -323,7 +338,9 @@ Versions: {', '.join(f'{k} {val}' for k, val in v.items())}.
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=9, help="mirror grid of the big scene (9 → 2.2 GB)")
-    ap.add_argument("--small-reps", type=int, default=3, help="mirror grid of the small scene (0: skip)")
+    ap.add_argument(
+        "--small-reps", type=int, default=3, help="mirror grid of the small scene (0: skip)"
+    )
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--tmpdir", type=Path, default=None)
     ap.add_argument("--no-write", action="store_true", help="print results, do not update files")

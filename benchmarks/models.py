@@ -66,7 +66,9 @@ class BenchDenoiser:
     def module(self) -> Any:
         from workers.infer import get_model
 
-        return get_model(("bench-decsc", self.device, self.weights_sha256), lambda: denoiser(self.device)[0])
+        return get_model(
+            ("bench-decsc", self.device, self.weights_sha256), lambda: denoiser(self.device)[0]
+        )
 
     def __call__(self, cube: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         import torch
@@ -76,17 +78,31 @@ class BenchDenoiser:
 
         if self.threads:
             torch.set_num_threads(int(self.threads))
-        out, stats = denoise_cube(self.module(), np.asarray(cube, dtype=np.float32), device=self.device,
-                                  max_iter=self.max_iter, guard="weights")
-        return np.asarray(out, np.float32), {**stats, "device": self.device, "worker": worker_name(),
-                                             "pid": os.getpid()}
+        out, stats = denoise_cube(
+            self.module(),
+            np.asarray(cube, dtype=np.float32),
+            device=self.device,
+            max_iter=self.max_iter,
+            guard="weights",
+        )
+        return np.asarray(out, np.float32), {
+            **stats,
+            "device": self.device,
+            "worker": worker_name(),
+            "pid": os.getpid(),
+        }
 
 
 def bench_denoiser(device: str, max_iter: int | None, threads: int | None = 1) -> BenchDenoiser:
     from workers.registry import get_spec
 
-    return BenchDenoiser(device=device, halo=int(get_spec("decsc").halo), weights_sha256=weights_sha(),
-                         max_iter=max_iter, threads=threads)
+    return BenchDenoiser(
+        device=device,
+        halo=int(get_spec("decsc").halo),
+        weights_sha256=weights_sha(),
+        max_iter=max_iter,
+        threads=threads,
+    )
 
 
 def warm_worker(model: Any) -> int:

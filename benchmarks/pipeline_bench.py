@@ -43,14 +43,20 @@ def _tile_breakdown(records: list[dict[str, Any]]) -> dict[str, Any]:
     busy: dict[str, float] = {}
     read_px = core_px = 0
     for r in records:
-        busy[str(r.get("worker"))] = busy.get(str(r.get("worker")), 0.0) + float(r.get("wall_s") or 0.0)
+        busy[str(r.get("worker"))] = busy.get(str(r.get("worker")), 0.0) + float(
+            r.get("wall_s") or 0.0
+        )
         if r.get("read") and r.get("core"):
             y0, y1, x0, x1 = r["read"]
             read_px += (y1 - y0) * (x1 - x0)
             y0, y1, x0, x1 = r["core"]
             core_px += (y1 - y0) * (x1 - x0)
-    return {"busy_by_worker": busy, "read_px": read_px, "core_px": core_px,
-            "halo_factor": read_px / core_px if core_px else float("nan")}
+    return {
+        "busy_by_worker": busy,
+        "read_px": read_px,
+        "core_px": core_px,
+        "halo_factor": read_px / core_px if core_px else float("nan"),
+    }
 
 
 def overhead(sec: Section, plan: SizePlan, device: str) -> None:
@@ -68,13 +74,21 @@ def overhead(sec: Section, plan: SizePlan, device: str) -> None:
         scene, crop = _scene_file(tmp, plan.pipeline_crop)
         model = bench_denoiser(device, plan.decsc_max_iter, threads=1 if device == "cpu" else None)
         # the tile stores are read below for the per-tile breakdown: keep them
-        cfg = RunConfig(out_root=tmp / "out", tile=plan.pipeline_tile, device=device, batch_size=1, keep_tiles=True)
+        cfg = RunConfig(
+            out_root=tmp / "out",
+            tile=plan.pipeline_tile,
+            device=device,
+            batch_size=1,
+            keep_tiles=True,
+        )
         t0 = time.perf_counter()
         handle = _cluster(n_workers, device)
         start_s = time.perf_counter() - t0
         try:
             t1 = time.perf_counter()
-            res = run_scene(scene, Job(cfg, unmix=None), cluster=handle, tile_models={"denoise": model})
+            res = run_scene(
+                scene, Job(cfg, unmix=None), cluster=handle, tile_models={"denoise": model}
+            )
             run_s = time.perf_counter() - t1
             from benchmarks.memory import _worker_peak
 
@@ -108,32 +122,71 @@ def overhead(sec: Section, plan: SizePlan, device: str) -> None:
         ("ingest (zarr)", st_wall.get("ingest", 0.0)),
         ("tiling (tile store)", st_wall.get("tile_input", 0.0)),
         ("model stage: busiest worker's tile time", max_busy),
-        ("model stage: scheduling / idle (stage wall − busiest worker)", max(0.0, model_wall - max_busy)),
+        (
+            "model stage: scheduling / idle (stage wall − busiest worker)",
+            max(0.0, model_wall - max_busy),
+        ),
         ("blend", st_wall.get("blend_denoise", 0.0)),
         ("write (COG, quicklook)", st_wall.get("write", 0.0)),
     ]
     accounted = sum(v for k, v in parts[1:])
     parts.append(("other (planning, hashing, run record, plugin)", max(0.0, run_s - accounted)))
-    sec.tables["Overhead ratio"] = [{
-        "scene": crop.label, "pixels": h * w, "bands": b, "tile": plan.pipeline_tile, "halo": model.halo,
-        "tiles": res.n_tiles, "workers × torch threads": f"{n_workers} × 1", "run_scene wall s": run_s,
-        "whole-scene model s": whole_s, "whole-scene threads": threads, "overhead ratio": ratio,
-        "ratio ÷ halo recompute": ratio / tb["halo_factor"], "weights": wlabel,
-        "solver max iterations (whole)": st["iterations"],
-        "worker peak RSS MiB (DECSC tiles)": max(worker_peaks),
-    }]
+    sec.tables["Overhead ratio"] = [
+        {
+            "scene": crop.label,
+            "pixels": h * w,
+            "bands": b,
+            "tile": plan.pipeline_tile,
+            "halo": model.halo,
+            "tiles": res.n_tiles,
+            "workers × torch threads": f"{n_workers} × 1",
+            "run_scene wall s": run_s,
+            "whole-scene model s": whole_s,
+            "whole-scene threads": threads,
+            "overhead ratio": ratio,
+            "ratio ÷ halo recompute": ratio / tb["halo_factor"],
+            "weights": wlabel,
+            "solver max iterations (whole)": st["iterations"],
+            "worker peak RSS MiB (DECSC tiles)": max(worker_peaks),
+        }
+    ]
     sec.values["decsc_worker_peak_mib"] = max(worker_peaks)
     sec.tables["Where the run_scene time goes"] = [
-        {"part": k, "seconds": v, "% of run_scene wall": 100 * v / run_s if "not in" not in k else None} for k, v in parts
-    ] + [{"part": f"halo recompute: tiles read {tb['read_px']} px for {tb['core_px']} core px",
-          "seconds": None, "% of run_scene wall": 100 * (1 - 1 / tb["halo_factor"]) * max_busy / run_s if run_s else None}]
-    sec.values.update({"overhead_ratio": ratio, "halo_factor": tb["halo_factor"], "run_scene_s": run_s,
-                       "whole_scene_s": whole_s, "read_whole_s": read_s, "cluster_start_s": start_s})
-    sec.targets.append(Target(
-        "overhead ratio (run_scene ÷ whole-scene model)", ratio, "≤ 1.3 on CPU", ratio <= 1.3,
-        f"halo recompute alone is ×{tb['halo_factor']:.2f} at tile {plan.pipeline_tile} + halo {model.halo}; "
-        f"fixed costs (ingest, COG) weigh more on small scenes",
-    ))
+        {
+            "part": k,
+            "seconds": v,
+            "% of run_scene wall": 100 * v / run_s if "not in" not in k else None,
+        }
+        for k, v in parts
+    ] + [
+        {
+            "part": f"halo recompute: tiles read {tb['read_px']} px for {tb['core_px']} core px",
+            "seconds": None,
+            "% of run_scene wall": 100 * (1 - 1 / tb["halo_factor"]) * max_busy / run_s
+            if run_s
+            else None,
+        }
+    ]
+    sec.values.update(
+        {
+            "overhead_ratio": ratio,
+            "halo_factor": tb["halo_factor"],
+            "run_scene_s": run_s,
+            "whole_scene_s": whole_s,
+            "read_whole_s": read_s,
+            "cluster_start_s": start_s,
+        }
+    )
+    sec.targets.append(
+        Target(
+            "overhead ratio (run_scene ÷ whole-scene model)",
+            ratio,
+            "≤ 1.3 on CPU",
+            ratio <= 1.3,
+            f"halo recompute alone is ×{tb['halo_factor']:.2f} at tile {plan.pipeline_tile} + halo {model.halo}; "
+            f"fixed costs (ingest, COG) weigh more on small scenes",
+        )
+    )
     sec.tables[HALO_TABLE] = halo_table()
     try:
         if getattr(plan, "unmix_pipeline", True):
@@ -159,8 +212,14 @@ def halo_table(side: int = 1000, halo: int = 16) -> list[dict[str, Any]]:
     for tile in (64, 128, 256, 512):
         g = plan_grid((side, side), tile, halo)
         read = sum(t.read.height * t.read.width for t in g.tiles)
-        rows.append({"tile": tile, "tiles": len(g.tiles),
-                     "read px ÷ core px (floor of the overhead ratio for a per-pixel-cost model)": read / side**2})
+        rows.append(
+            {
+                "tile": tile,
+                "tiles": len(g.tiles),
+                "read px ÷ core px (floor of the overhead ratio for a per-pixel-cost model)": read
+                / side**2,
+            }
+        )
     return rows
 
 
@@ -199,14 +258,31 @@ def _unmix_overhead(sec: Section, plan: SizePlan, device: str, n_workers: int) -
         apply_s = time.perf_counter() - t3
     b, h, w = cube.shape
     ratio = run_s / (fit_s + apply_s)
-    sec.tables["Overhead ratio, unmixing (DEQ-Unmix, per-scene fit included)"] = [{
-        "scene": crop.label, "pixels": h * w, "bands": b, "tile": plan.pipeline_tile, "epochs": epochs,
-        "run_scene wall s": run_s, "of which fit s": fit_stage.get("wall_s"), "of which unmix stage s": unmix_stage.get("wall_s"),
-        "whole-scene fit s": fit_s, "whole-scene apply s": apply_s, "overhead ratio": ratio,
-    }]
+    sec.tables["Overhead ratio, unmixing (DEQ-Unmix, per-scene fit included)"] = [
+        {
+            "scene": crop.label,
+            "pixels": h * w,
+            "bands": b,
+            "tile": plan.pipeline_tile,
+            "epochs": epochs,
+            "run_scene wall s": run_s,
+            "of which fit s": fit_stage.get("wall_s"),
+            "of which unmix stage s": unmix_stage.get("wall_s"),
+            "whole-scene fit s": fit_s,
+            "whole-scene apply s": apply_s,
+            "overhead ratio": ratio,
+        }
+    ]
     sec.values["unmix_overhead_ratio"] = ratio
-    sec.targets.append(Target("overhead ratio, unmixing", ratio, "≤ 1.3 on CPU", ratio <= 1.3,
-                              "the fit is the same work in both; the tiled apply recomputes halos"))
+    sec.targets.append(
+        Target(
+            "overhead ratio, unmixing",
+            ratio,
+            "≤ 1.3 on CPU",
+            ratio <= 1.3,
+            "the fit is the same work in both; the tiled apply recomputes halos",
+        )
+    )
 
 
 def scaling(sec: Section, plan: SizePlan, device: str) -> None:
@@ -226,8 +302,12 @@ def scaling(sec: Section, plan: SizePlan, device: str) -> None:
         tmp = Path(td)
         scene, crop = _scene_file(tmp, plan.scaling_crop)
         model = bench_denoiser("cpu", plan.scaling_max_iter, threads=1)
-        cfg = RunConfig(out_root=tmp, tile=plan.scaling_tile, halo=model.halo if model.halo < plan.scaling_tile else
-                        plan.scaling_tile // 2, batch_size=1)
+        cfg = RunConfig(
+            out_root=tmp,
+            tile=plan.scaling_tile,
+            halo=model.halo if model.halo < plan.scaling_tile else plan.scaling_tile // 2,
+            batch_size=1,
+        )
         run_plan = plan_run(scene, Job(cfg, unmix=None), tile_models={"denoise": model})
         base = dataclasses.replace(run_plan, run_dir=tmp / "base")
         ingested = stage_ingest(base)
@@ -241,25 +321,53 @@ def scaling(sec: Section, plan: SizePlan, device: str) -> None:
             handle = _cluster(n, "cpu")
             try:
                 handle.client.run(warm_worker, model)
-                env = StageEnv(model_executor=handle.model_executor(), n_workers=n, tile_models={"denoise": model})
+                env = StageEnv(
+                    model_executor=handle.model_executor(),
+                    n_workers=n,
+                    tile_models={"denoise": model},
+                )
                 t0 = time.perf_counter()
-                summ = stage_model(dataclasses.replace(run_plan, run_dir=tmp / f"w{n}"), "denoise", store, env)
+                summ = stage_model(
+                    dataclasses.replace(run_plan, run_dir=tmp / f"w{n}"), "denoise", store, env
+                )
                 wall = time.perf_counter() - t0
             finally:
                 handle.close()
-            rows.append({"workers": n, "torch threads / worker": 1, "tiles": len(grid.tiles),
-                         "core pixels": core_px, "bands": n_bands, "stage wall s": wall,
-                         "mvox_s": mvox_per_s(core_px, n_bands, wall), "failed tiles": len(summ.get("failed", []))})
+            rows.append(
+                {
+                    "workers": n,
+                    "torch threads / worker": 1,
+                    "tiles": len(grid.tiles),
+                    "core pixels": core_px,
+                    "bands": n_bands,
+                    "stage wall s": wall,
+                    "mvox_s": mvox_per_s(core_px, n_bands, wall),
+                    "failed tiles": len(summ.get("failed", [])),
+                }
+            )
     ratio = rows[1]["mvox_s"] / rows[0]["mvox_s"]
     rows.append({"workers": "2 ÷ 1", "mvox_s": ratio})
     sec.tables[f"Model stage scaling on {crop.label}, tile {plan.scaling_tile}"] = rows
     sec.values["scaling_2_over_1"] = ratio
     cap = plan.scaling_max_iter
-    sec.targets.append(Target("throughput 2 workers ÷ 1 worker", ratio, "≥ 1.7 on 2 cores", ratio >= 1.7,
-                              "the same 2 cores also carry the scheduler, the driver and tile I/O; other jobs "
-                              "on the machine show in the load average"))
+    sec.targets.append(
+        Target(
+            "throughput 2 workers ÷ 1 worker",
+            ratio,
+            "≥ 1.7 on 2 cores",
+            ratio >= 1.7,
+            "the same 2 cores also carry the scheduler, the driver and tile I/O; other jobs "
+            "on the machine show in the load average",
+        )
+    )
     sec.notes.append(
         "Each worker is a separate process with torch threads = 1 (set by the tile model), models preloaded "
-        "before timing; " + (f"solver capped at {cap} iterations to keep the run short (the ratio measures "
-                             "parallel efficiency, not convergence)" if cap else "registry solver settings") + "."
+        "before timing; "
+        + (
+            f"solver capped at {cap} iterations to keep the run short (the ratio measures "
+            "parallel efficiency, not convergence)"
+            if cap
+            else "registry solver settings"
+        )
+        + "."
     )

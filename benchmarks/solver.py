@@ -51,7 +51,9 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
     tol = model.deq.cfg.tol
     cap = plan.solver_max_iter
     y_all = torch.from_numpy(cube).to(device)
-    sigma = estimate_sigma(y_all[None])  # one noise estimate for the scene, as denoise_cube does per cube
+    sigma = estimate_sigma(
+        y_all[None]
+    )  # one noise estimate for the scene, as denoise_cube does per cube
 
     def codes(z: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         return model.map.unpack(z, h, w)
@@ -61,11 +63,15 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
 
     fixed: dict[Any, tuple[Any, torch.Tensor, torch.Tensor]] = {}
     rows: list[dict[str, Any]] = []
-    agg: dict[str, list[tuple[int, float, bool, float]]] = {"cold": [], "warm: neighbour": [], "warm: coarse": []}
+    agg: dict[str, list[tuple[int, float, bool, float]]] = {
+        "cold": [],
+        "warm: neighbour": [],
+        "warm: coarse": [],
+    }
     with torch.no_grad():
         for t in tiles:
             r = t.read
-            y = y_all[:, r.y0:r.y1, r.x0:r.x1][None]
+            y = y_all[:, r.y0 : r.y1, r.x0 : r.x1][None]
             h, w = y.shape[-2:]
             hp, wp = _pad8(h, ws), _pad8(w, ws)
             # cold
@@ -74,7 +80,14 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
             cold_s = time.perf_counter() - t0
             z = model.last_z
             a, u = codes(z, hp, wp)
-            res = {"cold": (int(st.iterations[0]), float(st.residual[0]), bool(st.converged[0]), cold_s)}
+            res = {
+                "cold": (
+                    int(st.iterations[0]),
+                    float(st.residual[0]),
+                    bool(st.converged[0]),
+                    cold_s,
+                )
+            }
             # warm from the neighbour's fixed point (left, else above)
             nb = fixed.get((t.index[0], t.index[1] - 1)) or fixed.get((t.index[0] - 1, t.index[1]))
             if nb is not None:
@@ -84,12 +97,20 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
                 u0 = torch.zeros_like(u)
                 if ov is not None:
                     me, them = ov.relative_to(r), ov.relative_to(nr)
-                    a0[..., me.y0:me.y1, me.x0:me.x1] = na[..., them.y0:them.y1, them.x0:them.x1]
-                    u0[..., me.y0:me.y1, me.x0:me.x1] = nu[..., them.y0:them.y1, them.x0:them.x1]
+                    a0[..., me.y0 : me.y1, me.x0 : me.x1] = na[
+                        ..., them.y0 : them.y1, them.x0 : them.x1
+                    ]
+                    u0[..., me.y0 : me.y1, me.x0 : me.x1] = nu[
+                        ..., them.y0 : them.y1, them.x0 : them.x1
+                    ]
                 t0 = time.perf_counter()
                 _, stw = model(y, sigma, z0=pack(a0, u0), max_iter=cap)
-                res["warm: neighbour"] = (int(stw.iterations[0]), float(stw.residual[0]), bool(stw.converged[0]),
-                                          time.perf_counter() - t0)
+                res["warm: neighbour"] = (
+                    int(stw.iterations[0]),
+                    float(stw.residual[0]),
+                    bool(stw.converged[0]),
+                    time.perf_counter() - t0,
+                )
             # warm from a coarse (2× downsampled) solve
             t0 = time.perf_counter()
             yc = F.avg_pool2d(y, 2, ceil_mode=True)
@@ -101,8 +122,12 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
             a0 = F.pad(a0, (0, wp - a0.shape[-1], 0, hp - a0.shape[-2]))
             u0 = F.pad(u0, (0, wp - u0.shape[-1], 0, hp - u0.shape[-2])).reshape(1, C, B, hp, wp)
             _, stc = model(y, sigma, z0=pack(a0, u0), max_iter=cap)
-            res["warm: coarse"] = (int(stc.iterations[0]), float(stc.residual[0]), bool(stc.converged[0]),
-                                   time.perf_counter() - t0)
+            res["warm: coarse"] = (
+                int(stc.iterations[0]),
+                float(stc.residual[0]),
+                bool(stc.converged[0]),
+                time.perf_counter() - t0,
+            )
             fixed[t.index] = (r, a, u)
             row: dict[str, Any] = {"tile": str(t.index), "read px": f"{h}×{w}"}
             for k, v in res.items():
@@ -115,13 +140,25 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
         if not vals:
             continue
         it = np.array([v[0] for v in vals], float)
-        summary.append({"start": k, "tiles": len(vals), "iterations mean": it.mean(), "iterations max": it.max(),
-                        "residual max": max(v[1] for v in vals), "converged": f"{sum(v[2] for v in vals)}/{len(vals)}",
-                        "seconds total (incl. coarse solve)": sum(v[3] for v in vals)})
+        summary.append(
+            {
+                "start": k,
+                "tiles": len(vals),
+                "iterations mean": it.mean(),
+                "iterations max": it.max(),
+                "residual max": max(v[1] for v in vals),
+                "converged": f"{sum(v[2] for v in vals)}/{len(vals)}",
+                "seconds total (incl. coarse solve)": sum(v[3] for v in vals),
+            }
+        )
     sec.tables["Summary (same tolerance, same cap)"] = summary
     sec.tables["Per tile"] = rows
     cold = next(s for s in summary if s["start"] == "cold")
-    best = min((s for s in summary if s["start"] != "cold"), key=lambda s: s["iterations mean"], default=None)
+    best = min(
+        (s for s in summary if s["start"] != "cold"),
+        key=lambda s: s["iterations mean"],
+        default=None,
+    )
     sec.values["cold_iterations_mean"] = cold["iterations mean"]
     sec.values["cold_residual_max"] = cold["residual max"]
     sec.values["cold_converged"] = cold["converged"]
@@ -130,9 +167,15 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
         sec.values["warm_residual_max"] = best["residual max"]
         sec.values["warm_converged"] = best["converged"]
         sec.values["warm_best"] = best["start"]
-        sec.targets.append(Target(f"iterations, {best['start']} ÷ cold", best["iterations mean"] / cold["iterations mean"],
-                                  "< 1 at the same tolerance", best["iterations mean"] < cold["iterations mean"],
-                                  "tiles that hit the cap count as the cap"))
+        sec.targets.append(
+            Target(
+                f"iterations, {best['start']} ÷ cold",
+                best["iterations mean"] / cold["iterations mean"],
+                "< 1 at the same tolerance",
+                best["iterations mean"] < cold["iterations mean"],
+                "tiles that hit the cap count as the cap",
+            )
+        )
     sec.notes.append(
         f"DECSC ({wlabel}) on bands 0–{B - 1} of {plan.solver_crop.label}; tiles {plan.solver_tile} px + halo {halo}; "
         f"Anderson, tol {tol:g} (registry), cap {cap} iterations; the noise σ is estimated once on the whole crop "

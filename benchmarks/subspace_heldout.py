@@ -37,9 +37,15 @@ def scenes(data: Path) -> dict[str, np.ndarray]:
     import scipy.io as sio
 
     out = {
-        "pavia_u 50x50x103": _minmax(sio.loadmat(data / "pavia_u_sub/paviaU_subimg.mat")["paviaU_subimg"]),
-        "cuprite 50x90x188": _minmax(sio.loadmat(data / "cuprite/Rcuprite50x90x188.mat")["Rcuprite50x90x188"]),
-        "hydice_urban 100x80x162": _minmax(sio.loadmat(data / "anomaly_abu/HYDICE_data.mat")["data"]),
+        "pavia_u 50x50x103": _minmax(
+            sio.loadmat(data / "pavia_u_sub/paviaU_subimg.mat")["paviaU_subimg"]
+        ),
+        "cuprite 50x90x188": _minmax(
+            sio.loadmat(data / "cuprite/Rcuprite50x90x188.mat")["Rcuprite50x90x188"]
+        ),
+        "hydice_urban 100x80x162": _minmax(
+            sio.loadmat(data / "anomaly_abu/HYDICE_data.mat")["data"]
+        ),
     }
     with np.load(data / "cave/balloons_ms_256.npz") as d:
         c = d["cube"].astype(np.float32)
@@ -49,8 +55,14 @@ def scenes(data: Path) -> dict[str, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("HYPERDEQ_SHARED_DATA", ROOT.parent / "shared" / "data")))
-    ap.add_argument("--cases", default="gauss30;gauss50;band[0,95];mixture", help="noise cases, ';'-separated")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("HYPERDEQ_SHARED_DATA", ROOT.parent / "shared" / "data")),
+    )
+    ap.add_argument(
+        "--cases", default="gauss30;gauss50;band[0,95];mixture", help="noise cases, ';'-separated"
+    )
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=OUT)
@@ -75,8 +87,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 t0 = time.perf_counter()
                 out, st = denoise_cube(model, y, subspace=k or 0)
                 bp = band_psnr(clean, np.clip(out, 0, 1))
-                row[label] = {"mpsnr_db": round(float(bp.mean()), 2), "bands_worse": int((bp < nb).sum()),
-                              "time_s": round(time.perf_counter() - t0, 1)}
+                row[label] = {
+                    "mpsnr_db": round(float(bp.mean()), 2),
+                    "bands_worse": int((bp < nb).sum()),
+                    "time_s": round(time.perf_counter() - t0, 1),
+                }
                 if k and "subspace_blend" in st:
                     row[label]["blend"] = st["subspace_blend"]
                 if k and "subspace_stuck" in st:
@@ -85,11 +100,22 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             print(json.dumps(row), flush=True)
             rows.append(row)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "rows": rows, "k": args.k, "guard": True, "seed": 0, "code_version": code_version(),
-        "device": f"CPU ({cpu_model()}), {args.threads} torch threads", "python": platform.python_version(),
-        "command": "python -m benchmarks.subspace_heldout " + " ".join(argv if argv is not None else []),
-    }, indent=1))
+    args.json.write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "k": args.k,
+                "guard": True,
+                "seed": 0,
+                "code_version": code_version(),
+                "device": f"CPU ({cpu_model()}), {args.threads} torch threads",
+                "python": platform.python_version(),
+                "command": "python -m benchmarks.subspace_heldout "
+                + " ".join(argv if argv is not None else []),
+            },
+            indent=1,
+        )
+    )
     return rows
 
 

@@ -60,16 +60,25 @@ print(json.dumps({"bands": int(cube.shape[0]), "added_bytes": peak - before, "in
 
 
 def measure(size: int, arch: str, subspace: int, threads: int) -> dict[str, Any]:
-    res = subprocess.run([sys.executable, "-c", _CHILD, str(size), arch, str(subspace), str(threads), str(MOSAIC)],
-                         capture_output=True, text=True, cwd=ROOT, check=False)
+    res = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(size), arch, str(subspace), str(threads), str(MOSAIC)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
     if res.returncode != 0:
-        raise RuntimeError(f"tile {size} px, {arch}, subspace {subspace} failed:\n{res.stderr[-2000:]}")
+        raise RuntimeError(
+            f"tile {size} px, {arch}, subspace {subspace} failed:\n{res.stderr[-2000:]}"
+        )
     return dict(json.loads(res.stdout.strip().splitlines()[-1]))
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="96,160", help="tile sides in pixels (core + halo), comma-separated")
+    ap.add_argument(
+        "--sizes", default="96,160", help="tile sides in pixels (core + halo), comma-separated"
+    )
     ap.add_argument("--arch", default="shipped", choices=("shipped", "full"))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -83,33 +92,52 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for subspace in (8, 0):
             m = measure(size, args.arch, subspace, args.threads)
             cfg = RunConfig(tile=size, halo=0, tile_memory_mb=1e9)
-            model = DenoiseOptions(arch=args.arch, subspace=subspace).memory_parts(size, size, m["bands"], cfg.device)
+            model = DenoiseOptions(arch=args.arch, subspace=subspace).memory_parts(
+                size, size, m["bands"], cfg.device
+            )
             parts = cfg.tile_memory_parts(m["bands"], model)
             est = parts["decsc"] + parts["subspace"]
-            row = {"tile_px": size, "arch": args.arch, "subspace": subspace, **m,
-                   "estimate_decsc_subspace_bytes": est, "estimate_total_bytes": sum(parts.values()),
-                   "measured_over_estimate": round(m["added_bytes"] / est, 3)}
+            row = {
+                "tile_px": size,
+                "arch": args.arch,
+                "subspace": subspace,
+                **m,
+                "estimate_decsc_subspace_bytes": est,
+                "estimate_total_bytes": sum(parts.values()),
+                "measured_over_estimate": round(m["added_bytes"] / est, 3),
+            }
             print(json.dumps(row), flush=True)
             rows.append(row)
-    meta = {"code_version": code_version(), "device": f"CPU ({cpu_model()}), {args.threads} torch threads",
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "command": "python -m benchmarks.tile_memory " + " ".join(argv if argv is not None else sys.argv[1:])}
+    meta = {
+        "code_version": code_version(),
+        "device": f"CPU ({cpu_model()}), {args.threads} torch threads",
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python -m benchmarks.tile_memory "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     suffix = "" if args.arch == "shipped" else f"_{args.arch}"
     out_json, out_md = Path(str(OUT_JSON).format(suffix)), Path(str(OUT_MD).format(suffix))
     out_json.write_text(json.dumps({"rows": rows, **meta}, indent=1))
     lines = [
-        "# DECSC per-tile memory: measured vs the pipeline's estimate", "",
-        __doc__.split("\n\n")[1].replace("\n", " "), "",
-        f"- command: `{meta['command']}`", f"- date: {meta['date']}; code {meta['code_version']}",
-        f"- device: {meta['device']}; input: `tests/data/demo/enmap_potsdam_mosaic_18tiles.tif` (top-left tile)", "",
+        "# DECSC per-tile memory: measured vs the pipeline's estimate",
+        "",
+        __doc__.split("\n\n")[1].replace("\n", " "),
+        "",
+        f"- command: `{meta['command']}`",
+        f"- date: {meta['date']}; code {meta['code_version']}",
+        f"- device: {meta['device']}; input: `tests/data/demo/enmap_potsdam_mosaic_18tiles.tif` (top-left tile)",
+        "",
         "| tile (px) | bands | model | subspace k | input (MiB) | measured peak added (MiB) | estimate decsc + subspace (MiB) | measured / estimate | estimate with io (MiB) | time (s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     mib = 2**20
     for r in rows:
-        lines.append(f"| {r['tile_px']} | {r['bands']} | {r['arch']} | {r['subspace']} | {r['input_bytes'] / mib:.0f} | "
-                     f"{r['added_bytes'] / mib:.0f} | {r['estimate_decsc_subspace_bytes'] / mib:.0f} | "
-                     f"{r['measured_over_estimate']:.2f} | {r['estimate_total_bytes'] / mib:.0f} | {r['wall_s']} |")
+        lines.append(
+            f"| {r['tile_px']} | {r['bands']} | {r['arch']} | {r['subspace']} | {r['input_bytes'] / mib:.0f} | "
+            f"{r['added_bytes'] / mib:.0f} | {r['estimate_decsc_subspace_bytes'] / mib:.0f} | "
+            f"{r['measured_over_estimate']:.2f} | {r['estimate_total_bytes'] / mib:.0f} | {r['wall_s']} |"
+        )
     out_md.write_text("\n".join(lines) + "\n")
     print(f"wrote {out_md.relative_to(ROOT)} and {out_json.relative_to(ROOT)}")
     return rows

@@ -58,8 +58,12 @@ def child(mode: str, iters: int, scene: str, data: Path, batch: int, size: int) 
     L, H, W = cube.shape
     s = min(size, H, W)
     E0, _ = vca(cube.reshape(L, -1).astype(np.float64), 3 if scene != "jasper" else 4, seed=0)
-    model = DEQUnmix(torch.from_numpy(np.clip(E0, 0, None).astype(np.float32)),
-                     max_iter=iters, backward_max_iter=iters, tol=1e-12)
+    model = DEQUnmix(
+        torch.from_numpy(np.clip(E0, 0, None).astype(np.float32)),
+        max_iter=iters,
+        backward_max_iter=iters,
+        tol=1e-12,
+    )
     torch.nn.init.normal_(model.net.out.weight, std=1e-2)  # a non-trivial (trained-like) net
     rng = np.random.default_rng(0)
     tiles = []
@@ -81,16 +85,44 @@ def child(mode: str, iters: int, scene: str, data: Path, batch: int, size: int) 
         loss.backward()
         dt = time.perf_counter() - t0
     peak = peak_rss_since_reset_mib()
-    return {"mode": mode, "iterations": iters, "peak_rss_mib": peak, "baseline_rss_mib": base,
-            "step_peak_increase_mib": max(peak - base, 0.0), "peak_before_step_mib": peak0,
-            "step_time_s": dt, "batch": batch, "tile": s, "bands": L}
+    return {
+        "mode": mode,
+        "iterations": iters,
+        "peak_rss_mib": peak,
+        "baseline_rss_mib": base,
+        "step_peak_increase_mib": max(peak - base, 0.0),
+        "peak_before_step_mib": peak0,
+        "step_time_s": dt,
+        "batch": batch,
+        "tile": s,
+        "bands": L,
+    }
 
 
-def measure(mode: str, iters: int, *, scene: str = "jasper", data: Path | None = None,
-            batch: int = 4, size: int = 64) -> dict[str, Any]:
+def measure(
+    mode: str,
+    iters: int,
+    *,
+    scene: str = "jasper",
+    data: Path | None = None,
+    batch: int = 4,
+    size: int = 64,
+) -> dict[str, Any]:
     """Run :func:`child` in a fresh interpreter and return its record."""
-    cmd = [sys.executable, "-m", "benchmarks.unmix_memory", "--child", mode, str(iters),
-           "--scene", scene, "--batch", str(batch), "--size", str(size)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.unmix_memory",
+        "--child",
+        mode,
+        str(iters),
+        "--scene",
+        scene,
+        "--batch",
+        str(batch),
+        "--size",
+        str(size),
+    ]
     if data is not None:
         cmd += ["--data", str(data)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -108,7 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--iters", default="10,20,40")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "unmix_memory.json")
+    ap.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "unmix_memory.json"
+    )
     ap.add_argument("--md", type=Path, default=ROOT / "docs" / "benchmarks" / "unmix.md")
     a = ap.parse_args(argv)
     if a.child:
@@ -116,41 +150,60 @@ def main(argv: list[str] | None = None) -> None:
         return
     import torch
 
-    rows = [measure(mode, int(k), scene=a.scene, data=a.data, batch=a.batch, size=a.size)
-            for mode in ("implicit", "unrolled") for k in a.iters.split(",")]
+    rows = [
+        measure(mode, int(k), scene=a.scene, data=a.data, batch=a.batch, size=a.size)
+        for mode in ("implicit", "unrolled")
+        for k in a.iters.split(",")
+    ]
     cmd = "python -m benchmarks.unmix_memory " + " ".join(sys.argv[1:] if argv is None else argv)
-    rec = {"command": cmd.strip(), "device": cpu_model(),
-           "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-           "scene": a.scene, "rows": rows}
+    rec = {
+        "command": cmd.strip(),
+        "device": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "scene": a.scene,
+        "rows": rows,
+    }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(rec, indent=1))
     a.md.parent.mkdir(parents=True, exist_ok=True)
     _write_md(rec, a.md)
     for r in rows:
-        print(f"{r['mode']:9s} {r['iterations']:3d} it: +{r['step_peak_increase_mib']:.1f} MiB, {r['step_time_s']:.2f} s")
+        print(
+            f"{r['mode']:9s} {r['iterations']:3d} it: +{r['step_peak_increase_mib']:.1f} MiB, {r['step_time_s']:.2f} s"
+        )
 
 
 def _write_md(rec: dict[str, Any], path: Path) -> None:
     """Write (or replace) the memory section of docs/benchmarks/unmix.md."""
-    lines = ["## Training memory: implicit differentiation vs unrolled", "",
-             f"Command: `{rec['command']}`  ", f"Device: {rec['device']} ({rec['cpu_count']} cores), "
-             f"torch {rec['torch']}, Python {rec['python']}; scene `{rec['scene']}`, batch "
-             f"{rec['rows'][0]['batch']} tiles of {rec['rows'][0]['tile']}² px × {rec['rows'][0]['bands']} bands.", "",
-             "Peak RSS increase of one training step (forward + backward) over the RSS just before it, "
-             "each in a fresh process (MiB):", "",
-             "| solver iterations | implicit (DEQ) | unrolled (same depth) | implicit step time (s) | unrolled step time (s) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "## Training memory: implicit differentiation vs unrolled",
+        "",
+        f"Command: `{rec['command']}`  ",
+        f"Device: {rec['device']} ({rec['cpu_count']} cores), "
+        f"torch {rec['torch']}, Python {rec['python']}; scene `{rec['scene']}`, batch "
+        f"{rec['rows'][0]['batch']} tiles of {rec['rows'][0]['tile']}² px × {rec['rows'][0]['bands']} bands.",
+        "",
+        "Peak RSS increase of one training step (forward + backward) over the RSS just before it, "
+        "each in a fresh process (MiB):",
+        "",
+        "| solver iterations | implicit (DEQ) | unrolled (same depth) | implicit step time (s) | unrolled step time (s) |",
+        "|---|---|---|---|---|",
+    ]
     by = {(r["mode"], r["iterations"]): r for r in rec["rows"]}
     for k in sorted({r["iterations"] for r in rec["rows"]}):
         i, u = by[("implicit", k)], by[("unrolled", k)]
-        lines.append(f"| {k} | {i['step_peak_increase_mib']:.1f} | {u['step_peak_increase_mib']:.1f} | "
-                     f"{i['step_time_s']:.2f} | {u['step_time_s']:.2f} |")
+        lines.append(
+            f"| {k} | {i['step_peak_increase_mib']:.1f} | {u['step_peak_increase_mib']:.1f} | "
+            f"{i['step_time_s']:.2f} | {u['step_time_s']:.2f} |"
+        )
     section = "\n".join(lines) + "\n"
     text = path.read_text() if path.exists() else "# DEQ-Unmix benchmarks\n\n"
     start = text.find("## Training memory")
     if start >= 0:
         end = text.find("\n## ", start + 5)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + section
     path.write_text(text)

@@ -71,9 +71,15 @@ class SceneProgress:
     Prefect run it only logs. A monitoring hiccup never fails the run.
     """
 
-    def __init__(self, key: str, scene: str, stages: Sequence[str],
-                 logger: logging.Logger | logging.LoggerAdapter | None = None,
-                 min_interval_s: float = 1.0, clock: Any = time.monotonic) -> None:
+    def __init__(
+        self,
+        key: str,
+        scene: str,
+        stages: Sequence[str],
+        logger: logging.Logger | logging.LoggerAdapter | None = None,
+        min_interval_s: float = 1.0,
+        clock: Any = time.monotonic,
+    ) -> None:
         self.key, self.scene, self.stages = key, scene, list(stages)
         self.log = logger or log
         self.min_interval_s = min_interval_s
@@ -90,7 +96,8 @@ class SceneProgress:
             from prefect.artifacts import create_progress_artifact
 
             self.artifact_id = create_progress_artifact(
-                0.0, key=key, description=f"{scene}: starting ({len(self.stages)} stages)")
+                0.0, key=key, description=f"{scene}: starting ({len(self.stages)} stages)"
+            )
 
     def _stage_pos(self, stage: str) -> int:
         return self.stages.index(stage) if stage in self.stages else len(self.done_stages)
@@ -147,10 +154,13 @@ def _duration(s: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
-def scene_progress(scene: str, stages: Sequence[str],
-                   logger: logging.Logger | logging.LoggerAdapter | None = None) -> SceneProgress:
+def scene_progress(
+    scene: str, stages: Sequence[str], logger: logging.Logger | logging.LoggerAdapter | None = None
+) -> SceneProgress:
     """The progress artifact of one scene run (key ``hyperdeq-<scene>-progress``)."""
-    return SceneProgress(artifact_key("hyperdeq", Path(scene).stem, "progress"), scene, stages, logger)
+    return SceneProgress(
+        artifact_key("hyperdeq", Path(scene).stem, "progress"), scene, stages, logger
+    )
 
 
 # ---------------------------------------------------------------------------------- report
@@ -235,8 +245,23 @@ def report_markdown(s: SceneSummary) -> str:
     if s.config_hash:
         lines.append(f"- config hash: `{s.config_hash}`")
     if s.config:
-        keys = ("tile", "halo", "blend", "denoise", "denoise_arch", "denoise_guard", "denoise_subspace", "unmix", "n_endmembers", "device", "batch_size", "seed")
-        lines.append("- config: " + ", ".join(f"{k}={s.config[k]!r}" for k in keys if k in s.config))
+        keys = (
+            "tile",
+            "halo",
+            "blend",
+            "denoise",
+            "denoise_arch",
+            "denoise_guard",
+            "denoise_subspace",
+            "unmix",
+            "n_endmembers",
+            "device",
+            "batch_size",
+            "seed",
+        )
+        lines.append(
+            "- config: " + ", ".join(f"{k}={s.config[k]!r}" for k in keys if k in s.config)
+        )
     lines += ["", "## Models", ""]
     if s.models:
         lines += ["| model | weights sha256 | halo (px) |", "|---|---|---|"]
@@ -256,14 +281,24 @@ def report_markdown(s: SceneSummary) -> str:
         lines.append(f"| **total** | **{sum(s.timings_s.values()):.2f}** |")
     lines += ["", "## Solver statistics", ""]
     if s.solver:
-        lines += ["| stage | tiles | converged | iterations (mean / max) | relative residual (median / max) |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "| stage | tiles | converged | iterations (mean / max) | relative residual (median / max) |",
+            "|---|---|---|---|---|",
+        ]
         for stage, v in s.solver.items():
-            its = (f"{v['iterations_mean']:.1f} / {v['iterations_max']:.0f}"
-                   if "iterations_mean" in v else "n/a")
-            res = (f"{v['residual_median']:.2e} / {v['residual_max']:.2e}"
-                   if "residual_median" in v else "n/a")
-            lines.append(f"| {stage} | {v.get('tiles', 0)} | {_converged_text(v)} | {its} | {res} |")
+            its = (
+                f"{v['iterations_mean']:.1f} / {v['iterations_max']:.0f}"
+                if "iterations_mean" in v
+                else "n/a"
+            )
+            res = (
+                f"{v['residual_median']:.2e} / {v['residual_max']:.2e}"
+                if "residual_median" in v
+                else "n/a"
+            )
+            lines.append(
+                f"| {stage} | {v.get('tiles', 0)} | {_converged_text(v)} | {its} | {res} |"
+            )
         lines += ["", SOLVER_NOTE]
     else:
         lines.append("(no fixed-point solver statistics recorded)")
@@ -282,9 +317,17 @@ def report_markdown(s: SceneSummary) -> str:
 
 
 #: the quality table's columns: each name carries its unit
-QUALITY_COLUMNS = ("scene", "status", "reused", "reconstruction RMSE (reflectance)",
-                   "denoise residual RMS (reflectance)", "converged tiles (per stage)", "nodata (%)",
-                   "failed tiles", "wall time (s)")
+QUALITY_COLUMNS = (
+    "scene",
+    "status",
+    "reused",
+    "reconstruction RMSE (reflectance)",
+    "denoise residual RMS (reflectance)",
+    "converged tiles (per stage)",
+    "nodata (%)",
+    "failed tiles",
+    "wall time (s)",
+)
 
 
 def quality_row(s: SceneSummary) -> dict[str, Any]:
@@ -292,11 +335,20 @@ def quality_row(s: SceneSummary) -> dict[str, Any]:
     names, convergence as converged/total tiles per stage (the report explains it); None = n/a."""
     q = s.quality
     nod = q.get("nodata_fraction")
-    conv = ", ".join(f"{stage} {_converged_text(v)}" for stage, v in s.solver.items() if "convergence_rate" in v)
-    values = [Path(s.scene).name, q.get("status"), q.get("reused"), _sig(q.get("reconstruction_rmse")),
-              _sig(q.get("denoise_residual_rms")), conv or "n/a (no fixed-point solver statistics)",
-              None if nod is None else round(100.0 * float(nod), 1), len(s.failed_tiles),
-              round(sum(s.timings_s.values()), 1) if s.timings_s else None]
+    conv = ", ".join(
+        f"{stage} {_converged_text(v)}" for stage, v in s.solver.items() if "convergence_rate" in v
+    )
+    values = [
+        Path(s.scene).name,
+        q.get("status"),
+        q.get("reused"),
+        _sig(q.get("reconstruction_rmse")),
+        _sig(q.get("denoise_residual_rms")),
+        conv or "n/a (no fixed-point solver statistics)",
+        None if nod is None else round(100.0 * float(nod), 1),
+        len(s.failed_tiles),
+        round(sum(s.timings_s.values()), 1) if s.timings_s else None,
+    ]
     return dict(zip(QUALITY_COLUMNS, values, strict=True))
 
 
@@ -321,8 +373,9 @@ def write_quicklooks(out_dir: str | Path, images: Mapping[str, bytes]) -> Quickl
     return q
 
 
-def publish_scene_artifacts(s: SceneSummary, quicklooks: Quicklooks | None = None,
-                            image_base_url: str | None = None) -> dict[str, Any]:
+def publish_scene_artifacts(
+    s: SceneSummary, quicklooks: Quicklooks | None = None, image_base_url: str | None = None
+) -> dict[str, Any]:
     """Create the report, quality-table and quicklook artifacts of one scene; returns their ids.
 
     The quicklooks are embedded in the report (markdown renders a ``data:`` image inline). Image
@@ -346,22 +399,29 @@ def publish_scene_artifacts(s: SceneSummary, quicklooks: Quicklooks | None = Non
             where = quicklooks.files.get(name)
             if where is not None:
                 md += f"(file: `{where}`)\n\n"
-    ids["report"] = create_markdown_artifact(md, key=artifact_key(base, "report"),
-                                             description=f"hyperdeq run report for {s.scene}")
+    ids["report"] = create_markdown_artifact(
+        md, key=artifact_key(base, "report"), description=f"hyperdeq run report for {s.scene}"
+    )
     ids["quality"] = create_table_artifact(
-        [quality_row(s)], key=artifact_key(base, "quality"),
-        description="per-scene quality indicators (units in the column names; convergence explained in the report)")
+        [quality_row(s)],
+        key=artifact_key(base, "quality"),
+        description="per-scene quality indicators (units in the column names; convergence explained in the report)",
+    )
     if quicklooks and image_base_url:
         if not image_base_url.startswith(("http://", "https://")):
-            raise ValueError(f"image_base_url {image_base_url!r} must be an http(s):// address serving the output root")
+            raise ValueError(
+                f"image_base_url {image_base_url!r} must be an http(s):// address serving the output root"
+            )
         for name, where in quicklooks.files.items():
             try:
                 rel = Path(where).resolve().relative_to(Path(s.out_dir).resolve().parent)
             except ValueError:
                 rel = Path(where).name  # type: ignore[assignment]
             ids[f"image:{name}"] = create_image_artifact(
-                f"{image_base_url.rstrip('/')}/{Path(rel).as_posix()}", key=artifact_key(base, name),
-                description=f"{QUICKLOOK_TITLES.get(name, name)} of {Path(s.scene).name}")
+                f"{image_base_url.rstrip('/')}/{Path(rel).as_posix()}",
+                key=artifact_key(base, name),
+                description=f"{QUICKLOOK_TITLES.get(name, name)} of {Path(s.scene).name}",
+            )
     return ids
 
 
@@ -369,8 +429,11 @@ def publish_sweep_table(rows: Sequence[Mapping[str, Any]], key: str = "hyperdeq-
     """Table artifact listing each scene of a sweep with its status and reason."""
     from prefect.artifacts import create_table_artifact
 
-    return create_table_artifact([dict(r) for r in rows], key=key,
-                                 description="scenes of this sweep: processed, skipped, failed")
+    return create_table_artifact(
+        [dict(r) for r in rows],
+        key=key,
+        description="scenes of this sweep: processed, skipped, failed",
+    )
 
 
 # ---------------------------------------------------------------------------------- from a run
@@ -379,7 +442,10 @@ INGESTED = "ingest/scene.zarr"
 
 def _outputs(record: Mapping[str, Any]) -> dict[str, str]:
     """``{key: path relative to the run}`` of a run record (entries are paths or ``{"path": ...}``)."""
-    return {k: str(v["path"] if isinstance(v, Mapping) else v) for k, v in (record.get("outputs") or {}).items()}
+    return {
+        k: str(v["path"] if isinstance(v, Mapping) else v)
+        for k, v in (record.get("outputs") or {}).items()
+    }
 
 
 def _strided(da: Any, max_side: int) -> np.ndarray:
@@ -389,7 +455,9 @@ def _strided(da: Any, max_side: int) -> np.ndarray:
     return np.asarray(da[..., ::step, ::step].values, dtype=np.float32)
 
 
-def scene_quality(run_dir: str | Path, record: Mapping[str, Any], max_side: int = 512) -> dict[str, float | None]:
+def scene_quality(
+    run_dir: str | Path, record: Mapping[str, Any], max_side: int = 512
+) -> dict[str, float | None]:
     """Per-scene quality indicators from a finished run (subsampled reads, bounded memory).
 
     * ``reconstruction_rmse``: mean per-pixel RMSE of the unmixing model (Y vs E·A);
@@ -413,13 +481,19 @@ def scene_quality(run_dir: str | Path, record: Mapping[str, Any], max_side: int 
         q["reconstruction_rmse"] = float(fin.mean()) if fin.size else None
     if "denoised_zarr" in outputs:
         good = good_band_index(scene)
-        den = _strided(open_output(run_dir / outputs["denoised_zarr"], "denoised").isel(band=good), max_side)
+        den = _strided(
+            open_output(run_dir / outputs["denoised_zarr"], "denoised").isel(band=good), max_side
+        )
         src = _strided(scene.isel(band=good), max_side)
         diff = (src - den)[:, valid]
         diff = diff[np.isfinite(diff)]
         q["denoise_residual_rms"] = float(np.sqrt(np.mean(diff**2))) if diff.size else None
-    conv = [t.get("converged") for ts in record.get("tiles", {}).values() for t in ts
-            if t.get("status") == "ok" and t.get("converged") is not None]
+    conv = [
+        t.get("converged")
+        for ts in record.get("tiles", {}).values()
+        for t in ts
+        if t.get("status") == "ok" and t.get("converged") is not None
+    ]
     q["convergence_rate"] = float(np.mean(conv)) if conv else None
     return q
 
@@ -430,8 +504,11 @@ def summary_from_record(run_dir: str | Path, reused: bool = False) -> SceneSumma
 
     run_dir = Path(run_dir)
     rec = load_run_record(run_dir)
-    timings = {k: float(v["wall_s"]) for k, v in rec.get("stages", {}).items()
-               if isinstance(v, Mapping) and v.get("wall_s") is not None}
+    timings = {
+        k: float(v["wall_s"])
+        for k, v in rec.get("stages", {}).items()
+        if isinstance(v, Mapping) and v.get("wall_s") is not None
+    }
     solver = {stage: solver_summary(tiles) for stage, tiles in rec.get("tiles", {}).items()}
     failed = []
     tiles_by_key = {(st, t.get("key")): t for st, ts in rec.get("tiles", {}).items() for t in ts}
@@ -440,10 +517,16 @@ def summary_from_record(run_dir: str | Path, reused: bool = False) -> SceneSumma
         t = tiles_by_key.get((stage, key), {})
         failed.append({"stage": stage, "index": key, "error": t.get("error") or ""})
     s = SceneSummary(
-        scene=rec.get("input", {}).get("path", ""), out_dir=str(run_dir),
-        record_path=str(run_dir / "run.json"), input_sha256=rec.get("input", {}).get("sha256", ""),
-        config_hash=rec.get("config_hash", ""), config=rec.get("config", {}),
-        models=list(rec.get("models", [])), timings_s=timings, solver=solver, failed_tiles=failed,
+        scene=rec.get("input", {}).get("path", ""),
+        out_dir=str(run_dir),
+        record_path=str(run_dir / "run.json"),
+        input_sha256=rec.get("input", {}).get("sha256", ""),
+        config_hash=rec.get("config_hash", ""),
+        config=rec.get("config", {}),
+        models=list(rec.get("models", [])),
+        timings_s=timings,
+        solver=solver,
+        failed_tiles=failed,
         outputs={k: str(run_dir / v) for k, v in _outputs(rec).items()},
     )
     s.quality = scene_quality(run_dir, rec)
@@ -452,8 +535,12 @@ def summary_from_record(run_dir: str | Path, reused: bool = False) -> SceneSumma
     return s
 
 
-QUICKLOOK_TITLES = {"before_rgb": "input (before denoising)", "after_rgb": "denoised (after)",
-                    "abundances": "abundance maps", "endmember_spectra": "endmember spectra"}
+QUICKLOOK_TITLES = {
+    "before_rgb": "input (before denoising)",
+    "after_rgb": "denoised (after)",
+    "abundances": "abundance maps",
+    "endmember_spectra": "endmember spectra",
+}
 
 
 def render_quicklooks(run_dir: str | Path) -> dict[str, bytes]:
@@ -471,12 +558,20 @@ def render_quicklooks(run_dir: str | Path) -> dict[str, bytes]:
     scene = open_zarr_scene(run_dir / INGESTED)
     bands = rgb_bands(scene["wavelength"].values, scene.sizes["band"], scene["good_band"].values)
     wl = [float(scene["wavelength"].values[b]) for b in bands]
-    images = {"before_rgb": rgb_png(_strided(scene.isel(band=list(bands)), QUICKLOOK_MAX_SIDE), (0, 1, 2),
-                                    title=rgb_title(QUICKLOOK_TITLES["before_rgb"], wl))}
+    images = {
+        "before_rgb": rgb_png(
+            _strided(scene.isel(band=list(bands)), QUICKLOOK_MAX_SIDE),
+            (0, 1, 2),
+            title=rgb_title(QUICKLOOK_TITLES["before_rgb"], wl),
+        )
+    }
     if "denoised_zarr" in outputs:
         den = open_output(run_dir / outputs["denoised_zarr"], "denoised").isel(band=list(bands))
-        images["after_rgb"] = rgb_png(_strided(den, QUICKLOOK_MAX_SIDE), (0, 1, 2),
-                                      title=rgb_title(QUICKLOOK_TITLES["after_rgb"], wl))
+        images["after_rgb"] = rgb_png(
+            _strided(den, QUICKLOOK_MAX_SIDE),
+            (0, 1, 2),
+            title=rgb_title(QUICKLOOK_TITLES["after_rgb"], wl),
+        )
     if "abundances_zarr" in outputs:
         ab = open_output(run_dir / outputs["abundances_zarr"], "abundances")
         names = [str(n) for n in ab["endmember"].values]

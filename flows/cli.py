@@ -23,7 +23,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 train_app = typer.Typer(help="Train the models.", no_args_is_help=True)
-eval_app = typer.Typer(help="Evaluate the models against classical baselines (protocol in docs).", no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Evaluate the models against classical baselines (protocol in docs).", no_args_is_help=True
+)
 flow_app = typer.Typer(help="Run the pipeline through Prefect.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
@@ -32,7 +34,15 @@ app.add_typer(flow_app, name="flow")
 GROUPS = {"train": train_app, "eval": eval_app, "flow": flow_app}
 
 # one module per area; each defines ``register(app, groups)``
-_AREAS = ["cli_io", "cli_denoise", "cli_denoise_eval", "cli_unmix", "cli_run", "cli_flow", "cli_bench"]
+_AREAS = [
+    "cli_io",
+    "cli_denoise",
+    "cli_denoise_eval",
+    "cli_unmix",
+    "cli_run",
+    "cli_flow",
+    "cli_bench",
+]
 for _name in _AREAS:
     _mod = importlib.import_module(f"flows.{_name}")
     _mod.register(app, GROUPS)
@@ -63,15 +73,20 @@ def main() -> None:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.secho("stopped (Ctrl-C); rerun the same command to resume", fg=typer.colors.YELLOW, err=True)
+        typer.secho(
+            "stopped (Ctrl-C); rerun the same command to resume", fg=typer.colors.YELLOW, err=True
+        )
         sys.exit(130)
     except Exception as exc:
         if os.environ.get("HYPERDEQ_TRACEBACK"):
             raise
         path = _crash_report(exc)
-        typer.secho(f"error: unexpected {type(exc).__name__}: {str(exc)[:500]}. This is a bug in hyperdeq, not in "
-                    f"your input: the traceback is in {path}; please report it (HYPERDEQ_TRACEBACK=1 prints it)",
-                    fg=typer.colors.RED, err=True)
+        typer.secho(
+            f"error: unexpected {type(exc).__name__}: {str(exc)[:500]}. This is a bug in hyperdeq, not in "
+            f"your input: the traceback is in {path}; please report it (HYPERDEQ_TRACEBACK=1 prints it)",
+            fg=typer.colors.RED,
+            err=True,
+        )
         sys.exit(1)
 
 

@@ -34,8 +34,20 @@ def _split(value: str) -> tuple[str, ...]:
 def _command_line(opts: dict[str, object]) -> str:
     """The exact command, rebuilt from the parsed options (also right under a test runner)."""
     parts = ["hyperdeq", "eval", "denoiser"]
-    for key in ("data", "scenes", "cases", "baselines", "seed", "out", "json_out", "crop",
-                "device", "threads", "cache", "weights"):
+    for key in (
+        "data",
+        "scenes",
+        "cases",
+        "baselines",
+        "seed",
+        "out",
+        "json_out",
+        "crop",
+        "device",
+        "threads",
+        "cache",
+        "weights",
+    ):
         val = opts.get(key)
         if val is not None:
             flag = "--json" if key == "json_out" else f"--{key}"
@@ -52,7 +64,9 @@ def _command_line(opts: dict[str, object]) -> str:
 
 
 def eval_denoiser(
-    data: Path = typer.Option(None, help="shared data folder (default ../shared/data or $HYPERDEQ_SHARED_DATA)"),
+    data: Path = typer.Option(
+        None, help="shared data folder (default ../shared/data or $HYPERDEQ_SHARED_DATA)"
+    ),
     scenes: str = typer.Option("jasper,pavia_centre", help="test scenes, comma-separated"),
     cases: str = typer.Option(
         "gauss30,gauss50,band[0,55],band[0,95],corr,mixture", help="noise cases, comma-separated"
@@ -74,9 +88,14 @@ def eval_denoiser(
     ),
     weights: Path = typer.Option(None, help="DECSC weights file other than the shipped one"),
     arch: str = typer.Option("shipped", help="architecture of --weights: shipped or full"),
-    guard: bool = typer.Option(True, "--guard/--no-guard", help="DECSC's band guard (on in the pipeline)"),
-    subspace: int = typer.Option(8, "--subspace", help="DECSC's spectral-subspace pass dimension, 0: the "
-                                 "model alone (8 in the pipeline)"),
+    guard: bool = typer.Option(
+        True, "--guard/--no-guard", help="DECSC's band guard (on in the pipeline)"
+    ),
+    subspace: int = typer.Option(
+        8,
+        "--subspace",
+        help="DECSC's spectral-subspace pass dimension, 0: the model alone (8 in the pipeline)",
+    ),
 ) -> None:
     """Score DECSC and the classical denoisers on the test scenes under every noise case."""
     from workers.denoise.evaluate import EvalConfig, run_eval, write_report

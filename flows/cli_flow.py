@@ -67,11 +67,14 @@ def _decsc_available() -> bool:
         return False
 
 
-
 @add_run_options()
 def flow_run(
-    scene: Path = typer.Argument(..., help="scene file (GeoTIFF, ENVI, NetCDF, .mat) or zarr store"),
-    out: Path = typer.Option(Path("hyperdeq-out"), "--out", help="output root; the run goes in OUT/<scene>/<run id>/"),
+    scene: Path = typer.Argument(
+        ..., help="scene file (GeoTIFF, ENVI, NetCDF, .mat) or zarr store"
+    ),
+    out: Path = typer.Option(
+        Path("hyperdeq-out"), "--out", help="output root; the run goes in OUT/<scene>/<run id>/"
+    ),
     options: Any = None,
 ) -> None:
     """Process one scene through the Prefect flow (ingest → denoise → unmix → outputs)."""
@@ -79,13 +82,20 @@ def flow_run(
         raise ConfigError(f"scene {str(scene)!r} does not exist; give the path of a scene file")
     _run_flow(scene, out, options, "flow run")
 
+
 @add_run_options()
 def sweep(
     root: Path | None = typer.Argument(None, help="archive root to scan (or use --list-file)"),
-    list_file: Path | None = typer.Option(None, "--list-file", help="text file, one scene path per line"),
+    list_file: Path | None = typer.Option(
+        None, "--list-file", help="text file, one scene path per line"
+    ),
     out: Path = typer.Option(Path("hyperdeq-out"), "--out", help="output root"),
-    sensor: list[str] | None = typer.Option(None, "--sensor", help="sensor preset(s) from deploy/sensors.yaml"),
-    pattern: list[str] | None = typer.Option(None, "--pattern", help="glob pattern(s) relative to ROOT"),
+    sensor: list[str] | None = typer.Option(
+        None, "--sensor", help="sensor preset(s) from deploy/sensors.yaml"
+    ),
+    pattern: list[str] | None = typer.Option(
+        None, "--pattern", help="glob pattern(s) relative to ROOT"
+    ),
     max_concurrent: int = typer.Option(2, help="scenes processed at the same time"),
     options: Any = None,
 ) -> None:
@@ -97,10 +107,15 @@ def sweep(
     from flows.sweep import read_list_file, scan_archive
 
     try:
-        p = SweepParams(root=None if root is None else str(root),
-                        list_file=None if list_file is None else str(list_file), out_root=str(out),
-                        sensors=sensor or None, patterns=pattern or None,
-                        max_concurrent=max_concurrent, options=options)
+        p = SweepParams(
+            root=None if root is None else str(root),
+            list_file=None if list_file is None else str(list_file),
+            out_root=str(out),
+            sensors=sensor or None,
+            patterns=pattern or None,
+            max_concurrent=max_concurrent,
+            options=options,
+        )
     except ValidationError as exc:
         raise ConfigError(pretty(exc)) from None
     # refuse a bad scene source before any server or cluster starts
@@ -114,14 +129,18 @@ def sweep(
     _job, spec = options_to_build(p.options, p.out_root)
     spec.check_reachable()
     with _prefect_defaults():
-        state = sweep_archive(**p.model_dump(exclude={"options"}), options=p.options, return_state=True)
+        state = sweep_archive(
+            **p.model_dump(exclude={"options"}), options=p.options, return_state=True
+        )
     try:
         s = state.result(raise_on_failure=False)
     except Exception:
         s = None
     if isinstance(s, dict):
-        typer.echo(f"processed {len(s['processed'])}, skipped {len(s['skipped'])} (already complete), "
-                   f"failed {len(s['failed'])}")
+        typer.echo(
+            f"processed {len(s['processed'])}, skipped {len(s['skipped'])} (already complete), "
+            f"failed {len(s['failed'])}"
+        )
         for f in s["failed"]:
             typer.echo(f"  failed: {f['scene']}: {f['reason']}")
     if not state.is_completed():
@@ -130,12 +149,18 @@ def sweep(
         raise typer.Exit(1)
     typer.echo(_ui_hint(state.state_details.flow_run_id))
 
+
 @add_run_options(exclude=("cluster", "scheduler"))
 def serve(
-    sweep_root: Path | None = typer.Option(None, help="archive root for the scheduled sweep (must exist); "
-                                           "default: $HYPERDEQ_SWEEP_ROOT"),
-    sweep_out: Path | None = typer.Option(None, help="output root of both deployments (absolute); default: "
-                                          "$HYPERDEQ_OUT or ./hyperdeq-out resolved now"),
+    sweep_root: Path | None = typer.Option(
+        None,
+        help="archive root for the scheduled sweep (must exist); default: $HYPERDEQ_SWEEP_ROOT",
+    ),
+    sweep_out: Path | None = typer.Option(
+        None,
+        help="output root of both deployments (absolute); default: "
+        "$HYPERDEQ_OUT or ./hyperdeq-out resolved now",
+    ),
     cron: str = typer.Option("0 2 * * *", help="sweep schedule (cron, UTC); needs --sweep-root"),
     limit: int = typer.Option(2, help="flow runs executed at the same time by this process"),
     options: Any = None,
@@ -148,35 +173,57 @@ def serve(
     from flows.scene_flow import process_scene
     from flows.sweep import sweep_archive
 
-    root = sweep_root or (Path(os.environ["HYPERDEQ_SWEEP_ROOT"]) if os.environ.get("HYPERDEQ_SWEEP_ROOT") else None)
+    root = sweep_root or (
+        Path(os.environ["HYPERDEQ_SWEEP_ROOT"]) if os.environ.get("HYPERDEQ_SWEEP_ROOT") else None
+    )
     if root is not None and not root.expanduser().is_dir():
-        raise ConfigError(f"sweep root {str(root)!r} is not an existing folder; the nightly sweep would fail "
-                          "there: give the archive folder with --sweep-root (or $HYPERDEQ_SWEEP_ROOT)")
+        raise ConfigError(
+            f"sweep root {str(root)!r} is not an existing folder; the nightly sweep would fail "
+            "there: give the archive folder with --sweep-root (or $HYPERDEQ_SWEEP_ROOT)"
+        )
     out = (sweep_out or Path(os.environ.get("HYPERDEQ_OUT", "hyperdeq-out"))).expanduser().resolve()
     if not PREFECT_API_URL.value():
         typer.secho(
             "warning: PREFECT_API_URL is not set; serving against a temporary server that no one "
             "else can reach. Start `prefect server start` and export "
-            "PREFECT_API_URL=http://127.0.0.1:4200/api first.", fg=typer.colors.YELLOW, err=True)
+            "PREFECT_API_URL=http://127.0.0.1:4200/api first.",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     opts = options.model_dump()
-    deployments = [process_scene.to_deployment(
-        name="served-on-demand", tags=["hyperdeq", "scene", "served"],
-        parameters={"out_dir": str(out), "options": opts},
-        description="Denoise and unmix one scene: give `scene`; outputs under `out_dir`.")]
-    kw: dict[str, Any] = {"name": "served-nightly-sweep", "tags": ["hyperdeq", "sweep", "served"],
-                          "parameters": {"out_root": str(out), "options": opts}}
+    deployments = [
+        process_scene.to_deployment(
+            name="served-on-demand",
+            tags=["hyperdeq", "scene", "served"],
+            parameters={"out_dir": str(out), "options": opts},
+            description="Denoise and unmix one scene: give `scene`; outputs under `out_dir`.",
+        )
+    ]
+    kw: dict[str, Any] = {
+        "name": "served-nightly-sweep",
+        "tags": ["hyperdeq", "sweep", "served"],
+        "parameters": {"out_root": str(out), "options": opts},
+    }
     if root is not None:
-        kw.update(cron=cron, parameters={**kw["parameters"], "root": str(root.expanduser().resolve())})
+        kw.update(
+            cron=cron, parameters={**kw["parameters"], "root": str(root.expanduser().resolve())}
+        )
     deployments.append(sweep_archive.to_deployment(**kw))
-    typer.echo("serving process-scene/served-on-demand and sweep-archive/served-nightly-sweep "
-               f"(outputs under {out}); Ctrl-C to stop")
+    typer.echo(
+        "serving process-scene/served-on-demand and sweep-archive/served-nightly-sweep "
+        f"(outputs under {out}); Ctrl-C to stop"
+    )
     prefect_serve(*deployments, limit=limit)
+
 
 @add_run_options(defaults={"tile": 64, "workers": 1})
 def demo(
     out: Path = typer.Option(Path("demo-output"), "--out", help="where the outputs go"),
-    full: bool = typer.Option(False, "--full", help="the whole 192×160 px mosaic instead of the 96×96 px "
-                              "window (about 3× the work)"),
+    full: bool = typer.Option(
+        False,
+        "--full",
+        help="the whole 192×160 px mosaic instead of the 96×96 px window (about 3× the work)",
+    ),
     options: Any = None,
 ) -> None:
     """Run the full flow on the bundled EnMAP Potsdam demo scene and say where to look.
@@ -192,14 +239,19 @@ def demo(
     workers = int(options.workers or 1)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(workers, 1))))
     if options.denoise and not _decsc_available():
-        typer.secho("warning: the DECSC weights are not installed (workers/weights/decsc.safetensors); "
-                    "the demo runs unmixing only.", fg=typer.colors.YELLOW, err=True)
+        typer.secho(
+            "warning: the DECSC weights are not installed (workers/weights/decsc.safetensors); "
+            "the demo runs unmixing only.",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
         options = options.model_copy(update={"denoise": False})
     scene_path = scene
     if not full:
         r0, r1, c0, c1 = DEMO_WINDOW
-        scene_path = crop_geotiff(scene, out / "input" / f"enmap_potsdam_demo_{r1 - r0}x{c1 - c0}.tif",
-                                  DEMO_WINDOW)
+        scene_path = crop_geotiff(
+            scene, out / "input" / f"enmap_potsdam_demo_{r1 - r0}x{c1 - c0}.tif", DEMO_WINDOW
+        )
     typer.echo(f"hyperdeq demo: {scene_path.name} -> {out.resolve()}")
     record = _run_flow(scene_path, out, options, "demo")
     typer.echo(f"outputs: {record.parent}")
@@ -224,10 +276,14 @@ def _run_flow(scene: Path, out: Path, options: Any, what: str) -> Path:
     from workers.run import preflight
 
     job, spec = options_to_build(options, out)
-    preflight(scene, job)  # header, options against the scene, output folder, device, memory: all first
+    preflight(
+        scene, job
+    )  # header, options against the scene, output folder, device, memory: all first
     spec.check_reachable()
     with _prefect_defaults():
-        state = process_scene(scene=str(scene), out_dir=str(out), options=options, return_state=True)
+        state = process_scene(
+            scene=str(scene), out_dir=str(out), options=options, return_state=True
+        )
     run_id = state.state_details.flow_run_id
     if state.is_cancelled():  # run.json says 'cancelled'; the same command resumes
         typer.secho(f"{what} cancelled: {state.message}", fg=typer.colors.YELLOW, err=True)

@@ -24,8 +24,12 @@ def cli_logging(console: Any) -> None:
 
 @add_run_options()
 def run(
-    scene: Path = typer.Argument(..., help="Input scene (GeoTIFF/COG, ENVI, NetCDF/HDF5, .mat, zarr)."),
-    out: Path = typer.Option(Path("hyperdeq-out"), "--out", help="Output root; the run lands in OUT/<scene>/<run id>/."),
+    scene: Path = typer.Argument(
+        ..., help="Input scene (GeoTIFF/COG, ENVI, NetCDF/HDF5, .mat, zarr)."
+    ),
+    out: Path = typer.Option(
+        Path("hyperdeq-out"), "--out", help="Output root; the run lands in OUT/<scene>/<run id>/."
+    ),
     options: Any = None,
 ) -> None:
     """Denoise (DECSC) and unmix (DEQ-Unmix) SCENE into georeferenced zarr + COG with a run record."""
@@ -45,8 +49,14 @@ def run(
     job, cluster = options_to_build(options, out)
     console = Console(stderr=True)
     cli_logging(console)
-    with Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
+    with Progress(
+        TextColumn("{task.description:<16}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
         tasks: dict[str, Any] = {}
 
         def _progress(stage: str, done: int, total: int) -> None:
@@ -55,24 +65,41 @@ def run(
             bar.update(tasks[stage], completed=done, total=total)
 
         try:
-            res = run_scene(scene, job, cluster, progress=_progress,
-                            on_plan=lambda p: console.print(f"run {p.run_id} in {p.run_dir}"))
+            res = run_scene(
+                scene,
+                job,
+                cluster,
+                progress=_progress,
+                on_plan=lambda p: console.print(f"run {p.run_id} in {p.run_dir}"),
+            )
         except RunCancelled as exc:
-            typer.secho(f"run cancelled ({exc}); rerun the same command to resume", fg=typer.colors.YELLOW,
-                        err=True)
+            typer.secho(
+                f"run cancelled ({exc}); rerun the same command to resume",
+                fg=typer.colors.YELLOW,
+                err=True,
+            )
             raise typer.Exit(exc.exit_code) from None
-    typer.echo(f"run {res.run_id}: {res.status}{' (reused an identical completed run)' if res.reused else ''}")
+    typer.echo(
+        f"run {res.run_id}: {res.status}{' (reused an identical completed run)' if res.reused else ''}"
+    )
     typer.echo(f"outputs in {res.run_dir}")
     for key, path in sorted(res.outputs.items()):
         typer.echo(f"  {key:<22} {path}")
     typer.echo(f"  {'run record':<22} {res.run_dir / 'run.json'}")
     if res.failed_tiles:
-        typer.secho(f"{len(res.failed_tiles)} tiles failed: {res.failed_tiles}; rerun the same command to "
-                    "retry them", fg=typer.colors.RED, err=True)
+        typer.secho(
+            f"{len(res.failed_tiles)} tiles failed: {res.failed_tiles}; rerun the same command to "
+            "retry them",
+            fg=typer.colors.RED,
+            err=True,
+        )
         raise typer.Exit(1)
     if res.not_converged:
-        typer.secho(f"{len(res.not_converged)} tiles did not converge: {res.not_converged}",
-                    fg=typer.colors.YELLOW, err=True)
+        typer.secho(
+            f"{len(res.not_converged)} tiles did not converge: {res.not_converged}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
 
 
 def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:

@@ -15,13 +15,24 @@ DEFAULT_EPOCHS = 60
 
 def eval_unmixer(
     data: Path = typer.Option(_ROOT.parent / "shared" / "data", help="shared real-data folder"),
-    scenes: str = typer.Option("samson,jasper,synthetic", help="comma list: samson, jasper, synthetic"),
-    out: Path = typer.Option(_ROOT / "docs" / "benchmarks" / "unmix_eval.md", help="markdown report"),
-    json_out: Path = typer.Option(_ROOT / "benchmarks" / "results" / "unmix_eval.json", help="JSON report"),
-    epochs: int = typer.Option(DEFAULT_EPOCHS, help="DEQ-Unmix fit epochs (max Adam steps, early stopping) per scene"),
+    scenes: str = typer.Option(
+        "samson,jasper,synthetic", help="comma list: samson, jasper, synthetic"
+    ),
+    out: Path = typer.Option(
+        _ROOT / "docs" / "benchmarks" / "unmix_eval.md", help="markdown report"
+    ),
+    json_out: Path = typer.Option(
+        _ROOT / "benchmarks" / "results" / "unmix_eval.json", help="JSON report"
+    ),
+    epochs: int = typer.Option(
+        DEFAULT_EPOCHS, help="DEQ-Unmix fit epochs (max Adam steps, early stopping) per scene"
+    ),
     seed: int = typer.Option(0, help="seed of sampling, VCA, N-FINDR, synthetic data and training"),
-    seeds: str = typer.Option("", help="comma list of seeds (overrides --seed); every scene runs for each, "
-                              "scene by scene, into one report"),
+    seeds: str = typer.Option(
+        "",
+        help="comma list of seeds (overrides --seed); every scene runs for each, "
+        "scene by scene, into one report",
+    ),
     threads: int = typer.Option(2, help="torch threads"),
 ) -> None:
     """DEQ-Unmix vs FCLS with the DEQ's endmembers (ablation), VCA+FCLS and N-FINDR+FCLS on Samson
@@ -46,11 +57,20 @@ def eval_unmixer(
                 results.append(r)
                 for m in ("deq-unmix", "fcls-same-e", "vca+fcls", "nfindr+fcls"):
                     v = r[m]
-                    typer.echo(f"  {m:12s} SAD {v['sad_mean_deg']:6.2f}°  aRMSE {v['abundance_rmse']:.4f}  "
-                               f"{v['time_s']:.1f} s")
-                write_report(results, environment(), "hyperdeq " + " ".join(sys.argv[1:]), out, json_out,
-                             {"epochs": epochs, "seeds": seed_list, "threads": threads})
+                    typer.echo(
+                        f"  {m:12s} SAD {v['sad_mean_deg']:6.2f}°  aRMSE {v['abundance_rmse']:.4f}  "
+                        f"{v['time_s']:.1f} s"
+                    )
+                write_report(
+                    results,
+                    environment(),
+                    "hyperdeq " + " ".join(sys.argv[1:]),
+                    out,
+                    json_out,
+                    {"epochs": epochs, "seeds": seed_list, "threads": threads},
+                )
     typer.echo(f"wrote {out} and {json_out}")
+
 
 def unmix(
     scene: Path = typer.Argument(..., help="input scene (any format open_scene reads)"),

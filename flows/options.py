@@ -53,48 +53,160 @@ def _defaults() -> dict[str, dict[str, Any]]:
     from workers.unmix.options import UnmixOptions
 
     out: dict[str, dict[str, Any]] = {}
-    for target, cls in (("config", RunConfig), ("denoise", DenoiseOptions), ("unmix", UnmixOptions),
-                        ("cluster", ClusterSpec)):
-        out[target] = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
-                       for f in dataclasses.fields(cls)}
+    for target, cls in (
+        ("config", RunConfig),
+        ("denoise", DenoiseOptions),
+        ("unmix", UnmixOptions),
+        ("cluster", ClusterSpec),
+    ):
+        out[target] = {
+            f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+            for f in dataclasses.fields(cls)
+        }
     out["job"] = {"denoise": True, "unmix": True}
     return out
 
 
 OPTIONS: tuple[Opt, ...] = (
-    Opt("tile", "config", "tile", int | None,
-        "Tile core size in pixels (default: the largest of 128, 112, ... 32 whose tiles fit --tile-memory)."),
-    Opt("halo", "config", "halo", int | None, "Context pixels read each side of a tile (default: what the models need)."),
-    Opt("blend", "config", "blend", str, "Window that blends overlapping tiles: hann, uniform or crop."),
-    Opt("out_chunk", "config", "out_chunk", int | None, "Spatial chunk of the outputs in pixels (default: the tile)."),
+    Opt(
+        "tile",
+        "config",
+        "tile",
+        int | None,
+        "Tile core size in pixels (default: the largest of 128, 112, ... 32 whose tiles fit --tile-memory).",
+    ),
+    Opt(
+        "halo",
+        "config",
+        "halo",
+        int | None,
+        "Context pixels read each side of a tile (default: what the models need).",
+    ),
+    Opt(
+        "blend",
+        "config",
+        "blend",
+        str,
+        "Window that blends overlapping tiles: hann, uniform or crop.",
+    ),
+    Opt(
+        "out_chunk",
+        "config",
+        "out_chunk",
+        int | None,
+        "Spatial chunk of the outputs in pixels (default: the tile).",
+    ),
     Opt("seed", "config", "seed", int, "Seed of everything random in the run (the unmixer's fit)."),
     Opt("device", "config", "device", str, "Where models run: cpu, cuda, cuda:N or auto."),
-    Opt("batch", "config", "batch_size", int,
-        "Most tiles per Dask task (fewer when that keeps every worker busy)."),
-    Opt("tile_memory", "config", "tile_memory_mb", float,
-        "Per-tile memory budget of a worker in MiB; a larger explicit --tile is refused before any work."),
-    Opt("keep_tiles", "config", "keep_tiles", bool,
-        "Keep the intermediate tile stores in a completed run folder (removed by default)."),
+    Opt(
+        "batch",
+        "config",
+        "batch_size",
+        int,
+        "Most tiles per Dask task (fewer when that keeps every worker busy).",
+    ),
+    Opt(
+        "tile_memory",
+        "config",
+        "tile_memory_mb",
+        float,
+        "Per-tile memory budget of a worker in MiB; a larger explicit --tile is refused before any work.",
+    ),
+    Opt(
+        "keep_tiles",
+        "config",
+        "keep_tiles",
+        bool,
+        "Keep the intermediate tile stores in a completed run folder (removed by default).",
+    ),
     Opt("denoise", "job", "denoise", bool, "Run the DECSC denoiser."),
-    Opt("denoiser", "denoise", "arch", str,
-        "DECSC weights: shipped (small, the default) or full (full-size, about 7x the compute; for GPUs)."),
-    Opt("guard", "denoise", "guard", bool,
-        "DECSC's band guard: hand the input back per band where the model over-smooths."),
-    Opt("subspace", "denoise", "subspace", int,
-        "DECSC's spectral-subspace pass: dimension k between two model passes (0: the model alone)."),
-    Opt("unmix", "job", "unmix", bool, "Run the DEQ-Unmix unmixer (fit on the scene, then apply per tile)."),
-    Opt("endmembers", "unmix", "endmembers", int | None, "Number of endmembers (default: estimated from the scene)."),
-    Opt("unmix_epochs", "unmix", "epochs", int | None, "Most epochs of the unmixer's fit (default: its own, with early stopping)."),
-    Opt("cluster", "cluster", "kind", str,
-        "Where tile batches run: local (start a cluster), address (use --scheduler) or cuda (dask-cuda, one worker per GPU)."),
-    Opt("scheduler", "cluster", "address", str | None, "Address of a running Dask scheduler, e.g. tcp://host:8786."),
-    Opt("workers", "cluster", "n_workers", int | None, "Worker processes of a local cluster (default 2)."),
-    Opt("threads_per_worker", "cluster", "threads_per_worker", int, "Dask threads per local worker."),
-    Opt("memory_limit", "cluster", "memory_limit", str | None, "Memory limit per local worker, e.g. 4GiB."),
-    Opt("recipe", "cluster", "recipe", str | None,
-        "Cluster recipe: a file under deploy/cluster (local, gpu-dask-cuda) or a path."),
-    Opt("allow_recipe_code", "cluster", "allow_code", bool,
-        "Accept recipe keys that load code on the cluster (preload, plugins); only for recipes you trust."),
+    Opt(
+        "denoiser",
+        "denoise",
+        "arch",
+        str,
+        "DECSC weights: shipped (small, the default) or full (full-size, about 7x the compute; for GPUs).",
+    ),
+    Opt(
+        "guard",
+        "denoise",
+        "guard",
+        bool,
+        "DECSC's band guard: hand the input back per band where the model over-smooths.",
+    ),
+    Opt(
+        "subspace",
+        "denoise",
+        "subspace",
+        int,
+        "DECSC's spectral-subspace pass: dimension k between two model passes (0: the model alone).",
+    ),
+    Opt(
+        "unmix",
+        "job",
+        "unmix",
+        bool,
+        "Run the DEQ-Unmix unmixer (fit on the scene, then apply per tile).",
+    ),
+    Opt(
+        "endmembers",
+        "unmix",
+        "endmembers",
+        int | None,
+        "Number of endmembers (default: estimated from the scene).",
+    ),
+    Opt(
+        "unmix_epochs",
+        "unmix",
+        "epochs",
+        int | None,
+        "Most epochs of the unmixer's fit (default: its own, with early stopping).",
+    ),
+    Opt(
+        "cluster",
+        "cluster",
+        "kind",
+        str,
+        "Where tile batches run: local (start a cluster), address (use --scheduler) or cuda (dask-cuda, one worker per GPU).",
+    ),
+    Opt(
+        "scheduler",
+        "cluster",
+        "address",
+        str | None,
+        "Address of a running Dask scheduler, e.g. tcp://host:8786.",
+    ),
+    Opt(
+        "workers",
+        "cluster",
+        "n_workers",
+        int | None,
+        "Worker processes of a local cluster (default 2).",
+    ),
+    Opt(
+        "threads_per_worker", "cluster", "threads_per_worker", int, "Dask threads per local worker."
+    ),
+    Opt(
+        "memory_limit",
+        "cluster",
+        "memory_limit",
+        str | None,
+        "Memory limit per local worker, e.g. 4GiB.",
+    ),
+    Opt(
+        "recipe",
+        "cluster",
+        "recipe",
+        str | None,
+        "Cluster recipe: a file under deploy/cluster (local, gpu-dask-cuda) or a path.",
+    ),
+    Opt(
+        "allow_recipe_code",
+        "cluster",
+        "allow_code",
+        bool,
+        "Accept recipe keys that load code on the cluster (preload, plugins); only for recipes you trust.",
+    ),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -113,7 +225,13 @@ def build(values: dict[str, Any], out_root: str | Path | None = None) -> tuple[A
     unknown = sorted(set(values) - set(_BY_NAME))
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown!r}; valid ones are {sorted(_BY_NAME)!r}")
-    parts: dict[str, dict[str, Any]] = {"config": {}, "denoise": {}, "unmix": {}, "cluster": {}, "job": {}}
+    parts: dict[str, dict[str, Any]] = {
+        "config": {},
+        "denoise": {},
+        "unmix": {},
+        "cluster": {},
+        "job": {},
+    }
     for name, v in values.items():
         o = _BY_NAME[name]
         parts[o.target][o.field] = v
@@ -121,12 +239,16 @@ def build(values: dict[str, Any], out_root: str | Path | None = None) -> tuple[A
         parts["config"]["out_root"] = Path(out_root)
     job_on = {**_defaults()["job"], **parts["job"]}
     if not job_on["unmix"] and (parts["unmix"].get("endmembers") is not None):
-        raise ConfigError(f"--endmembers {parts['unmix']['endmembers']!r} was given but unmixing is off; "
-                          "drop --no-unmix or the endmember count")
+        raise ConfigError(
+            f"--endmembers {parts['unmix']['endmembers']!r} was given but unmixing is off; "
+            "drop --no-unmix or the endmember count"
+        )
     cfg = RunConfig(**parts["config"])
-    job = Job(config=cfg,
-              denoise=DenoiseOptions(**parts["denoise"]) if job_on["denoise"] else None,
-              unmix=UnmixOptions(**parts["unmix"]) if job_on["unmix"] else None)
+    job = Job(
+        config=cfg,
+        denoise=DenoiseOptions(**parts["denoise"]) if job_on["denoise"] else None,
+        unmix=UnmixOptions(**parts["unmix"]) if job_on["unmix"] else None,
+    )
     return job, ClusterSpec(**parts["cluster"])
 
 
@@ -139,11 +261,23 @@ def _check(model: BaseModel) -> BaseModel:
 
 
 def _run_options_model() -> type[BaseModel]:
-    fields: dict[str, Any] = {o.name: (o.type, Field(default(o), description=o.help)) for o in OPTIONS}
-    base = type("_Base", (BaseModel,), {"model_config": ConfigDict(extra="forbid", frozen=True),
-                                        "_consistent": model_validator(mode="after")(_check)})
-    return create_model("RunOptions", __base__=base, __doc__="Run options (flows/options.py: the one table).",
-                        **fields)
+    fields: dict[str, Any] = {
+        o.name: (o.type, Field(default(o), description=o.help)) for o in OPTIONS
+    }
+    base = type(
+        "_Base",
+        (BaseModel,),
+        {
+            "model_config": ConfigDict(extra="forbid", frozen=True),
+            "_consistent": model_validator(mode="after")(_check),
+        },
+    )
+    return create_model(
+        "RunOptions",
+        __base__=base,
+        __doc__="Run options (flows/options.py: the one table).",
+        **fields,
+    )
 
 
 #: the Prefect flows' parameter model: one described field per option of :data:`OPTIONS`
@@ -173,7 +307,9 @@ def pretty(exc: Any) -> str:
     return "; ".join(parts)
 
 
-def add_run_options(exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> Callable[..., Any]:
+def add_run_options(
+    exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None
+) -> Callable[..., Any]:
     """Decorator for a typer command: appends every option of the table (minus ``exclude``) to its
     signature and passes their values, as a :data:`RunOptions`, in the keyword ``options``."""
     overrides = defaults or {}
@@ -183,13 +319,22 @@ def add_run_options(exclude: tuple[str, ...] = (), defaults: dict[str, Any] | No
 
         sig = inspect.signature(fn)
         hints = typing.get_type_hints(fn)
-        own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()
-               if p.name != "options"]
+        own = [
+            p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in sig.parameters.values()
+            if p.name != "options"
+        ]
         names = [o.name for o in OPTIONS if o.name not in exclude]
-        extra = [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY,
-                                   default=typer.Option(overrides.get(o.name, default(o)), o.cli_flag(), help=o.help),
-                                   annotation=o.type)
-                 for o in OPTIONS if o.name in names]
+        extra = [
+            inspect.Parameter(
+                o.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(overrides.get(o.name, default(o)), o.cli_flag(), help=o.help),
+                annotation=o.type,
+            )
+            for o in OPTIONS
+            if o.name in names
+        ]
 
         @functools.wraps(fn)
         def command(*args: Any, **kwargs: Any) -> Any:
@@ -200,7 +345,10 @@ def add_run_options(exclude: tuple[str, ...] = (), defaults: dict[str, Any] | No
             return fn(*args, options=run_options(**values), **kwargs)
 
         command.__signature__ = sig.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
-        command.__annotations__ = {**{p.name: p.annotation for p in own}, **{o.name: o.type for o in OPTIONS}}
+        command.__annotations__ = {
+            **{p.name: p.annotation for p in own},
+            **{o.name: o.type for o in OPTIONS},
+        }
         return command
 
     return wrap

@@ -71,8 +71,10 @@ def stage_timeout(stage: str, spec: str | None = None) -> float | None:
     try:
         secs = float(raw)  # type: ignore[arg-type]
     except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV}={spec!r}: {raw!r} is not a number of seconds; use e.g. "
-                         "'3600' or 'denoise=7200,*=3600'") from None
+        raise ValueError(
+            f"{TIMEOUT_ENV}={spec!r}: {raw!r} is not a number of seconds; use e.g. "
+            "'3600' or 'denoise=7200,*=3600'"
+        ) from None
     if secs <= 0:
         raise ValueError(f"{TIMEOUT_ENV}={spec!r}: the timeout of {stage!r} must be positive")
     return secs
@@ -82,9 +84,16 @@ def _prefect_call(scene_name: str, progress: Any) -> Any:
     """The ``call`` of :func:`workers.run.sequence` that runs each stage as a Prefect task."""
 
     def call(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        t = task(fn, name=name.replace("_", "-"), task_run_name=f"{name.replace('_', ' ')} {scene_name}",
-                 cache_policy=NO_CACHE, retries=STAGE_RETRIES, retry_delay_seconds=[10, 60],
-                 retry_condition_fn=_retry_transient, timeout_seconds=stage_timeout(name))
+        t = task(
+            fn,
+            name=name.replace("_", "-"),
+            task_run_name=f"{name.replace('_', ' ')} {scene_name}",
+            cache_policy=NO_CACHE,
+            retries=STAGE_RETRIES,
+            retry_delay_seconds=[10, 60],
+            retry_condition_fn=_retry_transient,
+            timeout_seconds=stage_timeout(name),
+        )
         out = t(*[quote(a) for a in args], **{k: quote(v) for k, v in kwargs.items()})
         progress.stage_done(name)
         return out
@@ -130,7 +139,9 @@ class CancelWatch:
         self.event = threading.Event()
         self._stop = threading.Event()
         self._main = threading.current_thread() is threading.main_thread()
-        self._thread = threading.Thread(target=self._watch, name="hyperdeq-cancel-watch", daemon=True)
+        self._thread = threading.Thread(
+            target=self._watch, name="hyperdeq-cancel-watch", daemon=True
+        )
 
     def __enter__(self) -> CancelWatch:
         if self.flow_run_id is not None:
@@ -155,7 +166,9 @@ class CancelWatch:
             except Exception:  # a monitoring hiccup never stops a run
                 continue
             self.event.set()
-            if self._main and not self._stop.is_set():  # not once the run has left the watched block
+            if (
+                self._main and not self._stop.is_set()
+            ):  # not once the run has left the watched block
                 _thread.interrupt_main(signal.SIGTERM)
             return
 
@@ -176,7 +189,9 @@ def _name_run(flow_run_id: Any, name: str, tags: list[str]) -> None:
         with get_client(sync_client=True) as client:
             # update_flow_run replaces the tags: keep the run's own (a deployment's, the caller's)
             current = list(client.read_flow_run(flow_run_id).tags or [])
-            client.update_flow_run(flow_run_id, name=name, tags=list(dict.fromkeys([*current, *tags])))
+            client.update_flow_run(
+                flow_run_id, name=name, tags=list(dict.fromkeys([*current, *tags]))
+            )
     except Exception as exc:
         logging.getLogger("hyperdeq.flow").warning("could not rename the flow run: %s", exc)
 
@@ -202,7 +217,9 @@ def report_task(run_dir: str, label: str, reused: bool = False) -> dict[str, Any
     log_prints=True,
     validate_parameters=True,
 )
-def process_scene(scene: str, out_dir: str = "hyperdeq-out", options: RunOptions = RunOptions()) -> str:  # type: ignore[valid-type]
+def process_scene(
+    scene: str, out_dir: str = "hyperdeq-out", options: RunOptions = RunOptions()
+) -> str:  # type: ignore[valid-type]
     """Run every stage of ``workers.run.sequence`` on ``scene``; returns the path of ``run.json``.
 
     ``scene``: the scene file or zarr store to process. ``out_dir``: the output root (the run goes in
@@ -218,7 +235,13 @@ def process_scene(scene: str, out_dir: str = "hyperdeq-out", options: RunOptions
     plan = plan_run(scene, job)
     name, tags = _label(plan, job)
     _name_run(flow_run.get_id(), name, tags)
-    log.info("scene %s: run %s in %s (config %s)", plan.scene.name, plan.run_id, plan.run_dir, plan.config_hash[:12])
+    log.info(
+        "scene %s: run %s in %s (config %s)",
+        plan.scene.name,
+        plan.run_id,
+        plan.run_dir,
+        plan.config_hash[:12],
+    )
     cluster.check_reachable()
     progress = scene_progress(plan.scene.name, stage_names(plan), logger=log)
     t0 = time.perf_counter()
@@ -230,20 +253,42 @@ def process_scene(scene: str, out_dir: str = "hyperdeq-out", options: RunOptions
                     raise RunCancelled("cancelled in Prefect")
                 progress(stage, done, total)
 
-            res = execute(plan, cluster, call=_prefect_call(plan.scene.name, progress), progress=tile_progress,
-                          log=log.info)
-    except RunCancelled as exc:  # the record says 'cancelled'; the flow run ends Cancelled, not Crashed
+            res = execute(
+                plan,
+                cluster,
+                call=_prefect_call(plan.scene.name, progress),
+                progress=tile_progress,
+                log=log.info,
+            )
+    except (
+        RunCancelled
+    ) as exc:  # the record says 'cancelled'; the flow run ends Cancelled, not Crashed
         from prefect.states import Cancelled
 
-        log.warning("scene %s: run %s cancelled (%s); %s says 'cancelled'; rerun to resume",
-                    plan.scene.name, plan.run_id, exc, plan.run_dir / "run.json")
-        return Cancelled(message=f"run {plan.run_id} of {plan.scene.name} cancelled ({exc}); "  # type: ignore[return-value]
-                                 "rerun the same command to resume")
+        log.warning(
+            "scene %s: run %s cancelled (%s); %s says 'cancelled'; rerun to resume",
+            plan.scene.name,
+            plan.run_id,
+            exc,
+            plan.run_dir / "run.json",
+        )
+        return Cancelled(
+            message=f"run {plan.run_id} of {plan.scene.name} cancelled ({exc}); "  # type: ignore[return-value]
+            "rerun the same command to resume"
+        )
     if res.reused:
-        log.info("scene %s already has a complete run with this configuration and weights: %s",
-                 plan.scene.name, res.run_dir)
+        log.info(
+            "scene %s already has a complete run with this configuration and weights: %s",
+            plan.scene.name,
+            res.run_dir,
+        )
     else:
-        log.info("scene %s processed in %.1f s; run record %s", plan.scene.name, time.perf_counter() - t0, res.record)
+        log.info(
+            "scene %s processed in %.1f s; run record %s",
+            plan.scene.name,
+            time.perf_counter() - t0,
+            res.record,
+        )
     report_task(str(res.run_dir), label=plan.scene.name, reused=res.reused)
     if res.status != "complete":
         raise ModelError(

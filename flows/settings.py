@@ -32,8 +32,10 @@ def demo_scene() -> Path:
 
     p = Path(os.environ[DEMO_SCENE_ENV]) if os.environ.get(DEMO_SCENE_ENV) else DEMO_SCENE
     if not p.is_file():
-        raise ConfigError(f"demo scene {str(p)!r} is missing; set {DEMO_SCENE_ENV} to the file "
-                          "(tests/data/demo/enmap_potsdam_mosaic_18tiles.tif of a checkout) or reinstall from a checkout")
+        raise ConfigError(
+            f"demo scene {str(p)!r} is missing; set {DEMO_SCENE_ENV} to the file "
+            "(tests/data/demo/enmap_potsdam_mosaic_18tiles.tif of a checkout) or reinstall from a checkout"
+        )
     return p
 
 

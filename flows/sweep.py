@@ -31,10 +31,14 @@ def load_sensors(path: str | Path = SENSORS_FILE) -> dict[str, dict[str, Any]]:
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read sensor presets {str(path)!r}: {exc}; fix or restore the file") from exc
+        raise ConfigError(
+            f"cannot read sensor presets {str(path)!r}: {exc}; fix or restore the file"
+        ) from exc
     sensors = (data or {}).get("sensors")
     if not isinstance(sensors, dict) or not sensors:
-        raise ConfigError(f"{str(path)!r} has no 'sensors' mapping; see deploy/sensors.yaml for the layout")
+        raise ConfigError(
+            f"{str(path)!r} has no 'sensors' mapping; see deploy/sensors.yaml for the layout"
+        )
     return sensors
 
 
@@ -51,7 +55,9 @@ def scan_archive(
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise ReadError(f"archive root {str(root)!r} is not a directory; give the folder that holds the scenes")
+        raise ReadError(
+            f"archive root {str(root)!r} is not a directory; give the folder that holds the scenes"
+        )
     if patterns:
         found: set[Path] = set()
         for pat in patterns:
@@ -93,7 +99,9 @@ def read_list_file(path: str | Path) -> list[Path]:
         q = Path(line).expanduser()
         q = q if q.is_absolute() else p.parent / q
         if not q.exists():
-            raise ReadError(f"{str(p)!r} line {n}: scene {line!r} does not exist; fix or remove the line")
+            raise ReadError(
+                f"{str(p)!r} line {n}: scene {line!r} does not exist; fix or remove the line"
+            )
         out.append(q.resolve())
     if not out:
         raise ConfigError(f"scene list {str(p)!r} names no scene; add one path per line")
@@ -108,10 +116,19 @@ def scene_state(scene: Path, job: Any) -> dict[str, Any]:
     try:
         plan = plan_run(scene, job)
     except HyperdeqError as exc:
-        return {"scene": str(scene), "pending": False, "run_dir": None, "reason": f"cannot plan: {exc}"}
+        return {
+            "scene": str(scene),
+            "pending": False,
+            "run_dir": None,
+            "reason": f"cannot plan: {exc}",
+        }
     done = find_completed(plan)
-    return {"scene": str(scene), "pending": done is None, "run_dir": str(done or plan.run_dir),
-            "reason": "" if done is None else "complete run exists"}
+    return {
+        "scene": str(scene),
+        "pending": done is None,
+        "run_dir": str(done or plan.run_dir),
+        "reason": "" if done is None else "complete run exists",
+    }
 
 
 # ------------------------------------------------------------------------------------- tasks
@@ -122,7 +139,11 @@ def find_scenes_task(params: SweepParams) -> list[str]:
     return [str(p) for p in scan_archive(params.root, params.sensors, params.patterns)]
 
 
-@task(name="pending-scenes", task_run_name="check {n} scenes for completed runs", cache_policy=NO_CACHE)
+@task(
+    name="pending-scenes",
+    task_run_name="check {n} scenes for completed runs",
+    cache_policy=NO_CACHE,
+)
 def pending_task(scenes: list[str], job: Any, n: int) -> list[dict[str, Any]]:
     return [scene_state(Path(s), job) for s in scenes]
 
@@ -147,8 +168,13 @@ def _sweep_name() -> str:
     return f"sweep {Path(str(src)).name or src} {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M}Z"
 
 
-@flow(name="sweep-archive", description="Process every archived scene without a completed run.",
-      flow_run_name=lambda: _sweep_name(), validate_parameters=True, log_prints=True)
+@flow(
+    name="sweep-archive",
+    description="Process every archived scene without a completed run.",
+    flow_run_name=lambda: _sweep_name(),
+    validate_parameters=True,
+    log_prints=True,
+)
 def sweep_archive(
     root: str | None = None,
     list_file: str | None = None,
@@ -167,8 +193,15 @@ def sweep_archive(
     the run options of every scene.
     """
     log = get_run_logger()
-    params = SweepParams(root=root, list_file=list_file, out_root=out_root, sensors=sensors,
-                         patterns=patterns, max_concurrent=max_concurrent, options=options)
+    params = SweepParams(
+        root=root,
+        list_file=list_file,
+        out_root=out_root,
+        sensors=sensors,
+        patterns=patterns,
+        max_concurrent=max_concurrent,
+        options=options,
+    )
     job, _cluster = options_to_build(params.options, params.out_root)
     scenes = find_scenes_task(params)
     states = pending_task(scenes, job, n=len(scenes))
@@ -176,20 +209,34 @@ def sweep_archive(
     summary: dict[str, Any] = {
         "processed": [],
         "skipped": [s["scene"] for s in states if not s["pending"] and s["run_dir"]],
-        "failed": [{"scene": s["scene"], "reason": s["reason"]} for s in states
-                   if not s["pending"] and not s["run_dir"]],
+        "failed": [
+            {"scene": s["scene"], "reason": s["reason"]}
+            for s in states
+            if not s["pending"] and not s["run_dir"]
+        ],
     }
-    log.info("%d scenes found, %d pending, %d already complete, %d unplannable", len(states),
-             len(pending), len(summary["skipped"]), len(summary["failed"]))
+    log.info(
+        "%d scenes found, %d pending, %d already complete, %d unplannable",
+        len(states),
+        len(pending),
+        len(summary["skipped"]),
+        len(summary["failed"]),
+    )
     if pending:
         _run_pending(pending, params, summary, log)
     from flows.artifacts import publish_sweep_table
 
-    rows = ([{"scene": Path(s).name, "status": "processed", "detail": ""} for s in summary["processed"]]
-            + [{"scene": Path(s).name, "status": "skipped", "detail": "complete run exists"}
-               for s in summary["skipped"]]
-            + [{"scene": Path(f["scene"]).name, "status": "failed", "detail": f["reason"][:500]}
-               for f in summary["failed"]])
+    rows = (
+        [{"scene": Path(s).name, "status": "processed", "detail": ""} for s in summary["processed"]]
+        + [
+            {"scene": Path(s).name, "status": "skipped", "detail": "complete run exists"}
+            for s in summary["skipped"]
+        ]
+        + [
+            {"scene": Path(f["scene"]).name, "status": "failed", "detail": f["reason"][:500]}
+            for f in summary["failed"]
+        ]
+    )
     if rows:
         publish_sweep_table(rows)
     for f in summary["failed"]:
@@ -199,14 +246,16 @@ def sweep_archive(
 
         return Failed(  # type: ignore[return-value]
             message=f"{len(summary['failed'])} of {len(states)} scenes failed "
-                    f"({', '.join(Path(f['scene']).name for f in summary['failed'][:5])}); processed "
-                    f"{len(summary['processed'])}, skipped {len(summary['skipped'])}: see the sweep table",
-            data=summary)
+            f"({', '.join(Path(f['scene']).name for f in summary['failed'][:5])}); processed "
+            f"{len(summary['processed'])}, skipped {len(summary['skipped'])}: see the sweep table",
+            data=summary,
+        )
     return summary
 
 
-def _run_pending(pending: list[dict[str, Any]], params: SweepParams, summary: dict[str, Any],
-                 log: Any) -> None:
+def _run_pending(
+    pending: list[dict[str, Any]], params: SweepParams, summary: dict[str, Any], log: Any
+) -> None:
     """Run the pending scenes, ``max_concurrent`` at a time, on one cluster for the whole sweep."""
     from workers.cluster import open_cluster
 
@@ -215,8 +264,15 @@ def _run_pending(pending: list[dict[str, Any]], params: SweepParams, summary: di
     handle = None
     if spec.kind != "address":  # one cluster for the whole sweep; each scene connects to it
         handle = open_cluster(spec, job.config.device, job.preload())
-        options = options.model_copy(update={"cluster": "address", "scheduler": handle.client.scheduler.address,
-                                              "workers": None, "recipe": None, "memory_limit": None})
+        options = options.model_copy(
+            update={
+                "cluster": "address",
+                "scheduler": handle.client.scheduler.address,
+                "workers": None,
+                "recipe": None,
+                "memory_limit": None,
+            }
+        )
         log.info("sweep cluster: %s", handle.describe())
     try:
         queue = list(pending)
@@ -224,7 +280,9 @@ def _run_pending(pending: list[dict[str, Any]], params: SweepParams, summary: di
         while queue or running:
             while queue and len(running) < params.max_concurrent:
                 s = queue.pop(0)
-                fut = scene_task.submit(s["scene"], params.out_root, options, name=Path(s["scene"]).name)
+                fut = scene_task.submit(
+                    s["scene"], params.out_root, options, name=Path(s["scene"]).name
+                )
                 running.append((s["scene"], fut))
             still = []
             for scene, fut in running:

@@ -66,7 +66,9 @@ def chunk_windows(shape: tuple[int, int], chunk: int) -> list[Window]:
     ]
 
 
-def _check_tile(source: Any, tile: Tile, data: np.ndarray, checksums: Mapping[str, str | None]) -> None:
+def _check_tile(
+    source: Any, tile: Tile, data: np.ndarray, checksums: Mapping[str, str | None]
+) -> None:
     """Raise ProvenanceError unless ``data`` (as read for blending) hashes to the tile's recorded sha256."""
     want = checksums.get(tile.key)
     got = tile_checksum(data)
@@ -74,8 +76,11 @@ def _check_tile(source: Any, tile: Tile, data: np.ndarray, checksums: Mapping[st
         return
     where = str(source) if not callable(source) else "the tile source"
     rec = str(records_dir(source) / f"{tile.key}.json") if not callable(source) else "its record"
-    what = ("no checksum is recorded for it" if not want
-            else f"its data hashes to sha256 {got[:16]}... but {want[:16]}... was recorded when it was written")
+    what = (
+        "no checksum is recorded for it"
+        if not want
+        else f"its data hashes to sha256 {got[:16]}... but {want[:16]}... was recorded when it was written"
+    )
     raise ProvenanceError(
         f"refusing to blend tile {tile.key!r} of {where!r}: {what}, so the stored tile changed after the "
         f"model stage (corrupt storage or a stray write). Rerun the same command: tiles that fail their "
@@ -126,7 +131,11 @@ def blend_window(
         acc[dst] += data.astype(np.float64) * w
         wsum[dst[1:]] += w
     if acc is None:
-        n_ch = zarr.open_array(str(Path(source) / DATA), mode="r").shape[1] if not callable(source) else 1
+        n_ch = (
+            zarr.open_array(str(Path(source) / DATA), mode="r").shape[1]
+            if not callable(source)
+            else 1
+        )
         return np.full((n_ch, *window.shape), np.nan, dtype=np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):
         out = acc / wsum
@@ -200,10 +209,19 @@ def blend_stage(
             )
     keys = frozenset(ok_keys) if ok_keys is not None else frozenset(t.key for t in grid.tiles)
     jobs = [
-        BlendJob(str(source), str(valid_path), grid, keys, w, blend, tuple(targets),
-                 None if checksums is None else tuple(
-                     (t.key, checksums.get(t.key)) for t in grid.overlapping(w) if t.key in keys),
-                 None if mix is None else tuple(float(v) for v in mix))
+        BlendJob(
+            str(source),
+            str(valid_path),
+            grid,
+            keys,
+            w,
+            blend,
+            tuple(targets),
+            None
+            if checksums is None
+            else tuple((t.key, checksums.get(t.key)) for t in grid.overlapping(w) if t.key in keys),
+            None if mix is None else tuple(float(v) for v in mix),
+        )
         for w in chunk_windows(grid.shape, chunk)
     ]
     futures = [executor.submit(blend_chunk, j) for j in jobs]

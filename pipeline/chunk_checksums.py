@@ -48,7 +48,7 @@ def _chunk_slices(arr: Any, key: tuple[slice, ...]) -> list[tuple[int, ...]]:
     for n, c, k in zip(arr.shape, arr.chunks, key, strict=False):
         start, stop, _ = k.indices(n) if isinstance(k, slice) else (int(k), int(k) + 1, 1)
         idx.append(range(start // c, max(start, stop - 1) // c + 1))
-    for n, c in list(zip(arr.shape, arr.chunks, strict=True))[len(key):]:
+    for n, c in list(zip(arr.shape, arr.chunks, strict=True))[len(key) :]:
         idx.append(range(-(-n // c)))
     return list(itertools.product(*idx))
 
@@ -59,7 +59,10 @@ def bad_chunk(arr: Any, key: Any = ...) -> tuple[tuple[int, ...], str] | None:
         key = ()
     key = key if isinstance(key, tuple) else (key,)
     for cidx in _chunk_slices(arr, key):
-        sel = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cidx, arr.chunks, arr.shape, strict=True))
+        sel = tuple(
+            slice(i * c, min((i + 1) * c, n))
+            for i, c, n in zip(cidx, arr.chunks, arr.shape, strict=True)
+        )
         try:
             arr[sel]
         except ValueError as exc:
@@ -68,11 +71,13 @@ def bad_chunk(arr: Any, key: Any = ...) -> tuple[tuple[int, ...], str] | None:
     return None
 
 
-def checksum_error(store: str | Path, array: str, arr: Any, chunk: tuple[int, ...], detail: str,
-                   fix: str) -> ChunkChecksumError:
+def checksum_error(
+    store: str | Path, array: str, arr: Any, chunk: tuple[int, ...], detail: str, fix: str
+) -> ChunkChecksumError:
     """The error for a chunk of ``array`` in ``store`` whose checksum does not match."""
     ranges = ", ".join(
-        f"{i * c}:{min((i + 1) * c, n)}" for i, c, n in zip(chunk, arr.chunks, arr.shape, strict=True)
+        f"{i * c}:{min((i + 1) * c, n)}"
+        for i, c, n in zip(chunk, arr.chunks, arr.shape, strict=True)
     )
     key = arr.metadata.encode_chunk_key(chunk) if hasattr(arr, "metadata") else str(chunk)
     return ChunkChecksumError(

@@ -41,7 +41,9 @@ DEFAULT_TILE = 128
 
 def _positive_int(name: str, v: Any, example: int) -> None:
     if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {v!r}; pass e.g. {name}={example}")
+        raise ConfigError(
+            f"{name} must be a positive integer, got {v!r}; pass e.g. {name}={example}"
+        )
 
 
 @dataclass(frozen=True)
@@ -75,21 +77,33 @@ class RunConfig:
         _positive_int("batch_size", self.batch_size, 4)
         if self.halo is not None:
             if not isinstance(self.halo, int) or isinstance(self.halo, bool) or self.halo < 0:
-                raise ConfigError(f"halo must be an integer >= 0, got {self.halo!r}; pass e.g. halo=16")
+                raise ConfigError(
+                    f"halo must be an integer >= 0, got {self.halo!r}; pass e.g. halo=16"
+                )
             if self.tile is not None and self.halo >= self.tile:
                 raise ConfigError(
                     f"halo {self.halo!r} must be smaller than the tile {self.tile!r}: each tile would "
                     "read more context than the pixels it is responsible for; raise --tile or lower --halo"
                 )
         if self.blend not in BLEND_WINDOWS:
-            raise ConfigError(f"unknown blend window {self.blend!r}; choose one of {list(BLEND_WINDOWS)!r}")
+            raise ConfigError(
+                f"unknown blend window {self.blend!r}; choose one of {list(BLEND_WINDOWS)!r}"
+            )
         if self.out_chunk is not None:
-            if not isinstance(self.out_chunk, int) or isinstance(self.out_chunk, bool) or self.out_chunk <= 0:
-                raise ConfigError(f"out_chunk must be a positive integer or None, got {self.out_chunk!r}")
+            if (
+                not isinstance(self.out_chunk, int)
+                or isinstance(self.out_chunk, bool)
+                or self.out_chunk <= 0
+            ):
+                raise ConfigError(
+                    f"out_chunk must be a positive integer or None, got {self.out_chunk!r}"
+                )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
         if not _DEVICE_RE.match(str(self.device)):
-            raise ConfigError(f"unknown device {self.device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+            raise ConfigError(
+                f"unknown device {self.device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'"
+            )
         if not isinstance(self.tile_memory_mb, int | float) or not (self.tile_memory_mb > 0):
             raise ConfigError(f"tile_memory_mb must be > 0, got {self.tile_memory_mb!r}")
 
@@ -128,7 +142,10 @@ class RunConfig:
         return min(side, int(scene_hw[0])), min(side, int(scene_hw[1]))
 
     def tile_memory_parts(
-        self, n_bands: int, model_parts: dict[str, int] | None = None, scene_hw: tuple[int, int] | None = None
+        self,
+        n_bands: int,
+        model_parts: dict[str, int] | None = None,
+        scene_hw: tuple[int, int] | None = None,
     ) -> dict[str, int]:
         """Peak bytes one tile needs in a worker's RAM, by part: ``io`` (:data:`IO_MEMORY_FACTOR` ×
         the float32 input) plus the parts the models report for this window (``model_parts``)."""
@@ -138,14 +155,19 @@ class RunConfig:
         return parts
 
     def check_tile_memory(
-        self, n_bands: int, model_parts: dict[str, int] | None = None, scene_hw: tuple[int, int] | None = None
+        self,
+        n_bands: int,
+        model_parts: dict[str, int] | None = None,
+        scene_hw: tuple[int, int] | None = None,
     ) -> None:
         """Refuse a tile that would need more than ``tile_memory_mb``."""
         parts = self.tile_memory_parts(n_bands, model_parts, scene_hw)
         need = sum(parts.values()) / 2**20
         if need > self.tile_memory_mb:
             h, w = self.read_window(scene_hw)
-            detail = ", ".join(f"{k} {round(v / 2**20)} MiB" for k, v in parts.items() if round(v / 2**20) >= 1)
+            detail = ", ".join(
+                f"{k} {round(v / 2**20)} MiB" for k, v in parts.items() if round(v / 2**20) >= 1
+            )
             raise ConfigError(
                 f"a {h}x{w} px tile of {n_bands!r} bands needs about {need:.0f} MiB ({detail}), over the "
                 f"per-tile memory budget of {self.tile_memory_mb!r} MiB; lower --tile/--halo (or leave "

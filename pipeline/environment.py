@@ -17,8 +17,20 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 #: packages whose versions a run record lists
-RUN_PACKAGES = ("hyperdeq", "numpy", "xarray", "zarr", "dask", "distributed", "rasterio", "rioxarray",
-                "torch", "prefect", "pystac", "scipy")
+RUN_PACKAGES = (
+    "hyperdeq",
+    "numpy",
+    "xarray",
+    "zarr",
+    "dask",
+    "distributed",
+    "rasterio",
+    "rioxarray",
+    "torch",
+    "prefect",
+    "pystac",
+    "scipy",
+)
 
 
 def package_versions(names: Sequence[str] = RUN_PACKAGES) -> dict[str, str | None]:
@@ -42,8 +54,11 @@ def _git(*args: str) -> str | None:
 
 def code_version() -> str:
     """``git describe --always --dirty`` of the source tree, or the package version."""
-    return (_git("describe", "--always", "--dirty", "--tags")
-            or package_versions(("hyperdeq",)).get("hyperdeq") or "unknown")
+    return (
+        _git("describe", "--always", "--dirty", "--tags")
+        or package_versions(("hyperdeq",)).get("hyperdeq")
+        or "unknown"
+    )
 
 
 def git_commit() -> str | None:
@@ -81,5 +96,12 @@ def load_average() -> list[float] | None:
 
 def host_info(gpu: str | None = None) -> dict[str, Any]:
     """Where a run ran: host name, platform, Python, CPU, cores, memory and the GPU's name."""
-    return {"hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
-            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "memory_gib": memory_gib(), "gpu": gpu}
+    return {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "memory_gib": memory_gib(),
+        "gpu": gpu,
+    }

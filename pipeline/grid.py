@@ -28,7 +28,9 @@ class Window:
 
     def __post_init__(self) -> None:
         if self.y1 < self.y0 or self.x1 < self.x0:
-            raise GridError(f"window {self!r} has a negative size; y1 >= y0 and x1 >= x0 are required")
+            raise GridError(
+                f"window {self!r} has a negative size; y1 >= y0 and x1 >= x0 are required"
+            )
 
     @property
     def height(self) -> int:
@@ -56,7 +58,9 @@ class Window:
 
     def relative_to(self, outer: Window) -> Window:
         """This window in the coordinates of ``outer`` (which must contain it)."""
-        return Window(self.y0 - outer.y0, self.y1 - outer.y0, self.x0 - outer.x0, self.x1 - outer.x0)
+        return Window(
+            self.y0 - outer.y0, self.y1 - outer.y0, self.x0 - outer.x0, self.x1 - outer.x0
+        )
 
 
 @dataclass(frozen=True, order=True)
@@ -117,7 +121,10 @@ class TileGrid:
     @property
     def max_read_shape(self) -> tuple[int, int]:
         """The largest read window (all tile stores are chunked to it)."""
-        return (min(self.shape[0], self.tile + 2 * self.halo), min(self.shape[1], self.tile + 2 * self.halo))
+        return (
+            min(self.shape[0], self.tile + 2 * self.halo),
+            min(self.shape[1], self.tile + 2 * self.halo),
+        )
 
     def position(self, tile: Tile) -> int:
         """Flat position of a tile (row-major over the full grid): its slot in the tile stores."""
@@ -183,7 +190,9 @@ def plan_grid(
         tile_valid = np.asarray(tile_valid, dtype=bool)
         want = (-(-ny // tile), -(-nx // tile))
         if tile_valid.shape != want:
-            raise GridError(f"per-tile validity has shape {tile_valid.shape!r}, expected {want!r} tiles")
+            raise GridError(
+                f"per-tile validity has shape {tile_valid.shape!r}, expected {want!r} tiles"
+            )
     if valid is not None:
         valid = np.asarray(valid, dtype=bool)
         if valid.shape != (ny, nx):
@@ -194,7 +203,9 @@ def plan_grid(
     skipped: list[Tile] = []
     for r, y0 in enumerate(range(0, ny, tile)):
         for c, x0 in enumerate(range(0, nx, tile)):
-            t = Tile((r, c), Window(y0, min(y0 + tile, ny), x0, min(x0 + tile, nx)), int(halo), (ny, nx))
+            t = Tile(
+                (r, c), Window(y0, min(y0 + tile, ny), x0, min(x0 + tile, nx)), int(halo), (ny, nx)
+            )
             if (valid is not None and not valid[t.core.slices].any()) or (
                 tile_valid is not None and not tile_valid[r, c]
             ):
@@ -204,7 +215,9 @@ def plan_grid(
     return TileGrid((ny, nx), int(tile), int(halo), tuple(run), tuple(skipped))
 
 
-def axis_weight(lo: int, hi: int, core_lo: int, core_hi: int, n: int, halo: int, window: str) -> np.ndarray:
+def axis_weight(
+    lo: int, hi: int, core_lo: int, core_hi: int, n: int, halo: int, window: str
+) -> np.ndarray:
     """1-D blend weight over the read interval ``[lo, hi)`` of a tile along one axis.
 
     ``hann``: 1 inside the core away from neighbours, a raised-cosine ramp across each overlap

@@ -76,7 +76,9 @@ def sha256_path(path: str | Path) -> str:
     try:
         mode = p.stat().st_mode
     except OSError as exc:
-        raise ProvenanceError(f"cannot read input {str(p)!r} ({exc.strerror or exc}); check the path") from None
+        raise ProvenanceError(
+            f"cannot read input {str(p)!r} ({exc.strerror or exc}); check the path"
+        ) from None
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise ProvenanceError(
             f"input {str(p)!r} is not a regular file or a folder (a FIFO, socket or device); "
@@ -85,7 +87,9 @@ def sha256_path(path: str | Path) -> str:
     h = hashlib.sha256()
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
     if not files:
-        raise ProvenanceError(f"input {str(p)!r} is an empty folder; give a scene file or a zarr store")
+        raise ProvenanceError(
+            f"input {str(p)!r} is an empty folder; give a scene file or a zarr store"
+        )
     for f in files:
         if p.is_dir():
             h.update(str(f.relative_to(p)).encode())

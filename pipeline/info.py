@@ -107,11 +107,16 @@ def format_info(info: SceneInfo) -> str:
         if info.wavelength_min_nm is not None
         else "unknown"
     )
-    res = f"{info.resolution[0]:g} × {info.resolution[1]:g} (map units/pixel)" if info.resolution else "n/a (no georeferencing)"
+    res = (
+        f"{info.resolution[0]:g} × {info.resolution[1]:g} (map units/pixel)"
+        if info.resolution
+        else "n/a (no georeferencing)"
+    )
     bad = f"{len(info.bad_bands)} {info.bad_bands}" if info.bad_bands else "0"
     lines = [
         f"scene:      {info.path}",
-        f"format:     {info.format}" + ("" if info.complete is None else f" (complete: {info.complete})"),
+        f"format:     {info.format}"
+        + ("" if info.complete is None else f" (complete: {info.complete})"),
         f"shape:      {nb} bands × {ny} rows × {nx} cols",
         f"bands:      {nb}, wavelengths {wl}",
         f"CRS:        {info.crs or 'none (outputs cannot be georeferenced)'}",

@@ -50,7 +50,12 @@ Progress = Callable[[int, int], None]
 #: blosc/zstd settings. Measured on the real EnMAP mosaic (one 224×256×256 region, 40 % NaN):
 #: blosc's automatic block size (a few hundred KiB) halves zstd's ratio; 1 MiB blocks give
 #: ratio 4.4 at level 1 for 1/5 of level 3's CPU time (level 3: same ratio).
-COMPRESSOR: dict[str, Any] = {"cname": "zstd", "clevel": 1, "shuffle": "shuffle", "blocksize": 1 << 20}
+COMPRESSOR: dict[str, Any] = {
+    "cname": "zstd",
+    "clevel": 1,
+    "shuffle": "shuffle",
+    "blocksize": 1 << 20,
+}
 #: the store of a scene is at least its float32 size divided by this (4.4 measured above; 20 leaves
 #: room for scenes with much nodata): an ingest that cannot fit even then is refused before it starts
 STORE_MAX_COMPRESSION = 20.0
@@ -140,7 +145,9 @@ def _encoding(ds: xr.Dataset, chunks: tuple[int, int, int]) -> dict[str, Any]:
             "fill_value": np.nan,
         }
     }
-    for name in ds.variables:  # the coordinates (band metadata, map coordinates) are checksummed too
+    for (
+        name
+    ) in ds.variables:  # the coordinates (band metadata, map coordinates) are checksummed too
         if name != VARIABLE:
             enc[str(name)] = {"compressors": compressors()}
     return enc
@@ -170,7 +177,9 @@ def _check_free_space(dest: Path, shape: tuple[int, int, int]) -> None:
         )
 
 
-def _recount_valid(arr: Any, regions: list[tuple[int, int, int, int]], good: np.ndarray) -> list[int]:
+def _recount_valid(
+    arr: Any, regions: list[tuple[int, int, int, int]], good: np.ndarray
+) -> list[int]:
     """Valid pixels per region over the bands ``good``, read back from the written store."""
     out = []
     for y0, y1, x0, x1 in regions:
@@ -214,8 +223,10 @@ class _FillState:
     def as_attrs(self) -> dict[str, Any]:
         """The state as the ``hyperdeq.progress`` attrs."""
         return {
-            "done": "".join(self.done), "valid": self.valid,
-            "finite_per_band": self.finite_total.tolist(), "out_of_range_per_band": self.oor_total.tolist(),
+            "done": "".join(self.done),
+            "valid": self.valid,
+            "finite_per_band": self.finite_total.tolist(),
+            "out_of_range_per_band": self.oor_total.tolist(),
         }
 
 
@@ -228,7 +239,9 @@ def _check_ingest_args(chunk: Any, workers: int) -> int:
     return int(chunk)
 
 
-def _prepare_destination(dest: Path, source: SceneSource, sha: str, chunk: int, overwrite: bool) -> bool:
+def _prepare_destination(
+    dest: Path, source: SceneSource, sha: str, chunk: int, overwrite: bool
+) -> bool:
     """Make ``dest`` ready for the ingest; return True when an interrupted ingest is to be resumed.
 
     A complete store, an interrupted ingest of another source or settings, and any other existing
@@ -283,7 +296,9 @@ def _prepare_destination(dest: Path, source: SceneSource, sha: str, chunk: int, 
     return resume
 
 
-def _create_store(dest: Path, source: SceneSource, chunk: int, sha: str, regions: list[Region]) -> None:
+def _create_store(
+    dest: Path, source: SceneSource, chunk: int, sha: str, regions: list[Region]
+) -> None:
     """Create the empty store from the lazy template, with provenance and zeroed progress attrs."""
     import zarr
 
@@ -292,13 +307,19 @@ def _create_store(dest: Path, source: SceneSource, chunk: int, sha: str, regions
     ds, attrs = _template(source, chunk)
     attrs["hyperdeq"]["source_sha256"] = sha
     attrs["hyperdeq"]["progress"] = {
-        "done": "0" * len(regions), "valid": [0] * len(regions),
+        "done": "0" * len(regions),
+        "valid": [0] * len(regions),
         # running totals over the done regions (written with the done bits: resume-safe)
-        "finite_per_band": [0] * nb, "out_of_range_per_band": [0] * nb,
+        "finite_per_band": [0] * nb,
+        "out_of_range_per_band": [0] * nb,
     }
     try:
         ds.to_zarr(
-            dest, mode="w-", compute=False, zarr_format=3, consolidated=False,
+            dest,
+            mode="w-",
+            compute=False,
+            zarr_format=3,
+            consolidated=False,
             encoding=_encoding(ds, ch),
         )
         zarr.open_group(dest, mode="r+").attrs.update(_jsonable(attrs))
@@ -311,7 +332,13 @@ def _create_store(dest: Path, source: SceneSource, chunk: int, sha: str, regions
 
 
 def _write_region(
-    source: SceneSource, arr: Any, i: int, region: Region, good_set: set[int], block: np.ndarray, oor: np.ndarray
+    source: SceneSource,
+    arr: Any,
+    i: int,
+    region: Region,
+    good_set: set[int],
+    block: np.ndarray,
+    oor: np.ndarray,
 ) -> _Done:
     """Check one region's values, write its chunk; return (region, valid pixel count,
     finite values per band, out-of-range values per band)."""
@@ -337,8 +364,15 @@ def _write_region(
 
 
 def _fill_regions(
-    source: SceneSource, dest: Path, group: Any, meta: dict[str, Any], regions: list[Region],
-    good_set: set[int], state: _FillState, workers: int, progress: Progress | None,
+    source: SceneSource,
+    dest: Path,
+    group: Any,
+    meta: dict[str, Any],
+    regions: list[Region],
+    good_set: set[int],
+    state: _FillState,
+    workers: int,
+    progress: Progress | None,
 ) -> None:
     """Read, check and write every region not yet done, recording progress in the root attrs.
 
@@ -378,16 +412,19 @@ def _fill_regions(
         # a small pipeline: one window is read ahead while up to `workers` regions are checked,
         # compressed and written by threads (blosc releases the GIL); each chunk has exactly
         # one writer, and a region is recorded done only after its chunk is on disk
-        with ThreadPoolExecutor(max_workers=1) as readers, ThreadPoolExecutor(
-            max_workers=workers
-        ) as writers:
+        with (
+            ThreadPoolExecutor(max_workers=1) as readers,
+            ThreadPoolExecutor(max_workers=workers) as writers,
+        ):
             nxt = readers.submit(_read, todo[0]) if todo else None
             pending: set[Future[_Done]] = set()
             for k, i in enumerate(todo):
                 assert nxt is not None
                 block, oor = nxt.result()
                 nxt = readers.submit(_read, todo[k + 1]) if k + 1 < len(todo) else None
-                pending.add(writers.submit(_write_region, source, arr, i, regions[i], good_set, block, oor))
+                pending.add(
+                    writers.submit(_write_region, source, arr, i, regions[i], good_set, block, oor)
+                )
                 del block
                 if len(pending) >= workers:
                     finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -406,8 +443,12 @@ def _fill_regions(
 
 
 def _mark_empty_bands(
-    source: SceneSource, group: Any, meta: dict[str, Any], regions: list[Region],
-    good_canon: np.ndarray, state: _FillState,
+    source: SceneSource,
+    group: Any,
+    meta: dict[str, Any],
+    regions: list[Region],
+    good_canon: np.ndarray,
+    state: _FillState,
 ) -> list[int]:
     """Turn good bands without a single finite value into bad bands; return their indices.
 
@@ -424,7 +465,11 @@ def _mark_empty_bands(
         group["good_band"][:] = good_canon
         meta["progress"] = {**meta["progress"], "valid": state.valid}
         order = source.band_order()
-        wl = source.wavelength if order is None or source.wavelength is None else np.asarray(source.wavelength)[order]
+        wl = (
+            source.wavelength
+            if order is None or source.wavelength is None
+            else np.asarray(source.wavelength)[order]
+        )
         warnings.warn(
             f"{len(empty)!r} band(s) of {str(source.path)!r} hold no valid value (all nodata or out "
             f"of the physical range {REFLECTANCE_RANGE!r}): band(s) {empty[:10]!r}"
@@ -437,7 +482,12 @@ def _mark_empty_bands(
 
 
 def _finish_store(
-    dest: Path, source: SceneSource, group: Any, meta: dict[str, Any], state: _FillState, empty: list[int]
+    dest: Path,
+    source: SceneSource,
+    group: Any,
+    meta: dict[str, Any],
+    state: _FillState,
+    empty: list[int],
 ) -> None:
     """Write the value statistics, refuse an all-nodata scene, then set the ``complete`` marker last."""
     _, ny, nx = source.shape
@@ -510,7 +560,9 @@ def ingest_scene(
     group = zarr.open_group(dest, mode="r+")
     meta: dict[str, Any] = dict(cast(dict[str, Any], group.attrs["hyperdeq"]))
     state = _FillState.from_attrs(dict(meta["progress"]), nb)
-    good_vec = np.asarray(source.good_band if source.good_band is not None else np.ones(nb, bool), bool)
+    good_vec = np.asarray(
+        source.good_band if source.good_band is not None else np.ones(nb, bool), bool
+    )
     order = source.band_order()
     good_canon = good_vec if order is None else good_vec[order]
     good_set = {int(g) for g in np.flatnonzero(good_canon)}
@@ -521,6 +573,12 @@ def ingest_scene(
 
 
 __all__ = [
-    "COMPRESSOR", "STORE_FORMAT", "VARIABLE", "ZarrSceneSource", "hyperdeq_version",
-    "ingest_scene", "open_zarr_scene", "store_metadata",
+    "COMPRESSOR",
+    "STORE_FORMAT",
+    "VARIABLE",
+    "ZarrSceneSource",
+    "hyperdeq_version",
+    "ingest_scene",
+    "open_zarr_scene",
+    "store_metadata",
 ]

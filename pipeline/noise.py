@@ -132,9 +132,7 @@ def add_noise_with_info(
     if case == "mixture":
         size = n_bands // 3
         perm = rng.permutation(n_bands)
-        stripes, dead, impulse = (
-            np.sort(perm[i * size : (i + 1) * size]) for i in range(3)
-        )
+        stripes, dead, impulse = (np.sort(perm[i * size : (i + 1) * size]) for i in range(3))
         for b in stripes:
             cols = _columns(rng, width)
             noisy[b][:, cols] += rng.uniform(-0.25, 0.25, size=cols.size)[None, :]

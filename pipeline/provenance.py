@@ -36,8 +36,12 @@ def portable(text: str) -> str:
     import tempfile
 
     root = Path(__file__).resolve().parents[1]
-    subs = [(str(root) + "/", ""), (str(root.parent / "shared"), "../shared"),
-            (str(Path(tempfile.gettempdir())), "<tmp>"), (str(Path.home()), "~")]
+    subs = [
+        (str(root) + "/", ""),
+        (str(root.parent / "shared"), "../shared"),
+        (str(Path(tempfile.gettempdir())), "<tmp>"),
+        (str(Path.home()), "~"),
+    ]
     for old, new in subs:
         if old not in ("/", ""):
             text = text.replace(old, new)
@@ -50,7 +54,9 @@ def now() -> str:
 
 def make_run_id(input_sha256: str, config_hash: str, weights_sha256s: dict[str, str | None]) -> str:
     """Deterministic run id: same input, configuration and weights → same id (resume/reuse)."""
-    blob = json.dumps([input_sha256, config_hash, sorted((k, v or "") for k, v in weights_sha256s.items())])
+    blob = json.dumps(
+        [input_sha256, config_hash, sorted((k, v or "") for k, v in weights_sha256s.items())]
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -64,14 +70,20 @@ def summarise_tiles(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Failed and non-converged tiles listed by key, plus counts."""
     failed = [r["key"] for r in records if r.get("status") == "failed"]
     nc = [r["key"] for r in records if r.get("status") == "ok" and r.get("converged") is False]
-    return {"n_tiles": len(records), "n_ok": sum(r.get("status") == "ok" for r in records),
-            "failed": failed, "not_converged": nc}
+    return {
+        "n_tiles": len(records),
+        "n_ok": sum(r.get("status") == "ok" for r in records),
+        "failed": failed,
+        "not_converged": nc,
+    }
 
 
 def write_run_record(run_dir: str | Path, record: dict[str, Any]) -> Path:
     """Write ``run.json`` atomically (the status inside decides whether the run counts as complete)."""
     if record.get("status") not in STATUSES:
-        raise ProvenanceError(f"run status must be one of {list(STATUSES)!r}, got {record.get('status')!r}")
+        raise ProvenanceError(
+            f"run status must be one of {list(STATUSES)!r}, got {record.get('status')!r}"
+        )
     p = Path(run_dir) / RUN_JSON
     _atomic_write(p, record)
     return p
@@ -82,7 +94,9 @@ def load_run_record(run_dir: str | Path) -> dict[str, Any]:
     try:
         return json.loads(p.read_text())
     except FileNotFoundError as exc:
-        raise ProvenanceError(f"no run record at {str(p)!r}; the run never started or was removed") from exc
+        raise ProvenanceError(
+            f"no run record at {str(p)!r}; the run never started or was removed"
+        ) from exc
     except ValueError as exc:
         raise ProvenanceError(f"run record {str(p)!r} is corrupt ({exc}); rerun the scene") from exc
 
@@ -109,21 +123,36 @@ def is_complete(run_dir: str | Path) -> bool:
         rec = load_run_record(run_dir)
     except ProvenanceError:
         return False
-    return rec.get("status") == COMPLETE and bool(rec.get("outputs")) and not output_problems(run_dir)
+    return (
+        rec.get("status") == COMPLETE and bool(rec.get("outputs")) and not output_problems(run_dir)
+    )
 
 
 EO_EXT = "https://stac-extensions.github.io/eo/v2.0.0/schema.json"
 RASTER_EXT = "https://stac-extensions.github.io/raster/v2.0.0/schema.json"
 #: the extension schemas the Item uses, shipped as package data (``pipeline/stac_schemas``) so
 #: that validation needs no network; the core Item schema comes with pystac
-STAC_SCHEMA_FILES = {PROCESSING_EXT: "processing-v1.2.0.json", PROJECTION_EXT: "projection-v2.0.0.json",
-                     EO_EXT: "eo-v2.0.0.json", RASTER_EXT: "raster-v2.0.0.json"}
-_MEDIA = {".zarr": "application/vnd+zarr", ".tif": "image/tiff; application=geotiff; profile=cloud-optimized",
-          ".png": "image/png", ".csv": "text/csv", ".json": "application/json"}
+STAC_SCHEMA_FILES = {
+    PROCESSING_EXT: "processing-v1.2.0.json",
+    PROJECTION_EXT: "projection-v2.0.0.json",
+    EO_EXT: "eo-v2.0.0.json",
+    RASTER_EXT: "raster-v2.0.0.json",
+}
+_MEDIA = {
+    ".zarr": "application/vnd+zarr",
+    ".tif": "image/tiff; application=geotiff; profile=cloud-optimized",
+    ".png": "image/png",
+    ".csv": "text/csv",
+    ".json": "application/json",
+}
 
 
 def _iso(t: str | dt.datetime) -> dt.datetime:
-    v = t if isinstance(t, dt.datetime) else dt.datetime.fromisoformat(str(t).replace("Z", "+00:00"))
+    v = (
+        t
+        if isinstance(t, dt.datetime)
+        else dt.datetime.fromisoformat(str(t).replace("Z", "+00:00"))
+    )
     return v if v.tzinfo is not None else v.replace(tzinfo=dt.UTC)
 
 
@@ -154,7 +183,9 @@ def _endmember_names(run_dir: str | Path | None, outputs: dict[str, str]) -> lis
         import numpy as np
         import zarr
 
-        arr = zarr.open_array(str(Path(run_dir) / outputs["abundances_zarr"] / "endmember"), mode="r")
+        arr = zarr.open_array(
+            str(Path(run_dir) / outputs["abundances_zarr"] / "endmember"), mode="r"
+        )
         return [str(v) for v in np.asarray(arr[...]).ravel()]
     except Exception:
         return None
@@ -175,7 +206,9 @@ def _stac_properties(record: dict[str, Any], processed: str, acquired: bool) -> 
         "processing:level": "L3",
         "processing:datetime": _iso(processed).isoformat().replace("+00:00", "Z"),
         "created": _iso(processed).isoformat().replace("+00:00", "Z"),
-        "hyperdeq:datetime_source": "acquisition" if acquired else "processing (the input has no acquisition time)",
+        "hyperdeq:datetime_source": "acquisition"
+        if acquired
+        else "processing (the input has no acquisition time)",
         "hyperdeq:run_id": record["run_id"],
         "hyperdeq:config_hash": record.get("config_hash"),
         "hyperdeq:status": record.get("status"),
@@ -187,8 +220,12 @@ def _stac_properties(record: dict[str, Any], processed: str, acquired: bool) -> 
 
 
 def _asset_fields(
-    key: str, suffix: str, spectral: list[dict[str, Any]] | None, names: list[str] | None,
-    scale: Any, res: float | None,
+    key: str,
+    suffix: str,
+    spectral: list[dict[str, Any]] | None,
+    names: list[str] | None,
+    scale: Any,
+    res: float | None,
 ) -> dict[str, Any]:
     """Extra fields of one output asset: its content, and for rasters and zarr stores its ``bands``.
 
@@ -221,8 +258,14 @@ def _asset_fields(
 
 
 def stac_item(
-    record: dict[str, Any], geo: dict[str, Any], bbox: list[float] | None, geometry: dict[str, Any] | None,
-    *, scene: Any | None = None, run_dir: str | Path | None = None, endmembers: Sequence[str] | None = None,
+    record: dict[str, Any],
+    geo: dict[str, Any],
+    bbox: list[float] | None,
+    geometry: dict[str, Any] | None,
+    *,
+    scene: Any | None = None,
+    run_dir: str | Path | None = None,
+    endmembers: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """A STAC 1.1 Item (processing, projection, eo, raster extensions) describing the run's outputs.
 
@@ -245,30 +288,43 @@ def stac_item(
     if "proj:code" in geo or "proj:wkt2" in geo:
         exts.append(PROJECTION_EXT)
     props = _stac_properties(record, processed, bool(acquired))
-    item = pystac.Item(id=f"hyperdeq-{record['run_id']}", geometry=geometry, bbox=bbox,
-                       datetime=_iso(acquired or processed), properties=props, stac_extensions=exts)
+    item = pystac.Item(
+        id=f"hyperdeq-{record['run_id']}",
+        geometry=geometry,
+        bbox=bbox,
+        datetime=_iso(acquired or processed),
+        properties=props,
+        stac_extensions=exts,
+    )
     for k in ("proj:code", "proj:wkt2", "proj:transform", "proj:shape"):
         if k in geo:
             item.properties[k] = geo[k]
-    outputs = {k: str(v["path"] if isinstance(v, dict) else v) for k, v in (record.get("outputs") or {}).items()}
+    outputs = {
+        k: str(v["path"] if isinstance(v, dict) else v)
+        for k, v in (record.get("outputs") or {}).items()
+    }
     spectral = stac_bands(scene) if scene is not None else None
     names = list(endmembers) if endmembers is not None else _endmember_names(run_dir, outputs)
-    res = None
-    if "proj:transform" in geo:
-        t = geo["proj:transform"]
-        res = abs(float(t[0])) if abs(float(t[0])) == abs(float(t[4])) else None
+    res = _square_resolution(geo)
     scale = getattr(scene, "attrs", {}).get("source_scale_factor") if scene is not None else None
     used_eo = used_raster = False
     for key, rel in sorted(outputs.items()):
         suffix = Path(rel).suffix
-        roles = ["overview"] if suffix == ".png" else ["metadata"] if key.startswith("endmembers") else ["data"]
         extra = _asset_fields(key, suffix, spectral, names, scale, res)
         if "bands" in extra:
             used_eo = used_eo or any("eo:center_wavelength" in b for b in extra["bands"])
             used_raster = used_raster or suffix == ".tif"
-        item.add_asset(key, pystac.Asset(href=f"./{rel}", media_type=_MEDIA.get(suffix), roles=roles,
-                                         extra_fields=extra))
-    item.add_asset("run_record", pystac.Asset(href=f"./{RUN_JSON}", media_type=_MEDIA[".json"], roles=["metadata"]))
+        asset = pystac.Asset(
+            href=f"./{rel}",
+            media_type=_MEDIA.get(suffix),
+            roles=_asset_roles(key, suffix),
+            extra_fields=extra,
+        )
+        item.add_asset(key, asset)
+    item.add_asset(
+        "run_record",
+        pystac.Asset(href=f"./{RUN_JSON}", media_type=_MEDIA[".json"], roles=["metadata"]),
+    )
     if used_eo:
         item.stac_extensions.append(EO_EXT)
     if used_raster:
@@ -276,12 +332,30 @@ def stac_item(
     return item.to_dict(include_self_link=False)
 
 
+def _square_resolution(geo: dict[str, Any]) -> float | None:
+    """The pixel size when pixels are square (``proj:transform``), else None."""
+    t = geo.get("proj:transform")
+    if t is None:
+        return None
+    return abs(float(t[0])) if abs(float(t[0])) == abs(float(t[4])) else None
+
+
+def _asset_roles(key: str, suffix: str) -> list[str]:
+    """Quicklooks are overviews, endmember tables metadata, the rest data."""
+    if suffix == ".png":
+        return ["overview"]
+    return ["metadata"] if key.startswith("endmembers") else ["data"]
+
+
 def stac_schemas() -> dict[str, dict[str, Any]]:
     """The shipped extension schemas, ``{schema URI: schema}`` (no network)."""
     from importlib.resources import files
 
     folder = files("pipeline").joinpath("stac_schemas")
-    return {uri: json.loads(folder.joinpath(name).read_text()) for uri, name in STAC_SCHEMA_FILES.items()}
+    return {
+        uri: json.loads(folder.joinpath(name).read_text())
+        for uri, name in STAC_SCHEMA_FILES.items()
+    }
 
 
 def validate_stac_item(item: dict[str, Any]) -> None:

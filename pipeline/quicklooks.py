@@ -41,11 +41,29 @@ HEADER_PX = 22
 _WHITE = (255, 255, 255)
 _INK = (30, 30, 30)
 #: distinct line colours for endmember spectra (chosen by hand; colour-blind-friendly order)
-LINE_COLOURS = [(0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167), (86, 180, 233),
-                (213, 94, 0), (240, 228, 66), (0, 0, 0), (120, 120, 120), (150, 75, 0)]
+LINE_COLOURS = [
+    (0, 114, 178),
+    (230, 159, 0),
+    (0, 158, 115),
+    (204, 121, 167),
+    (86, 180, 233),
+    (213, 94, 0),
+    (240, 228, 66),
+    (0, 0, 0),
+    (120, 120, 120),
+    (150, 75, 0),
+]
 #: a perceptually ordered ramp (dark blue -> teal -> yellow), anchors only; no copied colormap
-_RAMP = np.array([[0.10, 0.05, 0.30], [0.15, 0.40, 0.55], [0.20, 0.65, 0.50],
-                  [0.70, 0.80, 0.25], [0.99, 0.90, 0.15]], dtype=np.float32)
+_RAMP = np.array(
+    [
+        [0.10, 0.05, 0.30],
+        [0.15, 0.40, 0.55],
+        [0.20, 0.65, 0.50],
+        [0.70, 0.80, 0.25],
+        [0.99, 0.90, 0.15],
+    ],
+    dtype=np.float32,
+)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -102,11 +120,15 @@ def _titled(img: Image.Image, title: str, mode: str) -> Image.Image:
     f = _font(13)
     lines = _wrap(title, img.width - 8, f)
     head = HEADER_PX + (len(lines) - 1) * 16
-    out = Image.new(mode, (img.width, img.height + head), _WHITE + ((255,) if mode == "RGBA" else ()))
+    out = Image.new(
+        mode, (img.width, img.height + head), _WHITE + ((255,) if mode == "RGBA" else ())
+    )
     out.paste(img, (0, head))
     d = ImageDraw.Draw(out)
     for i, line in enumerate(lines):
-        d.text((4, 4 + 16 * i), line.replace("\u00a0", " "), fill=_INK, font=f)  # NBSP: no break, a space
+        d.text(
+            (4, 4 + 16 * i), line.replace("\u00a0", " "), fill=_INK, font=f
+        )  # NBSP: no break, a space
     return out
 
 
@@ -122,8 +144,11 @@ def data_uri(png: bytes) -> str:
 
 
 # ---------------------------------------------------------------------------- RGB
-def rgb_bands(wavelength: Sequence[float] | np.ndarray | None, n_bands: int,
-              good: Sequence[bool] | np.ndarray | None = None) -> tuple[int, int, int]:
+def rgb_bands(
+    wavelength: Sequence[float] | np.ndarray | None,
+    n_bands: int,
+    good: Sequence[bool] | np.ndarray | None = None,
+) -> tuple[int, int, int]:
     """Band indices closest to :data:`RGB_NM` among good bands with a known wavelength; without
     any, bands at 3/4, 1/2 and 1/4 of the good bands (red from the long-wavelength end)."""
     idx = np.arange(n_bands)
@@ -145,11 +170,19 @@ def rgb_title(label: str, wavelengths_nm: Sequence[float] | None) -> str:
         return label
     r, g, b = (float(w) for w in wavelengths_nm)
     nb = "\u00a0"  # no break inside "R 641 nm" when the title wraps
-    return f"{label} · " + " ".join(f"{c}{nb}{w:.0f}{nb}nm" for c, w in (("R", r), ("G", g), ("B", b)))
+    return f"{label} · " + " ".join(
+        f"{c}{nb}{w:.0f}{nb}nm" for c, w in (("R", r), ("G", g), ("B", b))
+    )
 
 
-def rgb_png(cube: np.ndarray, bands: Sequence[int], max_side: int = QUICKLOOK_MAX_SIDE, *,
-            title: str | None = None, min_side: int = QUICKLOOK_MIN_SIDE) -> bytes:
+def rgb_png(
+    cube: np.ndarray,
+    bands: Sequence[int],
+    max_side: int = QUICKLOOK_MAX_SIDE,
+    *,
+    title: str | None = None,
+    min_side: int = QUICKLOOK_MIN_SIDE,
+) -> bytes:
     """PNG bytes (RGBA) of a ``(band, y, x)`` cube shown as RGB from ``bands``; nodata is transparent.
 
     Decimated to ``max_side``, enlarged to at least ``min(min_side, max_side)`` (integer factor,
@@ -194,8 +227,14 @@ def _colour_bar(height: int, label: str = "abundance") -> Image.Image:
     return img
 
 
-def abundance_png(abundance: np.ndarray, names: Sequence[str] | None = None, max_side: int = 256,
-                  gap: int = 8, *, min_side: int = QUICKLOOK_MIN_SIDE) -> bytes:
+def abundance_png(
+    abundance: np.ndarray,
+    names: Sequence[str] | None = None,
+    max_side: int = 256,
+    gap: int = 8,
+    *,
+    min_side: int = QUICKLOOK_MIN_SIDE,
+) -> bytes:
     """PNG bytes (RGBA) of ``P`` abundance maps ``(P, y, x)`` side by side on one fixed 0-1 ramp.
 
     Each panel (at least ``min(min_side, max_side)`` px on its longer side) is titled with its
@@ -204,10 +243,14 @@ def abundance_png(abundance: np.ndarray, names: Sequence[str] | None = None, max
     """
     ab = _downsample(np.asarray(abundance, dtype=np.float32), max_side)
     p = ab.shape[0]
-    labels = [str(n) for n in names] if names is not None else [f"endmember {k + 1}" for k in range(p)]
+    labels = (
+        [str(n) for n in names] if names is not None else [f"endmember {k + 1}" for k in range(p)]
+    )
     panels = []
     for k in range(p):
-        rgba = np.concatenate([_colorize(ab[k]), np.isfinite(ab[k])[..., None].astype(np.float32)], axis=-1)
+        rgba = np.concatenate(
+            [_colorize(ab[k]), np.isfinite(ab[k])[..., None].astype(np.float32)], axis=-1
+        )
         img = Image.fromarray((rgba * 255).round().astype(np.uint8), "RGBA")
         panels.append(_enlarge(img, min(min_side, max_side)))
     # one title height for all panels (the longest label decides), so the maps line up
@@ -235,8 +278,14 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [float(v) for v in np.arange(start, hi + step * 0.001, step)]
 
 
-def spectra_png(wavelength_nm: Sequence[float | None], spectra: Mapping[str, Sequence[float]],
-                width: int = 720, height: int = 400, *, title: str = "endmember spectra") -> bytes:
+def spectra_png(
+    wavelength_nm: Sequence[float | None],
+    spectra: Mapping[str, Sequence[float]],
+    width: int = 720,
+    height: int = 400,
+    *,
+    title: str = "endmember spectra",
+) -> bytes:
     """PNG bytes of a line plot of endmember spectra against wavelength (nm), with axes and a legend.
 
     Lines break over gaps in the wavelengths (bad bands left out of the fit, e.g. the water
@@ -260,7 +309,10 @@ def spectra_png(wavelength_nm: Sequence[float | None], spectra: Mapping[str, Seq
     left, right, top, bottom = 64, width - 150, HEADER_PX + 8, height - 48
 
     def px(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - xlo) / (xhi - xlo) * (right - left), bottom - (y - ylo) / (yhi - ylo) * (bottom - top))
+        return (
+            left + (x - xlo) / (xhi - xlo) * (right - left),
+            bottom - (y - ylo) / (yhi - ylo) * (bottom - top),
+        )
 
     d.text((4, 4), title, fill=_INK, font=f)
     d.rectangle((left, top, right, bottom), outline=_INK)
@@ -318,8 +370,15 @@ def _write(dest: str | Path, png: bytes) -> Path:
     return Path(dest)
 
 
-def quicklook_rgb(src_array: str | Path, bands: Sequence[int], dest: str | Path, *, label: str | None = None,
-                  max_side: int = 1024, min_side: int = QUICKLOOK_MIN_SIDE) -> Path:
+def quicklook_rgb(
+    src_array: str | Path,
+    bands: Sequence[int],
+    dest: str | Path,
+    *,
+    label: str | None = None,
+    max_side: int = 1024,
+    min_side: int = QUICKLOOK_MIN_SIDE,
+) -> Path:
     """Write an RGBA PNG of three bands of a ``(band, y, x)`` zarr array (:func:`rgb_png`).
 
     The title names what is shown (``label``, else the array's ``long_name``, else its name) and
@@ -330,21 +389,36 @@ def quicklook_rgb(src_array: str | Path, bands: Sequence[int], dest: str | Path,
     wl = _sibling(src_array, "wavelength")
     shown = [float(wl[b]) for b in bands] if wl is not None and len(wl) == arr.shape[0] else None
     name = label or str(arr.attrs.get("long_name") or Path(src_array).name)
-    png = rgb_png(_strided(arr, bands, max_side), (0, 1, 2), max_side, title=rgb_title(name, shown),
-                  min_side=min_side)
+    png = rgb_png(
+        _strided(arr, bands, max_side),
+        (0, 1, 2),
+        max_side,
+        title=rgb_title(name, shown),
+        min_side=min_side,
+    )
     return _write(dest, png)
 
 
-def quicklook_abundances(src_array: str | Path, dest: str | Path, *, names: Sequence[str] | None = None,
-                         max_side: int = 512, min_side: int = QUICKLOOK_MIN_SIDE) -> Path:
+def quicklook_abundances(
+    src_array: str | Path,
+    dest: str | Path,
+    *,
+    names: Sequence[str] | None = None,
+    max_side: int = 512,
+    min_side: int = QUICKLOOK_MIN_SIDE,
+) -> Path:
     """Write the abundance maps of a ``(endmember, y, x)`` zarr array as one PNG (:func:`abundance_png`):
     one panel per endmember titled with its name (``names``, else the ``endmember`` coordinate
     stored beside the array), a colour bar; nodata transparent."""
     arr = zarr.open_array(str(src_array), mode="r")
     if names is None:
         stored = _sibling(src_array, "endmember")
-        names = [str(n) for n in stored] if stored is not None and len(stored) == arr.shape[0] else None
-    png = abundance_png(_strided(arr, range(arr.shape[0]), max_side), names, max_side, min_side=min_side)
+        names = (
+            [str(n) for n in stored] if stored is not None and len(stored) == arr.shape[0] else None
+        )
+    png = abundance_png(
+        _strided(arr, range(arr.shape[0]), max_side), names, max_side, min_side=min_side
+    )
     return _write(dest, png)
 
 

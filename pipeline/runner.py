@@ -76,9 +76,12 @@ class TileFeed(Protocol):
     in-process and any other executor per finished batch.
     """
 
-    def open(self, put: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None] | None: ...
+    def open(
+        self, put: Callable[[dict[str, Any]], None]
+    ) -> Callable[[dict[str, Any]], None] | None: ...
 
     def close(self) -> None: ...
+
 
 OK, FAILED, REUSED = "ok", "failed", "reused"
 
@@ -153,7 +156,9 @@ def process_batch(job: TileJob) -> list[dict[str, Any]]:
             rec["input_checksum"] = tile_checksum(cube)
             result, stats = job.model(cube)
             stats = dict(stats or {})
-            rec["checksum"] = write_tile_output(job.dest, job.grid, tile, np.asarray(result, dtype=np.float32))
+            rec["checksum"] = write_tile_output(
+                job.dest, job.grid, tile, np.asarray(result, dtype=np.float32)
+            )
             rec["worker"] = stats.pop("worker", rec["worker"])
             rec["device"] = stats.pop("device", "cpu")
             for k in ("iterations", "residual", "converged"):
@@ -191,15 +196,21 @@ def effective_batch_size(n_tiles: int, batch_size: int, n_workers: int | None = 
     runs as 2 batches of 2, not 1 batch of 4); large stages keep ``batch_size``.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}; pass e.g. batch_size=4")
+        raise ConfigError(
+            f"batch_size must be a positive integer, got {batch_size!r}; pass e.g. batch_size=4"
+        )
     if n_workers is None:
         return batch_size
     if not isinstance(n_workers, int) or isinstance(n_workers, bool) or n_workers < 1:
-        raise ConfigError(f"n_workers must be a positive integer or None, got {n_workers!r}; pass e.g. n_workers=2")
+        raise ConfigError(
+            f"n_workers must be a positive integer or None, got {n_workers!r}; pass e.g. n_workers=2"
+        )
     return max(1, min(batch_size, -(-n_tiles // n_workers)))
 
 
-def plan_batches(tiles: Sequence[Tile], batch_size: int, n_workers: int | None = None) -> list[tuple[Tile, ...]]:
+def plan_batches(
+    tiles: Sequence[Tile], batch_size: int, n_workers: int | None = None
+) -> list[tuple[Tile, ...]]:
     """Consecutive tiles (row-major) in groups of ``batch_size`` (of
     :func:`effective_batch_size` ``(len(tiles), batch_size, n_workers)`` when ``n_workers`` is given)."""
     ts = sorted(tiles)
@@ -217,12 +228,24 @@ def _client_closed(client: Any) -> bool:
 
 
 def _failed_records(batch: Sequence[Tile], stage: str, why: str) -> list[dict[str, Any]]:
-    return [{"key": t.key, "index": list(t.index), "stage": stage, "status": FAILED, "error": f"task failed: {why}"}
-            for t in batch]
+    return [
+        {
+            "key": t.key,
+            "index": list(t.index),
+            "stage": stage,
+            "status": FAILED,
+            "error": f"task failed: {why}",
+        }
+        for t in batch
+    ]
 
 
 def _reusable_records(
-    model: TileModel, source: str | Path, dest: str | Path, grid: TileGrid, todo_tiles: Sequence[Tile]
+    model: TileModel,
+    source: str | Path,
+    dest: str | Path,
+    grid: TileGrid,
+    todo_tiles: Sequence[Tile],
 ) -> dict[str, dict[str, Any]]:
     """Records of tiles a resumed run may reuse, marked ``reused``, by tile key.
 
@@ -234,9 +257,13 @@ def _reusable_records(
     inputs = store_attrs(source).get("checksums", {})
     for t in todo_tiles:
         rec = existing.get(t.key)
-        if (rec and rec.get("status") == OK and rec.get("input_checksum") == inputs.get(t.key)
-                and rec.get("weights_sha256") == getattr(model, "weights_sha256", None)
-                and verify_tile(dest, grid, t, rec.get("checksum"))):
+        if (
+            rec
+            and rec.get("status") == OK
+            and rec.get("input_checksum") == inputs.get(t.key)
+            and rec.get("weights_sha256") == getattr(model, "weights_sha256", None)
+            and verify_tile(dest, grid, t, rec.get("checksum"))
+        ):
             reused[t.key] = {**rec, "reused": True}
     return reused
 
@@ -247,8 +274,12 @@ def _record_cut_off(
     """Write and return failed records for batches that never reported because the client closed."""
     out: dict[str, dict[str, Any]] = {}
     for batch in batches:
-        recs = _failed_records(batch, stage, "CancelledError: the Dask client closed "
-                               f"(status {getattr(client, 'status', '?')!s}) before this batch reported")
+        recs = _failed_records(
+            batch,
+            stage,
+            "CancelledError: the Dask client closed "
+            f"(status {getattr(client, 'status', '?')!s}) before this batch reported",
+        )
         for r in recs:
             write_record(dest, r)
             out[r["key"]] = r
@@ -256,8 +287,13 @@ def _record_cut_off(
 
 
 def _collect(
-    results: queue.Queue[tuple[Any, Any]], batches: list[tuple[Tile, ...]], dest: str | Path, stage: str,
-    done_records: dict[str, dict[str, Any]], tick: Callable[[dict[str, Any]], None], client: Any,
+    results: queue.Queue[tuple[Any, Any]],
+    batches: list[tuple[Tile, ...]],
+    dest: str | Path,
+    stage: str,
+    done_records: dict[str, dict[str, Any]],
+    tick: Callable[[dict[str, Any]], None],
+    client: Any,
 ) -> None:
     """Wait for every batch (``client``: a Dask ClientExecutor's client, else None); ``tick`` each tile
     as its commit or its batch is reported."""
@@ -271,7 +307,9 @@ def _collect(
                 continue
             # the client gave up on its scheduler: futures that were being gathered may never
             # resolve, so the batches still out are recorded as cut off instead of waited for
-            done_records.update(_record_cut_off(dest, [batches[i] for i in sorted(unreported)], stage, client))
+            done_records.update(
+                _record_cut_off(dest, [batches[i] for i in sorted(unreported)], stage, client)
+            )
             break
         if isinstance(batch, str):  # a tile committed ("tile", record)
             tick(fut)
@@ -354,7 +392,9 @@ def run_tiles(
             job = TileJob(str(source), str(dest), grid, batch, model, stage, notify)
             fut = do_submit(process_batch, job)
             fut.add_done_callback(partial(_put, results, batch))
-        _collect(results, batches, dest, stage, done_records, tick, getattr(executor, "_client", None))
+        _collect(
+            results, batches, dest, stage, done_records, tick, getattr(executor, "_client", None)
+        )
     finally:
         if feed is not None and notify is not None:
             feed.close()

@@ -65,7 +65,9 @@ def _pad(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def _create_tile_array(path: Path, grid: TileGrid, n_channels: int, attrs: dict[str, Any], overwrite: bool) -> zarr.Array:
+def _create_tile_array(
+    path: Path, grid: TileGrid, n_channels: int, attrs: dict[str, Any], overwrite: bool
+) -> zarr.Array:
     rh, rw = grid.max_read_shape
     n_slots = grid.n_rows * grid.n_cols
     try:
@@ -133,7 +135,9 @@ def write_input_tiles(
     rh, rw = grid.max_read_shape
     checksums: dict[str, str] = {}
     for t in grid.tiles:
-        block = np.asarray(sub.isel(y=t.read.slices[0], x=t.read.slices[1]).values, dtype=np.float32)
+        block = np.asarray(
+            sub.isel(y=t.read.slices[0], x=t.read.slices[1]).values, dtype=np.float32
+        )
         arr[grid.position(t)] = _pad(block, (rh, rw))
         checksums[t.key] = tile_checksum(block)
     root.attrs.update({"band_index": [int(b) for b in sel], "checksums": checksums})
@@ -148,14 +152,24 @@ def write_valid_mask(valid: Any, path: str | Path, chunk: int) -> None:
     """
     root = zarr.open_group(str(path), mode="r+")
     v = root.create_array(
-        VALID, shape=tuple(valid.shape), chunks=(chunk, chunk), dtype="bool", fill_value=False,
-        dimension_names=("y", "x"), overwrite=True, compressors=compressors(),
+        VALID,
+        shape=tuple(valid.shape),
+        chunks=(chunk, chunk),
+        dtype="bool",
+        fill_value=False,
+        dimension_names=("y", "x"),
+        overwrite=True,
+        compressors=compressors(),
     )
     if hasattr(valid, "rechunk"):
         import dask.array as dsa
 
-        dsa.store(valid.astype(bool).rechunk((chunk, chunk)), v, lock=False,  # type: ignore[arg-type]
-                  scheduler=LOCAL_SCHEDULER)
+        dsa.store(
+            valid.astype(bool).rechunk((chunk, chunk)),
+            v,  # type: ignore[arg-type]
+            lock=False,
+            scheduler=LOCAL_SCHEDULER,
+        )
     else:
         v[...] = np.asarray(valid, dtype=bool)
 
@@ -166,16 +180,24 @@ def tile_validity(valid: Any, tile: int) -> np.ndarray:
         blocks = valid.astype(bool).rechunk((tile, tile))
         return np.asarray(
             blocks.map_blocks(lambda b: np.array([[b.any()]]), chunks=(1, 1), dtype=bool).compute(
-                scheduler=LOCAL_SCHEDULER)
+                scheduler=LOCAL_SCHEDULER
+            )
         )
     v = np.asarray(valid, dtype=bool)
     ny, nx = v.shape
-    return np.array([[v[y : y + tile, x : x + tile].any() for x in range(0, nx, tile)] for y in range(0, ny, tile)])
+    return np.array(
+        [
+            [v[y : y + tile, x : x + tile].any() for x in range(0, nx, tile)]
+            for y in range(0, ny, tile)
+        ]
+    )
 
 
 #: what to do when a tile store's chunk fails its checksum
-_REBUILD = ("delete the tile store (its records folder too) and rerun the same command: it is rebuilt "
-            "from the ingested scene, and tiles of a model stage are recomputed.")
+_REBUILD = (
+    "delete the tile store (its records folder too) and rerun the same command: it is rebuilt "
+    "from the ingested scene, and tiles of a model stage are recomputed."
+)
 
 
 def read_valid(path: str | Path, window: Any) -> np.ndarray:
@@ -217,7 +239,9 @@ def create_output_store(
                 "remove it (or use a new run directory)"
             )
         return path
-    _create_tile_array(path, grid, len(channels), {"channels": list(channels), **(attrs or {})}, False)
+    _create_tile_array(
+        path, grid, len(channels), {"channels": list(channels), **(attrs or {})}, False
+    )
     return path
 
 

@@ -58,25 +58,49 @@ WAVELENGTH_UNITS = "nm"
 #: CF/ACDD conventions the zarr outputs follow
 CONVENTIONS = "CF-1.10, ACDD-1.3"
 #: scene attributes that may hold the acquisition (start) time, in order of preference
-_TIME_KEYS = ("acquisition_time", "start_time", "datetime", "time_coverage_start", "acquisition_start_time")
+_TIME_KEYS = (
+    "acquisition_time",
+    "start_time",
+    "datetime",
+    "time_coverage_start",
+    "acquisition_start_time",
+)
 #: per-variable CF attributes of the known outputs (values in [0, 1], NaN = nodata)
 VARIABLE_ATTRS: dict[str, dict[str, Any]] = {
-    "denoised": {"long_name": "denoised surface reflectance", "units": "1",
-                 "comment": "reflectance in [0, 1]; multiply by source_scale_factor for the source's scale"},
-    "abundances": {"long_name": "endmember abundance (fraction of the pixel)", "units": "1",
-                   "valid_min": 0.0, "valid_max": 1.0},
+    "denoised": {
+        "long_name": "denoised surface reflectance",
+        "units": "1",
+        "comment": "reflectance in [0, 1]; multiply by source_scale_factor for the source's scale",
+    },
+    "abundances": {
+        "long_name": "endmember abundance (fraction of the pixel)",
+        "units": "1",
+        "valid_min": 0.0,
+        "valid_max": 1.0,
+    },
     "rmse": {"long_name": "unmixing reconstruction RMSE (Y vs E A) over good bands", "units": "1"},
 }
 BAND_COORD_ATTRS: dict[str, dict[str, Any]] = {
-    "wavelength": {"long_name": "band centre wavelength", "standard_name": "radiation_wavelength",
-                   "units": WAVELENGTH_UNITS},
+    "wavelength": {
+        "long_name": "band centre wavelength",
+        "standard_name": "radiation_wavelength",
+        "units": WAVELENGTH_UNITS,
+    },
     "fwhm": {"long_name": "band full width at half maximum", "units": WAVELENGTH_UNITS},
-    "good_band": {"long_name": "good band flag (ENVI bbl)",
-                  "comment": "True: good band; False: bad band (kept in the output, not to be trusted)"},
+    "good_band": {
+        "long_name": "good band flag (ENVI bbl)",
+        "comment": "True: good band; False: bad band (kept in the output, not to be trusted)",
+    },
     "band": {"long_name": "band number (0-based, in wavelength order)"},
 }
-_UNIT_NAMES = {"metre": "m", "meter": "m", "kilometre": "km", "US survey foot": "US_survey_foot",
-               "foot": "ft", "degree": "degree"}
+_UNIT_NAMES = {
+    "metre": "m",
+    "meter": "m",
+    "kilometre": "km",
+    "US survey foot": "US_survey_foot",
+    "foot": "ft",
+    "degree": "degree",
+}
 
 
 def acquisition_time(like: xr.DataArray | dict[str, Any]) -> str | None:
@@ -105,15 +129,20 @@ def acquisition_time(like: xr.DataArray | dict[str, Any]) -> str | None:
 def scene_metadata(like: xr.DataArray) -> dict[str, Any]:
     """Scene-level metadata every output carries: acquisition time, reflectance scale, units, source."""
     a = like.attrs
-    out: dict[str, Any] = {"wavelength_units": WAVELENGTH_UNITS, "reflectance_units": "1 (reflectance in [0, 1])"}
+    out: dict[str, Any] = {
+        "wavelength_units": WAVELENGTH_UNITS,
+        "reflectance_units": "1 (reflectance in [0, 1])",
+    }
     t = acquisition_time(like)
     if t is not None:
         out["acquisition_time"] = t
     scale = a.get("source_scale_factor", a.get("scale_factor"))
     if scale is not None:
         out["source_scale_factor"] = float(scale)
-        out["source_scale_note"] = ("values are reflectance in [0, 1]: the source's raw values divided "
-                                    "by source_scale_factor")
+        out["source_scale_note"] = (
+            "values are reflectance in [0, 1]: the source's raw values divided "
+            "by source_scale_factor"
+        )
     for k in ("scale_factor_source", "source_wavelength_units", "source"):
         if a.get(k) not in (None, ""):
             out[k] = a[k]
@@ -127,17 +156,31 @@ def _xy_attrs(like: xr.DataArray) -> dict[str, dict[str, Any]]:
     """CF attributes (units, standard names) of the ``x``/``y`` coordinates from the CRS."""
     crs = like.rio.crs
     if crs is None:
-        return {"x": {"long_name": "column (pixel centre index)", "units": "1"},
-                "y": {"long_name": "row (pixel centre index)", "units": "1"}}
+        return {
+            "x": {"long_name": "column (pixel centre index)", "units": "1"},
+            "y": {"long_name": "row (pixel centre index)", "units": "1"},
+        }
     if crs.is_geographic:
-        return {"x": {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east"},
-                "y": {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north"}}
+        return {
+            "x": {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east"},
+            "y": {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north"},
+        }
     import pyproj
 
     unit = pyproj.CRS.from_user_input(crs.to_wkt()).axis_info[0].unit_name
     u = _UNIT_NAMES.get(unit, unit)
-    return {"x": {"standard_name": "projection_x_coordinate", "long_name": "x coordinate of projection", "units": u},
-            "y": {"standard_name": "projection_y_coordinate", "long_name": "y coordinate of projection", "units": u}}
+    return {
+        "x": {
+            "standard_name": "projection_x_coordinate",
+            "long_name": "x coordinate of projection",
+            "units": u,
+        },
+        "y": {
+            "standard_name": "projection_y_coordinate",
+            "long_name": "y coordinate of projection",
+            "units": u,
+        },
+    }
 
 
 # ---------------------------------------------------------------------------- zarr
@@ -169,7 +212,9 @@ def _consolidate(path: str | Path) -> None:
 
     with warnings.catch_warnings():
         # zarr-python: consolidated metadata is not (yet) in the zarr v3 specification
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message=".*[Cc]onsolidated metadata", category=UserWarning
+        )
         zarr.consolidate_metadata(str(path))
 
 
@@ -209,7 +254,9 @@ def create_output_zarr(
     """
     path = Path(path)
     if path.exists():
-        raise WriteError(f"output {str(path)!r} already exists; remove it or use a new run directory")
+        raise WriteError(
+            f"output {str(path)!r} already exists; remove it or use a new run directory"
+        )
     ny, nx = int(like.sizes["y"]), int(like.sizes["x"])
     variables: dict[str, xr.DataArray] = {}
     encoding: dict[str, dict[str, Any]] = {}
@@ -231,8 +278,28 @@ def create_output_zarr(
         va = {**VARIABLE_ATTRS.get(vname, {}), **(var_attrs or {}).get(vname, {})}
         variables[vname] = xr.DataArray(data, dims=dims, coords=c, name=vname, attrs=va)
         # crc32c per chunk (pipeline.chunk_checksums): a chunk changed on disk fails on read
-        encoding[vname] = {"chunks": chunks, "_FillValue": np.float32(np.nan), "compressors": compressors()}
-    ds = xr.Dataset(variables)
+        encoding[vname] = {
+            "chunks": chunks,
+            "_FillValue": np.float32(np.nan),
+            "compressors": compressors(),
+        }
+    ds = _with_metadata(xr.Dataset(variables), like, attrs)
+    ds.attrs["hyperdeq_complete"] = False
+    try:
+        ds.to_zarr(
+            path, mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding
+        )
+    except (FileExistsError, ValueError) as exc:
+        raise WriteError(
+            f"cannot create output {str(path)!r}: {exc}; remove it or pick another folder"
+        ) from exc
+    _consolidate(path)
+    return {v: str(path / v) for v in variables}
+
+
+def _with_metadata(ds: xr.Dataset, like: xr.DataArray, attrs: dict[str, Any] | None) -> xr.Dataset:
+    """CF/GeoZarr metadata on an output dataset: coordinate units, CRS (WKT2 in ``crs_wkt``),
+    grid mapping, the scene's metadata, ``proj:*`` and ``attrs``."""
     for k, ca in {**_xy_attrs(like), **BAND_COORD_ATTRS}.items():
         if k in ds.coords:
             ds[k].attrs.update(ca)
@@ -249,13 +316,7 @@ def create_output_zarr(
         ds.attrs["time_coverage_start"] = ds.attrs["acquisition_time"]  # ACDD
     ds.attrs.update(geo_attrs(like))
     ds.attrs.update(attrs or {})
-    ds.attrs["hyperdeq_complete"] = False
-    try:
-        ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
-    except (FileExistsError, ValueError) as exc:
-        raise WriteError(f"cannot create output {str(path)!r}: {exc}; remove it or pick another folder") from exc
-    _consolidate(path)
-    return {v: str(path / v) for v in variables}
+    return ds
 
 
 def mark_complete(path: str | Path, **attrs: Any) -> None:
@@ -332,11 +393,7 @@ def write_cog(
     crs = like.rio.crs
     transform = like.rio.transform() if crs is not None else None
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp.tif")
-    profile = dict(
-        driver="GTiff", width=nx, height=ny, count=count, dtype="float32", crs=crs,
-        transform=transform, nodata=float("nan"), tiled=True, blockxsize=block, blockysize=block,
-        interleave="band", compress="deflate", predictor=3, bigtiff="IF_SAFER",
-    )
+    profile = _cog_profile(nx, ny, count, crs, transform, block)
     from pipeline.readers.geotiff import GDAL_CACHE_MB
 
     try:
@@ -345,29 +402,69 @@ def write_cog(
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(tmp, "w", **profile) as dst:
             _copy_blocks(arr, src_array, dst, block)
             _set_band_metadata(dst, count, descriptions, band_tags, units)
-            meta = scene_metadata(like)
-            meta.pop("source", None)  # a path on the processing host
-            if "acquisition_time" in meta:  # EnMAP's tag name: hyperdeq's GeoTIFF reader keeps it
-                meta["start_time"] = meta["acquisition_time"]
-            # (default domain: GDAL's COG copy drops dataset-level tags of other domains)
-            dst.update_tags(**{k: _tag(v) for k, v in {**meta, **(tags or {})}.items()})
+            _set_dataset_tags(dst, like, tags)
             factors = [f for f in (2, 4, 8, 16, 32) if min(ny, nx) // f >= 16]
             if factors:
                 dst.build_overviews(factors, Resampling.average)
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
             rasterio.shutil.copy(
-                tmp, dest, driver="GTiff", tiled=True, blockxsize=block, blockysize=block,
-                interleave="band", compress="deflate", predictor=3, copy_src_overviews=True,
-                bigtiff="IF_SAFER",
+                tmp, dest, **{**_COG_COPY, "blockxsize": block, "blockysize": block}
             )
     except ChunkChecksumError:  # a damaged source, not a write failure: its message says what to do
         raise
     except Exception as exc:
         dest.unlink(missing_ok=True)
-        raise WriteError(f"writing the GeoTIFF {str(dest)!r} failed: {exc}; check free space and permissions") from exc
+        raise WriteError(
+            f"writing the GeoTIFF {str(dest)!r} failed: {exc}; check free space and permissions"
+        ) from exc
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+#: creation options of the final COG copy (overviews first: the COG layout)
+_COG_COPY: dict[str, Any] = {
+    "driver": "GTiff",
+    "tiled": True,
+    "interleave": "band",
+    "compress": "deflate",
+    "predictor": 3,
+    "copy_src_overviews": True,
+    "bigtiff": "IF_SAFER",
+}
+
+
+def _cog_profile(
+    nx: int, ny: int, count: int, crs: Any, transform: Any, block: int
+) -> dict[str, Any]:
+    """Profile of the tiled float32 GeoTIFF the blocks are first written to (NaN nodata)."""
+    return {
+        "driver": "GTiff",
+        "width": nx,
+        "height": ny,
+        "count": count,
+        "dtype": "float32",
+        "crs": crs,
+        "transform": transform,
+        "nodata": float("nan"),
+        "tiled": True,
+        "blockxsize": block,
+        "blockysize": block,
+        "interleave": "band",
+        "compress": "deflate",
+        "predictor": 3,
+        "bigtiff": "IF_SAFER",
+    }
+
+
+def _set_dataset_tags(dst: Any, like: xr.DataArray, tags: dict[str, Any] | None) -> None:
+    """Scene-level tags (:func:`scene_metadata` of ``like``, then ``tags``) in GDAL's default domain."""
+    meta = scene_metadata(like)
+    meta.pop("source", None)  # a path on the processing host
+    if "acquisition_time" in meta:  # EnMAP's tag name: hyperdeq's GeoTIFF reader keeps it
+        meta["start_time"] = meta["acquisition_time"]
+    # (default domain: GDAL's COG copy drops dataset-level tags of other domains)
+    dst.update_tags(**{k: _tag(v) for k, v in {**meta, **(tags or {})}.items()})
 
 
 def _copy_blocks(arr: Any, src_array: str | Path, dst: Any, block: int) -> None:
@@ -383,9 +480,13 @@ def _copy_blocks(arr: Any, src_array: str | Path, dst: Any, block: int) -> None:
     for y in range(0, ny, block):
         for x in range(0, nx, block):
             ys, xs = slice(y, min(y + block, ny)), slice(x, min(x + block, nx))
-            data = read_checked(arr, (slice(None), ys, xs) if three_d else (ys, xs),
-                                store=Path(src_array).parent, array=Path(src_array).name,
-                                fix="the run's staged output is damaged: rerun the same command")
+            data = read_checked(
+                arr,
+                (slice(None), ys, xs) if three_d else (ys, xs),
+                store=Path(src_array).parent,
+                array=Path(src_array).name,
+                fix="the run's staged output is damaged: rerun the same command",
+            )
             if not three_d:
                 data = data[None]
             dst.write(data, window=RWindow(x, y, xs.stop - x, ys.stop - y))

@@ -18,7 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "workers", "flows")
 #: package -> top-level names it must never import (at any depth, lazily or not)
 FORBIDDEN = {
-    "pipeline": {"torch", "prefect", "prefect_dask", "distributed", "dask_cuda", "workers", "flows", "benchmarks"},
+    "pipeline": {
+        "torch",
+        "prefect",
+        "prefect_dask",
+        "distributed",
+        "dask_cuda",
+        "workers",
+        "flows",
+        "benchmarks",
+    },
     "workers": {"prefect", "prefect_dask", "flows", "benchmarks"},
     "flows": set(),
 }
@@ -77,7 +86,7 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
         stack.append(m)
         for n in sorted(g.get(m, ())):
             if state.get(n) == 1:
-                found.append(stack[stack.index(n):] + [n])
+                found.append(stack[stack.index(n) :] + [n])
             elif n not in state:
                 visit(n)
         stack.pop()
@@ -110,7 +119,9 @@ def test_no_import_cycle_even_through_lazy_imports() -> None:
     assert cycles(g) == []
 
 
-@pytest.mark.parametrize(("g", "want"), [({"a": {"b"}, "b": {"a"}}, [["a", "b", "a"]]), ({"a": {"b"}, "b": set()}, [])])
+@pytest.mark.parametrize(
+    ("g", "want"), [({"a": {"b"}, "b": {"a"}}, [["a", "b", "a"]]), ({"a": {"b"}, "b": set()}, [])]
+)
 def test_the_checker_sees_a_lazy_cycle(g: dict[str, set[str]], want: list[list[str]]) -> None:
     assert cycles(g) == want
 

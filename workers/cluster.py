@@ -26,8 +26,17 @@ GPU = "GPU"
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "deploy" / "cluster"
 #: recipe keys that make workers or the scheduler load and run code; refused unless the caller
 #: opts in (``allow_code``), because a recipe is configuration and may come from anyone
-CODE_KEYS: tuple[str, ...] = ("preload", "preload_argv", "preload_nanny", "preload_nanny_argv", "plugins",
-                              "worker_class", "scheduler_class", "worker_plugins", "nanny_plugins")
+CODE_KEYS: tuple[str, ...] = (
+    "preload",
+    "preload_argv",
+    "preload_nanny",
+    "preload_nanny_argv",
+    "plugins",
+    "worker_class",
+    "scheduler_class",
+    "worker_plugins",
+    "nanny_plugins",
+)
 DEFAULT_WORKERS = 2
 ClusterKind = Literal["local", "address", "cuda"]
 
@@ -40,7 +49,9 @@ def resolve_recipe(name: str) -> Path:
     for cand in (RECIPE_DIR / name, RECIPE_DIR / f"{name}.yaml"):
         if cand.is_file():
             return cand
-    raise ConfigError(f"cluster recipe {name!r} does not exist; use a file under {str(RECIPE_DIR)!r} or a path")
+    raise ConfigError(
+        f"cluster recipe {name!r} does not exist; use a file under {str(RECIPE_DIR)!r} or a path"
+    )
 
 
 def _code_keys(data: Any, where: str = "") -> list[str]:
@@ -62,7 +73,9 @@ def load_recipe(name: str, allow_code: bool = False) -> dict[str, Any]:
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read cluster recipe {str(path)!r}: {exc}; fix the YAML") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"cluster recipe {str(path)!r} must be a mapping, got {type(data).__name__!r}")
+        raise ConfigError(
+            f"cluster recipe {str(path)!r} must be a mapping, got {type(data).__name__!r}"
+        )
     bad = _code_keys(data)
     if bad and not allow_code:
         raise ConfigError(
@@ -70,7 +83,9 @@ def load_recipe(name: str, allow_code: bool = False) -> dict[str, Any]:
             "remove them, or pass --allow-recipe-code if you trust this recipe (docs/deploy.md)"
         )
     if "cluster" in data and not isinstance(data["cluster"], dict | type(None)):
-        raise ConfigError(f"cluster recipe {str(path)!r}: 'cluster' must be a mapping of keyword arguments")
+        raise ConfigError(
+            f"cluster recipe {str(path)!r}: 'cluster' must be a mapping of keyword arguments"
+        )
     return data
 
 
@@ -78,7 +93,9 @@ def _check_recipe_values(path: str, kw: dict[str, Any]) -> None:
     for key in ("n_workers", "threads_per_worker"):
         v = kw.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-            raise ConfigError(f"cluster recipe {path!r}: {key} must be a positive integer, got {v!r}; e.g. {key}: 2")
+            raise ConfigError(
+                f"cluster recipe {path!r}: {key} must be a positive integer, got {v!r}; e.g. {key}: 2"
+            )
 
 
 @dataclass(frozen=True)
@@ -102,25 +119,34 @@ class ClusterSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in ("local", "address", "cuda"):
-            raise ConfigError(f"unknown cluster kind {self.kind!r}; choose 'local', 'address' or 'cuda'")
+            raise ConfigError(
+                f"unknown cluster kind {self.kind!r}; choose 'local', 'address' or 'cuda'"
+            )
         if self.address is not None:
             a = str(self.address).strip()
             if not a:
-                raise ConfigError(f"scheduler address is empty ({self.address!r}); give tcp://host:port or leave it unset")
+                raise ConfigError(
+                    f"scheduler address is empty ({self.address!r}); give tcp://host:port or leave it unset"
+                )
             if "://" not in a:
                 a = f"tcp://{a}"
             object.__setattr__(self, "address", a)
             if self.kind == "local":
                 object.__setattr__(self, "kind", "address")
         if self.kind == "address" and self.address is None:
-            raise ConfigError("cluster kind 'address' needs the scheduler address, e.g. --scheduler tcp://host:8786")
-        if self.address is not None and self.kind == "cuda":  # the address would be ignored silently
+            raise ConfigError(
+                "cluster kind 'address' needs the scheduler address, e.g. --scheduler tcp://host:8786"
+            )
+        if (
+            self.address is not None and self.kind == "cuda"
+        ):  # the address would be ignored silently
             raise ConfigError(
                 f"give either a scheduler address ({self.address!r}) or --cluster cuda (start a dask-cuda "
                 "cluster here), not both"
             )
-        if self.kind == "address" and (self.n_workers is not None or self.recipe is not None
-                                       or self.memory_limit is not None):
+        if self.kind == "address" and (
+            self.n_workers is not None or self.recipe is not None or self.memory_limit is not None
+        ):
             raise ConfigError(
                 f"give either a scheduler address ({self.address!r}) or a cluster to start "
                 f"(workers={self.n_workers!r}, recipe={self.recipe!r}, memory_limit={self.memory_limit!r}), not both"
@@ -131,7 +157,9 @@ class ClusterSpec:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if self.recipe is not None:
             recipe = load_recipe(self.recipe, self.allow_code)
-            _check_recipe_values(self.recipe, recipe.get("cluster") or {})  # refused here, before any work
+            _check_recipe_values(
+                self.recipe, recipe.get("cluster") or {}
+            )  # refused here, before any work
             rkind = recipe.get("kind")
             if rkind in ("local", "cuda") and rkind != self.kind:
                 raise ConfigError(
@@ -166,15 +194,21 @@ class ClusterSpec:
 
         parts = urlsplit(self.address)
         if parts.scheme not in ("tcp", "tls", "ws", "wss", "inproc", "ucx"):
-            raise ConfigError(f"scheduler address {self.address!r} has an unknown protocol; use tcp://host:port")
+            raise ConfigError(
+                f"scheduler address {self.address!r} has an unknown protocol; use tcp://host:port"
+            )
         try:
             host, port = parts.hostname, parts.port
         except ValueError as exc:
-            raise ConfigError(f"scheduler address {self.address!r} is malformed ({exc}); use tcp://host:port") from None
+            raise ConfigError(
+                f"scheduler address {self.address!r} is malformed ({exc}); use tcp://host:port"
+            ) from None
         if parts.scheme == "inproc":
             return
         if not host or not port:
-            raise ConfigError(f"scheduler address {self.address!r} needs a host and a port, e.g. tcp://10.0.0.5:8786")
+            raise ConfigError(
+                f"scheduler address {self.address!r} needs a host and a port, e.g. tcp://10.0.0.5:8786"
+            )
         try:
             with socket.create_connection((host, port), timeout=timeout):
                 pass
@@ -227,7 +261,9 @@ class ClusterHandle:
             "scheduler": info.get("address"),
             "n_workers": len(workers),
             "threads": sum(int(w.get("nthreads", 0)) for w in workers.values()),
-            "gpu_workers": sorted(a for a, w in workers.items() if GPU in (w.get("resources") or {})),
+            "gpu_workers": sorted(
+                a for a, w in workers.items() if GPU in (w.get("resources") or {})
+            ),
             "owned": self.cluster is not None,
             "dashboard": self.dashboard(),
         }
@@ -249,8 +285,12 @@ class ClusterHandle:
             try:
                 obj.close()
             except Exception as exc:  # the run's result does not depend on a clean teardown
-                log.warning("closing the Dask %s raised %s: %s (ignored; the run's outcome stands)",
-                            what, type(exc).__name__, exc)
+                log.warning(
+                    "closing the Dask %s raised %s: %s (ignored; the run's outcome stands)",
+                    what,
+                    type(exc).__name__,
+                    exc,
+                )
 
     def __enter__(self) -> ClusterHandle:
         return self
@@ -301,7 +341,9 @@ def _construct(spec: ClusterSpec, device: str, kw: dict[str, Any]) -> tuple[Any,
             from dask_cuda import LocalCUDACluster
         except ImportError:
             if spec.kind == "cuda":
-                raise ConfigError("cluster kind 'cuda' needs dask-cuda (pip install dask-cuda) and a GPU") from None
+                raise ConfigError(
+                    "cluster kind 'cuda' needs dask-cuda (pip install dask-cuda) and a GPU"
+                ) from None
             kw.setdefault("dashboard_address", ":0")
             return LocalCluster(n_workers=1, processes=True, **kw), 0
         return LocalCUDACluster(**kw), 0
@@ -310,7 +352,9 @@ def _construct(spec: ClusterSpec, device: str, kw: dict[str, Any]) -> tuple[Any,
     return LocalCluster(**kw), int(kw["n_workers"])
 
 
-def open_cluster(spec: ClusterSpec, device: str = "cpu", preload: dict[str, Any] | None = None) -> ClusterHandle:
+def open_cluster(
+    spec: ClusterSpec, device: str = "cpu", preload: dict[str, Any] | None = None
+) -> ClusterHandle:
     """Start or connect to the cluster ``spec`` names; preload models on its workers when asked.
 
     ``preload``: keyword arguments of :class:`workers.plugin.ModelPlugin` (``models``, ...), from the
@@ -341,7 +385,13 @@ def open_cluster(spec: ClusterSpec, device: str = "cpu", preload: dict[str, Any]
     if preload and preload.get("models"):
         from workers.plugin import ModelPlugin
 
-        threads = local_torch_threads(cpu_workers, int(spec.threads_per_worker)) if cpu_workers else 1
-        client.register_plugin(ModelPlugin(**preload, device=device, torch_threads=threads,
-                                           keep_threads=spec.kind == "address"), name=ModelPlugin.name)
+        threads = (
+            local_torch_threads(cpu_workers, int(spec.threads_per_worker)) if cpu_workers else 1
+        )
+        client.register_plugin(
+            ModelPlugin(
+                **preload, device=device, torch_threads=threads, keep_threads=spec.kind == "address"
+            ),
+            name=ModelPlugin.name,
+        )
     return handle

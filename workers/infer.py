@@ -45,7 +45,9 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r} was asked for but no CUDA device is present; use device='cpu'")
+        raise ModelError(
+            f"device {device!r} was asked for but no CUDA device is present; use device='cpu'"
+        )
     return device
 
 
@@ -84,7 +86,11 @@ class IdentityTileModel:
 
     def __call__(self, cube: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         return np.array(cube, dtype=np.float32, copy=True), {
-            "iterations": 0, "residual": 0.0, "converged": True, "device": "cpu", "worker": worker_name(),
+            "iterations": 0,
+            "residual": 0.0,
+            "converged": True,
+            "device": "cpu",
+            "worker": worker_name(),
         }
 
 
@@ -106,17 +112,26 @@ class DenoiseTileModel:
     out_names: tuple[str, ...] | None = None
     arch: str = "shipped"  # DECSC architecture preset: shipped (default) or full
     guard: bool = True  # DECSC's band guard after the model (workers.denoise.guard)
-    subspace: int = 0  # spectral-subspace pass dimension (workers.denoise.subspace); 0: the model alone
+    subspace: int = (
+        0  # spectral-subspace pass dimension (workers.denoise.subspace); 0: the model alone
+    )
 
     @classmethod
-    def from_registry(cls, device: str = "cpu", arch: str = "shipped", guard: bool = True,
-                      subspace: int = 0) -> DenoiseTileModel:
+    def from_registry(
+        cls, device: str = "cpu", arch: str = "shipped", guard: bool = True, subspace: int = 0
+    ) -> DenoiseTileModel:
         from workers.denoise.api import arch_weights
         from workers.registry import get_spec
 
         spec = get_spec("decsc")
-        return cls(device=device, halo=int(spec.halo), weights_sha256=arch_weights(arch)[1], arch=arch, guard=guard,
-                   subspace=subspace)
+        return cls(
+            device=device,
+            halo=int(spec.halo),
+            weights_sha256=arch_weights(arch)[1],
+            arch=arch,
+            guard=guard,
+            subspace=subspace,
+        )
 
     def module(self) -> Any:
         dev = resolve_device(self.device)
@@ -127,9 +142,18 @@ class DenoiseTileModel:
 
         dev = resolve_device(self.device)
         # the guard's weights are reported per tile and applied scene-wide when the tiles are blended
-        out, stats = denoise_cube(self.module(), np.asarray(cube, dtype=np.float32), device=dev,
-                                  guard="weights" if self.guard else "off", subspace=self.subspace)
-        return np.asarray(out, dtype=np.float32), {**_scalar_stats(stats), "device": dev, "worker": worker_name()}
+        out, stats = denoise_cube(
+            self.module(),
+            np.asarray(cube, dtype=np.float32),
+            device=dev,
+            guard="weights" if self.guard else "off",
+            subspace=self.subspace,
+        )
+        return np.asarray(out, dtype=np.float32), {
+            **_scalar_stats(stats),
+            "device": dev,
+            "worker": worker_name(),
+        }
 
 
 def _scalar_stats(stats: dict[str, Any]) -> dict[str, Any]:
@@ -140,8 +164,11 @@ def _scalar_stats(stats: dict[str, Any]) -> dict[str, Any]:
         if k in out and out[k] is not None:
             v = np.asarray(out[k])
             out[k] = red(v).item() if v.size else None
-    kept = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in out.items()
-            if isinstance(v, int | float | bool | str | np.generic | type(None))}
+    kept = {
+        k: (v.item() if isinstance(v, np.generic) else v)
+        for k, v in out.items()
+        if isinstance(v, int | float | bool | str | np.generic | type(None))
+    }
     if isinstance(out.get("guard_w"), list | tuple | np.ndarray):
         kept["guard_w"] = [float(v) for v in out["guard_w"]]
     return kept
@@ -176,12 +203,18 @@ class UnmixTileModel:
         fit = load_fit(str(fit_dir))
         names = tuple(str(n) for n in fit.names)
         return cls(
-            fit_dir=str(fit_dir), halo=int(spec.halo), weights_sha256=sha256_tree(fit_dir),
-            out_names=(*names, "rmse"), device=device, endmember_names=names,
+            fit_dir=str(fit_dir),
+            halo=int(spec.halo),
+            weights_sha256=sha256_tree(fit_dir),
+            out_names=(*names, "rmse"),
+            device=device,
+            endmember_names=names,
         )
 
     def fit(self) -> Any:
-        return get_model(("deq-unmix", self.fit_dir, self.weights_sha256), lambda: load_fit(self.fit_dir))
+        return get_model(
+            ("deq-unmix", self.fit_dir, self.weights_sha256), lambda: load_fit(self.fit_dir)
+        )
 
     def __call__(self, cube: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         from workers.unmix.fit import apply_fit
@@ -189,5 +222,11 @@ class UnmixTileModel:
         fit = self.fit()
         module = get_model(("deq-unmix-module", self.fit_dir, self.weights_sha256), fit.model)
         abund, rmse, stats = apply_fit(fit, np.asarray(cube, dtype=np.float32), model=module)
-        out = np.concatenate([np.asarray(abund, np.float32), np.asarray(rmse, np.float32)[None]], axis=0)
-        return out, {**_scalar_stats(dict(stats or {})), "device": resolve_device(self.device), "worker": worker_name()}
+        out = np.concatenate(
+            [np.asarray(abund, np.float32), np.asarray(rmse, np.float32)[None]], axis=0
+        )
+        return out, {
+            **_scalar_stats(dict(stats or {})),
+            "device": resolve_device(self.device),
+            "worker": worker_name(),
+        }

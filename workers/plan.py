@@ -28,7 +28,9 @@ class Job:
 
     def __post_init__(self) -> None:
         if self.denoise is None and self.unmix is None:
-            raise ConfigError("nothing to do: denoising and unmixing are both off; enable at least one")
+            raise ConfigError(
+                "nothing to do: denoising and unmixing are both off; enable at least one"
+            )
 
     @property
     def models(self) -> tuple[ModelOptions, ...]:
@@ -56,8 +58,10 @@ class Job:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(),
-                **{m.stage: dataclasses.asdict(m) for m in self.models}}
+        return {
+            "config": self.config.to_dict(),
+            **{m.stage: dataclasses.asdict(m) for m in self.models},
+        }
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -85,9 +89,17 @@ class RunPlan:
 
     def record_head(self) -> dict[str, Any]:
         """The fields every state of ``run.json`` starts with."""
-        return {"run_id": self.run_id, "input": {"path": str(self.scene.resolve()), "sha256": self.input_sha256,
-                                                 **self.scene_info},
-                "config": self.job.to_dict(), "config_hash": self.config_hash, "weights": self.weights}
+        return {
+            "run_id": self.run_id,
+            "input": {
+                "path": str(self.scene.resolve()),
+                "sha256": self.input_sha256,
+                **self.scene_info,
+            },
+            "config": self.job.to_dict(),
+            "config_hash": self.config_hash,
+            "weights": self.weights,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.record_head(), "run_dir": str(self.run_dir), "halos": self.halos}
@@ -100,5 +112,3 @@ def config_hash(job: Job) -> str:
     algo = {m.stage: m.algorithm() for m in job.models}
     blob = json.dumps([job.config.config_hash(), algo], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-

@@ -18,9 +18,14 @@ class ModelPlugin(WorkerPlugin):
 
     name = "hyperdeq-models"
 
-    def __init__(self, models: tuple[str, ...] = ("decsc",), device: str = "cpu",
-                 torch_threads: int | None = 1, weights: dict[str, str] | None = None,
-                 keep_threads: bool = False) -> None:
+    def __init__(
+        self,
+        models: tuple[str, ...] = ("decsc",),
+        device: str = "cpu",
+        torch_threads: int | None = 1,
+        weights: dict[str, str] | None = None,
+        keep_threads: bool = False,
+    ) -> None:
         """``torch_threads``: intra-op threads per worker process (None leaves torch's default).
 
         Use :func:`workers.cluster.local_torch_threads` for a local CPU cluster so the workers share the cores.
@@ -46,7 +51,9 @@ class ModelPlugin(WorkerPlugin):
         from workers.infer import get_model, resolve_device
         from workers.registry import get_spec, verified_weights_path
 
-        if self.torch_threads and not (self.keep_threads and getattr(worker, "hyperdeq_torch_threads", None)):
+        if self.torch_threads and not (
+            self.keep_threads and getattr(worker, "hyperdeq_torch_threads", None)
+        ):
             torch.set_num_threads(int(self.torch_threads))
             worker.hyperdeq_torch_threads = int(self.torch_threads)
         dev = resolve_device(self.device)

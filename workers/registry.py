@@ -108,7 +108,9 @@ class ModelSpec:
         """The weights file named ``key`` (default: :attr:`default_weights`)."""
         k = key or self.default_weights
         if k is None or k not in self.weights:
-            raise WeightsError(f"model {self.name!r} has no weights {k!r}; it ships {sorted(self.weights)!r}")
+            raise WeightsError(
+                f"model {self.name!r} has no weights {k!r}; it ships {sorted(self.weights)!r}"
+            )
         return self.weights[k]
 
     @property
@@ -135,18 +137,24 @@ def get_spec(name: str) -> ModelSpec:
     module, attr = _KNOWN[name].split(":")
     spec = getattr(importlib.import_module(module), attr)
     if not isinstance(spec, ModelSpec) or spec.name != name:
-        raise ModelError(f"registry entry {name!r} does not point at its ModelSpec ({_KNOWN[name]!r})")
+        raise ModelError(
+            f"registry entry {name!r} does not point at its ModelSpec ({_KNOWN[name]!r})"
+        )
     return spec
 
 
-def verified_weights_path(spec: ModelSpec, path: str | Path | None = None, *, key: str | None = None) -> Path:
+def verified_weights_path(
+    spec: ModelSpec, path: str | Path | None = None, *, key: str | None = None
+) -> Path:
     """The shipped weights file ``key`` of ``spec`` (default: its default weights), or ``path``,
     after checking it exists, is safetensors and (for a shipped file) its sha256 matches.
 
     Only safetensors files are accepted: never pickle.
     """
     if path is None and not spec.weights:
-        raise WeightsError(f"model {spec.name!r} has no shipped weights file; it is fitted per scene")
+        raise WeightsError(
+            f"model {spec.name!r} has no shipped weights file; it is fitted per scene"
+        )
     ref = spec.weights_ref(key) if path is None else None
     p = Path(path) if path is not None else ref.path  # type: ignore[union-attr]
     if p.suffix != ".safetensors":
@@ -155,7 +163,9 @@ def verified_weights_path(spec: ModelSpec, path: str | Path | None = None, *, ke
             "because loading them can execute code"
         )
     if not p.is_file():
-        raise WeightsError(f"weights file {str(p)!r} for model {spec.name!r} does not exist; reinstall hyperdeq")
+        raise WeightsError(
+            f"weights file {str(p)!r} for model {spec.name!r} does not exist; reinstall hyperdeq"
+        )
     digest = sha256_file(p)
     if ref is not None and digest != ref.sha256:
         raise WeightsError(

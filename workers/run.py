@@ -62,8 +62,18 @@ from workers.stages import (
 )
 
 __all__ = [
-    "INGESTED", "OUT_NAMES", "Job", "RunPlan", "RunResult", "RunCancelled", "execute", "load_stage",
-    "plan_run", "run_scene", "sequence", "stage_names",
+    "INGESTED",
+    "OUT_NAMES",
+    "Job",
+    "RunPlan",
+    "RunResult",
+    "RunCancelled",
+    "execute",
+    "load_stage",
+    "plan_run",
+    "run_scene",
+    "sequence",
+    "stage_names",
 ]
 
 _log = logging.getLogger("hyperdeq.run")
@@ -95,7 +105,9 @@ def _choose_tile(job: Job, n_bands: int, hw: tuple[int, int]) -> RunConfig:
             return cand
         except ConfigError:
             continue
-    return cfg.replace(tile=DEFAULT_TILE)  # refused with the clear message by the check that follows
+    return cfg.replace(
+        tile=DEFAULT_TILE
+    )  # refused with the clear message by the check that follows
 
 
 def _scene_header(scene: Path) -> dict[str, Any]:
@@ -104,10 +116,16 @@ def _scene_header(scene: Path) -> dict[str, Any]:
     from pipeline.scene import check_tileable, good_band_index
 
     da = open_scene(scene)
-    check_tileable(da.shape, scene)  # a 1-row or 1-pixel scene: refused here, not after the cluster starts
+    check_tileable(
+        da.shape, scene
+    )  # a 1-row or 1-pixel scene: refused here, not after the cluster starts
     good = good_band_index(da)
-    return {"bands": int(da.shape[0]), "good_bands": len(good), "rows": int(da.shape[1]),
-            "cols": int(da.shape[2])}
+    return {
+        "bands": int(da.shape[0]),
+        "good_bands": len(good),
+        "rows": int(da.shape[1]),
+        "cols": int(da.shape[2]),
+    }
 
 
 def _check_scene_options(job: Job, scene: Path, info: dict[str, Any]) -> None:
@@ -128,12 +146,18 @@ def _check_out_root(out_root: Path) -> None:
             break
         probe_dir = probe_dir.parent
     if probe_dir.exists() and not probe_dir.is_dir():
-        raise ConfigError(f"output folder {str(p)!r} is under {str(probe_dir)!r}, which is a file; choose a folder")
+        raise ConfigError(
+            f"output folder {str(p)!r} is under {str(probe_dir)!r}, which is a file; choose a folder"
+        )
     if p.resolve().parts[1:2] in (("proc",), ("sys",), ("dev",)):  # not /device-data, /system, ...
-        raise ConfigError(f"output folder {str(p)!r} is on a system file system; choose a folder on a disk")
+        raise ConfigError(
+            f"output folder {str(p)!r} is on a system file system; choose a folder on a disk"
+        )
     if not os.access(probe_dir, os.W_OK):
-        raise ConfigError(f"output folder {str(p)!r} is not writable ({str(probe_dir)!r} refuses writes); "
-                          "choose a writable folder or fix its permissions")
+        raise ConfigError(
+            f"output folder {str(p)!r} is not writable ({str(probe_dir)!r} refuses writes); "
+            "choose a writable folder or fix its permissions"
+        )
 
 
 def _check_device(device: str) -> None:
@@ -144,8 +168,10 @@ def _check_device(device: str) -> None:
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     idx = int(device.split(":")[1]) if ":" in device else 0
     if idx >= n:
-        raise ConfigError(f"--device {device!r} was asked for but this host has {n} CUDA device(s); "
-                          "use --device cpu (or auto), or run on a GPU host")
+        raise ConfigError(
+            f"--device {device!r} was asked for but this host has {n} CUDA device(s); "
+            "use --device cpu (or auto), or run on a GPU host"
+        )
 
 
 @dataclass(frozen=True)
@@ -157,8 +183,13 @@ class Preflight:
     info: dict[str, Any]
 
 
-def preflight(scene: str | Path, job: Job, *, tile_models: dict[str, TileModel] | None = None,
-              header: bool = True) -> Preflight:
+def preflight(
+    scene: str | Path,
+    job: Job,
+    *,
+    tile_models: dict[str, TileModel] | None = None,
+    header: bool = True,
+) -> Preflight:
     """Every check a run needs before any work, without hashing the input: the scene exists and its
     header reads, the options fit it, the output folder and device are usable, and a tile fits the
     memory budget (the tile size chosen when left open). Reads the header only (no pixels)."""
@@ -171,29 +202,47 @@ def preflight(scene: str | Path, job: Job, *, tile_models: dict[str, TileModel] 
     info = _scene_header(scene) if header else {}
     if info:  # before the model specs load (their imports take seconds)
         _check_scene_options(job, scene, info)
-    halos = {m.model: (int(tile_models[m.stage].halo) if m.stage in tile_models else m.halo()) for m in job.models}
+    halos = {
+        m.model: (int(tile_models[m.stage].halo) if m.stage in tile_models else m.halo())
+        for m in job.models
+    }
     cfg = job.config.with_model_halos(list(halos.values()))
     if info:
-        cfg = _choose_tile(job.replace(config=cfg), info["good_bands"], (info["rows"], info["cols"]))
+        cfg = _choose_tile(
+            job.replace(config=cfg), info["good_bands"], (info["rows"], info["cols"])
+        )
     elif cfg.tile is None:
         cfg = cfg.replace(tile=DEFAULT_TILE)
-    cfg = cfg.replace(halo=min(int(cfg.halo or 0), int(cfg.tile or DEFAULT_TILE) - 1)) if job.config.halo is None else cfg
+    cfg = (
+        cfg.replace(halo=min(int(cfg.halo or 0), int(cfg.tile or DEFAULT_TILE) - 1))
+        if job.config.halo is None
+        else cfg
+    )
     job = job.replace(config=cfg)
     short = {m: h for m, h in halos.items() if cfg.halo is not None and cfg.halo < h}
     if short:
         _log.warning(
             "halo %s px is smaller than the halo the model(s) declare (%s): tile borders may show in the "
             "output (docs/models/decsc.md, Limits); leave --halo unset to use the models' own",
-            cfg.halo, ", ".join(f"{m} {h} px" for m, h in short.items()))
+            cfg.halo,
+            ", ".join(f"{m} {h} px" for m, h in short.items()),
+        )
     if info:
         hw = (info["rows"], info["cols"])
         rows, cols = cfg.read_window(hw)
-        cfg.check_tile_memory(info["good_bands"], job.model_parts(rows, cols, info["good_bands"]), hw)
+        cfg.check_tile_memory(
+            info["good_bands"], job.model_parts(rows, cols, info["good_bands"]), hw
+        )
     return Preflight(job, halos, info)
 
 
-def plan_run(scene: str | Path, job: Job, *, tile_models: dict[str, TileModel] | None = None,
-             header: bool = True) -> RunPlan:
+def plan_run(
+    scene: str | Path,
+    job: Job,
+    *,
+    tile_models: dict[str, TileModel] | None = None,
+    header: bool = True,
+) -> RunPlan:
     """:func:`preflight`, then hash the input (once per run) and name the run folder.
 
     ``tile_models`` replace a model stage's registry model (e.g. the identity model in tests).
@@ -213,8 +262,17 @@ def plan_run(scene: str | Path, job: Job, *, tile_models: dict[str, TileModel] |
     input_sha = sha256_path(scene)
     run_id = prov.make_run_id(input_sha, plan_hash, weights)
     run_dir = confined_path(job.config.out_root, safe_name(scene.name.split(".")[0]), run_id)
-    return RunPlan(scene=scene, job=job, input_sha256=input_sha, config_hash=plan_hash, weights=weights,
-                   halos=pre.halos, run_id=run_id, run_dir=run_dir, scene_info=pre.info)
+    return RunPlan(
+        scene=scene,
+        job=job,
+        input_sha256=input_sha,
+        config_hash=plan_hash,
+        weights=weights,
+        halos=pre.halos,
+        run_id=run_id,
+        run_dir=run_dir,
+        scene_info=pre.info,
+    )
 
 
 # ---------------------------------------------------------------------------- the one sequence
@@ -278,10 +336,21 @@ class RunResult:
     @classmethod
     def from_record(cls, run_dir: Path, reused: bool) -> RunResult:
         rec = prov.load_run_record(run_dir)
-        outs = {k: run_dir / (v["path"] if isinstance(v, dict) else v) for k, v in (rec.get("outputs") or {}).items()}
-        return cls(rec["run_id"], run_dir, rec["status"], outs, rec.get("failed_tiles", []),
-                   rec.get("not_converged_tiles", []), reused=reused,
-                   n_tiles=len(next(iter((rec.get("tiles") or {}).values()), [])), record=run_dir / prov.RUN_JSON)
+        outs = {
+            k: run_dir / (v["path"] if isinstance(v, dict) else v)
+            for k, v in (rec.get("outputs") or {}).items()
+        }
+        return cls(
+            rec["run_id"],
+            run_dir,
+            rec["status"],
+            outs,
+            rec.get("failed_tiles", []),
+            rec.get("not_converged_tiles", []),
+            reused=reused,
+            n_tiles=len(next(iter((rec.get("tiles") or {}).values()), [])),
+            record=run_dir / prov.RUN_JSON,
+        )
 
 
 def verify_outputs(run_dir: Path) -> list[str]:
@@ -307,15 +376,28 @@ def find_completed(plan: RunPlan) -> Path | None:
         problems = verify_outputs(run_dir)
         if not problems:
             return run_dir
-        _log.warning("the completed run %s has damaged outputs (%s); recomputing them", run_dir, "; ".join(problems))
+        _log.warning(
+            "the completed run %s has damaged outputs (%s); recomputing them",
+            run_dir,
+            "; ".join(problems),
+        )
         if run_dir == plan.run_dir:
             for key in list(rec.get("outputs") or {}):
                 name = OUT_NAMES.get(key)
                 if name:
                     p = run_dir / name
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            prov.write_run_record(run_dir, {**rec, "status": prov.FAILED, "outputs": {},
-                                            "error": f"damaged outputs: {'; '.join(problems)}"})
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(
+                        missing_ok=True
+                    )
+            prov.write_run_record(
+                run_dir,
+                {
+                    **rec,
+                    "status": prov.FAILED,
+                    "outputs": {},
+                    "error": f"damaged outputs: {'; '.join(problems)}",
+                },
+            )
     return None
 
 
@@ -332,7 +414,11 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         except FileExistsError:
             other = _read_lock(path)
             if other.get("host") == me["host"] and not _alive(int(other.get("pid") or 0)):
-                _log.warning("taking over the stale lock of pid %s (no longer running) on %s", other.get("pid"), run_dir)
+                _log.warning(
+                    "taking over the stale lock of pid %s (no longer running) on %s",
+                    other.get("pid"),
+                    run_dir,
+                )
                 path.unlink(missing_ok=True)
                 continue
             raise ConfigError(
@@ -344,8 +430,10 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             json.dump(me, fh)
         break
     else:  # the lock came back after each takeover: another process is taking it too
-        raise ConfigError(f"run folder {str(run_dir)!r} is being taken by another hyperdeq run at the same time; "
-                          "wait for it to finish")
+        raise ConfigError(
+            f"run folder {str(run_dir)!r} is being taken by another hyperdeq run at the same time; "
+            "wait for it to finish"
+        )
     try:
         yield
     finally:
@@ -398,12 +486,21 @@ def signals_cancel() -> Iterator[None]:
 
 # ---------------------------------------------------------------------------- failure
 #: errno values that can only come from writing (disk or quota full, file too large, read-only)
-_WRITE_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EFBIG", "EDQUOT", "EROFS") if hasattr(errno, n))
+_WRITE_ERRNOS = frozenset(
+    getattr(errno, n) for n in ("ENOSPC", "EFBIG", "EDQUOT", "EROFS") if hasattr(errno, n)
+)
 #: what each stage writes, relative to the run directory (named when an OSError has no filename)
 _STAGE_WHERE = {
-    "ingest": INGESTED, "tile": TILES_INPUT, "denoise": "tiles/denoise.zarr", "blend_denoise": STAGING,
-    "fit_unmixer": FIT_DIR, "tile_unmix_input": TILES_UNMIX_INPUT, "unmix": "tiles/unmix.zarr",
-    "blend_unmix": STAGING, "write": STAGING, "record": prov.RUN_JSON,
+    "ingest": INGESTED,
+    "tile": TILES_INPUT,
+    "denoise": "tiles/denoise.zarr",
+    "blend_denoise": STAGING,
+    "fit_unmixer": FIT_DIR,
+    "tile_unmix_input": TILES_UNMIX_INPUT,
+    "unmix": "tiles/unmix.zarr",
+    "blend_unmix": STAGING,
+    "write": STAGING,
+    "record": prov.RUN_JSON,
 }
 
 
@@ -419,22 +516,30 @@ def _is_cluster_loss(exc: BaseException) -> bool:
     return False
 
 
-def classify_error(run_dir: Path, stage: str, exc: BaseException, client: Any = None,
-                   scheduler: str | None = None) -> BaseException:
+def classify_error(
+    run_dir: Path, stage: str, exc: BaseException, client: Any = None, scheduler: str | None = None
+) -> BaseException:
     """The error a failed stage raises to the user: HyperdeqErrors and interrupts unchanged; a lost
     scheduler as :class:`ClusterError`; an ``OSError`` as :class:`WriteError` saying what, where and what to do."""
     if isinstance(exc, HyperdeqError) or not isinstance(exc, Exception):
         return exc
-    if _is_cluster_loss(exc) or client_lost(client) or (
-            client is not None and isinstance(exc, ConnectionError | TimeoutError)):
-        return cluster_lost_error(stage, scheduler_address(client, scheduler), f"{type(exc).__name__}: {exc}"[:300])
+    if (
+        _is_cluster_loss(exc)
+        or client_lost(client)
+        or (client is not None and isinstance(exc, ConnectionError | TimeoutError))
+    ):
+        return cluster_lost_error(
+            stage, scheduler_address(client, scheduler), f"{type(exc).__name__}: {exc}"[:300]
+        )
     if isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError):
         where = exc.filename or (run_dir / _STAGE_WHERE.get(stage, "."))
         why = exc.strerror or str(exc) or type(exc).__name__
         code = f"[Errno {exc.errno}] " if exc.errno else ""
         verb = "could not write" if exc.errno in _WRITE_ERRNOS else "failed on"
-        out = WriteError(f"{code}{why}: the {stage} stage {verb} {str(where)!r}; check free space / permissions "
-                         "there, then rerun the same command to resume")
+        out = WriteError(
+            f"{code}{why}: the {stage} stage {verb} {str(where)!r}; check free space / permissions "
+            "there, then rerun the same command to resume"
+        )
         if exc.errno is not None:
             out.errno = exc.errno
         return out
@@ -445,44 +550,87 @@ def end_record(plan: RunPlan, start: str, stage: str, exc: BaseException) -> Non
     """Mark the run ``failed`` (or ``cancelled``) in ``run.json`` with the stage and the error."""
     cancelled = isinstance(exc, RunCancelled | KeyboardInterrupt)
     err = f"{type(exc).__name__}: {exc}"
-    record = {**plan.record_head(), "status": CANCELLED if cancelled else prov.FAILED, "start": start,
-              "end": prov.now(), "failed_stage": stage, "error": err[:1500], "outputs": {},
-              "hint": "rerun the same command to resume"}
+    record = {
+        **plan.record_head(),
+        "status": CANCELLED if cancelled else prov.FAILED,
+        "start": start,
+        "end": prov.now(),
+        "failed_stage": stage,
+        "error": err[:1500],
+        "outputs": {},
+        "hint": "rerun the same command to resume",
+    }
     try:
         prov.write_run_record(plan.run_dir, record)
     except Exception as wexc:  # a full disk may refuse even this small file
-        exc.add_note(f"(could not mark {str(plan.run_dir / prov.RUN_JSON)!r} {record['status']} either: {wexc})")
+        exc.add_note(
+            f"(could not mark {str(plan.run_dir / prov.RUN_JSON)!r} {record['status']} either: {wexc})"
+        )
 
 
 # ---------------------------------------------------------------------------- execution
 ClusterArg = ClusterSpec | ClusterHandle | Executor | Any
 
 
-def _handle_for(cluster: ClusterArg, plan: RunPlan,
-                tile_models: dict[str, TileModel] | None = None) -> tuple[ClusterHandle | None, bool]:
+def _handle_for(
+    cluster: ClusterArg, plan: RunPlan, tile_models: dict[str, TileModel] | None = None
+) -> tuple[ClusterHandle | None, bool]:
     if isinstance(cluster, ClusterHandle):
         return cluster, False
     if isinstance(cluster, ClusterSpec):
         preload: dict[str, Any] = {}
-        for m in plan.job.models:  # a stage whose model is replaced never loads the registry's weights
+        for (
+            m
+        ) in plan.job.models:  # a stage whose model is replaced never loads the registry's weights
             if m.stage not in (tile_models or {}):
                 preload.update(m.preload())
         return open_cluster(cluster, plan.config.device, preload), True
-    return ClusterHandle(client=cluster, gpu=has_gpu_workers(cluster)), False  # a distributed.Client
+    return ClusterHandle(
+        client=cluster, gpu=has_gpu_workers(cluster)
+    ), False  # a distributed.Client
 
 
-def _env_for(cluster: ClusterArg, handle: ClusterHandle | None, progress: StageProgress | None,
-             log: Callable[[str], None], tile_models: dict[str, TileModel]) -> StageEnv:
+def _env_for(
+    cluster: ClusterArg,
+    handle: ClusterHandle | None,
+    progress: StageProgress | None,
+    log: Callable[[str], None],
+    tile_models: dict[str, TileModel],
+) -> StageEnv:
     if handle is None:  # a plain Executor: everything runs through it
         assert isinstance(cluster, Executor)
         n = int(getattr(cluster, "_max_workers", 2) or 2)
-        return StageEnv(cluster, cluster, n, progress, log, {"executor": type(cluster).__name__}, None, tile_models)
-    return StageEnv(handle.model_executor(), handle.executor(), max(1, handle.n_workers()), progress, log,
-                    handle.describe(), handle.client, tile_models)
+        return StageEnv(
+            cluster,
+            cluster,
+            n,
+            progress,
+            log,
+            {"executor": type(cluster).__name__},
+            None,
+            tile_models,
+        )
+    return StageEnv(
+        handle.model_executor(),
+        handle.executor(),
+        max(1, handle.n_workers()),
+        progress,
+        log,
+        handle.describe(),
+        handle.client,
+        tile_models,
+    )
 
 
-def execute(plan: RunPlan, cluster: ClusterArg, *, call: Call = _direct, progress: StageProgress | None = None,
-            log: Callable[[str], None] | None = None, tile_models: dict[str, TileModel] | None = None) -> RunResult:
+def execute(
+    plan: RunPlan,
+    cluster: ClusterArg,
+    *,
+    call: Call = _direct,
+    progress: StageProgress | None = None,
+    log: Callable[[str], None] | None = None,
+    tile_models: dict[str, TileModel] | None = None,
+) -> RunResult:
     """Run :func:`sequence` for ``plan`` on ``cluster``, or return the verified completed run.
 
     ``cluster``: a :class:`ClusterSpec` (opened and closed here), a :class:`ClusterHandle` or a
@@ -495,7 +643,9 @@ def execute(plan: RunPlan, cluster: ClusterArg, *, call: Call = _direct, progres
         return RunResult.from_record(done, reused=True)
     with run_lock(plan.run_dir):
         start = prov.now()
-        prov.write_run_record(plan.run_dir, {**plan.record_head(), "status": prov.RUNNING, "start": start})
+        prov.write_run_record(
+            plan.run_dir, {**plan.record_head(), "status": prov.RUNNING, "start": start}
+        )
         current, handle, owned = "cluster", None, False
         client = scheduler = None
 
@@ -511,9 +661,11 @@ def execute(plan: RunPlan, cluster: ClusterArg, *, call: Call = _direct, progres
             scheduler = cluster.address if isinstance(cluster, ClusterSpec) else None
             env = _env_for(cluster, handle, progress, say, tile_models or {})
             if handle is not None:
-                say(f"tile batches run on {env.cluster.get('scheduler')} ({env.cluster.get('n_workers', 0)} workers, "
+                say(
+                    f"tile batches run on {env.cluster.get('scheduler')} ({env.cluster.get('n_workers', 0)} workers, "
                     f"GPU workers: {env.cluster.get('gpu_workers') or 'none'}); Dask dashboard: "
-                    f"{env.cluster.get('dashboard')}")
+                    f"{env.cluster.get('dashboard')}"
+                )
             rec_path = sequence(plan, env, start, call=traced)
         except BaseException as exc:
             err = classify_error(plan.run_dir, current, exc, client, scheduler)
@@ -526,7 +678,9 @@ def execute(plan: RunPlan, cluster: ClusterArg, *, call: Call = _direct, progres
                 handle.close()
     res = RunResult.from_record(plan.run_dir, reused=False)
     if res.status != prov.COMPLETE and not res.failed_tiles:
-        raise ModelError(f"run {plan.run_id!r} ended with status {res.status!r}; see {str(rec_path)!r}")
+        raise ModelError(
+            f"run {plan.run_id!r} ended with status {res.status!r}; see {str(rec_path)!r}"
+        )
     return res
 
 
@@ -554,4 +708,3 @@ def run_scene(
         on_plan(plan)
     with signals_cancel():
         return execute(plan, cl, progress=progress, tile_models=tile_models)
-

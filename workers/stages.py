@@ -161,9 +161,18 @@ def stage_ingest(plan: RunPlan) -> Path:
             shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    ingest_scene(plan.scene, dest, chunk=max(plan.config.chunk, 256), overwrite=False,
-                 source_sha256=plan.input_sha256)
-    save_stage(run_dir, "ingest", {"path": str(dest), "source": str(plan.scene), "wall_s": time.perf_counter() - t0})
+    ingest_scene(
+        plan.scene,
+        dest,
+        chunk=max(plan.config.chunk, 256),
+        overwrite=False,
+        source_sha256=plan.input_sha256,
+    )
+    save_stage(
+        run_dir,
+        "ingest",
+        {"path": str(dest), "source": str(plan.scene), "wall_s": time.perf_counter() - t0},
+    )
     return dest
 
 
@@ -186,12 +195,23 @@ def stage_tile(plan: RunPlan, scene_zarr: Path, name: str = "input") -> Path:
     plan.check_tile_memory(len(good), tuple(scene.shape[1:]))
     valid = valid_mask(scene).data  # dask for ingested scenes: never the whole mask in memory
     tile = int(cfg.tile or 0)
-    grid = plan_grid(scene.shape[1:], tile, int(cfg.halo or 0), tile_valid=tstore.tile_validity(valid, tile))
-    tstore.write_input_tiles(scene, grid, dest, bands=good, attrs={"source": str(scene_zarr), "source_digest": digest})
+    grid = plan_grid(
+        scene.shape[1:], tile, int(cfg.halo or 0), tile_valid=tstore.tile_validity(valid, tile)
+    )
+    tstore.write_input_tiles(
+        scene, grid, dest, bands=good, attrs={"source": str(scene_zarr), "source_digest": digest}
+    )
     tstore.write_valid_mask(valid, dest, cfg.chunk)
-    save_stage(run_dir, f"tile_{name}", {
-        "path": str(dest), "grid": grid.to_dict(), "n_good_bands": len(good), "wall_s": time.perf_counter() - t0,
-    })
+    save_stage(
+        run_dir,
+        f"tile_{name}",
+        {
+            "path": str(dest),
+            "grid": grid.to_dict(),
+            "n_good_bands": len(good),
+            "wall_s": time.perf_counter() - t0,
+        },
+    )
     return dest
 
 
@@ -207,12 +227,18 @@ def client_lost(client: Any) -> bool:
 
 
 def scheduler_address(client: Any, fallback: str | None = None) -> str | None:
-    addr = getattr(getattr(client, "scheduler", None), "address", None) if client is not None else None
+    addr = (
+        getattr(getattr(client, "scheduler", None), "address", None) if client is not None else None
+    )
     return str(addr or fallback) if (addr or fallback) else None
 
 
 def cluster_lost_error(stage: str, address: str | None, detail: str) -> ClusterError:
-    what = f"the Dask scheduler at {address}" if address else "the cluster (tasks cancelled by the executor)"
+    what = (
+        f"the Dask scheduler at {address}"
+        if address
+        else "the cluster (tasks cancelled by the executor)"
+    )
     return ClusterError(
         f"lost {what} during the {stage} stage ({detail}); finished tiles are kept and the run is "
         "marked failed: make sure the scheduler is up (or run without --scheduler), then rerun the "
@@ -233,45 +259,80 @@ def _pixel_convergence(records: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
     conv = sum(int(st.get("converged_pixels", 0)) for st in stats)
     valid = sum(int(st.get("valid_pixels", 0)) for st in stats)
-    return {"converged_pixels": conv, "valid_pixels": valid,
-            "converged_pixel_fraction": round(conv / valid, 4) if valid else None}
+    return {
+        "converged_pixels": conv,
+        "valid_pixels": valid,
+        "converged_pixel_fraction": round(conv / valid, 4) if valid else None,
+    }
 
 
-def stage_model(plan: RunPlan, stage: str, tile_store: Path, env: StageEnv, fit_dir: Path | None = None) -> dict[str, Any]:
+def stage_model(
+    plan: RunPlan, stage: str, tile_store: Path, env: StageEnv, fit_dir: Path | None = None
+) -> dict[str, Any]:
     """Run a model stage (``denoise`` or ``unmix``) over every tile; returns the stage summary."""
     model = _tile_model(plan, stage, env, fit_dir)
     run_dir = plan.run_dir
     grid = tstore.open_grid(tile_store)
     attrs = tstore.store_attrs(tile_store)
     n_in = len(attrs["band_index"])
-    channels = list(model.out_names) if model.out_names is not None else [f"b{b}" for b in attrs["band_index"]]
+    channels = (
+        list(model.out_names)
+        if model.out_names is not None
+        else [f"b{b}" for b in attrs["band_index"]]
+    )
     dest = run_dir / TILES / f"{stage}.zarr"
-    tstore.create_output_store(dest, grid, channels, attrs={"model": model.name, "in_channels": n_in})
+    tstore.create_output_store(
+        dest, grid, channels, attrs={"model": model.name, "in_channels": n_in}
+    )
     progress = env.progress
     cb = (lambda d, t, _r: progress(stage, d, t)) if progress else None
     with _executor_for(env.model_executor, env.n_workers) as ex:
         from workers.tile_feed import feed_for  # per-tile progress from Dask workers
 
-        res: StageResult = run_tiles(ex, model, tile_store, dest, grid, batch_size=plan.config.batch_size,
-                                     stage=stage, progress=cb, n_workers=env.n_workers,
-                                     feed=feed_for(env.client, ex, dest) if cb else None)
+        res: StageResult = run_tiles(
+            ex,
+            model,
+            tile_store,
+            dest,
+            grid,
+            batch_size=plan.config.batch_size,
+            stage=stage,
+            progress=cb,
+            n_workers=env.n_workers,
+            feed=feed_for(env.client, ex, dest) if cb else None,
+        )
     # batches the cluster dropped (scheduler gone) are not tile failures: stop before anything blends them
-    lost = [r["key"] for r in res.records if r.get("status") == "failed"
-            and str(r.get("error", "")).startswith("task failed:")
-            and any(n in str(r.get("error", "")) for n in LOST_NAMES)]
+    lost = [
+        r["key"]
+        for r in res.records
+        if r.get("status") == "failed"
+        and str(r.get("error", "")).startswith("task failed:")
+        and any(n in str(r.get("error", "")) for n in LOST_NAMES)
+    ]
     if lost or client_lost(env.client):
-        detail = (f"{len(lost)} of {len(res.records)} tiles cancelled or cut off" if lost
-                  else f"the client is {getattr(env.client, 'status', '?')!s}")
+        detail = (
+            f"{len(lost)} of {len(res.records)} tiles cancelled or cut off"
+            if lost
+            else f"the client is {getattr(env.client, 'status', '?')!s}"
+        )
         raise cluster_lost_error(stage, scheduler_address(env.client), detail)
     summary = {
-        "stage": stage, "path": str(dest), "source": str(tile_store), "model": model.name,
-        "weights_sha256": model.weights_sha256, "halo": model.halo, "channels": channels,
-        "wall_s": res.wall_s, **prov.summarise_tiles(res.records),
+        "stage": stage,
+        "path": str(dest),
+        "source": str(tile_store),
+        "model": model.name,
+        "weights_sha256": model.weights_sha256,
+        "halo": model.halo,
+        "channels": channels,
+        "wall_s": res.wall_s,
+        **prov.summarise_tiles(res.records),
         "n_reused": sum(bool(r.get("reused")) for r in res.records),
         **_pixel_convergence(res.records),
     }
-    env.log(f"{stage}: {summary['n_ok']}/{summary['n_tiles']} tiles ok, {len(summary['not_converged'])} not "
-            f"converged, {len(summary['failed'])} failed, {summary['n_reused']} reused, in {res.wall_s:.1f} s")
+    env.log(
+        f"{stage}: {summary['n_ok']}/{summary['n_tiles']} tiles ok, {len(summary['not_converged'])} not "
+        f"converged, {len(summary['failed'])} failed, {summary['n_reused']} reused, in {res.wall_s:.1f} s"
+    )
     return save_stage(run_dir, stage, summary)
 
 
@@ -300,19 +361,30 @@ def stage_fit_unmixer(plan: RunPlan, scene_zarr: Path, env: StageEnv) -> Path:
         now = time.perf_counter()
         if epoch == 0 or now - last[0] >= 10.0:
             last[0] = now
-            say(f"fit unmixer: epoch {epoch + 1}{cap} (stops early when the held-out loss stalls), "
-                f"loss {loss:.3g}, {now - t0:.0f} s")
+            say(
+                f"fit unmixer: epoch {epoch + 1}{cap} (stops early when the held-out loss stalls), "
+                f"loss {loss:.3g}, {now - t0:.0f} s"
+            )
 
     fit = fit_scene(scene, opts.endmembers, seed=plan.config.seed, progress=_log_epoch, **kw)
-    say(f"fit unmixer: {len(fit.names)} endmembers ({', '.join(map(str, fit.names))}) "
-        f"in {time.perf_counter() - t0:.0f} s")
+    say(
+        f"fit unmixer: {len(fit.names)} endmembers ({', '.join(map(str, fit.names))}) "
+        f"in {time.perf_counter() - t0:.0f} s"
+    )
     fit.save(dest)
     marker.write_text(digest + "\n")  # the fit is valid for this version of its input only
-    save_stage(run_dir, "fit_unmixer", {
-        "path": str(dest), "source": str(scene_zarr), "n_endmembers": len(fit.names),
-        "names": [str(n) for n in fit.names], "provenance": getattr(fit, "provenance", {}),
-        "wall_s": time.perf_counter() - t0,
-    })
+    save_stage(
+        run_dir,
+        "fit_unmixer",
+        {
+            "path": str(dest),
+            "source": str(scene_zarr),
+            "n_endmembers": len(fit.names),
+            "names": [str(n) for n in fit.names],
+            "provenance": getattr(fit, "provenance", {}),
+            "wall_s": time.perf_counter() - t0,
+        },
+    )
     return dest
 
 
@@ -324,20 +396,36 @@ def _tiles_digest(summary: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _blend_targets(stage: str, dest: Path, like: Any, summary: dict[str, Any], chunk: int,
-                   attrs: dict[str, Any]) -> list[BlendTarget]:
+def _blend_targets(
+    stage: str, dest: Path, like: Any, summary: dict[str, Any], chunk: int, attrs: dict[str, Any]
+) -> list[BlendTarget]:
     channels = summary["channels"]
     if stage == "denoise":
         band_index = tstore.store_attrs(summary["source"])["band_index"]
         arrays = create_output_zarr(
-            dest, "denoised", like, channel_dim="band", chunk=chunk, attrs=attrs,
+            dest,
+            "denoised",
+            like,
+            channel_dim="band",
+            chunk=chunk,
+            attrs=attrs,
             channel_coords={k: like[k].values for k in ("band", "wavelength", "fwhm", "good_band")},
         )
-        return [BlendTarget(arrays["denoised"], tuple(range(len(channels))), tuple(int(b) for b in band_index))]
+        return [
+            BlendTarget(
+                arrays["denoised"], tuple(range(len(channels))), tuple(int(b) for b in band_index)
+            )
+        ]
     names = channels[:-1]
     arrays = create_output_zarr(
-        dest, "abundances", like, channel_dim="endmember", chunk=chunk, attrs=attrs,
-        channel_coords={"endmember": np.asarray(names, dtype=object)}, extra=[("rmse", None, None)],
+        dest,
+        "abundances",
+        like,
+        channel_dim="endmember",
+        chunk=chunk,
+        attrs=attrs,
+        channel_coords={"endmember": np.asarray(names, dtype=object)},
+        extra=[("rmse", None, None)],
     )
     return [
         BlendTarget(arrays["abundances"], tuple(range(len(names))), tuple(range(len(names)))),
@@ -355,7 +443,9 @@ def stage_blend(plan: RunPlan, stage: str, env: StageEnv) -> Path:
     run_dir = plan.run_dir
     summary = load_stage(run_dir, stage)
     if summary is None:
-        raise ProvenanceError(f"stage {stage!r} has not run in {str(run_dir)!r}; run it before blending")
+        raise ProvenanceError(
+            f"stage {stage!r} has not run in {str(run_dir)!r}; run it before blending"
+        )
     digest = _tiles_digest(summary)
     dest = staged(run_dir, BLENDED[stage])
     if dest.exists():
@@ -367,8 +457,13 @@ def stage_blend(plan: RunPlan, stage: str, env: StageEnv) -> Path:
     t0 = time.perf_counter()
     like = open_zarr_scene(run_dir / INGESTED)
     grid = tstore.open_grid(summary["source"])
-    attrs = {"model": summary["model"], "weights_sha256": summary["weights_sha256"], "blend": cfg.blend,
-             "tile": cfg.tile, "halo": cfg.halo}
+    attrs = {
+        "model": summary["model"],
+        "weights_sha256": summary["weights_sha256"],
+        "blend": cfg.blend,
+        "tile": cfg.tile,
+        "halo": cfg.halo,
+    }
     targets = _blend_targets(stage, dest, like, summary, cfg.chunk, attrs)
     recs = tstore.load_records(summary["path"])
     ok_keys = {k for k, r in recs.items() if r.get("status") == "ok"}
@@ -381,10 +476,25 @@ def stage_blend(plan: RunPlan, stage: str, env: StageEnv) -> Path:
     if stage not in env.tile_models and hasattr(opts, "blend_mix"):
         mix, mix_rec = opts.blend_mix(recs[k].get("stats") for k in sorted(ok_keys))
     with _executor_for(env.executor, env.n_workers) as ex:
-        blend_stage(ex, summary["path"], summary["source"], grid, targets, chunk=cfg.chunk,
-                    blend=cfg.blend, ok_keys=ok_keys, progress=cb, checksums=checksums, mix=mix)
+        blend_stage(
+            ex,
+            summary["path"],
+            summary["source"],
+            grid,
+            targets,
+            chunk=cfg.chunk,
+            blend=cfg.blend,
+            ok_keys=ok_keys,
+            progress=cb,
+            checksums=checksums,
+            mix=mix,
+        )
     mark_complete(dest, tiles_digest=digest, failed_tiles=summary["failed"])
-    save_stage(run_dir, f"blend_{stage}", {"path": str(dest), "wall_s": time.perf_counter() - t0, **mix_rec})
+    save_stage(
+        run_dir,
+        f"blend_{stage}",
+        {"path": str(dest), "wall_s": time.perf_counter() - t0, **mix_rec},
+    )
     return dest
 
 
@@ -394,7 +504,9 @@ def _scene_var(store: Path) -> str:
     g = zarr.open_group(str(store), mode="r")
     names = [k for k, a in g.arrays() if a.ndim == 3]
     if not names:
-        raise ProvenanceError(f"no 3-D array in {str(store)!r}; the ingested scene is damaged, rerun")
+        raise ProvenanceError(
+            f"no 3-D array in {str(store)!r}; the ingested scene is damaged, rerun"
+        )
     return names[0]
 
 
@@ -408,16 +520,30 @@ def _atomic(dest: Path, write: Callable[[Path], Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _write_denoised(run_dir: Path, like: Any, tags: dict[str, str], outputs: dict[str, str]) -> None:
+def _write_denoised(
+    run_dir: Path, like: Any, tags: dict[str, str], outputs: dict[str, str]
+) -> None:
     z = staged(run_dir, "denoised_zarr")
     outputs["denoised_zarr"] = OUT_NAMES["denoised_zarr"]
     wl = like["wavelength"].values
     good = like["good_band"].values.astype(bool)
     meta = spectral_band_metadata(like)  # wavelength, FWHM, units, good-band flag per band
-    _atomic(staged(run_dir, "denoised_tif"), lambda tmp: write_cog(
-        z / "denoised", tmp, like, descriptions=meta["descriptions"], band_tags=meta["band_tags"], tags=tags))
+    _atomic(
+        staged(run_dir, "denoised_tif"),
+        lambda tmp: write_cog(
+            z / "denoised",
+            tmp,
+            like,
+            descriptions=meta["descriptions"],
+            band_tags=meta["band_tags"],
+            tags=tags,
+        ),
+    )
     outputs["denoised_tif"] = OUT_NAMES["denoised_tif"]
-    _atomic(staged(run_dir, "quicklook_rgb"), lambda tmp: quicklook_rgb(z / "denoised", rgb_bands(wl, len(wl), good), tmp))
+    _atomic(
+        staged(run_dir, "quicklook_rgb"),
+        lambda tmp: quicklook_rgb(z / "denoised", rgb_bands(wl, len(wl), good), tmp),
+    )
     outputs["quicklook_rgb"] = OUT_NAMES["quicklook_rgb"]
 
 
@@ -425,7 +551,9 @@ def _cog(src: Path, tmp: Path, *, like: Any, descriptions: list[str], tags: dict
     write_cog(src, tmp, like, descriptions=descriptions, tags=tags)
 
 
-def _write_abundances(run_dir: Path, like: Any, tags: dict[str, str], outputs: dict[str, str], rgb: bool) -> None:
+def _write_abundances(
+    run_dir: Path, like: Any, tags: dict[str, str], outputs: dict[str, str], rgb: bool
+) -> None:
     from workers.infer import load_fit
     from workers.unmix.fit import write_endmembers
 
@@ -433,21 +561,41 @@ def _write_abundances(run_dir: Path, like: Any, tags: dict[str, str], outputs: d
     outputs["abundances_zarr"] = OUT_NAMES["abundances_zarr"]
     names = [str(n) for n in open_output(z, "abundances")["endmember"].values]
     for key, var, desc in (("abundances_tif", "abundances", names), ("rmse_tif", "rmse", ["rmse"])):
-        _atomic(staged(run_dir, key), functools.partial(_cog, z / var, like=like, descriptions=desc, tags=tags))
+        _atomic(
+            staged(run_dir, key),
+            functools.partial(_cog, z / var, like=like, descriptions=desc, tags=tags),
+        )
         outputs[key] = OUT_NAMES[key]
-    _atomic(staged(run_dir, "quicklook_abundances"), lambda tmp: quicklook_abundances(z / "abundances", tmp, names=names))
+    _atomic(
+        staged(run_dir, "quicklook_abundances"),
+        lambda tmp: quicklook_abundances(z / "abundances", tmp, names=names),
+    )
     outputs["quicklook_abundances"] = OUT_NAMES["quicklook_abundances"]
     csv, js = staged(run_dir, "endmembers_csv"), staged(run_dir, "endmembers_json")
-    _atomic(csv, lambda tmp_csv: _atomic(js, lambda tmp_js: write_endmembers(
-        load_fit(str(run_dir / FIT_DIR)), tmp_csv, tmp_js)))
-    outputs["endmembers_csv"], outputs["endmembers_json"] = OUT_NAMES["endmembers_csv"], OUT_NAMES["endmembers_json"]
+    _atomic(
+        csv,
+        lambda tmp_csv: _atomic(
+            js, lambda tmp_js: write_endmembers(load_fit(str(run_dir / FIT_DIR)), tmp_csv, tmp_js)
+        ),
+    )
+    outputs["endmembers_csv"], outputs["endmembers_json"] = (
+        OUT_NAMES["endmembers_csv"],
+        OUT_NAMES["endmembers_json"],
+    )
     _atomic(staged(run_dir, "quicklook_spectra"), lambda tmp: quicklook_spectra(js, tmp))
     outputs["quicklook_spectra"] = OUT_NAMES["quicklook_spectra"]
     if rgb:
         scene = run_dir / INGESTED
         wl, good = like["wavelength"].values, like["good_band"].values.astype(bool)
-        _atomic(staged(run_dir, "quicklook_rgb"), lambda tmp: quicklook_rgb(
-            scene / _scene_var(scene), rgb_bands(wl, len(wl), good), tmp, label="input reflectance"))
+        _atomic(
+            staged(run_dir, "quicklook_rgb"),
+            lambda tmp: quicklook_rgb(
+                scene / _scene_var(scene),
+                rgb_bands(wl, len(wl), good),
+                tmp,
+                label="input reflectance",
+            ),
+        )
         outputs["quicklook_rgb"] = OUT_NAMES["quicklook_rgb"]
 
 
@@ -470,18 +618,39 @@ def stage_write(plan: RunPlan) -> dict[str, str]:
 
 
 def _tile_rows(recs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    keys = ("key", "index", "status", "worker", "device", "wall_s", "iterations", "residual", "converged",
-            "checksum", "error")
+    keys = (
+        "key",
+        "index",
+        "status",
+        "worker",
+        "device",
+        "wall_s",
+        "iterations",
+        "residual",
+        "converged",
+        "checksum",
+        "error",
+    )
     # DECSC's band guard: this tile's own weights (mean, max, bands with w > 0.5); its spectral-subspace
     # pass: k, pixels kept outside, impulse pixels and lines cleaned; the unmixer's converged pixels
-    return [{**{k: r.get(k) for k in keys},
-             **{k: v for k, v in (r.get("stats") or {}).items()
+    return [
+        {
+            **{k: r.get(k) for k in keys},
+            **{
+                k: v
+                for k, v in (r.get("stats") or {}).items()
                 if (k.startswith("guard") and k != "guard_w")
-                or k.startswith(("subspace", "precision")) or k in ("converged_pixels", "valid_pixels")}}
-            for _, r in sorted(recs.items())]
+                or k.startswith(("subspace", "precision"))
+                or k in ("converged_pixels", "valid_pixels")
+            },
+        }
+        for _, r in sorted(recs.items())
+    ]
 
 
-def _models_and_tiles(plan: RunPlan) -> tuple[list[dict[str, Any]], dict[str, Any], list[str], list[str], dict[str, Any]]:
+def _models_and_tiles(
+    plan: RunPlan,
+) -> tuple[list[dict[str, Any]], dict[str, Any], list[str], list[str], dict[str, Any]]:
     run_dir = plan.run_dir
     stages: dict[str, Any] = {}
     tiles: dict[str, list[dict[str, Any]]] = {}
@@ -496,11 +665,24 @@ def _models_and_tiles(plan: RunPlan) -> tuple[list[dict[str, Any]], dict[str, An
         tiles[stage] = _tile_rows(tstore.load_records(s["path"]))
         failed += [f"{stage}:{k}" for k in s["failed"]]
         not_conv += [f"{stage}:{k}" for k in s["not_converged"]]
-        m = {"name": s["model"], "stage": stage, "halo": s["halo"], "weights_sha256": s["weights_sha256"]}
+        m = {
+            "name": s["model"],
+            "stage": stage,
+            "halo": s["halo"],
+            "weights_sha256": s["weights_sha256"],
+        }
         if stage == "unmix":
             m = {**m, "weights_sha256": None, "fit_sha256": s["weights_sha256"]}
         models.append(m)
-    for extra in ("ingest", "tile_input", "fit_unmixer", "tile_unmix_input", "blend_denoise", "blend_unmix", "write"):
+    for extra in (
+        "ingest",
+        "tile_input",
+        "fit_unmixer",
+        "tile_unmix_input",
+        "blend_denoise",
+        "blend_unmix",
+        "write",
+    ):
         s = load_stage(run_dir, extra)
         if s is not None:
             stages[extra] = s
@@ -520,8 +702,12 @@ def _stac(plan: RunPlan, record: dict[str, Any], like: Any) -> dict[str, Any]:
 
             b = transform_bounds(like.rio.crs, "EPSG:4326", *like.rio.bounds())
             bbox = [float(v) for v in b]
-            geometry = {"type": "Polygon", "coordinates": [[[b[0], b[1]], [b[2], b[1]], [b[2], b[3]],
-                                                            [b[0], b[3]], [b[0], b[1]]]]}
+            geometry = {
+                "type": "Polygon",
+                "coordinates": [
+                    [[b[0], b[1]], [b[2], b[1]], [b[2], b[3]], [b[0], b[3]], [b[0], b[1]]]
+                ],
+            }
         except Exception:
             pass
     return prov.stac_item(record, geo, bbox, geometry, scene=like, run_dir=plan.run_dir / STAGING)
@@ -534,8 +720,11 @@ def _input_policy(store: Path, like: Any) -> dict[str, Any]:
     h: dict[str, Any] = dict(zarr.open_group(str(store), mode="r").attrs).get("hyperdeq") or {}  # type: ignore[assignment]
     oor = [int(v) for v in h.get("out_of_range_per_band") or []]
     good = np.asarray(like["good_band"].values, dtype=bool)
-    return {"out_of_range_total": int(sum(oor)), "out_of_range_per_band": oor,
-            "bad_bands": [int(i) for i in np.flatnonzero(~good)]}
+    return {
+        "out_of_range_total": int(sum(oor)),
+        "out_of_range_per_band": oor,
+        "bad_bands": [int(i) for i in np.flatnonzero(~good)],
+    }
 
 
 def promote_outputs(run_dir: Path, outputs: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -565,22 +754,40 @@ def stage_record(plan: RunPlan, outputs: dict[str, str], env: StageEnv, start: s
     models, tiles, failed, not_conv, stages = _models_and_tiles(plan)
     status = prov.COMPLETE if not failed and outputs else prov.FAILED
     record: dict[str, Any] = {
-        **plan.record_head(), "status": status, "start": start, "end": prov.now(),
-        "models": models, "packages": prov.package_versions(), "code_version": prov.code_version(),
-        "host": prov.host_info(gpu_name(import_torch=False)), "cluster": env.cluster, "failed_tiles": failed,
-        "not_converged_tiles": not_conv, "tiles": tiles,
-        "stages": {k: {kk: vv for kk, vv in v.items() if kk not in ("failed", "not_converged")}
-                   for k, v in stages.items()},
+        **plan.record_head(),
+        "status": status,
+        "start": start,
+        "end": prov.now(),
+        "models": models,
+        "packages": prov.package_versions(),
+        "code_version": prov.code_version(),
+        "host": prov.host_info(gpu_name(import_torch=False)),
+        "cluster": env.cluster,
+        "failed_tiles": failed,
+        "not_converged_tiles": not_conv,
+        "tiles": tiles,
+        "stages": {
+            k: {kk: vv for kk, vv in v.items() if kk not in ("failed", "not_converged")}
+            for k, v in stages.items()
+        },
     }
     like = open_zarr_scene(run_dir / INGESTED)
     record["input"].update(_input_policy(run_dir / INGESTED, like))
     for key in ("denoised_zarr", "abundances_zarr"):
         if key in outputs:
-            update_output_attrs(run_dir / STAGING / outputs[key], {"hyperdeq_run": json.loads(json.dumps(
-                {k: v for k, v in record.items() if k != "tiles"}, default=str))})
+            update_output_attrs(
+                run_dir / STAGING / outputs[key],
+                {
+                    "hyperdeq_run": json.loads(
+                        json.dumps({k: v for k, v in record.items() if k != "tiles"}, default=str)
+                    )
+                },
+            )
     if status != prov.COMPLETE:
         record["outputs"] = {}
-        record["error"] = f"{len(failed)} tiles failed: {failed[:10]!r}; rerun the same command to retry them"
+        record["error"] = (
+            f"{len(failed)} tiles failed: {failed[:10]!r}; rerun the same command to retry them"
+        )
         return prov.write_run_record(run_dir, record)
     staged_stac = staged(run_dir, "stac_item")
     staged_stac.write_text(json.dumps(_stac(plan, {**record, "outputs": outputs}, like), indent=2))

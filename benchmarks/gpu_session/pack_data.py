@@ -36,8 +36,12 @@ def pack(data: Path, dest: Path, demo: bool = True) -> Path:
         with np.load(f) as d:
             x = d["cube"].astype(np.float64) / float(d["full_scale"])
             q = np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
-            np.savez_compressed(cave_out / f.name, cube=q, wavelengths_nm=d["wavelengths_nm"],
-                                full_scale=np.float32(255))
+            np.savez_compressed(
+                cave_out / f.name,
+                cube=q,
+                wavelengths_nm=d["wavelengths_nm"],
+                full_scale=np.float32(255),
+            )
     for rel in EXTRAS:
         (dest / "data" / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(data / rel, dest / "data" / rel)
@@ -58,7 +62,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--dest", type=Path, default=Path(".gpu"))
-    ap.add_argument("--no-demo", action="store_true", help="skip the demo cube export and unmixer fit")
+    ap.add_argument(
+        "--no-demo", action="store_true", help="skip the demo cube export and unmixer fit"
+    )
     a = ap.parse_args()
     print(pack(a.data, a.dest, demo=not a.no_demo))
 

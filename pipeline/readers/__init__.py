@@ -22,8 +22,15 @@ from pipeline.errors import ConfigError, InputValidationError, ReadError, Unknow
 from pipeline.readers._base import DEFAULT_CHUNK, SceneSource, check_path
 from pipeline.readers.hyperdeq_zarr import ZarrSceneSource, is_hyperdeq_zarr, is_zarr_dir
 
-__all__ = ["FORMATS", "open_scene", "open_source", "detect_format", "check_input", "SceneSource",
-           "is_hyperdeq_zarr"]
+__all__ = [
+    "FORMATS",
+    "open_scene",
+    "open_source",
+    "detect_format",
+    "check_input",
+    "SceneSource",
+    "is_hyperdeq_zarr",
+]
 
 
 def _geotiff(path: Path, **o: Any) -> SceneSource:
@@ -73,12 +80,32 @@ FORMATS: dict[str, Callable[..., SceneSource]] = {
     "mat": _mat,
     "zarr": _zarr,
 }
-_ALIASES = {"tif": "geotiff", "tiff": "geotiff", "cog": "geotiff", "gtiff": "geotiff", "nc": "netcdf",
-            "hdf5": "netcdf", "h5": "netcdf", "matlab": "mat"}
+_ALIASES = {
+    "tif": "geotiff",
+    "tiff": "geotiff",
+    "cog": "geotiff",
+    "gtiff": "geotiff",
+    "nc": "netcdf",
+    "hdf5": "netcdf",
+    "h5": "netcdf",
+    "matlab": "mat",
+}
 _EXT = {
-    ".tif": "geotiff", ".tiff": "geotiff", ".gtif": "geotiff", ".hdr": "envi", ".bsq": "envi",
-    ".bil": "envi", ".bip": "envi", ".nc": "netcdf", ".nc4": "netcdf", ".cdf": "netcdf",
-    ".h5": "netcdf", ".hdf5": "netcdf", ".he5": "netcdf", ".mat": "mat", ".zarr": "zarr",
+    ".tif": "geotiff",
+    ".tiff": "geotiff",
+    ".gtif": "geotiff",
+    ".hdr": "envi",
+    ".bsq": "envi",
+    ".bil": "envi",
+    ".bip": "envi",
+    ".nc": "netcdf",
+    ".nc4": "netcdf",
+    ".cdf": "netcdf",
+    ".h5": "netcdf",
+    ".hdf5": "netcdf",
+    ".he5": "netcdf",
+    ".mat": "mat",
+    ".zarr": "zarr",
 }
 
 
@@ -91,7 +118,9 @@ def detect_format(path: str | Path) -> str:
         try:
             what = "an empty folder" if not any(p.iterdir()) else "not a zarr store: no zarr.json"
         except OSError as exc:
-            raise ReadError(f"cannot list the folder {str(p)!r}: {exc}; check permissions.") from exc
+            raise ReadError(
+                f"cannot list the folder {str(p)!r}: {exc}; check permissions."
+            ) from exc
         raise ReadError(
             f"{str(p)!r} is a directory, not a scene file ({what}); "
             "give the path of the scene file itself."
@@ -136,9 +165,7 @@ def _canonical_format(fmt: str) -> str:
     f = fmt.strip().lower()
     f = _ALIASES.get(f, f)
     if f not in FORMATS:
-        raise UnknownFormatError(
-            f"unknown format {fmt!r}; supported formats: {sorted(FORMATS)!r}."
-        )
+        raise UnknownFormatError(f"unknown format {fmt!r}; supported formats: {sorted(FORMATS)!r}.")
     return f
 
 

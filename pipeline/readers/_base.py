@@ -84,7 +84,9 @@ class SceneSource:
         raw = self.read_raw(y0, y1, x0, x1, bands=order)
         # convert in place when the raw buffer is ours (saves one window-sized copy)
         fresh = self.fresh_reads or order is not None
-        return self.canonical(raw, where=(y0, y1, x0, x1), copy=not fresh, out_of_range=out_of_range)
+        return self.canonical(
+            raw, where=(y0, y1, x0, x1), copy=not fresh, out_of_range=out_of_range
+        )
 
     def band_order(self) -> np.ndarray | None:
         """Source band indexes in canonical (increasing wavelength) order; None when unchanged.
@@ -109,7 +111,11 @@ class SceneSource:
         return order
 
     def canonical(
-        self, raw: np.ndarray, where: Any = None, copy: bool = True, out_of_range: np.ndarray | None = None
+        self,
+        raw: np.ndarray,
+        where: Any = None,
+        copy: bool = True,
+        out_of_range: np.ndarray | None = None,
     ) -> np.ndarray:
         """Convert raw values to canonical float32: nodata → NaN, divide by the scale factor,
         values outside :data:`REFLECTANCE_RANGE` → NaN (counted per band into ``out_of_range``)."""
@@ -302,7 +308,9 @@ def to_canonical(
         lo, hi = np.float32(valid_range[0]), np.float32(valid_range[1])
         flat = out.reshape(out.shape[0] if out.ndim == 3 else 1, -1)
         with np.errstate(invalid="ignore"):  # fmin/fmax skip NaN: a cheap test of whole bands
-            suspect = np.flatnonzero((np.fmin.reduce(flat, axis=1) < lo) | (np.fmax.reduce(flat, axis=1) > hi))
+            suspect = np.flatnonzero(
+                (np.fmin.reduce(flat, axis=1) < lo) | (np.fmax.reduce(flat, axis=1) > hi)
+            )
         # band by band: no window-sized temporaries; NaN and ±inf are kept
         # (infinities are rejected by the ingest with their position)
         for b in suspect if flat.shape[1] else ():
@@ -339,8 +347,15 @@ def check_path(path: str | Path) -> Path:
         import stat
 
         mode = p.stat().st_mode
-        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        kind = (
+            "a named pipe (FIFO)"
+            if stat.S_ISFIFO(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "not a regular file"
+        )
         raise ReadError(
             f"{str(p)!r} is {kind}, not a scene file: hyperdeq reads (and hashes) regular files "
             "only. Copy the data to a file first."
@@ -443,4 +458,3 @@ def _roughness(cube: np.ndarray) -> float:
     x = cube.astype(np.float64)
     d = np.abs(np.diff(x, axis=0))
     return float(np.median(d) / (np.median(np.abs(x)) + 1.0))
-

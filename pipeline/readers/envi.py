@@ -108,14 +108,19 @@ def _float(hdr: dict[str, str], key: str, src: Any) -> float | None:
 def _list(hdr: dict[str, str], key: str) -> list[str] | None:
     if key not in hdr:
         return None
-    return [t.strip() for t in hdr[key].strip().strip("{}").replace("\n", " ").split(",") if t.strip()]
+    return [
+        t.strip() for t in hdr[key].strip().strip("{}").replace("\n", " ").split(",") if t.strip()
+    ]
 
 
 def find_header(path: Path) -> tuple[Path, Path]:
     """``(header, data)`` for a path naming either the ``.hdr`` or the data file."""
     if path.suffix.lower() == ".hdr":
         hdr = path
-        for cand in (path.with_suffix(""), *(path.with_suffix(e) for e in (".bsq", ".bil", ".bip", ".img", ".dat", ".raw"))):
+        for cand in (
+            path.with_suffix(""),
+            *(path.with_suffix(e) for e in (".bsq", ".bil", ".bip", ".img", ".dat", ".raw")),
+        ):
             if cand.is_file():
                 return hdr, cand
         raise ReadError(
@@ -226,7 +231,9 @@ def _raw_dtype(hdr: dict[str, str], hdr_path: Path, data_path: Path) -> tuple[in
     return code, bo, raw_dtype
 
 
-def _spectral_axes(hdr: dict[str, str], hdr_path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _spectral_axes(
+    hdr: dict[str, str], hdr_path: Path
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Band centres and FWHM in nm from the header (None where absent or given as band indices)."""
     units = hdr.get("wavelength units")
     wl = _list(hdr, "wavelength")
@@ -240,7 +247,9 @@ def _spectral_axes(hdr: dict[str, str], hdr_path: Path) -> tuple[np.ndarray | No
         ) from None
     if units and units.strip().lower() == "unknown":
         units = None
-    if units and units.strip().lower() == "index":  # ENVI: the values are band numbers, not wavelengths
+    if (
+        units and units.strip().lower() == "index"
+    ):  # ENVI: the values are band numbers, not wavelengths
         wl_v = fw_v = None
     wavelength = wavelengths_to_nm(wl_v, units, source=hdr_path)
     fwhm = wavelengths_to_nm(wl_v, units, source=hdr_path, fwhm=fw_v) if fw_v is not None else None
@@ -272,11 +281,18 @@ class EnviSource(SceneSource):
         try:
             hdr = parse_header(hdr_path.read_text(errors="replace"), source=hdr_path)
         except OSError as exc:
-            raise ReadError(f"cannot read ENVI header {str(hdr_path)!r}: {exc}; check permissions.") from exc
+            raise ReadError(
+                f"cannot read ENVI header {str(hdr_path)!r}: {exc}; check permissions."
+            ) from exc
         self.header = hdr
         ns, nl, nb = (_int(hdr, k, hdr_path) for k in ("samples", "lines", "bands"))
         self.offset = _int(hdr, "header offset", hdr_path, default=0)
-        for key, value in (("samples", ns), ("lines", nl), ("bands", nb), ("header offset", self.offset)):
+        for key, value in (
+            ("samples", ns),
+            ("lines", nl),
+            ("bands", nb),
+            ("header offset", self.offset),
+        ):
             if value < 0:
                 raise ReadError(
                     f"ENVI header {str(hdr_path)!r}: {key!r} must be zero or positive, got {value!r}; "
@@ -313,7 +329,9 @@ class EnviSource(SceneSource):
             )
         meta_scale = _float(hdr, "reflectance scale factor", hdr_path)
         if nb * nl * ns:
-            self.resolve_scale(options.get("scale_factor"), meta_scale, "ENVI 'reflectance scale factor'")
+            self.resolve_scale(
+                options.get("scale_factor"), meta_scale, "ENVI 'reflectance scale factor'"
+            )
         if "description" in hdr:
             self.attrs["description"] = hdr["description"].strip().strip("{}").strip()
 

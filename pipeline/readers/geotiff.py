@@ -148,9 +148,11 @@ class GeoTiffSource(SceneSource):
     def _read_metadata(self, ds: Any) -> None:
         nb = ds.count
         dstags = {k.lower(): v for k, v in ds.tags().items()}
-        envi = {k.lower(): v for k, v in ds.tags(ns="ENVI").items()} if "ENVI" in (
-            ds.tag_namespaces() or []
-        ) else {}
+        envi = (
+            {k.lower(): v for k, v in ds.tags(ns="ENVI").items()}
+            if "ENVI" in (ds.tag_namespaces() or [])
+            else {}
+        )
         btags = [{k.lower(): v for k, v in ds.tags(i + 1).items()} for i in range(nb)]
 
         def per_band(key: str) -> list[str] | None:
@@ -233,7 +235,9 @@ class GeoTiffSource(SceneSource):
             with _env(), rasterio.open(self.path) as ds:
                 return ds.read(indexes=indexes, window=Window(x0, y0, x1 - x0, y1 - y0))
         except Exception as exc:
-            raise _rasterio_error(self.path, exc, f"read window rows {y0}:{y1} cols {x0}:{x1} of") from exc
+            raise _rasterio_error(
+                self.path, exc, f"read window rows {y0}:{y1} cols {x0}:{x1} of"
+            ) from exc
 
 
 def _is_number(text: str) -> bool:

@@ -50,7 +50,6 @@ def _root_attrs(dest: Path) -> dict[str, Any]:
         ) from exc
 
 
-
 def store_metadata(path: str | Path) -> dict[str, Any]:
     """The ``hyperdeq`` root attrs of a store (provenance, progress, statistics)."""
     p = check_path(path)
@@ -79,7 +78,9 @@ def open_zarr_scene(path: str | Path) -> xr.DataArray:
     try:
         ds = xr.open_zarr(p, consolidated=False, chunks={}, mask_and_scale=False)
     except Exception as exc:
-        raise ReadError(f"cannot open zarr store {str(p)!r}: {exc}; ingest the source again.") from exc
+        raise ReadError(
+            f"cannot open zarr store {str(p)!r}: {exc}; ingest the source again."
+        ) from exc
     if VARIABLE not in ds.data_vars:
         raise ReadError(
             f"zarr store {str(p)!r} is damaged: its {VARIABLE!r} array is missing (arrays: "
@@ -93,11 +94,17 @@ def open_zarr_scene(path: str | Path) -> xr.DataArray:
     band_coords = {}
     for k in ("wavelength", "fwhm", "good_band"):
         try:
-            band_coords[k] = np.asarray(ds[k].data.compute(scheduler=LOCAL_SCHEDULER)
-                                        if hasattr(ds[k].data, "compute") else ds[k].data)
+            band_coords[k] = np.asarray(
+                ds[k].data.compute(scheduler=LOCAL_SCHEDULER)
+                if hasattr(ds[k].data, "compute")
+                else ds[k].data
+            )
         except Exception as exc:
-            what = ("fails its crc32c checksum (its bytes changed on disk after it was written)"
-                    if is_checksum_error(exc) else f"does not decode ({type(exc).__name__}: {exc})")
+            what = (
+                "fails its crc32c checksum (its bytes changed on disk after it was written)"
+                if is_checksum_error(exc)
+                else f"does not decode ({type(exc).__name__}: {exc})"
+            )
             raise ReadError(
                 f"the {k!r} array of zarr store {str(p)!r} {what}; copy the store again or ingest "
                 "the source again with overwrite=True."
@@ -110,7 +117,14 @@ def open_zarr_scene(path: str | Path) -> xr.DataArray:
     for k in ("out_of_range_per_band", "nodata_bands", "valid_range"):  # issue 21's input policy
         if k in meta:
             attrs[k] = meta[k]
-    for k in ("source", "reader", "source_scale_factor", "scale_factor", "nodata_convention", "crs_missing"):
+    for k in (
+        "source",
+        "reader",
+        "source_scale_factor",
+        "scale_factor",
+        "nodata_convention",
+        "crs_missing",
+    ):
         attrs.pop(k, None)
     return build_scene(
         data,
@@ -179,8 +193,10 @@ class _StoreArray:
             cls = _ChunkReadError
             if is_checksum_error(exc):
                 key = f"c/0/{cy0 // cy}/{cx0 // cx}"
-                error = (f"chunk {VARIABLE}/{key} fails its crc32c checksum ({exc}): its bytes "
-                         "changed on disk after it was written")
+                error = (
+                    f"chunk {VARIABLE}/{key} fails its crc32c checksum ({exc}): its bytes "
+                    "changed on disk after it was written"
+                )
                 cls = _ChunkChecksumReadError
             raise cls(
                 f"cannot read rows {y0}:{y1}, cols {x0}:{x1} ({chunk}) of zarr store "
@@ -198,7 +214,11 @@ def _guarded_data(p: Path, var: xr.DataArray) -> Any:
     chunks = tuple(int(c[0]) if len(c) else 1 for c in var.chunks or ())
     if len(chunks) != 3:
         return var.data
-    mtime = (p / VARIABLE / "zarr.json").stat().st_mtime_ns if (p / VARIABLE / "zarr.json").is_file() else 0
+    mtime = (
+        (p / VARIABLE / "zarr.json").stat().st_mtime_ns
+        if (p / VARIABLE / "zarr.json").is_file()
+        else 0
+    )
     return da.from_array(
         _StoreArray(p, tuple(int(s) for s in var.shape), chunks),
         chunks=var.chunks,
@@ -234,8 +254,11 @@ def _check_chunks(p: Path, meta: dict[str, Any]) -> None:
     keys = [(0, iy, ix) for iy in range(-(-ny // cy)) for ix in range(-(-nx // cx))]
     if len(keys) != len(valid):
         return  # a store of another layout: nothing to compare with
-    missing = [(k, n) for k, n in zip(keys, valid, strict=True)
-               if n > 0 and not (p / VARIABLE / arr.metadata.encode_chunk_key(k)).is_file()]
+    missing = [
+        (k, n)
+        for k, n in zip(keys, valid, strict=True)
+        if n > 0 and not (p / VARIABLE / arr.metadata.encode_chunk_key(k)).is_file()
+    ]
     if missing:
         (_, iy, ix), n = missing[0]
         raise ReadError(
@@ -269,7 +292,19 @@ class ZarrSceneSource(SceneSource):
         self.transform = Affine(*m["transform"]) if m.get("transform") else None
         self.scale_factor = float(m.get("scale_factor", 1.0))
         self.scale_factor_source = str(m.get("scale_factor_source", "none"))
-        self.attrs = {k: v for k, v in self._scene.attrs.items() if k not in ("source", "reader", "source_scale_factor", "scale_factor", "nodata_convention", "crs_missing")}
+        self.attrs = {
+            k: v
+            for k, v in self._scene.attrs.items()
+            if k
+            not in (
+                "source",
+                "reader",
+                "source_scale_factor",
+                "scale_factor",
+                "nodata_convention",
+                "crs_missing",
+            )
+        }
 
     def read_raw(
         self, y0: int, y1: int, x0: int, x1: int, bands: np.ndarray | None = None
@@ -277,7 +312,9 @@ class ZarrSceneSource(SceneSource):
         try:
             out = np.asarray(self._scene.data[:, y0:y1, x0:x1].compute(scheduler=LOCAL_SCHEDULER))
         except Exception as exc:  # a chunk that does not decode: truncated or overwritten
-            detail = exc.detail if isinstance(exc, _ChunkReadError) else f"{type(exc).__name__}: {exc}"
+            detail = (
+                exc.detail if isinstance(exc, _ChunkReadError) else f"{type(exc).__name__}: {exc}"
+            )
             cls = ChunkChecksumError if isinstance(exc, ChunkChecksumError) else ReadError
             raise cls(
                 f"cannot read rows {y0}:{y1}, cols {x0}:{x1} of zarr store {str(self.path)!r}: "
@@ -295,4 +332,3 @@ class ZarrSceneSource(SceneSource):
 
     def to_dataarray(self, chunk: int = 256) -> xr.DataArray:
         return self._scene
-

@@ -46,7 +46,9 @@ def _load(path: Path) -> dict[str, np.ndarray]:
                         # h5py sees MATLAB's column-major arrays transposed
                         out[k] = np.asarray(ds[()]).T
         except OSError as exc:
-            raise ReadError(f"cannot read MATLAB v7.3 file {str(path)!r}: {exc}; re-copy it.") from exc
+            raise ReadError(
+                f"cannot read MATLAB v7.3 file {str(path)!r}: {exc}; re-copy it."
+            ) from exc
         return out
     import scipy.io
 
@@ -94,7 +96,7 @@ class MatSource(SceneSource):
         self.nodata = options.get("nodata")
         wl_name = options.get("wavelength_variable")
         wl = None
-        for k in ((wl_name,) if wl_name else _WL_KEYS):
+        for k in (wl_name,) if wl_name else _WL_KEYS:
             if k in vars_ and np.asarray(vars_[k]).size == self.shape[0]:
                 wl = np.asarray(vars_[k], dtype=np.float64).ravel()
                 self.attrs["wavelength_variable"] = k
@@ -103,7 +105,9 @@ class MatSource(SceneSource):
         if self.shape[0] * self.shape[1] * self.shape[2]:
             self.resolve_scale(options.get("scale_factor"), None, "")
 
-    def _pick(self, vars_: dict[str, np.ndarray], name: str | None, options: dict[str, Any]) -> np.ndarray:
+    def _pick(
+        self, vars_: dict[str, np.ndarray], name: str | None, options: dict[str, Any]
+    ) -> np.ndarray:
         self.attrs = {}
         if name is not None:
             if name not in vars_:
@@ -121,8 +125,10 @@ class MatSource(SceneSource):
                 f"variable {name!r} of {str(self.path)!r} has shape {arr.shape!r}; expected a 3-D "
                 "(rows, cols, bands) cube or a 2-D (bands, pixels) matrix with rows/cols."
             )
-        if "Y" in vars_ and vars_["Y"].ndim == 2 and (
-            options.get("rows") or _scalar(vars_, _ROW_KEYS)
+        if (
+            "Y" in vars_
+            and vars_["Y"].ndim == 2
+            and (options.get("rows") or _scalar(vars_, _ROW_KEYS))
         ):
             # unmixing layout: Y (bands × pixels) beats 3-D abundance maps such as S_GT
             self.attrs["variable"] = "Y"
@@ -145,7 +151,9 @@ class MatSource(SceneSource):
             f"(bands × pixels) with rows/cols; variables: {_describe(vars_)}. Pass variable=<name>."
         )
 
-    def _unfold(self, y: np.ndarray, vars_: dict[str, np.ndarray], name: str, options: dict[str, Any]) -> np.ndarray:
+    def _unfold(
+        self, y: np.ndarray, vars_: dict[str, np.ndarray], name: str, options: dict[str, Any]
+    ) -> np.ndarray:
         rows = options.get("rows") or _scalar(vars_, _ROW_KEYS)
         cols = options.get("cols") or _scalar(vars_, _COL_KEYS)
         if rows is None or cols is None:

@@ -58,8 +58,12 @@ class XarraySource(SceneSource):
                 with warnings.catch_warnings():
                     # stores from other tools may or may not consolidate their metadata
                     warnings.simplefilter("ignore", RuntimeWarning)
-                    return xr.open_zarr(self.path, consolidated=None, chunks=None, decode_coords="all")
-            engine = "h5netcdf" if self.path.suffix.lower() in (".h5", ".hdf5", ".he5", ".hdf") else None
+                    return xr.open_zarr(
+                        self.path, consolidated=None, chunks=None, decode_coords="all"
+                    )
+            engine = (
+                "h5netcdf" if self.path.suffix.lower() in (".h5", ".hdf5", ".he5", ".hdf") else None
+            )
             kw: dict[str, Any] = {"phony_dims": "sort"} if engine == "h5netcdf" else {}
             return xr.open_dataset(self.path, engine=engine, decode_coords="all", **kw)
         except Exception as exc:
@@ -89,7 +93,9 @@ class XarraySource(SceneSource):
         name = options.get("variable")
         if name is None:
             cands = [
-                k for k, v in ds.data_vars.items() if v.ndim == 3 and np.dtype(v.dtype).kind in "iuf"
+                k
+                for k, v in ds.data_vars.items()
+                if v.ndim == 3 and np.dtype(v.dtype).kind in "iuf"
             ]
             if len(cands) != 1:
                 desc = {k: tuple(v.dims) for k, v in ds.data_vars.items()}
@@ -115,7 +121,9 @@ class XarraySource(SceneSource):
             )
         return name, var
 
-    def _resolve_dims(self, var: xr.DataArray, name: Any, options: dict[str, Any]) -> tuple[str, ...]:
+    def _resolve_dims(
+        self, var: xr.DataArray, name: Any, options: dict[str, Any]
+    ) -> tuple[str, ...]:
         """``(band, y, x)`` dim names: from ``dims=`` (tuple or comma-separated), else identified from ``var``."""
         dims = options.get("dims")
         if isinstance(dims, str):  # "band_dim,y_dim,x_dim" (the zarr reader's layout= style)
@@ -131,6 +139,7 @@ class XarraySource(SceneSource):
 
     def _read_band_metadata(self, var: xr.DataArray, bdim: str) -> None:
         """Set wavelength, FWHM (nm) and good-band mask from 1-D coordinates on the band dim (or a ``wavelength`` attribute)."""
+
         def band_coord(*names: str) -> tuple[np.ndarray | None, str | None]:
             for n in names:
                 for cname, c in var.coords.items():
@@ -139,7 +148,11 @@ class XarraySource(SceneSource):
             return None, None
 
         wl, wl_units = band_coord("wavelength", "wavelengths", "lambda", "wl")
-        if wl is None and "wavelength" in var.attrs and np.size(var.attrs["wavelength"]) == self.shape[0]:
+        if (
+            wl is None
+            and "wavelength" in var.attrs
+            and np.size(var.attrs["wavelength"]) == self.shape[0]
+        ):
             wl, wl_units = np.asarray(var.attrs["wavelength"]), var.attrs.get("wavelength_units")
         fw, fw_units = band_coord("fwhm")
         gb, _ = band_coord("good_band", "bbl")
@@ -193,7 +206,8 @@ class XarraySource(SceneSource):
         if b is None:
             meta = ("wavelength", "wavelengths", "lambda", "wl", "fwhm", "good_band", "bbl")
             tagged = {
-                str(c.dims[0]) for cname, c in var.coords.items()
+                str(c.dims[0])
+                for cname, c in var.coords.items()
                 if str(cname).lower() in meta and c.ndim == 1 and str(c.dims[0]) in order
             }
             if not tagged and "wavelength" in var.attrs:
@@ -287,7 +301,9 @@ class BareZarrSource(SceneSource):
         try:
             node = zarr.open(str(path), mode="r")
         except Exception as exc:
-            raise ReadError(f"cannot open zarr store {str(path)!r}: {exc}; check the store.") from exc
+            raise ReadError(
+                f"cannot open zarr store {str(path)!r}: {exc}; check the store."
+            ) from exc
         name = options.get("variable")
         if isinstance(node, zarr.Group):
             arrays = {k: a for k, a in node.arrays() if a.ndim == 3}

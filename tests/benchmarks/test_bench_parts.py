@@ -51,12 +51,21 @@ def test_halo_factor_falls_with_tile_size() -> None:
 
 
 def test_markdown_and_json_cleaning() -> None:
-    sec = Section("k", "Title", tables={"t": [{"a": 1.23456, "b": None, "c": "x|y"}]},
-                  targets=[Target("ratio", 1.5, "≤ 1.3", False, "why")])
-    md = section_markdown(sec, {"command": "hyperdeq bench", "device": "cpu", "cpu": "CPU", "versions": {"torch": "t"}})
+    sec = Section(
+        "k",
+        "Title",
+        tables={"t": [{"a": 1.23456, "b": None, "c": "x|y"}]},
+        targets=[Target("ratio", 1.5, "≤ 1.3", False, "why")],
+    )
+    md = section_markdown(
+        sec,
+        {"command": "hyperdeq bench", "device": "cpu", "cpu": "CPU", "versions": {"torch": "t"}},
+    )
     assert "| a | b | c |" in md and "x\\|y" in md and "MISSED" in md and "`hyperdeq bench`" in md
     assert _clean({"v": float("nan"), "w": [np.float32(2.0)]}) == {"v": None, "w": [2.0]}
-    assert fmt(float("inf")) == "–" and fmt(1234.5) == "1,234" and math.isclose(float(fmt(0.5)), 0.5)
+    assert (
+        fmt(float("inf")) == "–" and fmt(1234.5) == "1,234" and math.isclose(float(fmt(0.5)), 0.5)
+    )
     assert md_table([]) == "_(no rows)_\n"
 
 
@@ -72,8 +81,24 @@ def test_unmix_seams_tiled_matches_whole_scene(tmp_path: Path) -> None:
 
     from benchmarks.seams import main
 
-    r = main(["--model", "deq-unmix", "--crop", "48", "--tile", "24", "--epochs", "3", "--threads", "1",
-              "--json", str(tmp_path / "s.json"), "--md", str(tmp_path / "s.md")])
+    r = main(
+        [
+            "--model",
+            "deq-unmix",
+            "--crop",
+            "48",
+            "--tile",
+            "24",
+            "--epochs",
+            "3",
+            "--threads",
+            "1",
+            "--json",
+            str(tmp_path / "s.json"),
+            "--md",
+            str(tmp_path / "s.md"),
+        ]
+    )
     assert json.loads((tmp_path / "s.json").read_text())["model"] == "deq-unmix"
     assert r["n_tiles"] == 4 and r["shape"][1:] == [48, 48]
     for window, v in r["windows"].items():

@@ -68,7 +68,12 @@ def test_key_figures(smoke: tuple[dict[str, Any], Path, Path]) -> None:
     assert s["scaling"]["values"]["scaling_2_over_1"] > 0
     assert len(s["memory"]["values"]["worker_peak_mib"]) == 2
     assert s["solver"]["values"]["cold_iterations_mean"] >= 1
-    names = [r["model"] for r in s["throughput"]["tables"][next(k for k in s["throughput"]["tables"] if k.startswith("Throughput"))]]
+    names = [
+        r["model"]
+        for r in s["throughput"]["tables"][
+            next(k for k in s["throughput"]["tables"] if k.startswith("Throughput"))
+        ]
+    ]
     assert any(n.startswith("VCA") for n in names) and any(n.startswith("DEQ-Unmix") for n in names)
 
 

@@ -47,8 +47,13 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     from prefect.testing.utilities import prefect_test_harness
 
     home = tmp_path_factory.mktemp("prefect-home")
-    with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False,
-                             PREFECT_UI_ENABLED: False}):
+    with temporary_settings(
+        {
+            PREFECT_HOME: str(home),
+            PREFECT_SERVER_ANALYTICS_ENABLED: False,
+            PREFECT_UI_ENABLED: False,
+        }
+    ):
         with prefect_test_harness(server_startup_timeout=120):
             yield
 

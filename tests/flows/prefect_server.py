@@ -83,7 +83,10 @@ def prefect_server(home: Path, log_path: Path) -> Iterator[tuple[str, dict[str, 
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(
             [prefect_bin, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             wait_healthy(api_url, proc)
@@ -93,12 +96,19 @@ def prefect_server(home: Path, log_path: Path) -> Iterator[tuple[str, dict[str, 
 
 
 @contextmanager
-def background(cmd: list[str], env: Mapping[str, str], log_path: Path,
-               cwd: Path | None = None) -> Iterator[subprocess.Popen]:
+def background(
+    cmd: list[str], env: Mapping[str, str], log_path: Path, cwd: Path | None = None
+) -> Iterator[subprocess.Popen]:
     """Run ``cmd`` in its own process group for the duration of the block, then stop it."""
     with open(log_path, "wb") as logf:
-        proc = subprocess.Popen(cmd, env=dict(env), stdout=logf, stderr=subprocess.STDOUT,
-                                cwd=cwd, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=dict(env),
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,
+        )
         try:
             yield proc
         finally:

@@ -118,23 +118,41 @@ def _worker_env_config(worker_env: dict) -> dict:
     return {key: {**dask.config.get(key), **{str(k): str(v) for k, v in worker_env.items()}}}
 
 
-def test_gpu_recipe_worker_env_reaches_workers_whose_env_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_recipe_worker_env_reaches_workers_whose_env_is_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """LocalCUDACluster gives each Nanny ``env={"CUDA_VISIBLE_DEVICES": ...}``, replacing any ``env=``
     passed in; the recipe's worker_env must travel through Dask's config. A real Nanny with its
     env replaced the same way shows that the values still reach the worker process."""
     import dask.config
     from distributed import Client, Nanny, Scheduler, SpecCluster
 
-    env = {**_load("cluster/gpu-dask-cuda.yaml")["worker_env"], "HYPERDEQ_RECIPE_PROBE": "gpu-dask-cuda"}
+    env = {
+        **_load("cluster/gpu-dask-cuda.yaml")["worker_env"],
+        "HYPERDEQ_RECIPE_PROBE": "gpu-dask-cuda",
+    }
     for k in env:  # the flow process's own environment would take precedence over the config
         monkeypatch.delenv(k, raising=False)
-    spec = {"gpu0": {"cls": Nanny, "options": {"env": {"CUDA_VISIBLE_DEVICES": "0"}, "nthreads": 1,
-                                                 "resources": {"GPU": 1}}}}
+    spec = {
+        "gpu0": {
+            "cls": Nanny,
+            "options": {
+                "env": {"CUDA_VISIBLE_DEVICES": "0"},
+                "nthreads": 1,
+                "resources": {"GPU": 1},
+            },
+        }
+    }
     sched = {"cls": Scheduler, "options": {"dashboard_address": ":0", "host": "127.0.0.1"}}
-    with dask.config.set(_worker_env_config(env)), SpecCluster(workers=spec, scheduler=sched) as cluster, \
-            Client(cluster, set_as_default=False) as client:
+    with (
+        dask.config.set(_worker_env_config(env)),
+        SpecCluster(workers=spec, scheduler=sched) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
         client.wait_for_workers(1, timeout=60)
-        got = client.run(lambda: {k: __import__("os").environ.get(k) for k in (*env, "CUDA_VISIBLE_DEVICES")})
+        got = client.run(
+            lambda: {k: __import__("os").environ.get(k) for k in (*env, "CUDA_VISIBLE_DEVICES")}
+        )
     (w,) = got.values()
     assert w == {**env, "CUDA_VISIBLE_DEVICES": "0"}
 
@@ -154,8 +172,11 @@ def test_gpu_recipe_starts_one_worker_per_visible_gpu(monkeypatch: pytest.Monkey
     kw["dashboard_address"] = ":0"
     for k in rec["worker_env"]:
         monkeypatch.delenv(k, raising=False)
-    with dask.config.set(_worker_env_config(rec["worker_env"])), dask_cuda.LocalCUDACluster(**kw) as cluster, \
-            Client(cluster, set_as_default=False) as client:
+    with (
+        dask.config.set(_worker_env_config(rec["worker_env"])),
+        dask_cuda.LocalCUDACluster(**kw) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
         n = torch.cuda.device_count()
         client.wait_for_workers(n, timeout=120)
         info = client.scheduler_info()["workers"].values()
@@ -179,15 +200,22 @@ def test_slurm_recipe_is_dask_jobqueue_config() -> None:
 def _slurm_config() -> dict:
     """The recipe as Dask config (dotted keys: merged with jobqueue's defaults, as a YAML file in
     ~/.config/dask would be)."""
-    return {f"jobqueue.slurm.{k}": v for k, v in _load("cluster/slurm.yaml")["jobqueue"]["slurm"].items()}
+    return {
+        f"jobqueue.slurm.{k}": v
+        for k, v in _load("cluster/slurm.yaml")["jobqueue"]["slurm"].items()
+    }
 
 
 def test_slurm_recipe_renders_a_job_script_with_dask_jobqueue() -> None:
     import dask.config
 
     dask_jobqueue = pytest.importorskip("dask_jobqueue")
-    with dask.config.set(_slurm_config()), \
-            dask_jobqueue.SLURMCluster(scheduler_options={"dashboard_address": ":0", "host": "127.0.0.1"}) as cluster:
+    with (
+        dask.config.set(_slurm_config()),
+        dask_jobqueue.SLURMCluster(
+            scheduler_options={"dashboard_address": ":0", "host": "127.0.0.1"}
+        ) as cluster,
+    ):
         script = cluster.job_script()
     lines = script.splitlines()
     directives = [ln for ln in lines if ln.startswith("#SBATCH")]
@@ -202,36 +230,62 @@ def test_slurm_recipe_renders_a_job_script_with_dask_jobqueue() -> None:
     assert activate < lines.index(cmd)
 
 
-def test_slurm_job_script_runs_the_activated_python_against_a_real_scheduler(tmp_path: Path) -> None:
+def test_slurm_job_script_runs_the_activated_python_against_a_real_scheduler(
+    tmp_path: Path,
+) -> None:
     """The rendered job script, run by bash as SLURM would (``module`` and the environment are
     stand-ins): the worker that joins the scheduler is the activated environment's Python."""
     import dask.config
     from distributed import Client
 
     dask_jobqueue = pytest.importorskip("dask_jobqueue")
-    home, venv_bin, stubs = tmp_path / "home", tmp_path / "home" / "hyperdeq" / ".venv" / "bin", tmp_path / "stubs"
+    home, venv_bin, stubs = (
+        tmp_path / "home",
+        tmp_path / "home" / "hyperdeq" / ".venv" / "bin",
+        tmp_path / "stubs",
+    )
     venv_bin.mkdir(parents=True)
     stubs.mkdir()
     # the job environment's interpreter: a launcher that records that it ran, then runs this Python
-    (venv_bin / "python").write_text(f'#!/bin/sh\nexport HYPERDEQ_JOB_PYTHON="$0"\nexec "{sys.executable}" "$@"\n')
+    (venv_bin / "python").write_text(
+        f'#!/bin/sh\nexport HYPERDEQ_JOB_PYTHON="$0"\nexec "{sys.executable}" "$@"\n'
+    )
     (venv_bin / "python").chmod(0o755)
-    (venv_bin / "activate").write_text(f'export PATH="{venv_bin}:$PATH"\nexport HYPERDEQ_ACTIVATED=1\n')
+    (venv_bin / "activate").write_text(
+        f'export PATH="{venv_bin}:$PATH"\nexport HYPERDEQ_ACTIVATED=1\n'
+    )
     (stubs / "module").write_text("#!/bin/sh\nexit 0\n")
     (stubs / "module").chmod(0o755)
     (tmp_path / "scratch").mkdir()
     cfg = _slurm_config()
-    cfg["jobqueue.slurm.memory"] = "2GiB"  # the recipe's 64GiB is only a limit, but keep this modest
-    with dask.config.set(cfg), dask_jobqueue.SLURMCluster(
-            scheduler_options={"dashboard_address": ":0", "host": "127.0.0.1"}) as cluster, \
-            Client(cluster, set_as_default=False) as client:
+    cfg["jobqueue.slurm.memory"] = (
+        "2GiB"  # the recipe's 64GiB is only a limit, but keep this modest
+    )
+    with (
+        dask.config.set(cfg),
+        dask_jobqueue.SLURMCluster(
+            scheduler_options={"dashboard_address": ":0", "host": "127.0.0.1"}
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
         script = tmp_path / "job.sh"
         script.write_text(cluster.job_script())
-        env = {"HOME": str(home), "TMPDIR": str(tmp_path / "scratch"), "PATH": f"{stubs}:/usr/bin:/bin"}
-        proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        env = {
+            "HOME": str(home),
+            "TMPDIR": str(tmp_path / "scratch"),
+            "PATH": f"{stubs}:/usr/bin:/bin",
+        }
+        proc = subprocess.Popen(
+            ["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         try:
             client.wait_for_workers(1, timeout=90)
-            got = client.run(lambda: tuple(__import__("os").environ.get(k) for k in
-                                           ("HYPERDEQ_JOB_PYTHON", "HYPERDEQ_ACTIVATED", "PREFECT_API_URL")))
+            got = client.run(
+                lambda: tuple(
+                    __import__("os").environ.get(k)
+                    for k in ("HYPERDEQ_JOB_PYTHON", "HYPERDEQ_ACTIVATED", "PREFECT_API_URL")
+                )
+            )
             info = list(client.scheduler_info()["workers"].values())
         finally:
             proc.terminate()
@@ -303,11 +357,18 @@ def test_kubernetes_worker_and_scheduler_commands_start(tmp_path: Path) -> None:
     args[args.index("--dashboard-address") + 1] = ":0"
     env_recipe = {e["name"]: e["value"] for e in worker["env"]}
     dask_bin = Path(sys.executable).with_name("dask")
-    with LocalCluster(n_workers=0, dashboard_address=":0", host="127.0.0.1") as cluster, \
-            Client(cluster, set_as_default=False) as client:
+    with (
+        LocalCluster(n_workers=0, dashboard_address=":0", host="127.0.0.1") as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
         env = {**os.environ, **env_recipe, "DASK_SCHEDULER_ADDRESS": cluster.scheduler_address}
-        proc = subprocess.Popen([str(dask_bin), "worker", *args], env=env, cwd=tmp_path,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [str(dask_bin), "worker", *args],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             client.wait_for_workers(1, timeout=90)
             info = list(client.scheduler_info()["workers"].values())
@@ -356,30 +417,45 @@ def _make_certs(d: Path) -> dict[str, Path]:
         return ec.generate_private_key(ec.SECP256R1())
 
     def _pem_key(k) -> bytes:
-        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                               serialization.NoEncryption())
+        return k.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
     ca_key = _key()
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hyperdeq-test-ca")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     out = {"ca": d / "ca.pem"}
     out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     for role in ("scheduler", "worker", "client"):
         k = _key()
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, role)]))
-                .issuer_name(ca_name).public_key(k.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(minutes=1))
-                .not_valid_after(now + dt.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                    critical=False)
-                .sign(ca_key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, role)]))
+            .issuer_name(ca_name)
+            .public_key(k.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
         (d / f"{role}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         (d / f"{role}-key.pem").write_bytes(_pem_key(k))
     return out
@@ -402,8 +478,9 @@ def test_tls_recipe_secures_a_real_scheduler_and_worker(tmp_path: Path) -> None:
     async def _run() -> int:
         with dask.config.set(_dotted(tls)):
             sec = Security()
-            async with Scheduler(host="tls://127.0.0.1", port=0, security=sec,
-                                 dashboard_address=":0") as s:
+            async with Scheduler(
+                host="tls://127.0.0.1", port=0, security=sec, dashboard_address=":0"
+            ) as s:
                 assert s.address.startswith("tls://")
                 async with Worker(s.address, security=sec, nthreads=1):
                     async with Client(s.address, security=sec, asynchronous=True) as c:
@@ -449,8 +526,11 @@ def test_dockerfile_image_layout_finds_the_demo_scene_and_the_benchmarks(tmp_pat
     import shutil
 
     text = (DEPLOY / "Dockerfile").read_text()
-    ignore = [ln.strip() for ln in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
-              if ln.strip() and not ln.startswith("#")]
+    ignore = [
+        ln.strip()
+        for ln in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     stages = re.split(r"^FROM ", text, flags=re.M)[1:]
     assert _copies(stages[0]) == _copies(stages[1])
     workdir = re.search(r"^WORKDIR (\S+)$", stages[0], flags=re.M).group(1)
@@ -459,8 +539,13 @@ def test_dockerfile_image_layout_finds_the_demo_scene_and_the_benchmarks(tmp_pat
 
     def ignored(path: str, names: list[str]) -> set[str]:
         rel = Path(path).relative_to(ROOT)
-        return {n for n in names for pat in ignore
-                if fnmatch.fnmatch(str(rel / n), pat.removeprefix("**/")) or fnmatch.fnmatch(n, pat.removeprefix("**/"))}
+        return {
+            n
+            for n in names
+            for pat in ignore
+            if fnmatch.fnmatch(str(rel / n), pat.removeprefix("**/"))
+            or fnmatch.fnmatch(n, pat.removeprefix("**/"))
+        }
 
     for line in _copies(stages[0]):
         *srcs, dest = line
@@ -477,28 +562,53 @@ def test_dockerfile_image_layout_finds_the_demo_scene_and_the_benchmarks(tmp_pat
     assert (image / demo_env.lstrip("/")).is_file()
     build_check = re.findall(r'python -c "(from flows\.settings import[^"]+)"', stages[0])
     assert build_check, "the Dockerfile's build no longer checks the demo scene"
-    probe = "\n".join([
-        build_check[0],
-        "import flows.settings as s, benchmarks.harness as h, benchmarks.data as d",
-        f"assert s.__file__.startswith({str(root)!r}), s.__file__",
-        "assert h.ROOT == s.REPO_ROOT and d.DEMO.is_file()",
-        "assert (h.ROOT / 'tests/data/decsc').is_dir() and (h.ROOT / 'tests/data/unmix').is_dir()",
-        "assert (h.ROOT / 'docs/benchmarks').is_dir() and h.RESULTS_DIR.is_dir()",
-        "demo = s.demo_scene() if hasattr(s, 'demo_scene') else s.DEMO_SCENE",
-        "assert demo.is_file(), demo",
-    ])
-    env = {**os.environ, "PYTHONPATH": str(root),
-           "HYPERDEQ_DEMO_SCENE": str(image / demo_env.lstrip("/"))}
-    r = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True,
-                       timeout=300)
+    probe = "\n".join(
+        [
+            build_check[0],
+            "import flows.settings as s, benchmarks.harness as h, benchmarks.data as d",
+            f"assert s.__file__.startswith({str(root)!r}), s.__file__",
+            "assert h.ROOT == s.REPO_ROOT and d.DEMO.is_file()",
+            "assert (h.ROOT / 'tests/data/decsc').is_dir() and (h.ROOT / 'tests/data/unmix').is_dir()",
+            "assert (h.ROOT / 'docs/benchmarks').is_dir() and h.RESULTS_DIR.is_dir()",
+            "demo = s.demo_scene() if hasattr(s, 'demo_scene') else s.DEMO_SCENE",
+            "assert demo.is_file(), demo",
+        ]
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "HYPERDEQ_DEMO_SCENE": str(image / demo_env.lstrip("/")),
+    }
+    r = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "flows", "bench", "--help"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "flows", "bench", "--help"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and "benchmarks.md" in r.stdout, r.stderr[-2000:]
 
 
 def test_docs_cover_every_recipe() -> None:
     doc = (ROOT / "docs" / "deploy.md").read_text()
-    for name in ("local.yaml", "gpu-dask-cuda.yaml", "slurm.yaml", "kubernetes.yaml", "tls.yaml",
-                 "Dockerfile", "prefect.yaml", "sensors.yaml"):
+    for name in (
+        "local.yaml",
+        "gpu-dask-cuda.yaml",
+        "slurm.yaml",
+        "kubernetes.yaml",
+        "tls.yaml",
+        "Dockerfile",
+        "prefect.yaml",
+        "sensors.yaml",
+    ):
         assert name in doc, name

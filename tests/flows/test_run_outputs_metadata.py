@@ -41,7 +41,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def _good(res: Any) -> np.ndarray:
     from pipeline.writers import open_output
 
-    return np.asarray(open_output(_out(res, "denoised_zarr"), "denoised")["good_band"].values, dtype=bool)
+    return np.asarray(
+        open_output(_out(res, "denoised_zarr"), "denoised")["good_band"].values, dtype=bool
+    )
 
 
 def _out(res: Any, key: str) -> Path:
@@ -55,7 +57,9 @@ def test_run_zarr_output_has_cf_metadata_and_opens_without_warnings(run: Any) ->
         ds = xr.open_zarr(_out(run, "denoised_zarr"))
     assert ds.attrs["acquisition_time"] == ACQUIRED and ds.attrs["source_scale_factor"] == 10000.0
     assert ds.attrs["proj:wkt2"].startswith("PROJCRS[") and ds.attrs["hyperdeq_complete"] is True
-    assert ds.attrs["hyperdeq_run"]["run_id"] == run.run_id  # written after creation, still consolidated
+    assert (
+        ds.attrs["hyperdeq_run"]["run_id"] == run.run_id
+    )  # written after creation, still consolidated
     assert ds["x"].attrs["units"] == "m" and ds["wavelength"].attrs["units"] == "nm"
     assert ds.rio.crs.to_epsg() == 32633
     assert len(ds.attrs["bad_bands"]) == int((~_good(run)).sum()) == 6
@@ -64,7 +68,9 @@ def test_run_zarr_output_has_cf_metadata_and_opens_without_warnings(run: Any) ->
 def test_run_cog_has_scene_tags(run: Any) -> None:
     with rasterio.open(_out(run, "denoised_tif")) as f:
         tags = f.tags()
-        assert tags["acquisition_time"] == ACQUIRED and float(tags["source_scale_factor"]) == 10000.0
+        assert (
+            tags["acquisition_time"] == ACQUIRED and float(tags["source_scale_factor"]) == 10000.0
+        )
         assert json.loads(tags["bad_bands"]) == [int(i) for i in np.flatnonzero(~_good(run))]
         assert f.units[0] == "1"
 

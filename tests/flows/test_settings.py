@@ -26,13 +26,19 @@ def test_run_options_defaults_map_to_the_job(tmp_path: Path) -> None:
     assert job.denoise is not None and job.unmix is not None  # both models on by default
     assert job.config.out_root == tmp_path
     assert job.denoise.arch == "shipped"
-    assert cluster.kind == "local" and cluster.n_workers is None  # a local cluster of the default size
+    assert (
+        cluster.kind == "local" and cluster.n_workers is None
+    )  # a local cluster of the default size
     job, _ = options_to_build(RunOptions(denoiser="full", device="cuda"), tmp_path)
     assert job.denoise.arch == "full" and job.config.device == "cuda"
     # the old flags map to the job's parts
-    job, _ = options_to_build(RunOptions(unmix=False, subspace=0, guard=False, unmix_epochs=None), tmp_path)
+    job, _ = options_to_build(
+        RunOptions(unmix=False, subspace=0, guard=False, unmix_epochs=None), tmp_path
+    )
     assert job.unmix is None and job.denoise.subspace == 0 and job.denoise.guard is False
-    job, _ = options_to_build(RunOptions(denoise=False, unmix_epochs=5, batch=2, tile_memory=512.0), tmp_path)
+    job, _ = options_to_build(
+        RunOptions(denoise=False, unmix_epochs=5, batch=2, tile_memory=512.0), tmp_path
+    )
     assert job.denoise is None and job.unmix.epochs == 5
     assert job.config.batch_size == 2 and job.config.tile_memory_mb == 512.0
 
@@ -186,19 +192,26 @@ def test_parameter_schema_describes_every_option() -> None:
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (["flow", "run", "x.tif", "--tile", "16", "--halo", "16"], "halo 16 must be smaller than the tile 16"),
+        (
+            ["flow", "run", "x.tif", "--tile", "16", "--halo", "16"],
+            "halo 16 must be smaller than the tile 16",
+        ),
         (["flow", "run", "x.tif", "--cluster", "address"], "needs the scheduler address"),
         (["flow", "run", "missing.tif"], "scene 'missing.tif' does not exist"),
         (["sweep", "--out", "o"], "exactly one of"),
-        (["sweep", "--list-file", "l.txt", "--tile", "16", "--halo", "16"], "halo 16 must be smaller"),
+        (
+            ["sweep", "--list-file", "l.txt", "--tile", "16", "--halo", "16"],
+            "halo 16 must be smaller",
+        ),
         (["flow", "run", "x.tif", "--denoiser", "huge"], "unknown denoiser 'huge'"),
         (["demo", "--denoiser", "huge"], "unknown denoiser 'huge'"),
         (["run", "x.tif", "--no-denoise", "--no-unmix"], "nothing to do"),
         (["serve", "--sweep-root", "missing-archive"], "is not an existing folder"),
     ],
 )
-def test_cli_rejects_bad_options_with_clear_errors(args: list[str], match: str, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_rejects_bad_options_with_clear_errors(
+    args: list[str], match: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from typer.testing import CliRunner
 
     from flows.cli import app

@@ -29,7 +29,8 @@ def test_scan_errors_say_what_to_do(small_archive: Path, tmp_path: Path) -> None
     with pytest.raises(ReadError, match="is not a directory"):
         scan_archive(tmp_path / "nope")
     assert [p.name for p in scan_archive(small_archive, patterns=["**/*_b.tif"])] == [
-        "enmap_potsdam_tile_b.tif"]
+        "enmap_potsdam_tile_b.tif"
+    ]
 
 
 def test_list_file(small_archive: Path, tmp_path: Path) -> None:
@@ -47,8 +48,9 @@ def test_list_file(small_archive: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # one per-scene unmixer fit dominates; generous for loaded CI machines
-def test_sweep_is_idempotent_and_isolates_failures(prefect_harness: None, small_archive: Path,
-                                                   tmp_path: Path) -> None:
+def test_sweep_is_idempotent_and_isolates_failures(
+    prefect_harness: None, small_archive: Path, tmp_path: Path
+) -> None:
     from flows.options import RunOptions
     from flows.sweep import sweep_archive
 
@@ -59,9 +61,22 @@ def test_sweep_is_idempotent_and_isolates_failures(prefect_harness: None, small_
     next(small_archive.rglob("*_b.tif")).unlink()
     out = tmp_path / "out"
     # keep_tiles: the tile stores stay, as they do when a run is cut off before its record (below)
-    opts = RunOptions(denoise=decsc_installed(), unmix=True, endmembers=3, tile=32, batch=2, workers=1,
-                      keep_tiles=True)
-    kw = dict(root=str(small_archive), out_root=str(out), sensors=["enmap"], max_concurrent=2, options=opts)
+    opts = RunOptions(
+        denoise=decsc_installed(),
+        unmix=True,
+        endmembers=3,
+        tile=32,
+        batch=2,
+        workers=1,
+        keep_tiles=True,
+    )
+    kw = dict(
+        root=str(small_archive),
+        out_root=str(out),
+        sensors=["enmap"],
+        max_concurrent=2,
+        options=opts,
+    )
 
     state = sweep_archive(**kw, return_state=True)
     # a failed scene fails the sweep (alerts fire) after the others ran; the table is its data
@@ -96,11 +111,17 @@ def test_sweep_is_idempotent_and_isolates_failures(prefect_harness: None, small_
     rec = json.loads(rec_a.read_text())
     rec["status"] = "running"
     rec_a.write_text(json.dumps(rec))
-    kept = {p: p.stat().st_mtime_ns for p in (run_dir / "_stages" / "ingest.json",
-                                              run_dir / "unmix_fit" / ".hyperdeq_complete")}
+    kept = {
+        p: p.stat().st_mtime_ns
+        for p in (run_dir / "_stages" / "ingest.json", run_dir / "unmix_fit" / ".hyperdeq_complete")
+    }
     # keep_tiles is not part of the run's identity: the same run resumes, and drops its tiles when done
-    state = process_scene(scene=str(next(small_archive.rglob("*_a.tif"))), out_dir=str(out),
-                          options=opts.model_copy(update={"keep_tiles": False}), return_state=True)
+    state = process_scene(
+        scene=str(next(small_archive.rglob("*_a.tif"))),
+        out_dir=str(out),
+        options=opts.model_copy(update={"keep_tiles": False}),
+        return_state=True,
+    )
     assert state.is_completed(), state
     assert Path(state.result()) == rec_a
     after = json.loads(rec_a.read_text())
@@ -130,6 +151,7 @@ def _task_states(flow_run_id) -> dict[str, str]:
     async def _read():
         async with get_client() as client:
             return await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
 
     return {t.name: t.state.name for t in asyncio.run(_read())}

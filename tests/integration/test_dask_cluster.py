@@ -27,8 +27,14 @@ DASK = str(Path(sys.executable).with_name("dask"))
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen([DASK, *args], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True, cwd=Path(__file__).resolve().parents[2])
+    return subprocess.Popen(
+        [DASK, *args],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -59,8 +65,21 @@ def cluster(tmp_path: Path) -> Iterator[tuple[object, dict[str, str]]]:
     from distributed import Client
 
     sched_file = tmp_path / "scheduler.json"
-    procs = [_spawn(["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                     "--scheduler-file", str(sched_file)], tmp_path / "scheduler.log")]
+    procs = [
+        _spawn(
+            [
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(sched_file),
+            ],
+            tmp_path / "scheduler.log",
+        )
+    ]
     client = None
     try:
         deadline = time.monotonic() + 120
@@ -68,9 +87,24 @@ def cluster(tmp_path: Path) -> Iterator[tuple[object, dict[str, str]]]:
             assert procs[0].poll() is None, (tmp_path / "scheduler.log").read_text()
             assert time.monotonic() < deadline, "scheduler did not start"
             time.sleep(0.2)
-        common = ["--scheduler-file", str(sched_file), "--nthreads", "1", "--no-nanny", "--no-dashboard",
-                  "--host", "127.0.0.1", "--memory-limit", "0"]
-        procs.append(_spawn(["worker", *common, "--name", "gpu-worker", "--resources", "GPU=1"], tmp_path / "w_gpu.log"))
+        common = [
+            "--scheduler-file",
+            str(sched_file),
+            "--nthreads",
+            "1",
+            "--no-nanny",
+            "--no-dashboard",
+            "--host",
+            "127.0.0.1",
+            "--memory-limit",
+            "0",
+        ]
+        procs.append(
+            _spawn(
+                ["worker", *common, "--name", "gpu-worker", "--resources", "GPU=1"],
+                tmp_path / "w_gpu.log",
+            )
+        )
         procs.append(_spawn(["worker", *common, "--name", "cpu-worker"], tmp_path / "w_cpu.log"))
         client = Client(scheduler_file=str(sched_file), timeout="60s")
         client.wait_for_workers(2, timeout=180)
@@ -101,12 +135,19 @@ def _prepared_run(tmp_path: Path, tile_models: dict | None = None) -> tuple[obje
 def _env(handle, tile_models: dict | None = None):
     from workers.stages import StageEnv
 
-    return StageEnv(model_executor=handle.model_executor(), executor=handle.executor(),
-                    n_workers=max(1, handle.n_workers()), cluster=handle.describe(), client=handle.client,
-                    tile_models=tile_models or {})
+    return StageEnv(
+        model_executor=handle.model_executor(),
+        executor=handle.executor(),
+        n_workers=max(1, handle.n_workers()),
+        cluster=handle.describe(),
+        client=handle.client,
+        tile_models=tile_models or {},
+    )
 
 
-def test_model_tasks_run_on_the_gpu_labelled_worker(cluster: tuple[object, dict[str, str]], tmp_path: Path) -> None:
+def test_model_tasks_run_on_the_gpu_labelled_worker(
+    cluster: tuple[object, dict[str, str]], tmp_path: Path
+) -> None:
     from pipeline import tiles as ts
     from workers.cluster import ClusterHandle, has_gpu_workers
     from workers.infer import IdentityTileModel
@@ -163,10 +204,14 @@ def test_real_denoiser_loaded_once_per_worker_by_the_plugin(
     loaded = client.run(cached_keys)  # type: ignore[attr-defined]
     assert all(any(k[0] == "decsc" for k in keys) for keys in loaded.values())
     handle = ClusterHandle(client=client, gpu=True)  # type: ignore[arg-type]
-    summary = stage_model(plan, "denoise", tiles, _env(handle))  # the registry's DECSC (job.denoise)
+    summary = stage_model(
+        plan, "denoise", tiles, _env(handle)
+    )  # the registry's DECSC (job.denoise)
     assert summary["n_ok"] == 9, json.dumps(summary)[:2000]
     recs = ts.load_records(summary["path"]).values()
     assert {r["worker"] for r in recs} == {names["gpu-worker"]}
     assert all(isinstance(r["iterations"], int) and r["iterations"] > 0 for r in recs)
     after = client.run(cached_keys, workers=[names["gpu-worker"]])  # type: ignore[attr-defined]
-    assert sum(k[0] == "decsc" for k in after[names["gpu-worker"]]) == 1  # still one model: never reloaded
+    assert (
+        sum(k[0] == "decsc" for k in after[names["gpu-worker"]]) == 1
+    )  # still one model: never reloaded

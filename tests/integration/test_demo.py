@@ -29,8 +29,15 @@ def _demo(out: Path) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "flows.cli", "demo", "--out", str(out)]
     # its own process group: on a timeout the temporary Prefect server and the Dask workers the
     # command started are stopped too (killing the command alone leaves them running)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=840)
     except subprocess.TimeoutExpired:

@@ -18,8 +18,10 @@ import pytest
 from tests.flows.conftest import crop_geotiff, decsc_installed
 from tests.flows.prefect_server import background, prefect_server
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.timeout(int(os.environ.get("HYPERDEQ_INTEGRATION_TIMEOUT", "420")))]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(int(os.environ.get("HYPERDEQ_INTEGRATION_TIMEOUT", "420"))),
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -58,10 +60,13 @@ def _flow_runs(flow_name: str | None = None, tag: str | None = None) -> list:
     with get_client(sync_client=True) as client:
         return client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])) if flow_name else None,
-            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])) if tag else None)
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])) if tag else None,
+        )
 
 
-def test_sweep_with_a_failed_scene_ends_failed_with_its_table(client_env, tmp_path: Path, test_data: Path) -> None:
+def test_sweep_with_a_failed_scene_ends_failed_with_its_table(
+    client_env, tmp_path: Path, test_data: Path
+) -> None:
     """Issue 23 item 2: the sweep's state is Failed (alerts fire), the good scene is processed and
     the table (processed / failed with the reason) is the state's data; item 7: the scene's flow
     run is renamed ``<scene stem> · <run id>`` and tagged."""
@@ -80,12 +85,17 @@ def test_sweep_with_a_failed_scene_ends_failed_with_its_table(client_env, tmp_pa
 
     state = sweep_archive(list_file=str(lst), out_root=str(out), options=opts, return_state=True)
     assert not state.is_completed() and state.is_failed(), state
-    assert "1 of 2 scenes failed" in state.message and "enmap_corrupt.tif" in state.message, state.message
+    assert "1 of 2 scenes failed" in state.message and "enmap_corrupt.tif" in state.message, (
+        state.message
+    )
     table = state.result(raise_on_failure=False)
     assert [Path(p).name for p in table["processed"]] == ["enmap_good.tif"], table
     assert table["skipped"] == []
     (failed,) = table["failed"]
-    assert Path(failed["scene"]).name == "enmap_corrupt.tif" and "corrupt or truncated" in failed["reason"], failed
+    assert (
+        Path(failed["scene"]).name == "enmap_corrupt.tif"
+        and "corrupt or truncated" in failed["reason"]
+    ), failed
 
     from prefect.client.orchestration import get_client
 
@@ -99,7 +109,9 @@ def test_sweep_with_a_failed_scene_ends_failed_with_its_table(client_env, tmp_pa
 
     (scene_run,) = _flow_runs("process-scene", tag="scene:enmap_good")
     assert scene_run.name == f"enmap_good · {record['run_id']}", scene_run.name
-    assert {"hyperdeq", "scene:enmap_good", "model:deq-unmix"} <= set(scene_run.tags), scene_run.tags
+    assert {"hyperdeq", "scene:enmap_good", "model:deq-unmix"} <= set(scene_run.tags), (
+        scene_run.tags
+    )
     assert "model:decsc" not in scene_run.tags  # tags name the models that ran
     assert scene_run.parent_task_run_id is not None  # a subflow of the sweep
     assert scene_run.state.type.value == "COMPLETED"
@@ -116,8 +128,19 @@ def test_cancelling_an_in_process_flow_run_stops_it(client_env, tmp_path: Path) 
     out = tmp_path / "out"
     # the whole demo mosaic in 32 px tiles on one worker: minutes of model work, so still running
     models = ["--no-unmix"] if decsc_installed() else ["--no-denoise"]
-    cmd = [str(BIN / "hyperdeq"), "flow", "run", str(MOSAIC), "--tile", "32", "--workers", "1",
-           "--out", str(out), *models]
+    cmd = [
+        str(BIN / "hyperdeq"),
+        "flow",
+        "run",
+        str(MOSAIC),
+        "--tile",
+        "32",
+        "--workers",
+        "1",
+        "--out",
+        str(out),
+        *models,
+    ]
     log = tmp_path / "flow-run.log"
     with background(cmd, client_env, log, cwd=ROOT) as proc:
         deadline = time.monotonic() + 180
@@ -125,7 +148,11 @@ def test_cancelling_an_in_process_flow_run_stops_it(client_env, tmp_path: Path) 
         while rec is None:  # tiles cut: the model stage is next (or under way)
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
-            found = [r for r in out.glob("*/*/run.json") if (r.parent / "_stages" / "tile_input.json").is_file()]
+            found = [
+                r
+                for r in out.glob("*/*/run.json")
+                if (r.parent / "_stages" / "tile_input.json").is_file()
+            ]
             if found and json.loads(found[0].read_text())["status"] == "running":
                 rec = found[0]
             time.sleep(0.5)
@@ -135,10 +162,14 @@ def test_cancelling_an_in_process_flow_run_stops_it(client_env, tmp_path: Path) 
         assert "hyperdeq" in fr.tags
         assert fr.state.type.value == "RUNNING"
         with get_client(sync_client=True) as client:
-            client.set_flow_run_state(fr.id, Cancelling(message="cancelled by the test"), force=True)
+            client.set_flow_run_state(
+                fr.id, Cancelling(message="cancelled by the test"), force=True
+            )
         t0 = time.monotonic()
         try:
-            rc = proc.wait(timeout=30)  # the watch polls every 3 s; the stage stops at its next poll
+            rc = proc.wait(
+                timeout=30
+            )  # the watch polls every 3 s; the stage stops at its next poll
         except subprocess.TimeoutExpired:
             pytest.fail(f"still running 30 s after the cancellation\n{log.read_text()[-3000:]}")
         took = time.monotonic() - t0
@@ -147,8 +178,12 @@ def test_cancelling_an_in_process_flow_run_stops_it(client_env, tmp_path: Path) 
     record = json.loads(rec.read_text())
     assert record["status"] == "cancelled", record
     assert "RunCancelled" in record["error"] and record["outputs"] == {}
-    assert not (rec.parent / "denoised.tif").exists() and not (rec.parent / "abundances.tif").exists()
-    assert not (rec.parent / ".hyperdeq.lock").exists()  # the next run of this folder is not refused
+    assert (
+        not (rec.parent / "denoised.tif").exists() and not (rec.parent / "abundances.tif").exists()
+    )
+    assert not (
+        rec.parent / ".hyperdeq.lock"
+    ).exists()  # the next run of this folder is not refused
     with get_client(sync_client=True) as client:
         final = client.read_flow_run(fr.id).state
     assert final.type.value == "CANCELLED", final
@@ -159,8 +194,14 @@ def test_cancelling_an_in_process_flow_run_stops_it(client_env, tmp_path: Path) 
 def test_serve_refuses_a_missing_sweep_root_before_serving(server, tmp_path: Path) -> None:
     """Issue 23 item 8: exit 2 with a clear message, and nothing served (no deployment created)."""
     _api_url, env, _d = server
-    r = subprocess.run([str(BIN / "hyperdeq"), "serve", "--sweep-root", str(tmp_path / "missing")],
-                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [str(BIN / "hyperdeq"), "serve", "--sweep-root", str(tmp_path / "missing")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "is not an existing folder" in r.stderr and "--sweep-root" in r.stderr, r.stderr[-2000:]
     assert "serving" not in r.stdout

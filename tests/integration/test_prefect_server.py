@@ -19,8 +19,10 @@ from tests.flows.prefect_server import background, prefect_server
 
 # the per-scene unmixer fit dominates the run; HYPERDEQ_INTEGRATION_TIMEOUT raises the cap
 # on a loaded machine
-pytestmark = [pytest.mark.integration,
-              pytest.mark.timeout(int(os.environ.get("HYPERDEQ_INTEGRATION_TIMEOUT", "420")))]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(int(os.environ.get("HYPERDEQ_INTEGRATION_TIMEOUT", "420"))),
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -83,11 +85,13 @@ async def _artifacts(flow_run_id) -> list:
 
     async with get_client() as client:
         return await client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
 
 
-def test_served_process_scene_run_through_the_api(server, tmp_path: Path, enmap_tile: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_served_process_scene_run_through_the_api(
+    server, tmp_path: Path, enmap_tile: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     api_url, env, d = server
     for k in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_API_DATABASE_CONNECTION_URL"):
         monkeypatch.setenv(k, env[k])
@@ -96,20 +100,35 @@ def test_served_process_scene_run_through_the_api(server, tmp_path: Path, enmap_
 
     scene = crop_geotiff(enmap_tile, tmp_path / "enmap_potsdam_crop.tif", 0, 0, 16)
     out = tmp_path / "out"
-    with temporary_settings({PREFECT_API_URL: api_url, PREFECT_HOME: env["PREFECT_HOME"]}), \
-            background([str(BIN / "hyperdeq"), "serve", "--limit", "1"], env, d / "serve.log", cwd=ROOT):
+    with (
+        temporary_settings({PREFECT_API_URL: api_url, PREFECT_HOME: env["PREFECT_HOME"]}),
+        background(
+            [str(BIN / "hyperdeq"), "serve", "--limit", "1"], env, d / "serve.log", cwd=ROOT
+        ),
+    ):
         # `hyperdeq serve` names its deployments apart from deploy/prefect.yaml's (on-demand, nightly-sweep)
         asyncio.run(_wait_deployment("process-scene/served-on-demand"))
         asyncio.run(_wait_deployment("sweep-archive/served-nightly-sweep"))
         schema = asyncio.run(_deployment("process-scene/served-on-demand")).parameter_openapi_schema
-        _assert_options_described(schema)  # the deployment form: every option has its help (issue 23 item 8)
+        _assert_options_described(
+            schema
+        )  # the deployment form: every option has its help (issue 23 item 8)
         params = {
-            "scene": str(scene), "out_dir": str(out),
+            "scene": str(scene),
+            "out_dir": str(out),
             # the cluster is part of the options (no separate `cluster` parameter)
-            "options": {"denoise": decsc_installed(), "unmix": True, "endmembers": 3, "tile": 32,
-                        "batch": 2, "workers": 1},
+            "options": {
+                "denoise": decsc_installed(),
+                "unmix": True,
+                "endmembers": 3,
+                "tile": 32,
+                "batch": 2,
+                "workers": 1,
+            },
         }
-        fr = run_deployment("process-scene/served-on-demand", parameters=params, timeout=360, poll_interval=2)
+        fr = run_deployment(
+            "process-scene/served-on-demand", parameters=params, timeout=360, poll_interval=2
+        )
         log = (d / "serve.log").read_text()[-3000:]
         assert fr.state is not None and fr.state.is_completed(), f"{fr.state}\n{log}"
 
@@ -143,7 +162,9 @@ def test_served_process_scene_run_through_the_api(server, tmp_path: Path, enmap_
     with temporary_settings({PREFECT_API_URL: api_url}):
         named = asyncio.run(_flow_run(fr.id))
     assert named.name == f"enmap_potsdam_crop · {rec['run_id']}", named.name
-    assert {"hyperdeq", "scene:enmap_potsdam_crop", "model:deq-unmix"} <= set(named.tags), named.tags
+    assert {"hyperdeq", "scene:enmap_potsdam_crop", "model:deq-unmix"} <= set(named.tags), (
+        named.tags
+    )
     assert "served" in named.tags  # the deployment's own tags are kept
 
 
@@ -151,11 +172,23 @@ def test_prefect_deploy_accepts_the_repository_yaml(server) -> None:
     api_url, env, d = server
     env = dict(env, HYPERDEQ_REPO=str(ROOT))
     prefect = str(BIN / "prefect")
-    r = subprocess.run([prefect, "work-pool", "create", "hyperdeq-process", "--type", "process"],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [prefect, "work-pool", "create", "hyperdeq-process", "--type", "process"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
-    r = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     async def _check() -> None:
@@ -170,7 +203,8 @@ def test_prefect_deploy_accepts_the_repository_yaml(server) -> None:
             assert scene.schedules == []
             # {{ $HYPERDEQ_REPO }} is resolved when deploying: workers run from that checkout
             assert sweep.pull_steps[0]["prefect.deployments.steps.set_working_directory"][
-                "directory"] == str(ROOT)
+                "directory"
+            ] == str(ROOT)
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

@@ -72,25 +72,48 @@ def _input_store(tmp: Path, crop: xr.DataArray, tile: int, halo: int) -> tuple[P
 
 
 def _target(tmp: Path, name: str, n: int, shape: tuple[int, int], chunk: int) -> str:
-    zarr.create_array(str(tmp / name), shape=(n, *shape), chunks=(n, chunk, chunk), dtype="float32",
-                      fill_value=np.nan)
+    zarr.create_array(
+        str(tmp / name),
+        shape=(n, *shape),
+        chunks=(n, chunk, chunk),
+        dtype="float32",
+        fill_value=np.nan,
+    )
     return str(tmp / name)
 
 
-def _run_and_blend(tmp: Path, store: Path, grid: Any, ex_model: Executor, ex_blend: Executor,
-                   batch: int, window: str, tag: str, model: Any = None) -> np.ndarray:
+def _run_and_blend(
+    tmp: Path,
+    store: Path,
+    grid: Any,
+    ex_model: Executor,
+    ex_blend: Executor,
+    batch: int,
+    window: str,
+    tag: str,
+    model: Any = None,
+) -> np.ndarray:
     n = len(ts.store_attrs(store)["band_index"])
     dest = ts.create_output_store(tmp / f"{tag}.zarr", grid, [str(i) for i in range(n)])
     res = run_tiles(ex_model, model or BoxFilter(), store, dest, grid, batch_size=batch)
     assert not res.failed
     out = _target(tmp, f"{tag}_out.zarr", n, grid.shape, grid.tile)
-    blend_stage(ex_blend, dest, store, grid, [BlendTarget(out, tuple(range(n)), tuple(range(n)))],
-                chunk=grid.tile, blend=window)
+    blend_stage(
+        ex_blend,
+        dest,
+        store,
+        grid,
+        [BlendTarget(out, tuple(range(n)), tuple(range(n)))],
+        chunk=grid.tile,
+        blend=window,
+    )
     return np.asarray(zarr.open_array(out, mode="r")[...])
 
 
 @pytest.mark.parametrize("window", ["hann", "uniform", "crop"])
-def test_identity_model_blends_back_to_the_real_input_exactly(tmp_path: Path, crop: xr.DataArray, window: str) -> None:
+def test_identity_model_blends_back_to_the_real_input_exactly(
+    tmp_path: Path, crop: xr.DataArray, window: str
+) -> None:
     from workers.infer import IdentityTileModel
 
     store, grid = _input_store(tmp_path, crop, 16, 5)
@@ -102,7 +125,9 @@ def test_identity_model_blends_back_to_the_real_input_exactly(tmp_path: Path, cr
     assert np.isnan(out).any() and np.isfinite(out).any()  # the crop really holds nodata and data
 
 
-def test_output_is_independent_of_worker_count_batching_and_completion_order(tmp_path: Path, crop: xr.DataArray) -> None:
+def test_output_is_independent_of_worker_count_batching_and_completion_order(
+    tmp_path: Path, crop: xr.DataArray
+) -> None:
     store, grid = _input_store(tmp_path, crop, 16, 4)
     with ThreadPoolExecutor(1) as one:
         a = _run_and_blend(tmp_path, store, grid, one, one, 1, "hann", "a")
@@ -122,7 +147,9 @@ def test_each_chunk_is_written_by_exactly_one_task(tmp_path: Path, crop: xr.Data
         dest = ts.create_output_store(tmp_path / "m.zarr", grid, [str(i) for i in range(n)])
         run_tiles(ex, BoxFilter(), store, dest, grid)
         out = _target(tmp_path, "o.zarr", n, grid.shape, 16)
-        recs = blend_stage(ex, dest, store, grid, [BlendTarget(out, tuple(range(n)), tuple(range(n)))], chunk=16)
+        recs = blend_stage(
+            ex, dest, store, grid, [BlendTarget(out, tuple(range(n)), tuple(range(n)))], chunk=16
+        )
     windows = [tuple(r["window"]) for r in recs]
     assert len(windows) == len(set(windows)) == len(chunk_windows(grid.shape, 16))
     with pytest.raises(GridError, match=r"chunked \(\*, 16, 16\)"):
@@ -136,7 +163,9 @@ def test_failed_tile_leaves_nodata_not_a_silent_guess(tmp_path: Path) -> None:
     grid = plan_grid((20, 20), 10, 3)
     bad = grid.tiles[0].key
     ok = {t.key for t in grid.tiles} - {bad}
-    out = blend_window(lambda t: data[(slice(None), *t.read.slices)], grid, Window(0, 20, 0, 20), "hann", ok)
+    out = blend_window(
+        lambda t: data[(slice(None), *t.read.slices)], grid, Window(0, 20, 0, 20), "hann", ok
+    )
     core = grid.tiles[0].core
     # pixels only the failed tile covers are NaN; its core pixels inside neighbours' halos are still blended
     assert np.isnan(out[:, : core.y1 - 3, : core.x1 - 3]).all()
@@ -149,13 +178,18 @@ def test_tile_not_matching_its_recorded_checksum_is_refused(tmp_path: Path) -> N
     read = lambda t: data[(slice(None), *t.read.slices)]  # noqa: E731
     sums = {t.key: ts.tile_checksum(read(t)) for t in grid.tiles}
     win = Window(0, 20, 0, 20)
-    np.testing.assert_array_equal(blend_window(read, grid, win, "hann", checksums=sums),
-                                  blend_window(read, grid, win, "hann"))
+    np.testing.assert_array_equal(
+        blend_window(read, grid, win, "hann", checksums=sums), blend_window(read, grid, win, "hann")
+    )
     rotten = grid.tiles[2].key
-    with pytest.raises(ProvenanceError, match=f"refusing to blend tile '{rotten}'.*Rerun the same command"):
+    with pytest.raises(
+        ProvenanceError, match=f"refusing to blend tile '{rotten}'.*Rerun the same command"
+    ):
         blend_window(read, grid, win, "hann", checksums={**sums, rotten: "0" * 64})
     with pytest.raises(ProvenanceError, match="no checksum is recorded"):
-        blend_window(read, grid, win, "hann", checksums={k: v for k, v in sums.items() if k != rotten})
+        blend_window(
+            read, grid, win, "hann", checksums={k: v for k, v in sums.items() if k != rotten}
+        )
 
 
 # ---------------------------------------------------------------------------- real denoiser seams
@@ -205,8 +239,15 @@ def test_real_denoiser_blended_tiles_beat_crop_stitching_and_leave_no_seams(tmp_
         outs = {}
         for window in ("hann", "crop"):
             tgt = _target(tmp_path, f"{window}.zarr", n, grid.shape, 32)
-            blend_stage(ex, dest, store, grid, [BlendTarget(tgt, tuple(range(n)), tuple(range(n)))],
-                        chunk=32, blend=window)
+            blend_stage(
+                ex,
+                dest,
+                store,
+                grid,
+                [BlendTarget(tgt, tuple(range(n)), tuple(range(n)))],
+                chunk=32,
+                blend=window,
+            )
             outs[window] = np.asarray(zarr.open_array(tgt, mode="r")[...])
     err = {w: float(np.sqrt(np.nanmean((o - whole) ** 2))) for w, o in outs.items()}
     assert err["hann"] < err["crop"], err

@@ -22,21 +22,57 @@ UTM = "{UTM, 1, 1, 500000, 7000000, 30, 30, %s, South, WGS-84%s}"
 @pytest.mark.parametrize(
     ("extra", "error", "match"),
     [
-        ({"header offset": -400}, ReadError, r"'header offset' must be zero or positive, got -400; fix the header"),
+        (
+            {"header offset": -400},
+            ReadError,
+            r"'header offset' must be zero or positive, got -400; fix the header",
+        ),
         ({"samples": -10, "lines": -25}, ReadError, r"'samples' must be zero or positive, got -10"),
-        ({"data ignore value": "none"}, ReadError, r"'data ignore value' must be a number, got 'none'"),
-        ({"reflectance scale factor": "abc"}, ReadError, r"'reflectance scale factor' must be a number, got 'abc'"),
-        ({"bbl": "{" + ", ".join(["yes"] * 189) + "}"}, InputValidationError,
-         r"non-numeric 'bbl' entry .*'yes'.*1 \(good band\) or 0 \(bad band\)"),
-        ({"map info": UTM % ("xx", "")}, ReadError, r"'map info' UTM zone 'xx' is not a zone number 1-60"),
-        ({"map info": UTM % ("99", "")}, ReadError, r"'map info' UTM zone '99' is not a zone number 1-60"),
-        ({"map info": UTM % ("33", ", rotation=abc")}, ReadError, r"'map info' rotation 'rotation=abc' is not a number"),
-        ({"map info": "{UTM, 1, 1, 500000, 7000000, 0, 0, 33, South, WGS-84}"}, ReadError,
-         r"'map info' pixel size \(0\.0, 0\.0\) must be non-zero and finite"),
-        ({"wavelength units": "GHz"}, InputValidationError, r"wavelength units 'GHz' .* are a frequency"),
+        (
+            {"data ignore value": "none"},
+            ReadError,
+            r"'data ignore value' must be a number, got 'none'",
+        ),
+        (
+            {"reflectance scale factor": "abc"},
+            ReadError,
+            r"'reflectance scale factor' must be a number, got 'abc'",
+        ),
+        (
+            {"bbl": "{" + ", ".join(["yes"] * 189) + "}"},
+            InputValidationError,
+            r"non-numeric 'bbl' entry .*'yes'.*1 \(good band\) or 0 \(bad band\)",
+        ),
+        (
+            {"map info": UTM % ("xx", "")},
+            ReadError,
+            r"'map info' UTM zone 'xx' is not a zone number 1-60",
+        ),
+        (
+            {"map info": UTM % ("99", "")},
+            ReadError,
+            r"'map info' UTM zone '99' is not a zone number 1-60",
+        ),
+        (
+            {"map info": UTM % ("33", ", rotation=abc")},
+            ReadError,
+            r"'map info' rotation 'rotation=abc' is not a number",
+        ),
+        (
+            {"map info": "{UTM, 1, 1, 500000, 7000000, 0, 0, 33, South, WGS-84}"},
+            ReadError,
+            r"'map info' pixel size \(0\.0, 0\.0\) must be non-zero and finite",
+        ),
+        (
+            {"wavelength units": "GHz"},
+            InputValidationError,
+            r"wavelength units 'GHz' .* are a frequency",
+        ),
     ],
 )
-def test_nonsense_header_value_is_a_clear_error(tmp_path: Path, extra: dict, error: type, match: str) -> None:
+def test_nonsense_header_value_is_a_clear_error(
+    tmp_path: Path, extra: dict, error: type, match: str
+) -> None:
     p = write_envi(tmp_path / "scene.bsq", gamsberg_raw(), extra=extra)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MissingCRSWarning)
@@ -46,7 +82,10 @@ def test_nonsense_header_value_is_a_clear_error(tmp_path: Path, extra: dict, err
 
 def test_wavelength_units_index_means_no_wavelengths(tmp_path: Path) -> None:
     """ENVI's 'Index' unit: the values are band numbers, not wavelengths in any unit."""
-    extra = {"wavelength units": "Index", "wavelength": "{" + ", ".join(str(i) for i in range(189)) + "}"}
+    extra = {
+        "wavelength units": "Index",
+        "wavelength": "{" + ", ".join(str(i) for i in range(189)) + "}",
+    }
     p = write_envi(tmp_path / "scene.bsq", gamsberg_raw(), extra=extra)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MissingCRSWarning)
@@ -57,7 +96,11 @@ def test_wavelength_units_index_means_no_wavelengths(tmp_path: Path) -> None:
 
 def test_valid_header_numbers_still_read(tmp_path: Path) -> None:
     """The same keys with sensible values keep working (nodata, scale, UTM map info)."""
-    extra = {"data ignore value": "-1", "reflectance scale factor": "10000", "map info": UTM % ("33", "")}
+    extra = {
+        "data ignore value": "-1",
+        "reflectance scale factor": "10000",
+        "map info": UTM % ("33", ""),
+    }
     # the stored values are reflectance x 10^4 (max 5837): the declared factor brings them to [0, 1]
     p = write_envi(tmp_path / "scene.bsq", gamsberg_raw(), extra=extra)
     da = open_scene(p)

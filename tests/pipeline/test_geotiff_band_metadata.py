@@ -17,7 +17,9 @@ from pipeline.readers import open_scene
 from tests.pipeline.test_readers import BERLIN, TILE
 
 
-def _copy(dest: Path, *, tags: Any = None, scales: list[float] | None = None, dtype: str | None = None) -> Path:
+def _copy(
+    dest: Path, *, tags: Any = None, scales: list[float] | None = None, dtype: str | None = None
+) -> Path:
     """The tile with per-band tags ``tags(band_no, tags) -> tags`` and optional scales/dtype."""
     with rasterio.open(TILE) as src:
         data = src.read()
@@ -52,15 +54,24 @@ def test_non_numeric_band_tag(tmp_path: Path, key: str, value: str, match: str) 
 
 
 def test_wavelength_tag_on_some_bands_only(tmp_path: Path) -> None:
-    p = _copy(tmp_path / "partial.tif", tags=lambda b, t: t if b % 2 else {k: v for k, v in t.items() if k != "wavelength"})
-    with pytest.raises(InputValidationError, match=r"112 of 224 bands have a 'wavelength' tag \(band\(s\) \[2, 4, 6, 8, 10\]"):
+    p = _copy(
+        tmp_path / "partial.tif",
+        tags=lambda b, t: t if b % 2 else {k: v for k, v in t.items() if k != "wavelength"},
+    )
+    with pytest.raises(
+        InputValidationError,
+        match=r"112 of 224 bands have a 'wavelength' tag \(band\(s\) \[2, 4, 6, 8, 10\]",
+    ):
         open_scene(p)
 
 
 def test_bands_with_different_gdal_scales(tmp_path: Path) -> None:
     """One band scaled 10x differently: applying one scale to all would make that band wrong."""
     p = _copy(tmp_path / "scales.tif", dtype="int16", scales=[1e-4] * 223 + [1e-3])
-    with pytest.raises(InputValidationError, match=r"different GDAL scales \[0\.0001, 0\.001\]; hyperdeq applies one"):
+    with pytest.raises(
+        InputValidationError,
+        match=r"different GDAL scales \[0\.0001, 0\.001\]; hyperdeq applies one",
+    ):
         open_scene(p)
     # an explicit scale factor is the user's statement that one value fits every band
     da = open_scene(p, scale_factor=10000)

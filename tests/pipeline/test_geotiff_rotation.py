@@ -35,7 +35,9 @@ def _with_transform(tmp_path: Path, name: str, transform: Affine) -> Path:
         ("rot90", Affine(0.0, 30.0, 370000.0, 30.0, 0.0, 5800000.0)),
     ],
 )
-def test_rotated_or_sheared_geotiff_is_refused(tmp_path: Path, name: str, transform: Affine) -> None:
+def test_rotated_or_sheared_geotiff_is_refused(
+    tmp_path: Path, name: str, transform: Affine
+) -> None:
     p = _with_transform(tmp_path, name, transform)
     with pytest.raises(
         ReadError,

@@ -22,7 +22,9 @@ def geometries(draw: st.DrawFn) -> tuple[tuple[int, int], int, int]:
 
 @settings(max_examples=100, deadline=None)
 @given(geometries())
-def test_cores_partition_scene_and_reads_stay_in_bounds(geom: tuple[tuple[int, int], int, int]) -> None:
+def test_cores_partition_scene_and_reads_stay_in_bounds(
+    geom: tuple[tuple[int, int], int, int],
+) -> None:
     shape, tile, halo = geom
     grid = plan_grid(shape, tile, halo)
     count = np.zeros(shape, dtype=int)
@@ -43,7 +45,12 @@ def test_cores_partition_scene_and_reads_stay_in_bounds(geom: tuple[tuple[int, i
 
 
 @settings(max_examples=40, deadline=None)
-@given(geometries(), st.sampled_from(["hann", "uniform", "crop"]), st.integers(1, 40), st.integers(0, 2**31 - 1))
+@given(
+    geometries(),
+    st.sampled_from(["hann", "uniform", "crop"]),
+    st.integers(1, 40),
+    st.integers(0, 2**31 - 1),
+)
 def test_identity_then_blend_returns_input_exactly(
     geom: tuple[tuple[int, int], int, int], window: str, chunk: int, seed: int
 ) -> None:
@@ -91,8 +98,13 @@ def test_all_nodata_tiles_are_skipped_and_recorded() -> None:
     valid[:20, :20] = True
     valid[35, 39] = True
     grid = plan_grid((40, 40), 16, 4, valid)
-    assert {t.key for t in grid.tiles} == {"r00000_c00000", "r00000_c00001", "r00001_c00000",
-                                           "r00001_c00001", "r00002_c00002"}
+    assert {t.key for t in grid.tiles} == {
+        "r00000_c00000",
+        "r00000_c00001",
+        "r00001_c00000",
+        "r00001_c00001",
+        "r00002_c00002",
+    }
     assert len(grid.skipped) == 4
     assert grid.to_dict()["skipped"] == [t.key for t in grid.skipped]
     assert len(grid.all_tiles) == 9
@@ -117,13 +129,17 @@ def test_tile_is_a_hashable_frozen_value() -> None:
         ((10,), 8, 1, r"needs a 2-D \(y, x\) shape"),
     ],
 )
-def test_impossible_geometry_is_rejected(shape: tuple[int, ...], tile: int, halo: int, match: str) -> None:
+def test_impossible_geometry_is_rejected(
+    shape: tuple[int, ...], tile: int, halo: int, match: str
+) -> None:
     with pytest.raises(GridError, match=match):
         plan_grid(shape, tile, halo)  # type: ignore[arg-type]
 
 
 def test_mask_shape_mismatch_is_rejected() -> None:
-    with pytest.raises(GridError, match=r"validity mask shape \(5, 5\) does not match the scene shape \(10, 10\)"):
+    with pytest.raises(
+        GridError, match=r"validity mask shape \(5, 5\) does not match the scene shape \(10, 10\)"
+    ):
         plan_grid((10, 10), 4, 1, np.ones((5, 5), bool))
 
 

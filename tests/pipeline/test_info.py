@@ -28,20 +28,28 @@ def _expected_nodata(path: Path) -> float:
 def test_info_geotiff() -> None:
     info = scene_info(TILE)
     assert info.format == "geotiff" and info.shape == (224, 32, 32)
-    assert info.wavelength_min_nm == pytest.approx(418.24) and info.wavelength_max_nm == pytest.approx(2445.53)
+    assert info.wavelength_min_nm == pytest.approx(
+        418.24
+    ) and info.wavelength_max_nm == pytest.approx(2445.53)
     assert info.crs == "EPSG:32633" and info.resolution == (30.0, 30.0)
     assert len(info.bad_bands) == 6
     assert info.nodata_fraction == pytest.approx(_expected_nodata(TILE))
     assert info.bytes_on_disk == TILE.stat().st_size and info.bytes_in_memory == 224 * 32 * 32 * 4
     assert info.scale_factor == 10000.0 and info.complete is None
     text = format_info(info)
-    assert "224 bands × 32 rows × 32 cols" in text and "418.2–2445.5 nm" in text and "EPSG:32633" in text
+    assert (
+        "224 bands × 32 rows × 32 cols" in text
+        and "418.2–2445.5 nm" in text
+        and "EPSG:32633" in text
+    )
 
 
 def test_info_envi_without_crs() -> None:
     info = scene_info(GAMSBERG)
     assert info.crs is None and info.resolution is None and info.nodata_fraction == 0.0
-    assert info.bytes_on_disk == GAMSBERG.stat().st_size + GAMSBERG.with_suffix(".hdr").stat().st_size
+    assert (
+        info.bytes_on_disk == GAMSBERG.stat().st_size + GAMSBERG.with_suffix(".hdr").stat().st_size
+    )
     assert "none (outputs cannot be georeferenced)" in format_info(info)
 
 
@@ -82,5 +90,7 @@ def test_cli_info_and_ingest(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MissingCRSWarning)
-        res = runner.invoke(app, ["ingest", str(GAMSBERG), str(tmp_path / "g.zarr"), "--chunk", "8"])
+        res = runner.invoke(
+            app, ["ingest", str(GAMSBERG), str(tmp_path / "g.zarr"), "--chunk", "8"]
+        )
     assert res.exit_code == 0, res.output

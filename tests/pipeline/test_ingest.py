@@ -118,7 +118,9 @@ def test_interrupted_ingest_is_refused_then_resumed(tmp_path: Path) -> None:
     assert store_metadata(dest)["complete"] is False
     recorded = store_metadata(dest)["progress"]["done"].count("1")
     assert 3 <= recorded <= 4  # 2 writer threads: the region in flight beside the 3rd may land too
-    with pytest.raises(ReadError, match=rf"incomplete: its ingest stopped after {recorded} of 9 regions.*Re-run"):
+    with pytest.raises(
+        ReadError, match=rf"incomplete: its ingest stopped after {recorded} of 9 regions.*Re-run"
+    ):
         open_zarr_scene(dest)
     seen: list[tuple[int, int]] = []
     ingest_scene(TILE, dest, chunk=11, progress=lambda d, t: seen.append((d, t)))

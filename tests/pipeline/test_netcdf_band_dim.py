@@ -55,7 +55,9 @@ def test_unnamed_dims_with_more_bands_than_rows_are_refused_not_misread(tmp_path
         np.testing.assert_array_equal(scene.values, _expected())
     # bands last: the message's second example
     last = _nc(tmp_path, xr.DataArray(CUBE.transpose(1, 2, 0), dims=("p", "q", "r")), "last.nc")
-    with pytest.raises(InputValidationError, match=r"or dims=\('r', 'p', 'q'\) if the bands are last"):
+    with pytest.raises(
+        InputValidationError, match=r"or dims=\('r', 'p', 'q'\) if the bands are last"
+    ):
         open_scene(last)
     np.testing.assert_array_equal(open_scene(last, dims=("r", "p", "q")).values, _expected())
 
@@ -96,7 +98,9 @@ def test_xarray_zarr_with_unnamed_dims_is_refused_too(tmp_path: Path) -> None:
     xr.DataArray(CUBE.transpose(1, 2, 0), dims=("p", "q", "r")).to_dataset(name="cube").to_zarr(
         p, zarr_format=3, consolidated=False
     )
-    with pytest.raises(InputValidationError, match=r"is the band axis: its dims \{'p': 16, 'q': 24, 'r': 103\}"):
+    with pytest.raises(
+        InputValidationError, match=r"is the band axis: its dims \{'p': 16, 'q': 24, 'r': 103\}"
+    ):
         open_scene(p)
     np.testing.assert_array_equal(open_scene(p, dims=("r", "p", "q")).values, _expected())
 

@@ -30,8 +30,11 @@ def test_unevenly_spaced_x_is_refused(tmp_path: Path) -> None:
     x[10:] += 7.5  # one column step of 37.5 m among 30 m steps
     p = tmp_path / "uneven.nc"
     da.assign_coords(x=x).to_dataset().to_netcdf(p)
-    with pytest.raises(InputValidationError, match=r"the 'x' coordinates of '.*uneven\.nc' are not evenly spaced "
-                                                   r"\(steps from 30\.0 to 37\.5\).*Resample the scene"):
+    with pytest.raises(
+        InputValidationError,
+        match=r"the 'x' coordinates of '.*uneven\.nc' are not evenly spaced "
+        r"\(steps from 30\.0 to 37\.5\).*Resample the scene",
+    ):
         open_scene(p)
 
 
@@ -41,7 +44,9 @@ def test_regular_grid_with_float32_lat_lon_reads(tmp_path: Path) -> None:
     ny, nx = da.sizes["y"], da.sizes["x"]
     lat = (52.4 - 0.00027 * np.arange(ny)).astype("float32")
     lon = (13.05 + 0.00027 * np.arange(nx)).astype("float32")
-    geo = xr.DataArray(da.values, dims=("band", "lat", "lon"), coords={"lat": lat, "lon": lon}, name="reflectance")
+    geo = xr.DataArray(
+        da.values, dims=("band", "lat", "lon"), coords={"lat": lat, "lon": lon}, name="reflectance"
+    )
     geo = geo.rio.set_spatial_dims(x_dim="lon", y_dim="lat").rio.write_crs("EPSG:4326")
     p = tmp_path / "latlon.nc"
     geo.to_dataset().to_netcdf(p)

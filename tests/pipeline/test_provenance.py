@@ -14,10 +14,19 @@ from pipeline.errors import ProvenanceError
 
 def _record(run_dir: Path, status: str, **kw: object) -> dict:
     (run_dir / "out.tif").write_bytes(b"data")
-    rec = {"run_id": run_dir.name, "status": status, "start": "2026-01-01T00:00:00Z", "end": "2026-01-01T00:01:00Z",
-           "input": {"path": "/x/scene.tif", "sha256": "a" * 64}, "config_hash": "c" * 64,
-           "models": [{"name": "decsc", "weights_sha256": "w" * 64}], "outputs": {"denoised_tif": "out.tif"},
-           "failed_tiles": [], "not_converged_tiles": [], "tiles": {}}
+    rec = {
+        "run_id": run_dir.name,
+        "status": status,
+        "start": "2026-01-01T00:00:00Z",
+        "end": "2026-01-01T00:01:00Z",
+        "input": {"path": "/x/scene.tif", "sha256": "a" * 64},
+        "config_hash": "c" * 64,
+        "models": [{"name": "decsc", "weights_sha256": "w" * 64}],
+        "outputs": {"denoised_tif": "out.tif"},
+        "failed_tiles": [],
+        "not_converged_tiles": [],
+        "tiles": {},
+    }
     rec.update(kw)
     prov.write_run_record(run_dir, rec)
     return rec
@@ -33,15 +42,28 @@ def test_sha256_of_files_and_folders(tmp_path: Path) -> None:
     h1 = prov.sha256_path(d)
     (d / "s" / "x").write_bytes(b"2")
     assert prov.sha256_path(d) != h1
-    with pytest.raises(ProvenanceError, match=r"cannot read input .*missing.* \(No such file or directory\); check the path"):
+    with pytest.raises(
+        ProvenanceError,
+        match=r"cannot read input .*missing.* \(No such file or directory\); check the path",
+    ):
         prov.sha256_path(tmp_path / "missing")
 
 
 def test_run_id_changes_with_input_config_or_weights() -> None:
     base = prov.make_run_id("a", "c", {"decsc": "w"})
     assert base == prov.make_run_id("a", "c", {"decsc": "w"})
-    assert len({base, prov.make_run_id("b", "c", {"decsc": "w"}), prov.make_run_id("a", "d", {"decsc": "w"}),
-                prov.make_run_id("a", "c", {"decsc": "v"}), prov.make_run_id("a", "c", {"decsc": "w", "deq-unmix": None})}) == 5
+    assert (
+        len(
+            {
+                base,
+                prov.make_run_id("b", "c", {"decsc": "w"}),
+                prov.make_run_id("a", "d", {"decsc": "w"}),
+                prov.make_run_id("a", "c", {"decsc": "v"}),
+                prov.make_run_id("a", "c", {"decsc": "w", "deq-unmix": None}),
+            }
+        )
+        == 5
+    )
 
 
 def test_only_a_complete_record_with_intact_outputs_counts(tmp_path: Path) -> None:
@@ -76,18 +98,36 @@ def test_bad_status_and_corrupt_record_raise(tmp_path: Path) -> None:
 
 
 def test_tile_summary_lists_failed_and_not_converged() -> None:
-    recs = [{"key": "a", "status": "ok", "converged": True}, {"key": "b", "status": "failed"},
-            {"key": "c", "status": "ok", "converged": False}]
-    assert prov.summarise_tiles(recs) == {"n_tiles": 3, "n_ok": 2, "failed": ["b"], "not_converged": ["c"]}
+    recs = [
+        {"key": "a", "status": "ok", "converged": True},
+        {"key": "b", "status": "failed"},
+        {"key": "c", "status": "ok", "converged": False},
+    ]
+    assert prov.summarise_tiles(recs) == {
+        "n_tiles": 3,
+        "n_ok": 2,
+        "failed": ["b"],
+        "not_converged": ["c"],
+    }
 
 
 def test_stac_item_has_processing_and_projection(tmp_path: Path) -> None:
     rec = _record(tmp_path, prov.COMPLETE, code_version="v0.1-3-gabc", host={"hostname": "h"})
     geo = {"proj:code": "EPSG:32633", "proj:transform": [30, 0, 1, 0, -30, 2], "proj:shape": [4, 5]}
-    item = prov.stac_item(rec, geo, [13.0, 52.3, 13.1, 52.4], {"type": "Polygon", "coordinates": [[[13.0, 52.3], [13.1, 52.3], [13.1, 52.4], [13.0, 52.3]]]})
+    item = prov.stac_item(
+        rec,
+        geo,
+        [13.0, 52.3, 13.1, 52.4],
+        {
+            "type": "Polygon",
+            "coordinates": [[[13.0, 52.3], [13.1, 52.3], [13.1, 52.4], [13.0, 52.3]]],
+        },
+    )
     p = prov.write_stac_item(tmp_path, item)
     back = pystac.Item.from_dict(json.loads(p.read_text()))
-    assert prov.PROCESSING_EXT in back.stac_extensions and prov.PROJECTION_EXT in back.stac_extensions
+    assert (
+        prov.PROCESSING_EXT in back.stac_extensions and prov.PROJECTION_EXT in back.stac_extensions
+    )
     assert back.properties["processing:software"] == {"hyperdeq": "v0.1-3-gabc"}
     assert back.properties["proj:code"] == "EPSG:32633"
     assert set(back.assets) == {"denoised_tif", "run_record"}

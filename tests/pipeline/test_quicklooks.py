@@ -64,7 +64,9 @@ def test_rgb_title_names_the_bands() -> None:
 def test_rgb_png_marks_nodata_transparent_and_is_at_least_256_px(enmap_tile) -> None:
     cube = enmap_tile.values.copy()
     cube[:, :4, :] = np.nan  # a nodata strip
-    bands = q.rgb_bands(enmap_tile["wavelength"].values, cube.shape[0], enmap_tile["good_band"].values)
+    bands = q.rgb_bands(
+        enmap_tile["wavelength"].values, cube.shape[0], enmap_tile["good_band"].values
+    )
     a = _img(q.rgb_png(cube, bands))
     # the 32 px tile is enlarged 8x (nearest): every scene pixel is an 8x8 block
     assert a.shape == (256, 256, 4)
@@ -75,11 +77,15 @@ def test_rgb_png_marks_nodata_transparent_and_is_at_least_256_px(enmap_tile) -> 
     assert titled.shape == (256 + q.HEADER_PX, 256, 4)
     header = titled[: q.HEADER_PX]
     assert _ink(header) and (header[..., 3] == 255).all()  # text on opaque white
-    np.testing.assert_array_equal(titled[q.HEADER_PX:], a)
+    np.testing.assert_array_equal(titled[q.HEADER_PX :], a)
     # a title too long for one line wraps: the strip grows, the image stays below it
     wl = enmap_tile["wavelength"].values
-    long = _img(q.rgb_png(cube, bands, title=q.rgb_title("denoised surface reflectance", [wl[b] for b in bands])))
-    assert long.shape[0] > titled.shape[0] and _ink(long[q.HEADER_PX: long.shape[0] - 256])
+    long = _img(
+        q.rgb_png(
+            cube, bands, title=q.rgb_title("denoised surface reflectance", [wl[b] for b in bands])
+        )
+    )
+    assert long.shape[0] > titled.shape[0] and _ink(long[q.HEADER_PX : long.shape[0] - 256])
     np.testing.assert_array_equal(long[-256:], a)
 
 
@@ -98,7 +104,7 @@ def test_abundance_png_has_labelled_panels_a_colour_bar_and_transparent_nodata()
     panel = 20 * 13  # 20 px enlarged by 13 to reach 256 px
     assert rgba.shape[-1] == 4 and img.shape[0] == panel + q.HEADER_PX
     assert img.shape[1] > 3 * panel + 2 * 2  # the colour bar is to the right
-    maps = img[q.HEADER_PX:]
+    maps = img[q.HEADER_PX :]
     # three map panels and the colour bar: the column runs that are mostly coloured (not white)
     coloured = ((maps != 255).any(axis=-1)).mean(axis=0) > 0.5
     runs = _runs(coloured)
@@ -107,13 +113,13 @@ def test_abundance_png_has_labelled_panels_a_colour_bar_and_transparent_nodata()
     for k in range(3):
         x0 = k * (panel + 2)
         assert runs[k][0] == x0
-        assert _ink(rgba[: q.HEADER_PX, x0:x0 + panel])  # each panel titled
+        assert _ink(rgba[: q.HEADER_PX, x0 : x0 + panel])  # each panel titled
         # nodata rows: transparent (white once flattened); data rows opaque
-        assert (rgba[q.HEADER_PX:q.HEADER_PX + 26, x0:x0 + panel, 3] == 0).all()
-        assert (img[q.HEADER_PX:q.HEADER_PX + 26, x0:x0 + panel] == 255).all()
-        assert (rgba[q.HEADER_PX + 26:, x0:x0 + panel, 3] == 255).all()
+        assert (rgba[q.HEADER_PX : q.HEADER_PX + 26, x0 : x0 + panel, 3] == 0).all()
+        assert (img[q.HEADER_PX : q.HEADER_PX + 26, x0 : x0 + panel] == 255).all()
+        assert (rgba[q.HEADER_PX + 26 :, x0 : x0 + panel, 3] == 255).all()
     assert (rgba[: q.HEADER_PX, ..., 3] == 255).all()  # titles opaque
-    bar = img[q.HEADER_PX + 10:-10, 3 * (panel + 2) + 8]  # a column inside the colour bar
+    bar = img[q.HEADER_PX + 10 : -10, 3 * (panel + 2) + 8]  # a column inside the colour bar
     assert len({tuple(c) for c in bar}) > 20  # a ramp, not a flat colour
     # the same value maps to the same colour in every panel (one fixed 0-1 scale)
     assert (img[200, 100] == img[200, 100 + panel + 2]).all()
@@ -121,7 +127,9 @@ def test_abundance_png_has_labelled_panels_a_colour_bar_and_transparent_nodata()
     other = _img(q.abundance_png(ab, ["a", "b", "c"], gap=2))
     assert other.shape == rgba.shape
     assert (other[: q.HEADER_PX] != rgba[: q.HEADER_PX]).any()
-    np.testing.assert_array_equal(other[q.HEADER_PX:, : 3 * panel], rgba[q.HEADER_PX:, : 3 * panel])
+    np.testing.assert_array_equal(
+        other[q.HEADER_PX :, : 3 * panel], rgba[q.HEADER_PX :, : 3 * panel]
+    )
 
 
 def test_spectra_png_draws_each_endmember_against_wavelength(enmap_tile) -> None:
@@ -134,10 +142,14 @@ def test_spectra_png_draws_each_endmember_against_wavelength(enmap_tile) -> None
     assert img.shape == (400, 720, 3)
     for colour in q.LINE_COLOURS[:2]:  # both lines and their legend entries are drawn
         assert (np.abs(img.astype(int) - colour).sum(axis=-1) < 30).sum() > 200
-    assert not (np.abs(img.astype(int) - q.LINE_COLOURS[2]).sum(axis=-1) < 30).any()  # no third line
+    assert not (
+        np.abs(img.astype(int) - q.LINE_COLOURS[2]).sum(axis=-1) < 30
+    ).any()  # no third line
 
 
 def test_data_uri_round_trips() -> None:
     png = q.rgb_png(np.ones((3, 4, 4), np.float32), (0, 1, 2))
     uri = q.data_uri(png)
-    assert uri.startswith("data:image/png;base64,") and base64.b64decode(uri.split(",", 1)[1]) == png
+    assert (
+        uri.startswith("data:image/png;base64,") and base64.b64decode(uri.split(",", 1)[1]) == png
+    )

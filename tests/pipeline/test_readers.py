@@ -50,17 +50,26 @@ def write_envi(
 ) -> Path:
     """Write ``cube`` (bands, lines, samples) as ENVI with the Gamsberg band metadata."""
     nb, nl, ns = cube.shape
-    code = data_type or {"float32": 4, "float64": 5, "int16": 2, "uint16": 12, "int32": 3, "uint8": 1}[
-        str(cube.dtype)
-    ]
+    code = (
+        data_type
+        or {"float32": 4, "float64": 5, "int16": 2, "uint16": 12, "int32": 3, "uint8": 1}[
+            str(cube.dtype)
+        ]
+    )
     arr = {"bsq": cube, "bil": cube.transpose(1, 0, 2), "bip": cube.transpose(1, 2, 0)}[interleave]
     arr = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<" if byte_order == 0 else ">"))
     with open(path, "wb") as f:
         f.write(b"\0" * offset)
         f.write(arr.tobytes())
     fields: dict[str, object] = {
-        "samples": ns, "lines": nl, "bands": nb, "header offset": offset, "file type": "ENVI Standard",
-        "data type": code, "interleave": interleave, "byte order": byte_order,
+        "samples": ns,
+        "lines": nl,
+        "bands": nb,
+        "header offset": offset,
+        "file type": "ENVI Standard",
+        "data type": code,
+        "interleave": interleave,
+        "byte order": byte_order,
     }
     if keep_wavelengths:
         hdr = gamsberg_header()
@@ -93,7 +102,11 @@ def test_geotiff_potsdam_tile_canonical() -> None:
     assert da.rio.crs.to_epsg() == 32633
     assert tuple(da.rio.transform())[:6] == (30.0, 0.0, 366015.0, 0.0, -30.0, 5809965.0)
     wl = da["wavelength"].values
-    assert np.all(np.diff(wl) > 0) and wl[0] == pytest.approx(418.24) and wl[-1] == pytest.approx(2445.53)
+    assert (
+        np.all(np.diff(wl) > 0)
+        and wl[0] == pytest.approx(418.24)
+        and wl[-1] == pytest.approx(2445.53)
+    )
     assert np.isfinite(da["fwhm"].values).all()
     # EnMAP VNIR and SWIR overlap: bands are merged in wavelength order, the original order kept
     order = np.asarray(da.attrs["source_band_order"])
@@ -134,7 +147,9 @@ def test_geotiff_berlin_aux_xml_micrometres_and_int16_scaling() -> None:
     assert da.shape == (177, 7, 10)
     assert da["wavelength"].values[0] == pytest.approx(460.0)  # 0.46 µm in the .aux.xml
     assert da["wavelength"].values[-1] == pytest.approx(2409.0)
-    assert da.attrs["source_scale_factor"] == 10000.0 and "integer" in da.attrs["scale_factor_source"]
+    assert (
+        da.attrs["source_scale_factor"] == 10000.0 and "integer" in da.attrs["scale_factor_source"]
+    )
     assert da.attrs["source_nodata"] == -9999.0
     with rasterio.open(BERLIN) as src:
         raw = src.read()
@@ -144,7 +159,9 @@ def test_geotiff_berlin_aux_xml_micrometres_and_int16_scaling() -> None:
 
 def test_geotiff_explicit_scale_factor_option() -> None:
     da = open_scene(BERLIN, scale_factor=20000.0)  # overrides the x10^4 integer convention
-    assert da.attrs["source_scale_factor"] == 20000.0 and da.attrs["scale_factor_source"] == "option"
+    assert (
+        da.attrs["source_scale_factor"] == 20000.0 and da.attrs["scale_factor_source"] == "option"
+    )
     with rasterio.open(BERLIN) as src:
         raw = src.read()
     want = np.where(raw == -9999, np.nan, raw.astype(np.float32) / np.float32(20000))
@@ -154,7 +171,9 @@ def test_geotiff_explicit_scale_factor_option() -> None:
 def test_demo_mosaic_float_reflectance_x10000_inferred() -> None:
     da = open_scene(DEMO)
     assert da.shape == (224, 192, 160)
-    assert da.attrs["source_scale_factor"] == 10000.0 and da.attrs["scale_factor_source"].startswith("inferred")
+    assert da.attrs["source_scale_factor"] == 10000.0 and da.attrs[
+        "scale_factor_source"
+    ].startswith("inferred")
     frac_nan = float(np.isnan(da.values).mean())
     assert 0.40 < frac_nan < 0.43  # 42 % nodata where no tile exists
 
@@ -188,9 +207,13 @@ def test_envi_gamsberg() -> None:
 
 @pytest.mark.parametrize("interleave", ["bsq", "bil", "bip"])
 @pytest.mark.parametrize("byte_order", [0, 1])
-def test_envi_interleave_byte_order_offset(tmp_path: Path, interleave: str, byte_order: int) -> None:
+def test_envi_interleave_byte_order_offset(
+    tmp_path: Path, interleave: str, byte_order: int
+) -> None:
     cube = gamsberg_raw()
-    p = write_envi(tmp_path / f"g_{interleave}", cube, interleave=interleave, byte_order=byte_order, offset=64)
+    p = write_envi(
+        tmp_path / f"g_{interleave}", cube, interleave=interleave, byte_order=byte_order, offset=64
+    )
     da = quiet_open(p)
     np.testing.assert_array_equal(da.values, cube / np.float32(10000))
 
@@ -245,7 +268,9 @@ def test_mat_v5_pavia() -> None:
         da = open_scene(PAVIA)
     raw = scipy.io.loadmat(PAVIA)["paviaU_subimg"]  # (rows, cols, bands)
     assert da.shape == (103, 50, 50) and da.attrs["variable"] == "paviaU_subimg"
-    np.testing.assert_array_equal(da.values, np.transpose(raw, (2, 0, 1)).astype(np.float32) / np.float32(10000))
+    np.testing.assert_array_equal(
+        da.values, np.transpose(raw, (2, 0, 1)).astype(np.float32) / np.float32(10000)
+    )
 
 
 def test_mat_y_trap_column_major(tmp_path: Path) -> None:
@@ -254,10 +279,14 @@ def test_mat_y_trap_column_major(tmp_path: Path) -> None:
     # how MATLAB stores a (bands × pixels) matrix: pixels enumerated column-major
     y = cube.reshape(rows * cols, bands, order="F").T
     p = tmp_path / "unmix.mat"
-    scipy.io.savemat(p, {"Y": y, "lines": np.uint8(rows), "cols": np.uint8(cols), "GT": np.ones((3, bands))})
+    scipy.io.savemat(
+        p, {"Y": y, "lines": np.uint8(rows), "cols": np.uint8(cols), "GT": np.ones((3, bands))}
+    )
     da = quiet_open(p)
     assert da.attrs["variable"] == "Y" and "order='F'" in da.attrs["unfolded"]
-    np.testing.assert_array_equal(da.values, np.transpose(cube, (2, 0, 1)).astype(np.float32) / np.float32(10000))
+    np.testing.assert_array_equal(
+        da.values, np.transpose(cube, (2, 0, 1)).astype(np.float32) / np.float32(10000)
+    )
     # rows/cols can be given when the file lacks them
     p2 = tmp_path / "bare.mat"
     scipy.io.savemat(p2, {"Y": y})
@@ -268,13 +297,17 @@ def test_mat_v73_hdf5(tmp_path: Path) -> None:
     cube = scipy.io.loadmat(PAVIA)["paviaU_subimg"]
     p = tmp_path / "v73.mat"
     with h5py.File(p, "w", userblock_size=512) as f:
-        f.create_dataset("paviaU", data=cube.T)  # MATLAB writes column-major: h5py sees it transposed
+        f.create_dataset(
+            "paviaU", data=cube.T
+        )  # MATLAB writes column-major: h5py sees it transposed
         f.create_dataset("wavelengths", data=np.linspace(0.43, 0.86, cube.shape[2])[None, :].T.T)
     with open(p, "r+b") as f:
         f.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: test".ljust(116, b" "))
     assert detect_format(p) == "mat"
     da = quiet_open(p)
-    np.testing.assert_array_equal(da.values, np.transpose(cube, (2, 0, 1)).astype(np.float32) / np.float32(10000))
+    np.testing.assert_array_equal(
+        da.values, np.transpose(cube, (2, 0, 1)).astype(np.float32) / np.float32(10000)
+    )
     assert da["wavelength"].values[0] == pytest.approx(430.0)  # µm inferred → nm
 
 
@@ -282,7 +315,9 @@ def test_mat_variable_option_and_ambiguity(tmp_path: Path) -> None:
     cube = scipy.io.loadmat(PAVIA)["paviaU_subimg"]
     p = tmp_path / "two.mat"
     scipy.io.savemat(p, {"a": cube, "b": cube[:, :, :50]})
-    with pytest.raises(InputValidationError, match=r"several 3-D cubes \(\['a', 'b'\]\).*variable=<name>"):
+    with pytest.raises(
+        InputValidationError, match=r"several 3-D cubes \(\['a', 'b'\]\).*variable=<name>"
+    ):
         quiet_open(p)
     assert quiet_open(p, variable="b").shape == (50, 50, 50)
 

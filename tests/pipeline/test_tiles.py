@@ -23,22 +23,31 @@ DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "enmap_potsdam_mo
 CROP = (48, 64, 48, 48)  # y0, x0, height, width
 
 
-def real_crop(y0: int = CROP[0], x0: int = CROP[1], h: int = CROP[2], w: int = CROP[3]) -> xr.DataArray:
+def real_crop(
+    y0: int = CROP[0], x0: int = CROP[1], h: int = CROP[2], w: int = CROP[3]
+) -> xr.DataArray:
     """A real EnMAP crop (all 224 bands) as a canonical in-memory scene."""
     from pipeline.readers import open_scene
 
     return open_scene(DEMO).isel(y=slice(y0, y0 + h), x=slice(x0, x0 + w)).load()
 
 
-def write_crop_tif(dest: Path, y0: int = CROP[0], x0: int = CROP[1], h: int = CROP[2], w: int = CROP[3]) -> Path:
+def write_crop_tif(
+    dest: Path, y0: int = CROP[0], x0: int = CROP[1], h: int = CROP[2], w: int = CROP[3]
+) -> Path:
     """Copy a window of the demo GeoTIFF (values, georeferencing, dataset and band tags) to ``dest``."""
     import rasterio
     from rasterio.windows import Window as RW
 
     with rasterio.open(DEMO) as src:
         win = RW(x0, y0, w, h)
-        prof = src.profile | {"width": w, "height": h, "transform": src.window_transform(win),
-                              "tiled": False, "compress": "deflate"}
+        prof = src.profile | {
+            "width": w,
+            "height": h,
+            "transform": src.window_transform(win),
+            "tiled": False,
+            "compress": "deflate",
+        }
         prof.pop("blockxsize", None)
         prof.pop("blockysize", None)
         with rasterio.open(dest, "w", **prof) as dst:
@@ -66,7 +75,9 @@ class BoxFilter:
         from scipy.ndimage import uniform_filter
 
         fin = np.isfinite(cube)
-        num = uniform_filter(np.where(fin, cube, 0).astype(np.float64), size=(1, 3, 3), mode="nearest")
+        num = uniform_filter(
+            np.where(fin, cube, 0).astype(np.float64), size=(1, 3, 3), mode="nearest"
+        )
         den = uniform_filter(fin.astype(np.float64), size=(1, 3, 3), mode="nearest")
         with np.errstate(invalid="ignore", divide="ignore"):
             out = (num / den).astype(np.float32)
@@ -88,7 +99,9 @@ def store(tmp_path: Path, crop: xr.DataArray) -> tuple[Path, Any]:
     return p, grid
 
 
-def test_each_tile_is_one_chunk_holding_its_read_window(store: tuple[Path, Any], crop: xr.DataArray) -> None:
+def test_each_tile_is_one_chunk_holding_its_read_window(
+    store: tuple[Path, Any], crop: xr.DataArray
+) -> None:
     path, grid = store
     arr = zarr.open_array(str(path / "data"), mode="r")
     good = good_band_index(crop)
@@ -105,9 +118,13 @@ def test_each_tile_is_one_chunk_holding_its_read_window(store: tuple[Path, Any],
 
 def test_existing_store_is_not_overwritten(store: tuple[Path, Any], crop: xr.DataArray) -> None:
     path, grid = store
-    with pytest.raises(WriteError, match=r"tile store .*in.zarr' already exists; pass overwrite=True"):
+    with pytest.raises(
+        WriteError, match=r"tile store .*in.zarr' already exists; pass overwrite=True"
+    ):
         ts.write_input_tiles(crop, grid, path)
-    with pytest.raises(GridError, match=r"scene shape \(48, 48\) does not match the grid shape \(40, 40\)"):
+    with pytest.raises(
+        GridError, match=r"scene shape \(48, 48\) does not match the grid shape \(40, 40\)"
+    ):
         ts.write_input_tiles(crop, plan_grid((40, 40), 16, 4), path.with_name("other.zarr"))
 
 
@@ -124,13 +141,17 @@ def _corrupt_chunk(stage: Path, grid: Any, tile: Any, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["truncate", "flip"])
-def test_corrupted_tile_output_is_detected_and_recomputed(store: tuple[Path, Any], tmp_path: Path, how: str) -> None:
+def test_corrupted_tile_output_is_detected_and_recomputed(
+    store: tuple[Path, Any], tmp_path: Path, how: str
+) -> None:
     path, grid = store
     model = BoxFilter()
     dest = ts.create_output_store(tmp_path / "box.zarr", grid, [str(i) for i in range(218)])
     with ThreadPoolExecutor(2) as ex:
         first = run_tiles(ex, model, path, dest, grid, batch_size=2)
-        assert all(r["status"] == "ok" for r in first.records) and len(first.records) == len(grid.tiles)
+        assert all(r["status"] == "ok" for r in first.records) and len(first.records) == len(
+            grid.tiles
+        )
         victim = grid.tiles[1]
         _corrupt_chunk(dest, grid, victim, how)
         assert not ts.verify_tile(dest, grid, victim, first.records[1]["checksum"])
@@ -141,7 +162,9 @@ def test_corrupted_tile_output_is_detected_and_recomputed(store: tuple[Path, Any
     assert second.records[1]["checksum"] == first.records[1]["checksum"]
 
 
-def test_missing_or_unreadable_record_means_recompute(store: tuple[Path, Any], tmp_path: Path) -> None:
+def test_missing_or_unreadable_record_means_recompute(
+    store: tuple[Path, Any], tmp_path: Path
+) -> None:
     path, grid = store
     dest = ts.create_output_store(tmp_path / "box.zarr", grid, [str(i) for i in range(218)])
     with ThreadPoolExecutor(2) as ex:
@@ -153,7 +176,10 @@ def test_missing_or_unreadable_record_means_recompute(store: tuple[Path, Any], t
     assert sorted(r["key"] for r in again.records if not r.get("reused")) == sorted(
         [grid.tiles[0].key, grid.tiles[2].key]
     )
-    assert json.loads((ts.records_dir(dest) / f"{grid.tiles[2].key}.json").read_text())["status"] == "ok"
+    assert (
+        json.loads((ts.records_dir(dest) / f"{grid.tiles[2].key}.json").read_text())["status"]
+        == "ok"
+    )
 
 
 def test_output_store_refuses_other_layout(store: tuple[Path, Any], tmp_path: Path) -> None:
@@ -163,7 +189,9 @@ def test_output_store_refuses_other_layout(store: tuple[Path, Any], tmp_path: Pa
         ts.create_output_store(tmp_path / "o.zarr", grid, ["a", "b", "c"])
 
 
-def test_wrong_model_output_shape_is_a_failed_tile_not_a_silent_write(store: tuple[Path, Any], tmp_path: Path) -> None:
+def test_wrong_model_output_shape_is_a_failed_tile_not_a_silent_write(
+    store: tuple[Path, Any], tmp_path: Path
+) -> None:
     path, grid = store
 
     class Shrinks(BoxFilter):
@@ -177,7 +205,9 @@ def test_wrong_model_output_shape_is_a_failed_tile_not_a_silent_write(store: tup
     assert "model output has shape" in res.failed[0]["error"]
 
 
-def test_changed_input_or_weights_invalidate_tile_records(store: tuple[Path, Any], tmp_path: Path, crop: xr.DataArray) -> None:
+def test_changed_input_or_weights_invalidate_tile_records(
+    store: tuple[Path, Any], tmp_path: Path, crop: xr.DataArray
+) -> None:
     path, grid = store
     dest = ts.create_output_store(tmp_path / "box.zarr", grid, [str(i) for i in range(218)])
 
@@ -187,7 +217,9 @@ def test_changed_input_or_weights_invalidate_tile_records(store: tuple[Path, Any
     with ThreadPoolExecutor(2) as ex:
         run_tiles(ex, BoxFilter(), path, dest, grid)
         assert all(r.get("reused") for r in run_tiles(ex, BoxFilter(), path, dest, grid).records)
-        assert not any(r.get("reused") for r in run_tiles(ex, Reweighted(), path, dest, grid).records)
+        assert not any(
+            r.get("reused") for r in run_tiles(ex, Reweighted(), path, dest, grid).records
+        )
         changed = crop.copy(data=crop.values * 2)
         ts.write_input_tiles(changed, grid, path, bands=good_band_index(crop), overwrite=True)
         again = run_tiles(ex, Reweighted(), path, dest, grid)
@@ -231,4 +263,6 @@ def test_batches_never_reported_by_a_closed_client_are_cut_off_not_awaited(
     ok = [r for r in res.records if r["status"] == "ok"]
     cut = [r for r in res.records if r["status"] != "ok"]
     assert len(ok) == 2 and len(cut) == len(grid.tiles) - 2
-    assert all(r["error"].startswith("task failed: CancelledError: the Dask client closed") for r in cut)
+    assert all(
+        r["error"].startswith("task failed: CancelledError: the Dask client closed") for r in cut
+    )

@@ -21,7 +21,9 @@ def test_values_outside_the_range_become_nan_and_are_counted_per_band() -> None:
     oor = np.zeros(2, np.int64)
     out = to_canonical(raw, nodata=-32768, scale_factor=10000.0, out_of_range=oor)
     assert REFLECTANCE_RANGE == (-0.5, 2.0)
-    np.testing.assert_array_equal(np.isnan(out[0, 0]), [True, False, False, False, True])  # bounds kept
+    np.testing.assert_array_equal(
+        np.isnan(out[0, 0]), [True, False, False, False, True]
+    )  # bounds kept
     np.testing.assert_array_equal(np.isnan(out[1, 0]), [True, True, False, False, False])
     assert oor.tolist() == [2, 1]  # the nodata value is nodata, not out of range
 
@@ -31,7 +33,11 @@ def test_float_fill_values_nan_and_inf() -> None:
     oor = np.zeros(1, np.int64)
     out = to_canonical(raw.copy(), nodata=None, scale_factor=1.0, out_of_range=oor, copy=False)
     assert oor.tolist() == [2]
-    assert np.isnan(out[0, 0, :3]).all() and np.isinf(out[0, 0, 3]) and out[0, 0, 4] == np.float32(0.25)
+    assert (
+        np.isnan(out[0, 0, :3]).all()
+        and np.isinf(out[0, 0, 3])
+        and out[0, 0, 4] == np.float32(0.25)
+    )
     # without a range (a caller that wants raw values) nothing is changed
     same = to_canonical(raw, nodata=None, scale_factor=1.0, valid_range=None)
     assert same[0, 0, 0] == np.float32(-3e38)
@@ -42,7 +48,7 @@ def test_out_of_range_counts_survive_an_interrupted_ingest(tmp_path: Path) -> No
     with rasterio.open(TILE) as s:
         cube, profile = s.read(), s.profile
         tags, btags = s.tags(), [s.tags(i) for i in range(1, s.count + 1)]
-    cube[5, 0, 0] = 1e6   # region 0
+    cube[5, 0, 0] = 1e6  # region 0
     cube[9, 31, 31] = -3e38  # the last region
     cube[9, 30, 31] = 5e4
     with rasterio.open(src, "w", **profile) as d:
@@ -70,8 +76,14 @@ def test_out_of_range_counts_survive_an_interrupted_ingest(tmp_path: Path) -> No
 
 
 def test_read_checked_names_the_chunk(tmp_path: Path) -> None:
-    arr = zarr.create_array(str(tmp_path / "a.zarr"), shape=(3, 8, 8), chunks=(3, 4, 4), dtype="float32",
-                            compressors=compressors(), fill_value=np.nan)
+    arr = zarr.create_array(
+        str(tmp_path / "a.zarr"),
+        shape=(3, 8, 8),
+        chunks=(3, 4, 4),
+        dtype="float32",
+        compressors=compressors(),
+        fill_value=np.nan,
+    )
     arr[...] = np.arange(192, dtype=np.float32).reshape(3, 8, 8)
     f = tmp_path / "a.zarr" / "c" / "0" / "1" / "0"
     b = bytearray(f.read_bytes())
@@ -79,11 +91,18 @@ def test_read_checked_names_the_chunk(tmp_path: Path) -> None:
     f.write_bytes(bytes(b))
     arr = zarr.open_array(str(tmp_path / "a.zarr"), mode="r")
     assert bad_chunk(arr) is not None and bad_chunk(arr)[0] == (0, 1, 0)
-    np.testing.assert_array_equal(read_checked(arr, (slice(None), slice(0, 4)), store="s", array="a", fix="x."),
-                                  np.arange(192, dtype=np.float32).reshape(3, 8, 8)[:, :4])
-    with pytest.raises(ChunkChecksumError, match=r"chunk 'c/0/1/0' \(index \(0, 1, 0\), elements \[0:3, 4:8, 0:4\]\) "
-                       r"of array 'a' in zarr store 's' fails its crc32c checksum .*; re-ingest\."):
-        read_checked(arr, (slice(None), slice(2, 6), slice(1, 3)), store="s", array="a", fix="re-ingest.")
+    np.testing.assert_array_equal(
+        read_checked(arr, (slice(None), slice(0, 4)), store="s", array="a", fix="x."),
+        np.arange(192, dtype=np.float32).reshape(3, 8, 8)[:, :4],
+    )
+    with pytest.raises(
+        ChunkChecksumError,
+        match=r"chunk 'c/0/1/0' \(index \(0, 1, 0\), elements \[0:3, 4:8, 0:4\]\) "
+        r"of array 'a' in zarr store 's' fails its crc32c checksum .*; re-ingest\.",
+    ):
+        read_checked(
+            arr, (slice(None), slice(2, 6), slice(1, 3)), store="s", array="a", fix="re-ingest."
+        )
 
 
 def test_all_nan_band_of_a_mat_cube_becomes_a_bad_band(tmp_path: Path) -> None:
@@ -118,8 +137,11 @@ def test_coordinate_arrays_of_the_ingested_store_are_checksummed(tmp_path: Path)
     b = bytearray(f.read_bytes())
     b[len(b) // 2] ^= 4
     f.write_bytes(bytes(b))
-    with pytest.raises(ReadError, match=r"the 'wavelength' array of zarr store '.*copy\.zarr' fails its crc32c "
-                       r"checksum .*ingest the source again"):
+    with pytest.raises(
+        ReadError,
+        match=r"the 'wavelength' array of zarr store '.*copy\.zarr' fails its crc32c "
+        r"checksum .*ingest the source again",
+    ):
         open_zarr_scene(copy)
 
 
@@ -133,6 +155,9 @@ def test_reingesting_a_damaged_store_names_the_chunk(tmp_path: Path) -> None:
     b = bytearray(f.read_bytes())
     b[len(b) // 2] ^= 8
     f.write_bytes(bytes(b))
-    with pytest.raises(ChunkChecksumError, match=r"zarr store '.*copy\.zarr'.*chunk reflectance/c/0/1/1 fails its "
-                       r"crc32c checksum"):
+    with pytest.raises(
+        ChunkChecksumError,
+        match=r"zarr store '.*copy\.zarr'.*chunk reflectance/c/0/1/1 fails its "
+        r"crc32c checksum",
+    ):
         ingest_scene(copy, tmp_path / "again.zarr")

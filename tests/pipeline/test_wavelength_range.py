@@ -17,7 +17,9 @@ from pipeline.readers import open_scene
 from pipeline.scene import MissingCRSWarning, build_scene
 from tests.pipeline.test_readers import TILE, gamsberg_header, gamsberg_raw, write_envi
 
-WL_NM = [float(v) for v in gamsberg_header()["wavelength"].strip("{}").replace("\n", " ").split(",")]
+WL_NM = [
+    float(v) for v in gamsberg_header()["wavelength"].strip("{}").replace("\n", " ").split(",")
+]
 FIX = r"wavelength units are probably wrong.*Fix 'wavelength units' or the wavelength values"
 
 
@@ -29,11 +31,17 @@ def _envi(tmp_path: Path, units: str, wl: list[float]) -> Path:
 @pytest.mark.parametrize(
     ("units", "scale", "match"),
     [
-        ("Nanometers", 1e-3, r"wavelength 0\.42682 nm of band 0 \(range 0\.42682-2\.32491 nm\) is outside 100-20000 nm"),
+        (
+            "Nanometers",
+            1e-3,
+            r"wavelength 0\.42682 nm of band 0 \(range 0\.42682-2\.32491 nm\) is outside 100-20000 nm",
+        ),
         ("Micrometers", 1.0, r"wavelength 426820\.0\d* nm of band 0 .* is outside 100-20000 nm"),
     ],
 )
-def test_envi_wavelengths_in_the_wrong_unit(tmp_path: Path, units: str, scale: float, match: str) -> None:
+def test_envi_wavelengths_in_the_wrong_unit(
+    tmp_path: Path, units: str, scale: float, match: str
+) -> None:
     p = _envi(tmp_path, units, [w * scale for w in WL_NM])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MissingCRSWarning)
@@ -48,8 +56,14 @@ def test_geotiff_micrometre_tags_declared_nanometres(tmp_path: Path) -> None:
             out.write(src.read())
             for b in range(1, src.count + 1):
                 t = src.tags(b)
-                out.update_tags(b, **{**t, "wavelength": str(float(t["wavelength"]) / 1000),
-                                      "wavelength_units": "Nanometers"})
+                out.update_tags(
+                    b,
+                    **{
+                        **t,
+                        "wavelength": str(float(t["wavelength"]) / 1000),
+                        "wavelength_units": "Nanometers",
+                    },
+                )
     with pytest.raises(InputValidationError, match=r"wavelength 0\.4\d* nm of band 0 .*" + FIX):
         open_scene(dest)
 
@@ -59,4 +73,6 @@ def test_negative_wavelengths_refused_and_real_ranges_kept() -> None:
     with pytest.raises(InputValidationError, match=r"wavelength -5\.0 nm of band 0"):
         build_scene(cube, wavelength=[-5.0, 500.0, 600.0], crs="EPSG:32633")
     for wl in ([368.0, 700.0, 1043.0], [7500.0, 9000.0, 12000.0]):  # CASI VNIR, thermal IR
-        assert build_scene(cube, wavelength=wl, crs="EPSG:32633")["wavelength"].values.tolist() == wl
+        assert (
+            build_scene(cube, wavelength=wl, crs="EPSG:32633")["wavelength"].values.tolist() == wl
+        )

@@ -54,7 +54,9 @@ def test_corrupt_chunk_is_a_read_error_naming_the_window(store: Path, tmp_path: 
     p = _copy(store, tmp_path)
     chunk = p / "reflectance" / "c" / "0" / "0" / "1"
     chunk.write_bytes(chunk.read_bytes()[:100])
-    with pytest.raises(ReadError, match=r"cannot read rows 0:32, cols 0:32 of zarr store .*a chunk is corrupt"):
+    with pytest.raises(
+        ReadError, match=r"cannot read rows 0:32, cols 0:32 of zarr store .*a chunk is corrupt"
+    ):
         ingest_scene(p, tmp_path / "again.zarr")
 
 
@@ -81,8 +83,10 @@ def test_corrupt_chunk_read_lazily_is_a_read_error_naming_store_and_chunk(
     chunk.write_bytes(chunk.read_bytes()[:100])
     scene = open_zarr_scene(p)  # metadata only: opening still works
     # the truncated chunk fails its crc32c checksum before it reaches the decompressor
-    chunk = (r"\(the chunk of rows 0:16, cols 16:32\) of zarr store '.*copy\.zarr': chunk "
-             r"reflectance/c/0/0/1 fails its crc32c checksum")
+    chunk = (
+        r"\(the chunk of rows 0:16, cols 16:32\) of zarr store '.*copy\.zarr': chunk "
+        r"reflectance/c/0/0/1 fails its crc32c checksum"
+    )
     advice = r".*the chunk is corrupt .*Copy the store again or ingest the source again"
     with pytest.raises(ReadError, match=r"cannot read rows 0:16, cols 16:32 " + chunk + advice):
         _ = scene.values
@@ -100,8 +104,14 @@ def test_bit_flip_in_an_output_store_is_named_when_exported(store: Path, tmp_pat
 
     like = open_zarr_scene(store)
     out = tmp_path / "denoised.zarr"
-    arrays = create_output_zarr(out, "denoised", like, channel_dim="band", chunk=16,
-                                channel_coords={k: like[k].values for k in ("band", "wavelength", "fwhm", "good_band")})
+    arrays = create_output_zarr(
+        out,
+        "denoised",
+        like,
+        channel_dim="band",
+        chunk=16,
+        channel_coords={k: like[k].values for k in ("band", "wavelength", "fwhm", "good_band")},
+    )
     import zarr
 
     z = zarr.open_array(str(out / "denoised"), mode="r+")
@@ -111,6 +121,8 @@ def test_bit_flip_in_an_output_store_is_named_when_exported(store: Path, tmp_pat
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x10
     chunk.write_bytes(bytes(data))
-    with pytest.raises(ChunkChecksumError, match=r"chunk 'c/.*of array 'denoised'.*crc32c checksum"):
+    with pytest.raises(
+        ChunkChecksumError, match=r"chunk 'c/.*of array 'denoised'.*crc32c checksum"
+    ):
         write_cog(out / "denoised", tmp_path / "bad.tif", like)
     assert arrays["denoised"]

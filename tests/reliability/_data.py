@@ -45,8 +45,15 @@ def crop_geotiff(
         win = Window(col, row, w, h)
         data = s.read(idx, window=win)
         profile = s.profile | {
-            "width": w, "height": h, "count": len(idx), "transform": s.window_transform(win),
-            "tiled": True, "blockxsize": 16, "blockysize": 16, "compress": "deflate", "interleave": "band",
+            "width": w,
+            "height": h,
+            "count": len(idx),
+            "transform": s.window_transform(win),
+            "tiled": True,
+            "blockxsize": 16,
+            "blockysize": 16,
+            "compress": "deflate",
+            "interleave": "band",
         }
         band_tags = [s.tags(i) for i in idx]
         tags = s.tags()

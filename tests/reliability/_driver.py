@@ -38,8 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     except (HyperdeqError, OSError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 2
-    print(json.dumps({"status": res.status, "run_dir": str(res.run_dir), "failed": res.failed_tiles,
-                      "reused": res.reused}), flush=True)
+    print(
+        json.dumps(
+            {
+                "status": res.status,
+                "run_dir": str(res.run_dir),
+                "failed": res.failed_tiles,
+                "reused": res.reused,
+            }
+        ),
+        flush=True,
+    )
     return 0 if res.status == "complete" else 1
 
 

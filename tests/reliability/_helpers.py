@@ -134,7 +134,11 @@ def output_digests(run_dir: Path) -> dict[str, str]:
     rels = (v["path"] if isinstance(v, dict) else v for v in rec["outputs"].values())
     for rel in sorted(r for r in rels if r != "stac_item.json"):
         p = run_dir / rel
-        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.name != "zarr.json")
+        files = (
+            [p]
+            if p.is_file()
+            else sorted(f for f in p.rglob("*") if f.is_file() and f.name != "zarr.json")
+        )
         for f in files:
             out[str(f.relative_to(run_dir))] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
@@ -176,8 +180,15 @@ def spawn(args: list[str], log: Path, **kw: Any) -> subprocess.Popen[bytes]:
     The output goes through a pipe drained by a thread of this process: the child's own file
     limits (the disk-full test lowers RLIMIT_FSIZE) never stop it from reporting its error.
     """
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, env=env(),
-                            start_new_session=True, **kw)
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env(),
+        start_new_session=True,
+        **kw,
+    )
 
     def drain() -> None:
         assert proc.stdout is not None
@@ -192,7 +203,9 @@ def spawn(args: list[str], log: Path, **kw: Any) -> subprocess.Popen[bytes]:
 
 def run_sync(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run a process to completion (repository root, test environment), capturing its output."""
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env())
+    return subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env()
+    )
 
 
 def kill_tree(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
@@ -229,13 +242,38 @@ class LoopbackCluster:
         tmp.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
-        self.scheduler = spawn([str(Path(PY).parent / "dask"), "scheduler", "--host", "127.0.0.1",
-                                "--port", str(self.port), "--no-dashboard"], tmp / "scheduler.log")
+        self.scheduler = spawn(
+            [
+                str(Path(PY).parent / "dask"),
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--no-dashboard",
+            ],
+            tmp / "scheduler.log",
+        )
         self.workers = [
-            spawn([str(Path(PY).parent / "dask"), "worker", self.address, "--nthreads", "1",
-                   "--nworkers", "1", "--no-dashboard", "--memory-limit", "2GiB",
-                   "--local-directory", str(tmp / f"w{i}"), "--death-timeout", "20"],
-                  tmp / f"worker{i}.log")
+            spawn(
+                [
+                    str(Path(PY).parent / "dask"),
+                    "worker",
+                    self.address,
+                    "--nthreads",
+                    "1",
+                    "--nworkers",
+                    "1",
+                    "--no-dashboard",
+                    "--memory-limit",
+                    "2GiB",
+                    "--local-directory",
+                    str(tmp / f"w{i}"),
+                    "--death-timeout",
+                    "20",
+                ],
+                tmp / f"worker{i}.log",
+            )
             for i in range(n_workers)
         ]
         self.n_workers = n_workers
@@ -259,8 +297,15 @@ HYPERDEQ = str(Path(PY).parent / "hyperdeq")
 CLUSTER_STARTED = "tile batches run on"
 
 
-def refuse_cli(args: list[str], root: Path, match: str, *, prefix: tuple[str, ...] = (),
-               env_extra: dict[str, str] | None = None, timeout: float = 300) -> tuple[dict[str, Any], list[str]]:
+def refuse_cli(
+    args: list[str],
+    root: Path,
+    match: str,
+    *,
+    prefix: tuple[str, ...] = (),
+    env_extra: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> tuple[dict[str, Any], list[str]]:
     """Run ``hyperdeq ARGS`` (behind ``prefix``) and check it refused the input as a user must see it:
     exit status 2, an ``error:`` line matching ``match``, no traceback, no Dask cluster started and
     no ``run.json`` anywhere under ``root``. Returns what was measured (``refuse_s``: wall time of
@@ -273,18 +318,29 @@ def refuse_cli(args: list[str], root: Path, match: str, *, prefix: tuple[str, ..
     e.update(env_extra or {})
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    r = subprocess.run([*prefix, HYPERDEQ, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=e)
+    r = subprocess.run(
+        [*prefix, HYPERDEQ, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=e
+    )
     wall = time.perf_counter() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)  # of the command, whatever the load
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (
+        cpu1.ru_stime - cpu0.ru_stime
+    )  # of the command, whatever the load
     text = r.stdout + r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     records = sorted(str(p) for p in root.rglob("run.json"))
-    measured = {"exit_code": r.returncode, "refuse_s": round(wall, 2), "refuse_cpu_s": round(cpu, 2),
-                "traceback": "Traceback" in text,
-                "cluster_started": CLUSTER_STARTED in text, "run_json_written": bool(records),
-                "complete_marked": sum(json.loads(Path(p).read_text()).get("status") == "complete" for p in records),
-                "message": (errors[-1][7:] if errors else text.strip()[-200:])[:160]}
+    measured = {
+        "exit_code": r.returncode,
+        "refuse_s": round(wall, 2),
+        "refuse_cpu_s": round(cpu, 2),
+        "traceback": "Traceback" in text,
+        "cluster_started": CLUSTER_STARTED in text,
+        "run_json_written": bool(records),
+        "complete_marked": sum(
+            json.loads(Path(p).read_text()).get("status") == "complete" for p in records
+        ),
+        "message": (errors[-1][7:] if errors else text.strip()[-200:])[:160],
+    }
     problems = []
     if r.returncode != 2:
         problems.append(f"exit status {r.returncode}, not 2")

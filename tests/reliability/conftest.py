@@ -31,7 +31,13 @@ class Case:
     """What one test tries (``kind``/``what``), what it expects, and what was measured."""
 
     def __init__(self, nodeid: str) -> None:
-        self.row: dict[str, Any] = {"nodeid": nodeid, "kind": "", "what": "", "expected": "", "measured": {}}
+        self.row: dict[str, Any] = {
+            "nodeid": nodeid,
+            "kind": "",
+            "what": "",
+            "expected": "",
+            "measured": {},
+        }
         _CASES[nodeid] = self.row
 
     def __call__(self, kind: str, what: str, expected: str) -> Case:
@@ -65,7 +71,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
         if rep.failed:
             row["error"] = str(rep.longrepr).strip().splitlines()[-1][:300]
         if rep.skipped and not hasattr(rep, "wasxfail"):
-            row["skip_reason"] = str(rep.longrepr[-1]) if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+            row["skip_reason"] = (
+                str(rep.longrepr[-1]) if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+            )
 
 
 def pytest_deselected(items: list[pytest.Item]) -> None:
@@ -88,7 +96,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     old: dict[str, dict[str, Any]] = {}
     if report.RESULTS_JSON.is_file():
         try:
-            old = {r["nodeid"]: r for r in json.loads(report.RESULTS_JSON.read_text()).get("cases", [])}
+            old = {
+                r["nodeid"]: r for r in json.loads(report.RESULTS_JSON.read_text()).get("cases", [])
+            }
         except (ValueError, KeyError):
             old = {}
     for row in _CASES.values():
@@ -97,8 +107,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     old = {k: r for k, r in old.items() if k in _COLLECTED or k.split("::", 1)[0] not in files}
     merged = {**old, **_CASES}
     rows = sorted(merged.values(), key=lambda r: (report.KIND_ORDER.get(r["kind"], 9), r["nodeid"]))
-    payload = {"generated": now, "exitstatus": int(exitstatus), "cases": rows,
-               "machine": {"cpus": os.cpu_count(), "load_avg_1_5_15_min": [round(v, 1) for v in os.getloadavg()]}}
+    payload = {
+        "generated": now,
+        "exitstatus": int(exitstatus),
+        "cases": rows,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_avg_1_5_15_min": [round(v, 1) for v in os.getloadavg()],
+        },
+    }
     report.RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
     from pipeline.provenance import portable
 

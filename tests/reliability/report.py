@@ -19,12 +19,18 @@ KIND_ORDER = {"fault": 0, "bad input": 1, "security": 2, "load": 3}
 TITLES = {
     "fault": "Faults survived (real multi-process Dask clusters on loopback, real data)",
     "bad input": "Bad inputs (library calls: expected error class and message; `hyperdeq` command lines: exit status, "
-                 "message, no traceback, nothing started; input policy)",
+    "message, no traceback, nothing started; input policy)",
     "security": "Security",
     "load": "Load",
 }
-_MARK = {"passed": "pass", "failed": "**FAIL**", "xfail": "known gap (xfail)", "XPASS": "XPASS",
-         "skipped": "skipped", None: "not run"}
+_MARK = {
+    "passed": "pass",
+    "failed": "**FAIL**",
+    "xfail": "known gap (xfail)",
+    "XPASS": "XPASS",
+    "skipped": "skipped",
+    None: "not run",
+}
 
 
 def _cell(v: Any) -> str:
@@ -42,11 +48,19 @@ def _median(xs: list[float]) -> float:
 
 
 def _times(rows: list[dict[str, Any]], key: str) -> str:
-    timed = [(float(r["measured"][key]), r) for r in rows if isinstance(r.get("measured", {}).get(key), int | float)]
+    timed = [
+        (float(r["measured"][key]), r)
+        for r in rows
+        if isinstance(r.get("measured", {}).get(key), int | float)
+    ]
     if not timed:
         return "not measured"
     worst, wr = max(timed, key=lambda t: t[0])
-    name = wr["nodeid"].split("[", 1)[-1].rstrip("]") if "[" in wr["nodeid"] else wr["nodeid"].split("::")[-1]
+    name = (
+        wr["nodeid"].split("[", 1)[-1].rstrip("]")
+        if "[" in wr["nodeid"]
+        else wr["nodeid"].split("::")[-1]
+    )
     return f"median {_median([t for t, _ in timed]):.3f} s, worst {worst:.3f} s (`{name}`) over {len(timed)} cases"
 
 
@@ -59,10 +73,16 @@ def summary(payload: dict[str, Any]) -> list[str]:
     lib = [r for r in bad if "raised" in r.get("measured", {})]
     passed = [r for r in bad if r.get("outcome") == "passed"]
     cli_ok = [r for r in cli if r["measured"]["exit_code"] == 2 and r.get("outcome") == "passed"]
-    accepted = [r for r in bad if str(r.get("measured", {}).get("result", "")).startswith("accepted")]
+    accepted = [
+        r for r in bad if str(r.get("measured", {}).get("result", "")).startswith("accepted")
+    ]
     completes = [x for x in m if "complete_marked" in x]
     faults = [r for r in rows if r["kind"] == "fault"]
-    identical = [r for r in faults if r.get("outcome") == "passed" and r.get("measured", {}).get("outputs_identical")]
+    identical = [
+        r
+        for r in faults
+        if r.get("outcome") == "passed" and r.get("measured", {}).get("outputs_identical")
+    ]
     machine = payload.get("machine") or {}
     lines = [
         "## Summary",
@@ -90,9 +110,11 @@ def summary(payload: dict[str, Any]) -> list[str]:
         "scenarios check a refusal, a clear failure or the run record instead).",
     ]
     if machine:
-        lines.append(f"- Machine: {machine.get('cpus')} CPU cores, load average "
-                     f"{machine.get('load_avg_1_5_15_min')} (1, 5, 15 min) when the session ended: the "
-                     "machine is shared, so times are upper bounds for an idle host.")
+        lines.append(
+            f"- Machine: {machine.get('cpus')} CPU cores, load average "
+            f"{machine.get('load_avg_1_5_15_min')} (1, 5, 15 min) when the session ended: the "
+            "machine is shared, so times are upper bounds for an idle host."
+        )
     return [*lines, ""]
 
 
@@ -121,17 +143,24 @@ def render(payload: dict[str, Any], dest: Path = DOC) -> Path:
     lines += ["Totals: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())), ""]
     lines += summary(payload)
     for kind in sorted({r["kind"] for r in rows}, key=lambda k: KIND_ORDER.get(k, 9)):
-        lines += [f"## {TITLES.get(kind, kind)}", "",
-                  "| fault / input | expected | outcome | measured / notes | time (s) | run at |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"## {TITLES.get(kind, kind)}",
+            "",
+            "| fault / input | expected | outcome | measured / notes | time (s) | run at |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in (r for r in rows if r["kind"] == kind):
             notes = _measured(r.get("measured", {}))
             for key in ("xfail_reason", "error", "skip_reason"):
                 if r.get(key):
-                    notes = (notes + "; " if notes else "") + f"{key.split('_')[0]}: {_cell(r[key])}"
-            lines.append(f"| {_cell(r['what'])} | {_cell(r['expected'])} | "
-                         f"{_MARK.get(r.get('outcome'), r.get('outcome'))} | {notes} | "
-                         f"{r.get('duration_s', '')} | {r.get('run_at', '')} |")
+                    notes = (
+                        notes + "; " if notes else ""
+                    ) + f"{key.split('_')[0]}: {_cell(r[key])}"
+            lines.append(
+                f"| {_cell(r['what'])} | {_cell(r['expected'])} | "
+                f"{_MARK.get(r.get('outcome'), r.get('outcome'))} | {notes} | "
+                f"{r.get('duration_s', '')} | {r.get('run_at', '')} |"
+            )
         lines.append("")
     lines += ["Test ids: " + ", ".join(f"`{r['nodeid'].split('::', 1)[-1]}`" for r in rows), ""]
     dest.parent.mkdir(parents=True, exist_ok=True)

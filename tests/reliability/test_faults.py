@@ -52,7 +52,9 @@ def reference(demo_crop: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     """Digests of an undisturbed run (in-process threads) of the crop."""
     tmp = tmp_path_factory.mktemp("ref")
     with ThreadPoolExecutor(2) as ex:
-        res = run_scene(demo_crop, fault_job(tmp / "out"), ex, tile_models={"denoise": _model(tmp / "log")})
+        res = run_scene(
+            demo_crop, fault_job(tmp / "out"), ex, tile_models={"denoise": _model(tmp / "log")}
+        )
     assert res.status == "complete" and res.n_tiles == N_TILES
     return output_digests(res.run_dir)
 
@@ -64,8 +66,12 @@ def _ok_verified(run_dir: Path) -> set[str]:
         return set()
     grid = tstore.open_grid(run_dir / "tiles" / "input.zarr")
     recs = tstore.load_records(dest)
-    return {t.key for t in grid.tiles if recs.get(t.key, {}).get("status") == "ok"
-            and tstore.verify_tile(dest, grid, t, recs[t.key].get("checksum"))}
+    return {
+        t.key
+        for t in grid.tiles
+        if recs.get(t.key, {}).get("status") == "ok"
+        and tstore.verify_tile(dest, grid, t, recs[t.key].get("checksum"))
+    }
 
 
 def _no_complete_outputs(run_dir: Path) -> None:
@@ -87,18 +93,35 @@ def _stage(run_dir: Path) -> dict:
 
 # ------------------------------------------------------------------------------- worker killed
 @pytest.mark.integration
-def test_worker_killed_mid_run(case, demo_crop: Path, reference: dict[str, str], tmp_path: Path) -> None:
-    case("fault", "a Dask worker process SIGKILLed mid-run (LocalCluster, 2 worker processes; the 5th tile "
-         "execution kills its own worker)",
-         "run completes; every tile exactly once in the outputs; outputs byte-identical to an undisturbed run")
+def test_worker_killed_mid_run(
+    case, demo_crop: Path, reference: dict[str, str], tmp_path: Path
+) -> None:
+    case(
+        "fault",
+        "a Dask worker process SIGKILLed mid-run (LocalCluster, 2 worker processes; the 5th tile "
+        "execution kills its own worker)",
+        "run completes; every tile exactly once in the outputs; outputs byte-identical to an undisturbed run",
+    )
     from distributed import Client, LocalCluster
 
     log = tmp_path / "log"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      memory_limit="2GiB") as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            memory_limit="2GiB",
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         worker_pids = set(client.run(os.getpid).values())
-        res = run_scene(demo_crop, fault_job(tmp_path / "out"), client,
-                        tile_models={"denoise": _model(log, delay_s=0.05, kill_at=5)})
+        res = run_scene(
+            demo_crop,
+            fault_job(tmp_path / "out"),
+            client,
+            tile_models={"denoise": _model(log, delay_s=0.05, kill_at=5)},
+        )
         pids_after = set(client.run(os.getpid).values())
     killed = int((log / "killed.marker").read_text())
     assert killed in worker_pids and killed != os.getpid()  # a worker, not this process, died
@@ -110,25 +133,45 @@ def test_worker_killed_mid_run(case, demo_crop: Path, reference: dict[str, str],
     runs = executions(log, res.run_dir / "tiles" / "input.zarr")
     assert set(runs) == set(recs)  # no tile lost
     assert output_digests(res.run_dir) == reference
-    case.measure(killed_worker_pid=killed, tile_executions=sum(runs.values()),
-                 tiles_rerun=sorted(k for k, v in runs.items() if v > 1), outputs_identical=True)
+    case.measure(
+        killed_worker_pid=killed,
+        tile_executions=sum(runs.values()),
+        tiles_rerun=sorted(k for k, v in runs.items() if v > 1),
+        outputs_identical=True,
+    )
 
 
 # ------------------------------------------------------------------------------- whole run killed
 def _driver(scene: Path, out: Path, log: Path, *extra: str) -> list[str]:
     log.mkdir(parents=True, exist_ok=True)
-    return [PY, "-m", "tests.reliability._driver", str(scene), str(out), "--log-dir", str(log), *extra]
+    return [
+        PY,
+        "-m",
+        "tests.reliability._driver",
+        str(scene),
+        str(out),
+        "--log-dir",
+        str(log),
+        *extra,
+    ]
 
 
 @pytest.mark.integration
-def test_whole_run_killed_and_resumed(case, demo_crop: Path, reference: dict[str, str], tmp_path: Path) -> None:
-    case("fault", "the whole run (driver + LocalCluster of 2 worker processes) SIGKILLed after some tiles "
-         "are recorded; then rerun",
-         "no output looks complete; the rerun recomputes only the unfinished tiles (run record) and "
-         "its outputs are byte-identical")
+def test_whole_run_killed_and_resumed(
+    case, demo_crop: Path, reference: dict[str, str], tmp_path: Path
+) -> None:
+    case(
+        "fault",
+        "the whole run (driver + LocalCluster of 2 worker processes) SIGKILLed after some tiles "
+        "are recorded; then rerun",
+        "no output looks complete; the rerun recomputes only the unfinished tiles (run record) and "
+        "its outputs are byte-identical",
+    )
     out = tmp_path / "out"
-    proc = spawn(_driver(demo_crop, out, tmp_path / "log1", "--workers", "2", "--delay", "0.4"),
-                 tmp_path / "run1.log")
+    proc = spawn(
+        _driver(demo_crop, out, tmp_path / "log1", "--workers", "2", "--delay", "0.4"),
+        tmp_path / "run1.log",
+    )
     try:
         wait_for(lambda: n_records(out) >= 4, 240, "4 tile records")
     finally:
@@ -147,11 +190,18 @@ def test_whole_run_killed_and_resumed(case, demo_crop: Path, reference: dict[str
     stage = _stage(run_dir)
     assert stage["n_reused"] == len(done_before)
     rerun = executions(tmp_path / "log2", run_dir / "tiles" / "input.zarr")
-    assert set(rerun) == {t.key for t in tstore.open_grid(run_dir / "tiles" / "input.zarr").tiles} - done_before
+    assert (
+        set(rerun)
+        == {t.key for t in tstore.open_grid(run_dir / "tiles" / "input.zarr").tiles} - done_before
+    )
     assert all(v == 1 for v in rerun.values())
     assert output_digests(run_dir) == reference
-    case.measure(tiles_done_before_kill=len(done_before), reused_on_rerun=stage["n_reused"],
-                 recomputed_on_rerun=len(rerun), outputs_identical=True)
+    case.measure(
+        tiles_done_before_kill=len(done_before),
+        reused_on_rerun=stage["n_reused"],
+        recomputed_on_rerun=len(rerun),
+        outputs_identical=True,
+    )
 
 
 # ------------------------------------------------------------------------------- corrupted chunk
@@ -198,17 +248,27 @@ def _corrupt(dest: Path, key: str, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["truncated", "bytes-flipped", "valid-but-wrong"])
-def test_corrupted_tile_chunk_recomputed(case, how: str, demo_crop: Path, reference: dict[str, str], tmp_path: Path) -> None:
-    case("fault", f"a tile-output chunk {how} on disk after it was written (run interrupted before blending)",
-         "detected by the sha256 in the tile record; only that tile recomputed on the next run; "
-         "outputs byte-identical")
+def test_corrupted_tile_chunk_recomputed(
+    case, how: str, demo_crop: Path, reference: dict[str, str], tmp_path: Path
+) -> None:
+    case(
+        "fault",
+        f"a tile-output chunk {how} on disk after it was written (run interrupted before blending)",
+        "detected by the sha256 in the tile record; only that tile recomputed on the next run; "
+        "outputs byte-identical",
+    )
     run_dir, _ = _partial_run(demo_crop, tmp_path / "out", tmp_path / "log1")
     dest = run_dir / "tiles" / "denoise.zarr"
     key = sorted(tstore.load_records(dest))[5]
     _corrupt(dest, key, how)
     assert _ok_verified(run_dir) == set(tstore.load_records(dest)) - {key}
     with ThreadPoolExecutor(2) as ex:
-        res = run_scene(demo_crop, fault_job(tmp_path / "out"), ex, tile_models={"denoise": _model(tmp_path / "log2")})
+        res = run_scene(
+            demo_crop,
+            fault_job(tmp_path / "out"),
+            ex,
+            tile_models={"denoise": _model(tmp_path / "log2")},
+        )
     assert res.status == "complete"
     assert executions(tmp_path / "log2", run_dir / "tiles" / "input.zarr") == {key: 1}
     assert _stage(run_dir)["n_reused"] == N_TILES - 1
@@ -216,9 +276,14 @@ def test_corrupted_tile_chunk_recomputed(case, how: str, demo_crop: Path, refere
     case.measure(corrupted_tile=key, recomputed=1, reused=N_TILES - 1, outputs_identical=True)
 
 
-def test_blend_refuses_tile_that_rotted_after_denoise(case, demo_crop: Path, tmp_path: Path) -> None:
-    case("fault", "a tile-output chunk silently altered (still decodes) between the denoise stage and blending",
-         "blending refuses it (ProvenanceError naming the tile), never blends it silently")
+def test_blend_refuses_tile_that_rotted_after_denoise(
+    case, demo_crop: Path, tmp_path: Path
+) -> None:
+    case(
+        "fault",
+        "a tile-output chunk silently altered (still decodes) between the denoise stage and blending",
+        "blending refuses it (ProvenanceError naming the tile), never blends it silently",
+    )
     from pipeline.errors import HyperdeqError, ProvenanceError
     from workers.stages import stage_blend
 
@@ -250,14 +315,21 @@ def _limit_fsize(pgid: int, nbytes: int) -> int:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_output_disk_full_partway(case, demo_crop: Path, reference: dict[str, str], tmp_path: Path) -> None:
-    case("fault", "output disk full partway: RLIMIT_FSIZE=4 KiB set on the driver and every worker process "
-         "after 4 tiles (writes fail with EFBIG; Python ignores SIGXFSZ)",
-         "a clear error (exit 2, names the write that failed), run.json status 'failed', no output that "
-         "looks complete; a rerun with space completes byte-identical")
+def test_output_disk_full_partway(
+    case, demo_crop: Path, reference: dict[str, str], tmp_path: Path
+) -> None:
+    case(
+        "fault",
+        "output disk full partway: RLIMIT_FSIZE=4 KiB set on the driver and every worker process "
+        "after 4 tiles (writes fail with EFBIG; Python ignores SIGXFSZ)",
+        "a clear error (exit 2, names the write that failed), run.json status 'failed', no output that "
+        "looks complete; a rerun with space completes byte-identical",
+    )
     out = tmp_path / "out"
-    proc = spawn(_driver(demo_crop, out, tmp_path / "log1", "--workers", "2", "--delay", "0.4"),
-                 tmp_path / "run1.log")
+    proc = spawn(
+        _driver(demo_crop, out, tmp_path / "log1", "--workers", "2", "--delay", "0.4"),
+        tmp_path / "run1.log",
+    )
     try:
         wait_for(lambda: n_records(out) >= 4, 240, "4 tile records")
         n_limited = _limit_fsize(proc.pid, 4096)
@@ -282,16 +354,23 @@ def test_output_disk_full_partway(case, demo_crop: Path, reference: dict[str, st
 # ------------------------------------------------------------------------------- scheduler lost
 @pytest.mark.integration
 @pytest.mark.slow
-def test_scheduler_lost_mid_run(case, demo_crop: Path, reference: dict[str, str], tmp_path: Path) -> None:
-    case("fault", "the Dask scheduler process (dask scheduler + 2 dask worker subprocesses) SIGKILLed mid-run",
-         "the run fails in bounded time with a clear message naming the scheduler; nothing looks "
-         "complete; a rerun on a new cluster resumes (finished tiles reused) byte-identical")
+def test_scheduler_lost_mid_run(
+    case, demo_crop: Path, reference: dict[str, str], tmp_path: Path
+) -> None:
+    case(
+        "fault",
+        "the Dask scheduler process (dask scheduler + 2 dask worker subprocesses) SIGKILLed mid-run",
+        "the run fails in bounded time with a clear message naming the scheduler; nothing looks "
+        "complete; a rerun on a new cluster resumes (finished tiles reused) byte-identical",
+    )
     out = tmp_path / "out"
     c1 = LoopbackCluster(tmp_path / "c1")
     try:
         c1.wait_ready()
-        proc = spawn(_driver(demo_crop, out, tmp_path / "log1", "--scheduler", c1.address, "--delay", "0.4"),
-                     tmp_path / "run1.log")
+        proc = spawn(
+            _driver(demo_crop, out, tmp_path / "log1", "--scheduler", c1.address, "--delay", "0.4"),
+            tmp_path / "run1.log",
+        )
         try:
             wait_for(lambda: n_records(out) >= 3, 240, "3 tile records")
             kill_tree(c1.scheduler)
@@ -306,8 +385,11 @@ def test_scheduler_lost_mid_run(case, demo_crop: Path, reference: dict[str, str]
     _no_complete_outputs(run_dir)
     done_before = _ok_verified(run_dir)
     err = [ln for ln in msg.splitlines() if ln.startswith("error:")]
-    case.measure(exit_code=proc.returncode, error=(err[-1] if err else msg.strip().splitlines()[-1])[:200],
-                 tiles_done_before=len(done_before))
+    case.measure(
+        exit_code=proc.returncode,
+        error=(err[-1] if err else msg.strip().splitlines()[-1])[:200],
+        tiles_done_before=len(done_before),
+    )
     c2 = LoopbackCluster(tmp_path / "c2")
     try:
         c2.wait_ready()
@@ -325,10 +407,13 @@ def test_scheduler_lost_mid_run(case, demo_crop: Path, reference: dict[str, str]
 @pytest.mark.integration
 @pytest.mark.slow
 def test_cli_run_killed_and_resumed_decsc(case, tmp_path: Path) -> None:
-    case("fault", "`hyperdeq run --no-unmix` (real DECSC weights, 32x32x31 crop, 4 tiles, LocalCluster of 1 worker process) SIGKILLed with its "
-         "whole process tree after some tiles are recorded; then the same command again",
-         "the rerun resumes: only unfinished tiles recomputed (run record), outputs byte-identical to an "
-         "uninterrupted CLI run")
+    case(
+        "fault",
+        "`hyperdeq run --no-unmix` (real DECSC weights, 32x32x31 crop, 4 tiles, LocalCluster of 1 worker process) SIGKILLed with its "
+        "whole process tree after some tiles are recorded; then the same command again",
+        "the rerun resumes: only unfinished tiles recomputed (run record), outputs byte-identical to an "
+        "uninterrupted CLI run",
+    )
     from tests.reliability._helpers import decsc_available
 
     if not decsc_available():
@@ -338,7 +423,19 @@ def test_cli_run_killed_and_resumed_decsc(case, tmp_path: Path) -> None:
     # 32x32 px, 31 bands (one DECSC spectral window): 4 tiles, so three CLI runs stay affordable on CPU
     scene = crop_geotiff(tmp_path / "scene" / "potsdam_31b.tif", size=32, bands=slice(20, 51))
     hyperdeq = str(Path(PY).parent / "hyperdeq")
-    args = ["run", str(scene), "--no-unmix", "--tile", "16", "--halo", "4", "--batch", "1", "--workers", "1"]
+    args = [
+        "run",
+        str(scene),
+        "--no-unmix",
+        "--tile",
+        "16",
+        "--halo",
+        "4",
+        "--batch",
+        "1",
+        "--workers",
+        "1",
+    ]
     ref = run_sync([hyperdeq, *args, "--out", str(tmp_path / "ref")], timeout=600)
     assert ref.returncode == 0, ref.stderr[-2000:]
     (ref_dir,) = run_dirs(tmp_path / "ref")
@@ -359,17 +456,29 @@ def test_cli_run_killed_and_resumed_decsc(case, tmp_path: Path) -> None:
     stage = _stage(run_dir)
     assert stage["n_reused"] == len(done_before)
     assert output_digests(run_dir) == want
-    case.measure(tiles_done_before_kill=len(done_before), reused_on_rerun=stage["n_reused"],
-                 recomputed_on_rerun=n_tiles - stage["n_reused"], outputs_identical=True)
+    case.measure(
+        tiles_done_before_kill=len(done_before),
+        reused_on_rerun=stage["n_reused"],
+        recomputed_on_rerun=n_tiles - stage["n_reused"],
+        outputs_identical=True,
+    )
 
 
 # ------------------------------------------------------------------------------- teardown fails
-def test_teardown_errors_after_complete_run_are_warnings(case, demo_crop: Path, reference: dict[str, str],
-                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
-    case("fault", "`hyperdeq run --no-unmix` whose Dask client and cluster both raise when closed after the run "
-         "completed (issue 21 item 8; in-process cluster, identity model)",
-         "exit 0, run complete, each teardown error logged as a warning (hyperdeq.cluster), outputs byte-identical")
+def test_teardown_errors_after_complete_run_are_warnings(
+    case,
+    demo_crop: Path,
+    reference: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    case(
+        "fault",
+        "`hyperdeq run --no-unmix` whose Dask client and cluster both raise when closed after the run "
+        "completed (issue 21 item 8; in-process cluster, identity model)",
+        "exit 0, run complete, each teardown error logged as a warning (hyperdeq.cluster), outputs byte-identical",
+    )
     import logging
 
     from distributed import Client, LocalCluster
@@ -382,9 +491,14 @@ def test_teardown_errors_after_complete_run_are_warnings(case, demo_crop: Path, 
     restore: list[tuple[object, object]] = []
 
     def exploding_open(spec: object, device: str = "cpu", preload: object = None) -> ClusterHandle:
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+        cluster = LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        )
         client = Client(cluster, set_as_default=False)
-        for obj, exc in ((client, RuntimeError("client teardown exploded")), (cluster, OSError("cluster teardown exploded"))):
+        for obj, exc in (
+            (client, RuntimeError("client teardown exploded")),
+            (cluster, OSError("cluster teardown exploded")),
+        ):
             real = obj.close
             restore.append((obj, real))
 
@@ -398,23 +512,51 @@ def test_teardown_errors_after_complete_run_are_warnings(case, demo_crop: Path, 
     real_run_scene = wr.run_scene
     model = _model(tmp_path / "log")
     monkeypatch.setattr(wr, "open_cluster", exploding_open)
-    monkeypatch.setattr(wr, "run_scene", lambda scene, job, cluster, **kw: real_run_scene(
-        scene, job, cluster, tile_models={"denoise": model}, **kw))
+    monkeypatch.setattr(
+        wr,
+        "run_scene",
+        lambda scene, job, cluster, **kw: real_run_scene(
+            scene, job, cluster, tile_models={"denoise": model}, **kw
+        ),
+    )
     out = tmp_path / "out"
     try:
         with caplog.at_level(logging.WARNING, logger="hyperdeq.cluster"):
-            result = CliRunner().invoke(app, ["run", str(demo_crop), "--out", str(out), "--no-unmix", "--tile", "16",
-                                              "--halo", "4", "--batch", "1"])
+            result = CliRunner().invoke(
+                app,
+                [
+                    "run",
+                    str(demo_crop),
+                    "--out",
+                    str(out),
+                    "--no-unmix",
+                    "--tile",
+                    "16",
+                    "--halo",
+                    "4",
+                    "--batch",
+                    "1",
+                ],
+            )
     finally:
         for obj, real in restore:
             obj.close = real  # type: ignore[method-assign]
     assert len(restore) == 2, "the run did not open its cluster through open_cluster"
     assert result.exit_code == 0 and result.exception is None, result.output[-3000:]
     assert ": complete" in result.output
-    warned = [r.getMessage() for r in caplog.records if r.name == "hyperdeq.cluster" and r.levelno == logging.WARNING]
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "hyperdeq.cluster" and r.levelno == logging.WARNING
+    ]
     assert any("closing the Dask client raised RuntimeError" in m for m in warned), warned
     assert any("closing the Dask cluster raised OSError" in m for m in warned), warned
     (run_dir,) = run_dirs(out)
     assert prov.load_run_record(run_dir)["status"] == "complete"
     assert output_digests(run_dir) == reference
-    case.measure(exit_code=result.exit_code, warnings=len(warned), run_status="complete", outputs_identical=True)
+    case.measure(
+        exit_code=result.exit_code,
+        warnings=len(warned),
+        run_status="complete",
+        outputs_identical=True,
+    )

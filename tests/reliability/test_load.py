@@ -24,9 +24,26 @@ from tests.reliability._data import BERLIN, DEMO, GAMSBERG, PAVIA, TILE, crop_ge
 MAX_CONCURRENT = 2
 SWEEP_TIMEOUT_S = 900
 #: 32x32 blocks of the demo mosaic that hold data (row, col) = the 18 EnMAP Potsdam tiles
-POTSDAM_BLOCKS = [(0, 0), (0, 32), (0, 64), (32, 0), (32, 32), (32, 64), (64, 96), (64, 128),
-                  (96, 32), (96, 64), (96, 96), (96, 128), (128, 32), (128, 64), (128, 96), (128, 128),
-                  (160, 96), (160, 128)]
+POTSDAM_BLOCKS = [
+    (0, 0),
+    (0, 32),
+    (0, 64),
+    (32, 0),
+    (32, 32),
+    (32, 64),
+    (64, 96),
+    (64, 128),
+    (96, 32),
+    (96, 64),
+    (96, 96),
+    (96, 128),
+    (128, 32),
+    (128, 64),
+    (128, 96),
+    (128, 128),
+    (160, 96),
+    (160, 128),
+]
 
 
 def build_archive(root: Path, n_good: int) -> dict[str, str]:
@@ -36,7 +53,9 @@ def build_archive(root: Path, n_good: int) -> dict[str, str]:
     good: list[Any] = []
     for r, c in POTSDAM_BLOCKS:
         good.append((f"potsdam/enmap_tile_{c}_{r}.tif", dict(src=DEMO, row=r, col=c, size=32)))
-    good.append(("potsdam_tile128/enmap_tile_128_0.tif", dict(src=TILE, row=0, col=0, size=32, bands=None)))
+    good.append(
+        ("potsdam_tile128/enmap_tile_128_0.tif", dict(src=TILE, row=0, col=0, size=32, bands=None))
+    )
     for i, (r, c) in enumerate([(100, 40), (100, 72), (100, 104), (120, 40), (120, 72)]):
         good.append((f"potsdam_shifted/crop_{i}.tif", dict(src=DEMO, row=r, col=c, size=32)))
     for name, kw in good[: max(0, n_good - 3)]:
@@ -102,7 +121,12 @@ def sweep(root: Path, out: Path, client: Any, max_concurrent: int) -> dict[str, 
 
 
 def _temp_files(*roots: Path) -> list[Path]:
-    return [p for r in roots for p in r.rglob("*") if p.name.endswith((".tmp", ".tmp.tif")) or ".tmp." in p.name]
+    return [
+        p
+        for r in roots
+        for p in r.rglob("*")
+        if p.name.endswith((".tmp", ".tmp.tif")) or ".tmp." in p.name
+    ]
 
 
 def _run_sweep(case: Any, tmp_path: Path, n_good: int) -> None:
@@ -113,8 +137,17 @@ def _run_sweep(case: Any, tmp_path: Path, n_good: int) -> None:
     me = psutil.Process()
     children_before = {p.pid for p in me.children(recursive=True)}
     t0 = time.monotonic()
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      memory_limit="2GiB", local_directory=str(scratch)) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            memory_limit="2GiB",
+            local_directory=str(scratch),
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         worker_pids = set(client.run(os.getpid).values())
         results = sweep(root, out, client, MAX_CONCURRENT)
     wall = time.monotonic() - t0
@@ -129,32 +162,54 @@ def _run_sweep(case: Any, tmp_path: Path, n_good: int) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in worker_pids):
         time.sleep(0.2)
-    alive = [p for p in worker_pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    alive = [
+        p
+        for p in worker_pids
+        if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+    ]
     assert not alive, f"worker processes left running: {alive}"
-    leaked = [" ".join(p.cmdline())[:200] for p in me.children(recursive=True)
-              if p.pid not in children_before and p.status() != psutil.STATUS_ZOMBIE
-              # multiprocessing's resource tracker: one per interpreter, by design lives until it exits
-              and "multiprocessing.resource_tracker" not in " ".join(p.cmdline())]
+    leaked = [
+        " ".join(p.cmdline())[:200]
+        for p in me.children(recursive=True)
+        if p.pid not in children_before
+        and p.status() != psutil.STATUS_ZOMBIE
+        # multiprocessing's resource tracker: one per interpreter, by design lives until it exits
+        and "multiprocessing.resource_tracker" not in " ".join(p.cmdline())
+    ]
     assert not leaked, f"child processes left: {leaked}"
     assert not _temp_files(out, root), _temp_files(out, root)
-    left = [p for p in scratch.rglob("*") if p.is_file() and p.suffix != ".lock"]  # dask's own lock files stay
+    left = [
+        p for p in scratch.rglob("*") if p.is_file() and p.suffix != ".lock"
+    ]  # dask's own lock files stay
     assert not left, f"worker scratch files left behind: {left}"
     n_ok = sum(r["status"] == "complete" for r in results.values())
-    case.measure(scenes=len(results), complete=n_ok, failed=len(results) - n_ok, max_concurrent=MAX_CONCURRENT,
-                 wall_s=round(wall, 1), failures={k: v["error"] for k, v in results.items() if v["status"] != "complete"})
+    case.measure(
+        scenes=len(results),
+        complete=n_ok,
+        failed=len(results) - n_ok,
+        max_concurrent=MAX_CONCURRENT,
+        wall_s=round(wall, 1),
+        failures={k: v["error"] for k, v in results.items() if v["status"] != "complete"},
+    )
 
 
 @pytest.mark.integration
 def test_sweep_small(case, tmp_path: Path) -> None:
-    case("load", "sweep of 5 real scenes (2 Potsdam crops + 3 corrupt), 2 at a time, LocalCluster of 2 processes",
-         "each scene complete or failed with its reason; no deadlock; no leaked processes or temp files")
+    case(
+        "load",
+        "sweep of 5 real scenes (2 Potsdam crops + 3 corrupt), 2 at a time, LocalCluster of 2 processes",
+        "each scene complete or failed with its reason; no deadlock; no leaked processes or temp files",
+    )
     _run_sweep(case, tmp_path, n_good=2 + 3)
 
 
 @pytest.mark.slow
 @pytest.mark.integration
 def test_sweep_archive_of_30(case, tmp_path: Path) -> None:
-    case("load", "sweep of 30 real scenes (18 Potsdam tiles, the shipped 32x32 Potsdam tile, 5 shifted crops, EnMAP Berlin int16, "
-         "Gamsberg ENVI, Pavia .mat, 3 corrupt), 2 at a time, LocalCluster of 2 processes",
-         "27 complete, 3 failed with ReadError/InputValidationError; bounded time; nothing leaked")
+    case(
+        "load",
+        "sweep of 30 real scenes (18 Potsdam tiles, the shipped 32x32 Potsdam tile, 5 shifted crops, EnMAP Berlin int16, "
+        "Gamsberg ENVI, Pavia .mat, 3 corrupt), 2 at a time, LocalCluster of 2 processes",
+        "27 complete, 3 failed with ReadError/InputValidationError; bounded time; nothing leaked",
+    )
     _run_sweep(case, tmp_path, n_good=100)

@@ -51,7 +51,12 @@ def _job(out: Path, **cfg: Any) -> Job:
 
 def _run(scene: Path, out: Path, model: Any = None, **cfg: Any) -> RunResult:
     with ThreadPoolExecutor(2) as ex:
-        return run_scene(scene, _job(out, **cfg), cluster=ex, tile_models={"denoise": model or IdentityTileModel()})
+        return run_scene(
+            scene,
+            _job(out, **cfg),
+            cluster=ex,
+            tile_models={"denoise": model or IdentityTileModel()},
+        )
 
 
 def _final_outputs(run_dir: Path) -> set[str]:
@@ -63,7 +68,11 @@ def _digests(run_dir: Path) -> dict[str, str]:
     out: dict[str, str] = {}
     for key in ("denoised_zarr", "denoised_tif", "quicklook_rgb"):
         p = run_dir / OUT_NAMES[key]
-        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.name != "zarr.json")
+        files = (
+            [p]
+            if p.is_file()
+            else sorted(f for f in p.rglob("*") if f.is_file() and f.name != "zarr.json")
+        )
         for f in files:
             out[str(f.relative_to(run_dir))] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
@@ -119,20 +128,36 @@ def reference(demo_crop: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 # ---------------------------------------------------------------------------- item 1
 def test_failed_tile_leaves_no_final_output_and_the_rerun_rewrites_every_output(
-        demo_crop: Path, tmp_path: Path, reference: dict[str, str], case: Any) -> None:
-    case("fault", "one tile of 9 fails (the model raises on the 20x20 corner tile); then the same command again",
-         "run.json 'failed' listing the tile, outputs {} and no final-named output (all under _staging); the "
-         "rerun completes, recomputes only that tile and rewrites every output byte-identical to an undisturbed run")
+    demo_crop: Path, tmp_path: Path, reference: dict[str, str], case: Any
+) -> None:
+    case(
+        "fault",
+        "one tile of 9 fails (the model raises on the 20x20 corner tile); then the same command again",
+        "run.json 'failed' listing the tile, outputs {} and no final-named output (all under _staging); the "
+        "rerun completes, recomputes only that tile and rewrites every output byte-identical to an undisturbed run",
+    )
     bad = _run(demo_crop, tmp_path / "out", FlakyIdentity(fail_shape=(20, 20)))
     run_dir = bad.run_dir
-    assert bad.status == "failed" and bad.failed_tiles == ["denoise:r00002_c00002"] and bad.outputs == {}
+    assert (
+        bad.status == "failed"
+        and bad.failed_tiles == ["denoise:r00002_c00002"]
+        and bad.outputs == {}
+    )
     rec = _record(run_dir)
-    assert rec["status"] == "failed" and rec["outputs"] == {} and rec["failed_tiles"] == ["denoise:r00002_c00002"]
+    assert (
+        rec["status"] == "failed"
+        and rec["outputs"] == {}
+        and rec["failed_tiles"] == ["denoise:r00002_c00002"]
+    )
     assert _final_outputs(run_dir) == set()  # nothing that looks like a result
     staged = {k for k, name in OUT_NAMES.items() if (run_dir / "_staging" / name).exists()}
     assert staged == DENOISE_OUTPUTS - {"stac_item"}
-    hole = open_output(run_dir / "_staging" / OUT_NAMES["denoised_zarr"], "denoised").values[:, 52:, 52:]
-    assert np.isnan(hole).all()  # the failed tile's core (beyond its neighbours' halos) is empty, never filled
+    hole = open_output(run_dir / "_staging" / OUT_NAMES["denoised_zarr"], "denoised").values[
+        :, 52:, 52:
+    ]
+    assert np.isnan(
+        hole
+    ).all()  # the failed tile's core (beyond its neighbours' halos) is empty, never filled
     assert (run_dir / "tiles").is_dir()  # kept: the rerun resumes from them
 
     good = _run(demo_crop, tmp_path / "out")
@@ -140,10 +165,14 @@ def test_failed_tile_leaves_no_final_output_and_the_rerun_rewrites_every_output(
     assert json.loads((run_dir / "_stages" / "denoise.json").read_text())["n_reused"] == N_TILES - 1
     assert set(good.outputs) == DENOISE_OUTPUTS == _final_outputs(run_dir)
     assert not (run_dir / "_staging").exists() and verify_outputs(run_dir) == []
-    assert _digests(run_dir) == reference  # every output rewritten: none kept from the failed attempt
+    assert (
+        _digests(run_dir) == reference
+    )  # every output rewritten: none kept from the failed attempt
     with rasterio.open(good.outputs["denoised_tif"]) as f:
         assert np.isfinite(f.read(1)[52:, 52:]).all()
-    case.measure(failed_tile="r00002_c00002", reused_on_rerun=N_TILES - 1, outputs=sorted(good.outputs))
+    case.measure(
+        failed_tile="r00002_c00002", reused_on_rerun=N_TILES - 1, outputs=sorted(good.outputs)
+    )
 
 
 # ---------------------------------------------------------------------------- item 3
@@ -165,14 +194,25 @@ def _flip_byte(p: Path) -> str:
     return f"one byte of {p.name} flipped (same size)"
 
 
-@pytest.mark.parametrize(("key", "damage"), [("denoised_tif", _truncate), ("denoised_zarr", _delete_chunk),
-                                             ("quicklook_rgb", _flip_byte)])
+@pytest.mark.parametrize(
+    ("key", "damage"),
+    [("denoised_tif", _truncate), ("denoised_zarr", _delete_chunk), ("quicklook_rgb", _flip_byte)],
+)
 def test_damaged_output_of_a_completed_run_is_recomputed_not_reused(
-        demo_crop: Path, tmp_path: Path, reference: dict[str, str], key: str, damage: Any, case: Any,
-        caplog: pytest.LogCaptureFixture) -> None:
-    case("fault", f"a completed run's {OUT_NAMES[key]} is damaged, then the same command again",
-         "the rerun finds the damage (size/sha256 against run.json), says so, recomputes the run and "
-         "restores byte-identical outputs; an intact run is reused")
+    demo_crop: Path,
+    tmp_path: Path,
+    reference: dict[str, str],
+    key: str,
+    damage: Any,
+    case: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    case(
+        "fault",
+        f"a completed run's {OUT_NAMES[key]} is damaged, then the same command again",
+        "the rerun finds the damage (size/sha256 against run.json), says so, recomputes the run and "
+        "restores byte-identical outputs; an intact run is reused",
+    )
     first = _run(demo_crop, tmp_path / "out")
     assert first.status == "complete" and _digests(first.run_dir) == reference
     what = damage(first.run_dir / OUT_NAMES[key])
@@ -182,7 +222,10 @@ def test_damaged_output_of_a_completed_run_is_recomputed_not_reused(
     with caplog.at_level(logging.WARNING, logger="hyperdeq.run"):
         again = _run(demo_crop, tmp_path / "out", model)
     assert not again.reused and again.status == "complete" and again.run_dir == first.run_dir
-    assert any("damaged outputs" in r.getMessage() and OUT_NAMES[key] in r.getMessage() for r in caplog.records)
+    assert any(
+        "damaged outputs" in r.getMessage() and OUT_NAMES[key] in r.getMessage()
+        for r in caplog.records
+    )
     assert len(model.calls) == N_TILES  # recomputed (the tile stores of a completed run are gone)
     assert verify_outputs(first.run_dir) == [] and _digests(first.run_dir) == reference
     third = _run(demo_crop, tmp_path / "out", model)
@@ -191,9 +234,14 @@ def test_damaged_output_of_a_completed_run_is_recomputed_not_reused(
 
 
 # ---------------------------------------------------------------------------- item 6
-def test_second_run_on_a_locked_run_folder_is_refused(demo_crop: Path, tmp_path: Path, case: Any) -> None:
-    case("fault", "a second run of the same scene and options while the first one holds the run folder",
-         "ConfigError naming the holder's host and pid, before touching anything; the first run completes")
+def test_second_run_on_a_locked_run_folder_is_refused(
+    demo_crop: Path, tmp_path: Path, case: Any
+) -> None:
+    case(
+        "fault",
+        "a second run of the same scene and options while the first one holds the run folder",
+        "ConfigError naming the holder's host and pid, before touching anything; the first run completes",
+    )
     gate = threading.Event()
     result: dict[str, Any] = {}
 
@@ -213,10 +261,15 @@ def test_second_run_on_a_locked_run_folder_is_refused(demo_crop: Path, tmp_path:
         run_dir = lock.parent
         held = json.loads(lock.read_text())
         assert held["host"] == socket.gethostname() and held["pid"] == os.getpid()
-        with pytest.raises(ConfigError, match=rf"run folder .* is in use by another hyperdeq run \(host "
-                                              rf"'{socket.gethostname()}', pid {os.getpid()}, started '.+'\)"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"run folder .* is in use by another hyperdeq run \(host "
+            rf"'{socket.gethostname()}', pid {os.getpid()}, started '.+'\)",
+        ):
             _run(demo_crop, tmp_path / "out")
-        assert _record(run_dir)["status"] == "running" and lock.is_file()  # the holder's state is untouched
+        assert (
+            _record(run_dir)["status"] == "running" and lock.is_file()
+        )  # the holder's state is untouched
     finally:
         gate.set()
         t.join(120)
@@ -226,31 +279,46 @@ def test_second_run_on_a_locked_run_folder_is_refused(demo_crop: Path, tmp_path:
 
 
 def test_lock_of_another_host_is_refused_and_a_dead_pid_lock_is_taken_over(
-        demo_crop: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, case: Any) -> None:
-    case("fault", "a run folder whose lock names another host, then one whose lock names a dead pid on this host",
-         "another host's lock is refused (its pid cannot be checked from here); a dead pid's lock is taken over "
-         "and the run completes, leaving no lock")
+    demo_crop: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, case: Any
+) -> None:
+    case(
+        "fault",
+        "a run folder whose lock names another host, then one whose lock names a dead pid on this host",
+        "another host's lock is refused (its pid cannot be checked from here); a dead pid's lock is taken over "
+        "and the run completes, leaving no lock",
+    )
     from workers.run import plan_run
 
     plan = plan_run(demo_crop, _job(tmp_path / "out"), tile_models={"denoise": IdentityTileModel()})
     plan.run_dir.mkdir(parents=True)
     lock = plan.run_dir / LOCK
-    lock.write_text(json.dumps({"host": "elsewhere.example", "pid": 1, "start": "2026-01-01T00:00:00Z"}))
-    with pytest.raises(ConfigError, match=r"in use by another hyperdeq run \(host 'elsewhere\.example', pid 1, "
-                                          r"started '2026-01-01T00:00:00Z'\).*delete '.*\.hyperdeq\.lock'"):
+    lock.write_text(
+        json.dumps({"host": "elsewhere.example", "pid": 1, "start": "2026-01-01T00:00:00Z"})
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"in use by another hyperdeq run \(host 'elsewhere\.example', pid 1, "
+        r"started '2026-01-01T00:00:00Z'\).*delete '.*\.hyperdeq\.lock'",
+    ):
         _run(demo_crop, tmp_path / "out")
     assert not (plan.run_dir / prov.RUN_JSON).exists()  # refused before the record was written
     # a lock just created is empty until its holder writes it: the holder is still named
     from workers.run import run_lock
 
     lock.write_text("")
-    threading.Timer(0.3, lock.write_text, (json.dumps({"host": "elsewhere.example", "pid": 7, "start": "s"}),)).start()
-    with pytest.raises(ConfigError, match=r"in use by another hyperdeq run \(host 'elsewhere\.example', pid 7, "):
+    threading.Timer(
+        0.3, lock.write_text, (json.dumps({"host": "elsewhere.example", "pid": 7, "start": "s"}),)
+    ).start()
+    with pytest.raises(
+        ConfigError, match=r"in use by another hyperdeq run \(host 'elsewhere\.example', pid 7, "
+    ):
         with run_lock(plan.run_dir):
             pass
     dead = subprocess.Popen(["true"])
     dead.wait()
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "start": "2026-01-01T00:00:00Z"}))
+    lock.write_text(
+        json.dumps({"host": socket.gethostname(), "pid": dead.pid, "start": "2026-01-01T00:00:00Z"})
+    )
     with caplog.at_level(logging.WARNING, logger="hyperdeq.run"):
         res = _run(demo_crop, tmp_path / "out")
     assert res.status == "complete" and res.run_dir == plan.run_dir and not lock.exists()
@@ -275,12 +343,16 @@ class SignalDuringTiles(SlowIdentity):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_during_a_run_ends_the_record_cancelled(demo_crop: Path, tmp_path: Path, signum: int,
-                                                       case: Any) -> None:
+def test_signal_during_a_run_ends_the_record_cancelled(
+    demo_crop: Path, tmp_path: Path, signum: int, case: Any
+) -> None:
     name = signal.Signals(signum).name
-    case("fault", f"{name} sent to the driver while the denoise tiles run (in-process thread pool)",
-         f"RunCancelled (exit code {128 + signum}) raised, run.json 'cancelled' with the stage, no final-named "
-         "output, the lock released and the previous handlers restored; the same command resumes to a complete run")
+    case(
+        "fault",
+        f"{name} sent to the driver while the denoise tiles run (in-process thread pool)",
+        f"RunCancelled (exit code {128 + signum}) raised, run.json 'cancelled' with the stage, no final-named "
+        "output, the lock released and the previous handlers restored; the same command resumes to a complete run",
+    )
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     model = SignalDuringTiles(delay=0.5, signum=signum)
     with pytest.raises(RunCancelled, match=f"stopped by {name}") as info:
@@ -289,8 +361,14 @@ def test_signal_during_a_run_ends_the_record_cancelled(demo_crop: Path, tmp_path
     assert {s: signal.getsignal(s) for s in before} == before
     (run_dir,) = [p.parent for p in tmp_path.glob(f"out/*/*/{prov.RUN_JSON}")]
     rec = _record(run_dir)
-    assert rec["status"] == "cancelled" and rec["failed_stage"] == "denoise" and "RunCancelled" in rec["error"]
-    assert rec["outputs"] == {} and _final_outputs(run_dir) == set() and not (run_dir / LOCK).exists()
+    assert (
+        rec["status"] == "cancelled"
+        and rec["failed_stage"] == "denoise"
+        and "RunCancelled" in rec["error"]
+    )
+    assert (
+        rec["outputs"] == {} and _final_outputs(run_dir) == set() and not (run_dir / LOCK).exists()
+    )
     assert not (run_dir / "_stages" / "denoise.json").exists()  # stopped before the stage finished
     res = _run(demo_crop, tmp_path / "out")
     assert res.status == "complete" and res.run_dir == run_dir and verify_outputs(run_dir) == []

@@ -53,11 +53,15 @@ def test_case_info_properties():
 
 
 def test_missing_package_is_reported_not_raised(monkeypatch):
-    monkeypatch.setitem(sys.modules, "bm4d", None)  # makes `import bm4d` fail like a missing package
+    monkeypatch.setitem(
+        sys.modules, "bm4d", None
+    )  # makes `import bm4d` fail like a missing package
     ok, why = availability("bm4d")
     assert not ok and "baseline 'bm4d' skipped" in why and "--no-deps" in why
     with pytest.raises(ModelError, match="baseline 'bm4d' skipped"):
-        get_baseline("bm4d").denoise(np.zeros((3, 8, 8), np.float32), CaseInfo("gauss30", np.ones(3)))
+        get_baseline("bm4d").denoise(
+            np.zeros((3, 8, 8), np.float32), CaseInfo("gauss30", np.ones(3))
+        )
 
 
 def test_band_count_mismatch_rejected(tiny):

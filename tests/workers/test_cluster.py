@@ -44,15 +44,18 @@ def _finishes(fn: Callable[[], Any], timeout: float = 60.0) -> Any:
 
 @pytest.fixture
 def workerless_default_client() -> Iterator[Client]:
-    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         assert default_client() is client
         yield client
 
 
 @pytest.mark.timeout(300)
-def test_driver_computations_never_use_the_default_client(workerless_default_client: Client,
-                                                          tmp_path: Path) -> None:
+def test_driver_computations_never_use_the_default_client(
+    workerless_default_client: Client, tmp_path: Path
+) -> None:
     from pipeline.ingest import ZarrSceneSource, ingest_scene
     from pipeline.tiles import tile_validity, write_valid_mask
     from workers.unmix.fit import _gather
@@ -61,18 +64,26 @@ def test_driver_computations_never_use_the_default_client(workerless_default_cli
     mask[5:9, 20:25] = True
     dmask = da.from_array(mask, chunks=(16, 16))
     got = _finishes(lambda: tile_validity(dmask, 16))
-    assert got.tolist() == tile_validity(mask, 16).tolist() == [[False, True], [False, False], [False, False]]
+    assert (
+        got.tolist()
+        == tile_validity(mask, 16).tolist()
+        == [[False, True], [False, False], [False, False]]
+    )
 
     zarr.open_group(str(tmp_path / "valid.zarr"), mode="w")
     _finishes(lambda: write_valid_mask(dmask, tmp_path / "valid.zarr", 16))
-    assert np.array_equal(zarr.open_group(str(tmp_path / "valid.zarr"), mode="r")["valid"][...], mask)
+    assert np.array_equal(
+        zarr.open_group(str(tmp_path / "valid.zarr"), mode="r")["valid"][...], mask
+    )
 
     cube = np.arange(3 * 40 * 30, dtype=np.float32).reshape(3, 40, 30)
     ys, xs = np.array([0, 7, 39]), np.array([29, 3, 0])
     spectra = _finishes(lambda: _gather(da.from_array(cube, chunks=(3, 16, 16)), ys, xs))
     assert np.array_equal(spectra, cube[:, ys, xs])
 
-    store = _finishes(lambda: ingest_scene(DATA / "enmap_berlin_tiny" / "enmap.tif", tmp_path / "s.zarr"))
+    store = _finishes(
+        lambda: ingest_scene(DATA / "enmap_berlin_tiny" / "enmap.tif", tmp_path / "s.zarr")
+    )
     window = _finishes(lambda: ZarrSceneSource(store).read_raw(0, 4, 0, 5))
     assert window.shape[1:] == (4, 5) and np.isfinite(window).any()
 

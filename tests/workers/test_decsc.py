@@ -184,7 +184,11 @@ def test_weights_checks(tmp_path: Path) -> None:
     cfg = dict(SPEC.config)
     cfg["shared_features"] = 16
     with pytest.raises(WeightsError, match="has DECSC config"):
-        load_denoiser(weights=_tamper(src, tmp_path / "c.safetensors", meta={"config": json.dumps(cfg, sort_keys=True)}))
+        load_denoiser(
+            weights=_tamper(
+                src, tmp_path / "c.safetensors", meta={"config": json.dumps(cfg, sort_keys=True)}
+            )
+        )
     junk = tmp_path / "d.safetensors"
     junk.write_bytes(b"not a safetensors file at all")
     with pytest.raises(WeightsError, match="cannot read weights file"):
@@ -211,4 +215,6 @@ def test_full_size_weights_load_only_with_their_architecture() -> None:
     with pytest.raises(WeightsError, match="config"):
         load_denoiser("cpu", p)  # the default architecture is smaller: refused, not half-loaded
     shipped_full = load_denoiser("cpu", arch="full")  # the file shipped for it, sha256 checked
-    assert all(torch.equal(x, y) for x, y in zip(m.parameters(), shipped_full.parameters(), strict=True))
+    assert all(
+        torch.equal(x, y) for x, y in zip(m.parameters(), shipped_full.parameters(), strict=True)
+    )

@@ -42,7 +42,9 @@ def test_gain_terms_give_the_blend_mse() -> None:
     abc = G.gain_terms(clean, y, d)
     for w in (0.0, 0.3, 1.0):
         direct = ((d + w * (y - d) - clean) ** 2).reshape(3, -1).mean(1)
-        np.testing.assert_allclose(abc[:, 0] + 2 * w * abc[:, 1] + w * w * abc[:, 2], direct, rtol=1e-10)
+        np.testing.assert_allclose(
+            abc[:, 0] + 2 * w * abc[:, 1] + w * w * abc[:, 2], direct, rtol=1e-10
+        )
 
 
 def test_features_leave_nodata_out() -> None:
@@ -59,7 +61,9 @@ def test_features_leave_nodata_out() -> None:
     mask = np.zeros((48, 48), bool)
     mask[8:40, 8:40] = True
     np.testing.assert_allclose(G.band_features(Y, D, s, mask), crop, atol=0.02)
-    assert np.abs(G.band_features(Y, D, s) - crop).max() > 0.2  # without the mask the fill distorts them
+    assert (
+        np.abs(G.band_features(Y, D, s) - crop).max() > 0.2
+    )  # without the mask the fill distorts them
     with pytest.raises(ConfigError, match="valid mask"):
         G.band_features(Y, D, s, np.zeros((48, 48), bool))
 
@@ -95,7 +99,9 @@ def test_guard_hands_back_nearly_clean_bands_on_real_crop(model: torch.nn.Module
     clean = _cave()
     sig = np.full(31, 40 / 255)
     sig[[10, 20]] = 2 / 255
-    noisy = (clean + np.random.default_rng(0).standard_normal(clean.shape) * sig[:, None, None]).astype(np.float32)
+    noisy = (
+        clean + np.random.default_rng(0).standard_normal(clean.shape) * sig[:, None, None]
+    ).astype(np.float32)
     raw, st0 = denoise_cube(model, noisy, guard="off")
     out, st = denoise_cube(model, noisy)
     pin, p_raw, p_out = _band_psnr(noisy, clean), _band_psnr(raw, clean), _band_psnr(out, clean)
@@ -104,7 +110,9 @@ def test_guard_hands_back_nearly_clean_bands_on_real_crop(model: torch.nn.Module
         assert p_raw[b] < pin[b] - 5  # the failure the guard exists for
         assert p_out[b] >= pin[b] - 0.5
     others = np.setdiff1d(np.arange(31), [10, 20])
-    assert np.mean(p_out[others]) >= np.mean(p_raw[others]) - 0.1  # noisy bands keep the model's output
+    assert (
+        np.mean(p_out[others]) >= np.mean(p_raw[others]) - 0.1
+    )  # noisy bands keep the model's output
     assert p_out.mean() > p_raw.mean() + 0.3
 
 
@@ -134,7 +142,10 @@ def test_guard_keeps_nodata(model: torch.nn.Module) -> None:
     noisy = clean + np.random.default_rng(2).standard_normal(clean.shape).astype(np.float32) * 0.05
     noisy[:, 3, 4] = np.nan
     out, st = denoise_cube(model, noisy)
-    assert np.isnan(out[:, 3, 4]).all() and np.isfinite(np.delete(out.reshape(31, -1), 3 * 24 + 4, axis=1)).all()
+    assert (
+        np.isnan(out[:, 3, 4]).all()
+        and np.isfinite(np.delete(out.reshape(31, -1), 3 * 24 + 4, axis=1)).all()
+    )
     assert 0.0 <= st["guard_w_mean"] <= st["guard_w_max"] <= 1.0
 
 
@@ -151,7 +162,10 @@ def test_shipped_guard_belongs_to_the_shipped_weights() -> None:
     assert meta["decsc_weights_sha256"] == SPEC.weights_sha256
     assert json.loads(meta["features"]) == list(G.FEATURES)
     val = json.loads(meta["validation"])
-    assert val["all"]["bands_worse_than_input_after"] < val["all"]["bands_worse_than_input_before"] / 10
+    assert (
+        val["all"]["bands_worse_than_input_after"]
+        < val["all"]["bands_worse_than_input_before"] / 10
+    )
 
 
 def test_guard_weights_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,7 +190,9 @@ def test_guard_weights_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     other = tmp_path / "other.safetensors"
     from safetensors.torch import save_file
 
-    save_file(G.guard_state(g), str(other), metadata={"features": '["something_else"]', "hidden": "16"})
+    save_file(
+        G.guard_state(g), str(other), metadata={"features": '["something_else"]', "hidden": "16"}
+    )
     with pytest.raises(WeightsError, match="other features"):
         G.load_guard(other)
 
@@ -192,18 +208,40 @@ def test_train_guard_command_on_real_cubes(shared_data: Path, tmp_path: Path) ->
 
     data = tmp_path / "data"
     (data / "cave").mkdir(parents=True)
-    for name in ("beads_ms_256.npz", "cd_ms_256.npz", "balloons_ms_256.npz", "real_and_fake_apples_ms_256.npz"):
+    for name in (
+        "beads_ms_256.npz",
+        "cd_ms_256.npz",
+        "balloons_ms_256.npz",
+        "real_and_fake_apples_ms_256.npz",
+    ):
         (data / "cave" / name).symlink_to(shared_data / "cave" / name)
     out = tmp_path / "g" / "guard.safetensors"
-    res = CliRunner().invoke(app, ["train", "guard", "--data", str(data), "--out", str(out),
-                                   "--patches", "8", "--val-patches", "3", "--threads", "1"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "guard",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--patches",
+            "8",
+            "--val-patches",
+            "3",
+            "--threads",
+            "1",
+        ],
+    )
     assert res.exit_code == 0, res.output
     g = G.load_guard(out)
     assert isinstance(g, G.BandGuard)
     rep = json.loads(out.with_suffix(".json").read_text())
     assert len(rep["sha256"]) == 64 and rep["validation"]["all"]["bands"] == 3 * 31
     assert "held-out CAVE patches" in res.output
-    res = CliRunner().invoke(app, ["train", "guard", "--data", str(tmp_path / "nowhere"), "--out", str(out)])
+    res = CliRunner().invoke(
+        app, ["train", "guard", "--data", str(tmp_path / "nowhere"), "--out", str(out)]
+    )
     assert res.exit_code != 0 and "no CAVE scenes found" in str(res.output) + str(res.exception)
 
 
@@ -213,21 +251,30 @@ def test_weights_mode_reports_without_applying(model: torch.nn.Module) -> None:
     clean = _cave()[:, :24, :24].copy()
     sig = np.full(31, 30 / 255)
     sig[5] = 1 / 255
-    noisy = (clean + np.random.default_rng(5).standard_normal(clean.shape) * sig[:, None, None]).astype(np.float32)
+    noisy = (
+        clean + np.random.default_rng(5).standard_normal(clean.shape) * sig[:, None, None]
+    ).astype(np.float32)
     raw, _ = denoise_cube(model, noisy, guard="off")
     rep, st = denoise_cube(model, noisy, guard="weights")
     out, st_on = denoise_cube(model, noisy)
     np.testing.assert_array_equal(rep, raw)
     w = np.asarray(st["guard_w"], np.float32)
-    assert st["guard_applied"] is False and st_on["guard_applied"] is True and st["guard_n"] == 24 * 24
+    assert (
+        st["guard_applied"] is False and st_on["guard_applied"] is True and st["guard_n"] == 24 * 24
+    )
     np.testing.assert_allclose(out, raw + w[:, None, None] * (noisy - raw), atol=1e-6)
     with pytest.raises(Exception, match="guard must be"):
         denoise_cube(model, noisy, guard="sometimes")
 
 
 def test_scene_weights_average_tiles_by_valid_pixels() -> None:
-    stats = [{"guard_w": [0.0, 1.0], "guard_n": 300}, {"guard_w": [1.0, 0.0], "guard_n": 100},
-             {"guard": False}, None, {"guard_w": [0.5, 0.5], "guard_n": 0}]
+    stats = [
+        {"guard_w": [0.0, 1.0], "guard_n": 300},
+        {"guard_w": [1.0, 0.0], "guard_n": 100},
+        {"guard": False},
+        None,
+        {"guard_w": [0.5, 0.5], "guard_n": 0},
+    ]
     np.testing.assert_allclose(G.scene_weights(stats), [0.25, 0.75])
     assert G.scene_weights([{"guard": False}, None]) is None
     with pytest.raises(ConfigError, match="different band counts"):

@@ -59,7 +59,9 @@ def test_projection_removes_noise_off_the_subspace_and_keeps_rare_spectra() -> N
     np.testing.assert_array_equal(proj[:, 5, 7], noisy[:, 5, 7])
     # with a spare direction the anomaly takes it: either way its spectrum is kept to noise level
     proj3, _ = S.project(noisy, sigma, valid, 3)
-    assert np.mean((proj3[:, 5, 7] - clean[:, 5, 7]) ** 2) < 2 * np.mean((noisy[:, 5, 7] - clean[:, 5, 7]) ** 2)
+    assert np.mean((proj3[:, 5, 7] - clean[:, 5, 7]) ** 2) < 2 * np.mean(
+        (noisy[:, 5, 7] - clean[:, 5, 7]) ** 2
+    )
     # without the test (threshold out of reach) the rank-2 projection would flatten it
     flat = S.OUTLIER_Z
     try:
@@ -68,7 +70,9 @@ def test_projection_removes_noise_off_the_subspace_and_keeps_rare_spectra() -> N
     finally:
         S.OUTLIER_Z = flat
     assert st_flat["pixels_kept_outside"] == 0
-    assert np.mean((proj_flat[:, 5, 7] - clean[:, 5, 7]) ** 2) > 4 * np.mean((noisy[:, 5, 7] - clean[:, 5, 7]) ** 2)
+    assert np.mean((proj_flat[:, 5, 7] - clean[:, 5, 7]) ** 2) > 4 * np.mean(
+        (noisy[:, 5, 7] - clean[:, 5, 7]) ** 2
+    )
 
 
 def test_projection_leaves_nodata_columns_untouched() -> None:
@@ -136,7 +140,9 @@ def test_cleaning_replaces_dense_impulses() -> None:
 
 
 def test_fill_stuck_interpolates_from_real_neighbours_only() -> None:
-    y = np.tile(np.linspace(0.2, 0.6, 30, dtype=np.float32)[None, None, :], (3, 30, 1))  # a ramp along x
+    y = np.tile(
+        np.linspace(0.2, 0.6, 30, dtype=np.float32)[None, None, :], (3, 30, 1)
+    )  # a ramp along x
     stuck = np.zeros(y.shape, bool)
     stuck[1, 10:14, 10:14] = True
     y[1][stuck[1]] = 1.0  # saturated block
@@ -151,7 +157,9 @@ def test_fill_stuck_interpolates_from_real_neighbours_only() -> None:
     np.testing.assert_array_equal(S.fill_stuck(y, all_stuck, valid), y)
 
 
-def test_model_sees_stuck_pixels_filled(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_sees_stuck_pixels_filled(
+    model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Real Jasper Ridge crop under the protocol's ``mixture`` noise (a third of the bands with
     salt-and-pepper at 10–70 % density): the first pass sees the stuck pixels replaced by their
     band's local average (recorded as ``stuck_filled``), which beats feeding it the impulses
@@ -160,10 +168,14 @@ def test_model_sees_stuck_pixels_filled(model: torch.nn.Module, monkeypatch: pyt
     noisy = add_noise(clean, "mixture", np.random.default_rng(0)).astype(np.float32)
     out, st = denoise_cube(model, noisy)
     assert st["stuck_filled"] > 0.05 * noisy.size
-    monkeypatch.setattr(S, "fill_stuck", lambda y, stuck, valid=None: np.array(y, dtype=np.float32, copy=True))
+    monkeypatch.setattr(
+        S, "fill_stuck", lambda y, stuck, valid=None: np.array(y, dtype=np.float32, copy=True)
+    )
     raw, _ = denoise_cube(model, noisy)
     assert _mpsnr(out, clean) > _mpsnr(raw, clean) + 0.5, (_mpsnr(out, clean), _mpsnr(raw, clean))
-    clean_st = denoise_cube(model, add_noise(clean, "gauss30", np.random.default_rng(0)).astype(np.float32))[1]
+    clean_st = denoise_cube(
+        model, add_noise(clean, "gauss30", np.random.default_rng(0)).astype(np.float32)
+    )[1]
     assert clean_st["stuck_filled"] == 0
 
 
@@ -244,7 +256,9 @@ def test_cleaning_ignores_nodata_pixels() -> None:
     y[5, 10:, 9] += 0.03  # stripe on the 20 real pixels of column 9
     yc, st = S.clean_input(y, d1, valid)
     assert st["impulse_pixels"] < 20  # the filled pixels are not impulses
-    assert abs(np.mean(yc[5, 10:, 9] - d1[5, 10:, 9])) < 0.01  # the stripe is found on its real rows
+    assert (
+        abs(np.mean(yc[5, 10:, 9] - d1[5, 10:, 9])) < 0.01
+    )  # the stripe is found on its real rows
     assert st["lines_removed"] >= 1
 
 
@@ -257,14 +271,18 @@ def test_blend_weight_follows_the_spread_of_the_band_noise() -> None:
     w, spread = S.uniform_noise_weight(rng.uniform(0, 95 / 255, 198))
     assert w == 0.0 and spread > 0.4
     lo, hi = S.BLEND_SPREAD
-    mid = np.array([1 - (lo + hi) / 2 / 1.4826, 1.0, 1 + (lo + hi) / 2 / 1.4826])  # spread (lo + hi) / 2
+    mid = np.array(
+        [1 - (lo + hi) / 2 / 1.4826, 1.0, 1 + (lo + hi) / 2 / 1.4826]
+    )  # spread (lo + hi) / 2
     w, spread = S.uniform_noise_weight(mid)
     assert spread == pytest.approx((lo + hi) / 2) and w == pytest.approx(S.BLEND_WEIGHT / 2)
     assert S.uniform_noise_weight(np.zeros(50))[0] == 0.0  # no noise estimate: no blend
     assert S.uniform_noise_weight(np.array([0.1]))[0] == 0.0
 
 
-def test_blend_helps_on_iid_noise_and_is_off_on_band_noise(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_blend_helps_on_iid_noise_and_is_off_on_band_noise(
+    model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Real Jasper Ridge crop: under i.i.d. σ = 30/255 the pass blends (recorded) and the blend is
     better than the subspace estimate alone (whole scene: +0.9 dB); under band-dependent noise
     it does not blend, so the output equals the pass without the blend."""

@@ -52,21 +52,42 @@ def test_jasper_loader_is_column_major_and_scaled(shared_data):
 
 def test_eval_end_to_end_on_real_crops(shared_data, tmp_path):
     # `make test` installs the classical baselines (extra `baselines`, --no-deps)
-    pytest.importorskip("hyde", reason="install the 'baselines' extra as docs/evaluation.md explains")
+    pytest.importorskip(
+        "hyde", reason="install the 'baselines' extra as docs/evaluation.md explains"
+    )
     from flows.cli import app
 
     md, js, cache = tmp_path / "r.md", tmp_path / "r.json", tmp_path / "cache.json"
     args = [
-        "eval", "denoiser", "--data", str(shared_data), "--scenes", "jasper,pavia_centre",
-        "--cases", "gauss30,band[0,95]", "--baselines", "wsrrr", "--crop", "16",
-        "--out", str(md), "--json", str(js), "--cache", str(cache), "--threads", "1",
+        "eval",
+        "denoiser",
+        "--data",
+        str(shared_data),
+        "--scenes",
+        "jasper,pavia_centre",
+        "--cases",
+        "gauss30,band[0,95]",
+        "--baselines",
+        "wsrrr",
+        "--crop",
+        "16",
+        "--out",
+        str(md),
+        "--json",
+        str(js),
+        "--cache",
+        str(cache),
+        "--threads",
+        "1",
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     res = json.loads(js.read_text())
     assert [(r["scene"], r["case"]) for r in res["results"]] == [
-        ("jasper", "gauss30"), ("jasper", "band[0,95]"),
-        ("pavia_centre", "gauss30"), ("pavia_centre", "band[0,95]"),
+        ("jasper", "gauss30"),
+        ("jasper", "band[0,95]"),
+        ("pavia_centre", "gauss30"),
+        ("pavia_centre", "band[0,95]"),
     ]
     # the noisy cube is exactly the protocol's: fresh generator per scene x case
     clean, _ = load_scene("jasper", shared_data, crop=16)
@@ -88,7 +109,10 @@ def test_eval_end_to_end_on_real_crops(shared_data, tmp_path):
         d = g30["methods"]["decsc"]
         assert "mpsnr_db" in d and d["converged_fraction"] in (0.0, 1.0)
         assert d["guard"] is True and 0.0 <= d["guard_w_mean"] <= d["guard_w_max"] <= 1.0
-        assert res["decsc"]["band_guard"]["status"] == "on" and len(res["decsc"]["band_guard"]["sha256"]) == 64
+        assert (
+            res["decsc"]["band_guard"]["status"] == "on"
+            and len(res["decsc"]["band_guard"]["sha256"]) == 64
+        )
         assert "DECSC convergence" in md.read_text()
     else:
         assert res["decsc"]["note"] and "DECSC: **skipped**" in md.read_text()
@@ -99,16 +123,33 @@ def test_eval_end_to_end_on_real_crops(shared_data, tmp_path):
     assert [v["case"] for v in res["verdict"]] == ["gauss30", "band[0,95]"] * 2
     # the cache holds each baseline result once and is reused on a second run
     assert len(json.loads(cache.read_text())) == 4
-    again = run_eval(EvalConfig(data=shared_data, scenes=("jasper",), cases=("gauss30",),
-                                baselines=("wsrrr",), crop=16, decsc=False, cache=cache))
+    again = run_eval(
+        EvalConfig(
+            data=shared_data,
+            scenes=("jasper",),
+            cases=("gauss30",),
+            baselines=("wsrrr",),
+            crop=16,
+            decsc=False,
+            cache=cache,
+        )
+    )
     ws2 = again["results"][0]["methods"]["wsrrr"]
     assert ws2["cached"] and ws2["mpsnr_db"] == g30["methods"]["wsrrr"]["mpsnr_db"]
 
 
 def test_missing_baseline_is_skipped_with_a_note(shared_data, monkeypatch):
     monkeypatch.setitem(sys.modules, "hyde", None)  # as if hyde-images were not installed
-    res = run_eval(EvalConfig(data=shared_data, scenes=("pavia_centre",), cases=("mixture",),
-                              baselines=("fasthyde",), crop=12, decsc=False))
+    res = run_eval(
+        EvalConfig(
+            data=shared_data,
+            scenes=("pavia_centre",),
+            cases=("mixture",),
+            baselines=("fasthyde",),
+            crop=12,
+            decsc=False,
+        )
+    )
     assert "fasthyde" in res["skipped_baselines"]
     assert set(res["results"][0]["methods"]) == {"noisy"}
     text = render_markdown(res)
@@ -116,9 +157,19 @@ def test_missing_baseline_is_skipped_with_a_note(shared_data, monkeypatch):
 
 
 def test_verdict_margins():
-    rows = [{"scene": "s", "case": "mixture", "methods": {
-        "noisy": {"mpsnr_db": 15.0}, "decsc": {"mpsnr_db": 30.0},
-        "l1hymixde": {"mpsnr_db": 27.5}, "fasthyde": {"mpsnr_db": 12.0}, "bm4d": {"error": "x"}}}]
+    rows = [
+        {
+            "scene": "s",
+            "case": "mixture",
+            "methods": {
+                "noisy": {"mpsnr_db": 15.0},
+                "decsc": {"mpsnr_db": 30.0},
+                "l1hymixde": {"mpsnr_db": 27.5},
+                "fasthyde": {"mpsnr_db": 12.0},
+                "bm4d": {"error": "x"},
+            },
+        }
+    ]
     (v,) = verdict(rows)
     assert v["best_anchor"] == "l1hymixde" and v["margin_db"] == pytest.approx(2.5)
     assert v["status"] == "FAIL"  # mixture needs +3 dB

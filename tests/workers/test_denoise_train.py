@@ -60,8 +60,17 @@ class _Payload:
 def test_hostile_checkpoint_refused_without_unpickling(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "checkpoint.pt"
-    torch.save({"model": {}, "opt": {}, "step": 0, "elapsed": 0.0, "rng": _Payload(marker),
-                "torch_rng": torch.get_rng_state()}, ckpt)
+    torch.save(
+        {
+            "model": {},
+            "opt": {},
+            "step": 0,
+            "elapsed": 0.0,
+            "rng": _Payload(marker),
+            "torch_rng": torch.get_rng_state(),
+        },
+        ckpt,
+    )
     with pytest.raises(ReadError, match="cannot load training checkpoint"):
         load_checkpoint(ckpt)
     assert not marker.exists()
@@ -91,10 +100,21 @@ def test_training_with_loader_workers_on_real_data(shared_data: Path, tmp_path: 
     from workers.denoise.api import load_denoiser
     from workers.denoise.train import TrainConfig, train
 
-    cfg = TrainConfig(data_dir=shared_data, out_dir=tmp_path / "run", max_steps=2, batch=2, patch=24,
-                      loader_workers=2, threads=1, val_every=1000, checkpoint_every=1000)
+    cfg = TrainConfig(
+        data_dir=shared_data,
+        out_dir=tmp_path / "run",
+        max_steps=2,
+        batch=2,
+        patch=24,
+        loader_workers=2,
+        threads=1,
+        val_every=1000,
+        checkpoint_every=1000,
+    )
     weights = train(cfg)
-    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    log = [
+        json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    ]
     steps = [r for r in log if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(np.isfinite(r["loss"]) and r["psnr_noisy"] < 60 for r in steps)
@@ -105,16 +125,30 @@ def test_training_with_loader_workers_on_real_data(shared_data: Path, tmp_path: 
     assert not model.training
 
 
-def test_training_with_more_iterations_and_residual_weight(shared_data: Path, tmp_path: Path) -> None:
+def test_training_with_more_iterations_and_residual_weight(
+    shared_data: Path, tmp_path: Path
+) -> None:
     """One real step with --train-iters 3 and residual weight 0.2: both reach the log."""
     import json
 
     from workers.denoise.train import TrainConfig, train
 
-    cfg = TrainConfig(data_dir=shared_data, out_dir=tmp_path / "run", max_steps=1, batch=1, patch=24, threads=1,
-                      val_every=1000, checkpoint_every=1000, train_iters=3, residual_weight=0.2)
+    cfg = TrainConfig(
+        data_dir=shared_data,
+        out_dir=tmp_path / "run",
+        max_steps=1,
+        batch=1,
+        patch=24,
+        threads=1,
+        val_every=1000,
+        checkpoint_every=1000,
+        train_iters=3,
+        residual_weight=0.2,
+    )
     train(cfg)
-    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    log = [
+        json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    ]
     step = [r for r in log if "fp_res" in r][0]
     assert step["iterations"] == 3.0
     # loss = L1 + 0.2 residual
@@ -168,8 +202,18 @@ def test_fine_tuning_starts_from_the_given_weights(shared_data: Path, tmp_path: 
     from workers.registry import WEIGHTS_DIR, get_spec
 
     shipped = WEIGHTS_DIR / "decsc.safetensors"
-    cfg = TrainConfig(data_dir=shared_data, out_dir=tmp_path / "ft", max_steps=1, batch=1, patch=24,
-                      lr=1e-9, min_lr=1e-9, threads=1, init_weights=shipped, seed=1)
+    cfg = TrainConfig(
+        data_dir=shared_data,
+        out_dir=tmp_path / "ft",
+        max_steps=1,
+        batch=1,
+        patch=24,
+        lr=1e-9,
+        min_lr=1e-9,
+        threads=1,
+        init_weights=shipped,
+        seed=1,
+    )
     weights = train(cfg)
     a, b = load_denoiser("cpu"), load_denoiser("cpu", weights)
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
@@ -186,7 +230,12 @@ def test_resume_and_init_weights_conflict(tmp_path: Path) -> None:
     from workers.denoise.train import TrainConfig
 
     with pytest.raises(ConfigError, match="not both"):
-        TrainConfig(data_dir=tmp_path, out_dir=tmp_path, resume=True, init_weights=tmp_path / "w.safetensors")
+        TrainConfig(
+            data_dir=tmp_path,
+            out_dir=tmp_path,
+            resume=True,
+            init_weights=tmp_path / "w.safetensors",
+        )
 
 
 def test_noise_relative_band_weights() -> None:
@@ -206,7 +255,9 @@ def test_noise_relative_band_weights() -> None:
     noisy2[0] += 0.3 * rng.standard_normal((32, 32)).astype(np.float32)  # one very noisy band
     w2 = band_weights(torch.from_numpy(clean)[None], torch.from_numpy(noisy2)[None])[0, :, 0, 0]
     assert float(w2.mean()) == pytest.approx(1.0, abs=1e-5)
-    assert float(w2[1] / w2[0]) == pytest.approx((0.3 + LOSS_NOISE_FLOOR) / LOSS_NOISE_FLOOR, rel=0.05)
+    assert float(w2[1] / w2[0]) == pytest.approx(
+        (0.3 + LOSS_NOISE_FLOOR) / LOSS_NOISE_FLOOR, rel=0.05
+    )
     with pytest.raises(ConfigError, match="loss must be one of"):
         TrainConfig(data_dir=Path("."), out_dir=Path("."), loss="l2")
     with pytest.raises(ConfigError, match="residual_weight must be >= 0"):

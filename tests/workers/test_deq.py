@@ -71,7 +71,9 @@ def test_per_sample_stopping() -> None:
 def test_warm_start_reduces_iterations() -> None:
     f, shape = _contraction(rho=0.95)
     z_cold, st_cold = solve(f, torch.zeros(shape, dtype=torch.float64), tol=1e-6, max_iter=300)
-    near = z_cold + 1e-4 * torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    near = z_cold + 1e-4 * torch.randn(
+        shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
     _, st_warm = solve(f, near, tol=1e-6, max_iter=300)
     assert st_warm.iterations.float().mean() < st_cold.iterations.float().mean()
 
@@ -79,15 +81,25 @@ def test_warm_start_reduces_iterations() -> None:
 def test_anderson_falls_back_when_gram_is_singular() -> None:
     """lam=0 with a constant map makes the Gram matrix singular: the fallback must still converge."""
     c = torch.ones(2, 3, dtype=torch.float64)
-    z, st = solve(lambda z: c + 0 * z, torch.ones(2, 3, dtype=torch.float64) * 5, lam=0.0, tol=1e-6, max_iter=60)
+    z, st = solve(
+        lambda z: c + 0 * z,
+        torch.ones(2, 3, dtype=torch.float64) * 5,
+        lam=0.0,
+        tol=1e-6,
+        max_iter=60,
+    )
     assert st.converged.all() and torch.allclose(z, c)
 
 
 @pytest.mark.parametrize(
     "kwargs, frag",
-    [({"method": "newton"}, "unknown solver method"), ({"tol": 0.0}, "tol must be > 0"),
-     ({"max_iter": 0}, "max_iter must be >= 1"), ({"beta": 1.5}, "beta must be in"),
-     ({"damping": 1.0}, "damping must be in")],
+    [
+        ({"method": "newton"}, "unknown solver method"),
+        ({"tol": 0.0}, "tol must be > 0"),
+        ({"max_iter": 0}, "max_iter must be >= 1"),
+        ({"beta": 1.5}, "beta must be in"),
+        ({"damping": 1.0}, "damping must be in"),
+    ],
 )
 def test_bad_options_rejected(kwargs: dict, frag: str) -> None:
     f, shape = _contraction()
@@ -119,9 +131,17 @@ def _grads(layer: _Layer, x: torch.Tensor, z: torch.Tensor) -> list[torch.Tensor
 @pytest.mark.parametrize("method", ["anderson", "picard"])
 def test_implicit_gradient_matches_long_unrolled_reference(method: str) -> None:
     layer = _Layer()
-    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5), requires_grad=True)
-    deq = DEQFixedPoint(layer, init=lambda x: torch.zeros(x.shape[0], layer.d, dtype=x.dtype),
-                        method=method, tol=1e-12, max_iter=200, backward_tol=1e-12)
+    x = torch.randn(
+        3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5), requires_grad=True
+    )
+    deq = DEQFixedPoint(
+        layer,
+        init=lambda x: torch.zeros(x.shape[0], layer.d, dtype=x.dtype),
+        method=method,
+        tol=1e-12,
+        max_iter=200,
+        backward_tol=1e-12,
+    )
     z, st = deq(x)
     assert st.converged.all()
     g_deq = _grads(layer, x, z)
@@ -136,10 +156,20 @@ def test_implicit_gradient_matches_long_unrolled_reference(method: str) -> None:
 
 def test_phantom_gradient_is_close_to_implicit() -> None:
     layer = _Layer()
-    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    x = torch.randn(
+        3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5), requires_grad=True
+    )
     init = lambda x: torch.zeros(x.shape[0], layer.d, dtype=x.dtype)  # noqa: E731
     imp = DEQFixedPoint(layer, init=init, tol=1e-12, max_iter=200, backward_tol=1e-12)
-    ph = DEQFixedPoint(layer, init=init, tol=1e-12, max_iter=200, backward="phantom", phantom_steps=30, phantom_tau=1.0)
+    ph = DEQFixedPoint(
+        layer,
+        init=init,
+        tol=1e-12,
+        max_iter=200,
+        backward="phantom",
+        phantom_steps=30,
+        phantom_tau=1.0,
+    )
     gi = _grads(layer, x, imp(x)[0])
     gp = _grads(layer, x, ph(x)[0])
     for a, b in zip(gi, gp, strict=True):
@@ -149,8 +179,13 @@ def test_phantom_gradient_is_close_to_implicit() -> None:
 def test_eval_max_iter_and_no_grad_path() -> None:
     layer = _Layer()
     x = torch.randn(2, 4, dtype=torch.float64)
-    deq = DEQFixedPoint(layer, init=lambda x: torch.zeros(x.shape[0], layer.d, dtype=x.dtype),
-                        tol=1e-30, max_iter=3, eval_max_iter=9)
+    deq = DEQFixedPoint(
+        layer,
+        init=lambda x: torch.zeros(x.shape[0], layer.d, dtype=x.dtype),
+        tol=1e-30,
+        max_iter=3,
+        eval_max_iter=9,
+    )
     deq.train()
     with torch.no_grad():
         _, st = deq(x)
@@ -164,5 +199,3 @@ def test_eval_max_iter_and_no_grad_path() -> None:
 def test_bad_backward_rejected() -> None:
     with pytest.raises(ConfigError, match="unknown backward 'magic'"):
         DEQFixedPoint(_Layer(), backward="magic")
-
-

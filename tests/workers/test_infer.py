@@ -55,7 +55,9 @@ def test_cuda_without_a_device_is_refused() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    with pytest.raises(ModelError, match=r"device 'cuda' was asked for but no CUDA device is present"):
+    with pytest.raises(
+        ModelError, match=r"device 'cuda' was asked for but no CUDA device is present"
+    ):
         infer.resolve_device("cuda")
     assert infer.resolve_device("auto") == "cpu"
 
@@ -88,7 +90,9 @@ def test_unmix_tile_model_on_a_real_fit(tmp_path: Path) -> None:
 
     torch.set_num_threads(1)
     scene = real_crop(0, 0, 40, 40)  # fully valid part of the mosaic
-    fit = fit_scene(scene, 3, seed=0, max_epochs=2, fit_tile_size=24, fit_tiles=2, sample_pixels=1000)
+    fit = fit_scene(
+        scene, 3, seed=0, max_epochs=2, fit_tile_size=24, fit_tiles=2, sample_pixels=1000
+    )
     fit.save(tmp_path / "fit")
     m = infer.UnmixTileModel.from_fit(tmp_path / "fit")
     assert isinstance(m, TileModel) and m.out_names == (*fit.names, "rmse")

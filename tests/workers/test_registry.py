@@ -16,7 +16,10 @@ def test_list_and_lookup_decsc() -> None:
     assert "decsc" in list_models()
     spec = get_spec("decsc")
     assert spec.name == "decsc" and spec.halo > 0 and spec.weights_file == "decsc.safetensors"
-    assert set(spec.weights) == {"shipped", "full", "guard"} and spec.solver.eval_max_iter == spec.solver["eval_max_iter"]
+    assert (
+        set(spec.weights) == {"shipped", "full", "guard"}
+        and spec.solver.eval_max_iter == spec.solver["eval_max_iter"]
+    )
     for key in spec.weights:  # every shipped file is present and matches its recorded sha256
         assert sha256_file(verified_weights_path(spec, key=key)) == spec.weights[key].sha256
     assert len(spec.weights_sha256 or "") == 64
@@ -32,9 +35,16 @@ def test_unknown_model_lists_valid_names() -> None:
 def test_spec_rejects_contradictions() -> None:
     with pytest.raises(ModelError, match="halo must be >= 0"):
         ModelSpec(name="x", halo=-1, band_handling="any")
-    with pytest.raises(ModelError, match=r"default weights 'full' are not among its weights \['shipped'\]"):
-        ModelSpec(name="x", halo=0, band_handling="any", weights={"shipped": WeightsRef("x.safetensors", "0" * 64)},
-                  default_weights="full")
+    with pytest.raises(
+        ModelError, match=r"default weights 'full' are not among its weights \['shipped'\]"
+    ):
+        ModelSpec(
+            name="x",
+            halo=0,
+            band_handling="any",
+            weights={"shipped": WeightsRef("x.safetensors", "0" * 64)},
+            default_weights="full",
+        )
 
 
 def test_shipped_decsc_weights_match_recorded_hash() -> None:

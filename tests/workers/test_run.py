@@ -56,13 +56,20 @@ def _job(out: Path, cfg: RunConfig = CFG, **kw: Any) -> Job:
 
 def _run(scene: Path, out: Path, cfg: RunConfig = CFG, model: Any = None) -> Any:
     with ThreadPoolExecutor(2) as ex:
-        return run_scene(scene, _job(out, cfg), cluster=ex, tile_models={"denoise": model or IdentityTileModel()})
+        return run_scene(
+            scene, _job(out, cfg), cluster=ex, tile_models={"denoise": model or IdentityTileModel()}
+        )
 
 
 def _files(run_dir: Path) -> dict[str, bytes]:
     keep = ("denoised.zarr", "denoised.tif", "quicklook_rgb.png")
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and str(p.relative_to(run_dir)).startswith(keep) and not p.name.endswith("zarr.json")}
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
+        and str(p.relative_to(run_dir)).startswith(keep)
+        and not p.name.endswith("zarr.json")
+    }
 
 
 def _final_outputs(run_dir: Path) -> list[str]:
@@ -75,9 +82,13 @@ def _complete(run_dir: Path) -> bool:
     return prov.load_run_record(run_dir)["status"] == "complete" and verify_outputs(run_dir) == []
 
 
-def test_run_writes_named_georeferenced_outputs_and_a_complete_record(scene: Path, tmp_path: Path) -> None:
+def test_run_writes_named_georeferenced_outputs_and_a_complete_record(
+    scene: Path, tmp_path: Path
+) -> None:
     res = _run(scene, tmp_path)
-    assert res.status == "complete" and not res.reused and res.n_tiles == 3  # one all-nodata tile skipped
+    assert (
+        res.status == "complete" and not res.reused and res.n_tiles == 3
+    )  # one all-nodata tile skipped
     assert res.run_dir.parent.parent == tmp_path.resolve()
     assert res.run_dir.parent.name == "potsdam_crop_real"  # confined, sanitised scene name
     assert set(res.outputs) == {"denoised_zarr", "denoised_tif", "quicklook_rgb", "stac_item"}
@@ -103,7 +114,9 @@ def test_run_writes_named_georeferenced_outputs_and_a_complete_record(scene: Pat
     assert set(rec["config"]) == {"config", "denoise"}  # unmixing off: no unmix options
     assert rec["weights"] == {"identity": None}  # the tile model replaced DECSC (and its guard)
     assert len(rec["tiles"]["denoise"]) == 3
-    assert json.loads((res.run_dir / "_stages" / "tile_input.json").read_text())["grid"]["skipped"] == ["r00001_c00000"]
+    assert json.loads((res.run_dir / "_stages" / "tile_input.json").read_text())["grid"][
+        "skipped"
+    ] == ["r00001_c00000"]
     t0 = rec["tiles"]["denoise"][0]
     assert t0["status"] == "ok" and t0["converged"] is True and t0["worker"] and t0["wall_s"] >= 0
     assert rec["failed_tiles"] == [] and rec["code_version"] and rec["packages"]["zarr"]
@@ -114,10 +127,16 @@ def test_run_writes_named_georeferenced_outputs_and_a_complete_record(scene: Pat
         assert entry["path"] == OUT_NAMES[key] and p == res.outputs[key]
         if p.is_dir():
             files = [f for f in p.rglob("*") if f.is_file()]
-            assert entry["files"] == len(files) > 1 and entry["bytes"] == sum(f.stat().st_size for f in files)
+            assert entry["files"] == len(files) > 1 and entry["bytes"] == sum(
+                f.stat().st_size for f in files
+            )
             assert entry["sha256"] == sha256_tree(p)
         else:
-            assert entry["files"] == 1 and entry["bytes"] == p.stat().st_size and entry["sha256"] == sha256_file(p)
+            assert (
+                entry["files"] == 1
+                and entry["bytes"] == p.stat().st_size
+                and entry["sha256"] == sha256_file(p)
+            )
     attrs = zarr.open_group(str(res.outputs["denoised_zarr"]), mode="r").attrs
     assert attrs["hyperdeq_complete"] and attrs["hyperdeq_run"]["run_id"] == res.run_id
     stac = json.loads((res.run_dir / "stac_item.json").read_text())
@@ -136,7 +155,9 @@ def test_keep_tiles_keeps_the_tile_stores_and_is_the_same_run(scene: Path, tmp_p
     assert plain.run_id == kept.run_id  # keeping the tiles changes no number: not in the run id
 
 
-def test_rerun_reuses_resume_is_byte_identical_and_config_change_is_a_new_run(scene: Path, tmp_path: Path) -> None:
+def test_rerun_reuses_resume_is_byte_identical_and_config_change_is_a_new_run(
+    scene: Path, tmp_path: Path
+) -> None:
     cfg = CFG.replace(keep_tiles=True)  # the resume below needs the tile stores of the first run
     first = _run(scene, tmp_path, cfg)
     before = _files(first.run_dir)
@@ -175,17 +196,22 @@ def test_failed_tile_is_listed_never_complete_and_retried(scene: Path, tmp_path:
     # the failed tile's core holds no data in the (staged) output (never silently filled)
     den = open_output(staged, "denoised").values
     assert np.isnan(den[:, 36:, 36:]).all()
-    assert np.isfinite(den[open_zarr_scene(bad.run_dir / "ingest" / "scene.zarr")["good_band"].values][:, :32, :32]).any()
+    assert np.isfinite(
+        den[open_zarr_scene(bad.run_dir / "ingest" / "scene.zarr")["good_band"].values][:, :32, :32]
+    ).any()
     good = _run(scene, tmp_path)
     assert good.status == "complete" and good.run_dir == bad.run_dir
     summary = json.loads((good.run_dir / "_stages" / "denoise.json").read_text())
     assert summary["n_reused"] == 2 and summary["failed"] == []
     assert find_completed(plan) == good.run_dir
-    assert np.isfinite(open_output(good.outputs["denoised_zarr"], "denoised").values[:, 36:, 36:]).any()
+    assert np.isfinite(
+        open_output(good.outputs["denoised_zarr"], "denoised").values[:, 36:, 36:]
+    ).any()
 
 
 def test_disk_full_in_a_stage_marks_the_run_failed_and_leaves_no_output_that_looks_complete(
-        scene: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scene: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import errno
 
     import workers.stages as ws
@@ -198,16 +224,22 @@ def test_disk_full_in_a_stage_marks_the_run_failed_and_leaves_no_output_that_loo
         raise OSError(errno.ENOSPC, "No space left on device", str(dest))
 
     monkeypatch.setattr(ws, "quicklook_rgb", half_written)
-    with pytest.raises(WriteError, match=r"^\[Errno 28\] No space left on device: the write stage could "
-                                         r"not write .*quicklook_rgb.*; check free space / permissions there, "
-                                         r"then rerun the same command to resume"):
+    with pytest.raises(
+        WriteError,
+        match=r"^\[Errno 28\] No space left on device: the write stage could "
+        r"not write .*quicklook_rgb.*; check free space / permissions there, "
+        r"then rerun the same command to resume",
+    ):
         _run(scene, tmp_path)
     (run_dir,) = [p.parent for p in tmp_path.glob("*/*/run.json")]
     rec = prov.load_run_record(run_dir)
     assert rec["status"] == "failed" and rec["failed_stage"] == "write" and rec["outputs"] == {}
     assert "No space left on device" in rec["error"] and not _complete(run_dir)
     # the half-written file never got its final name, nor did any other output (they stay staged)
-    assert not (run_dir / "quicklook_rgb.png").exists() and not (run_dir / "_staging" / "quicklook_rgb.png").exists()
+    assert (
+        not (run_dir / "quicklook_rgb.png").exists()
+        and not (run_dir / "_staging" / "quicklook_rgb.png").exists()
+    )
     assert _final_outputs(run_dir) == [] and (run_dir / "_staging" / "denoised.tif").is_file()
     assert not list(run_dir.rglob(".*.tmp*"))
     assert not (run_dir / ".hyperdeq.lock").exists()  # the lock is released on failure
@@ -233,15 +265,27 @@ class _LostScheduler(ThreadPoolExecutor):
         return super().submit(fn, *args, **kwargs)
 
 
-def test_lost_cluster_stops_before_blending_and_marks_the_run_failed(scene: Path, tmp_path: Path) -> None:
+def test_lost_cluster_stops_before_blending_and_marks_the_run_failed(
+    scene: Path, tmp_path: Path
+) -> None:
     from pipeline.errors import ClusterError
 
-    with _LostScheduler(2) as ex, pytest.raises(ClusterError, match=r"during the denoise stage .*rerun the same "
-                                                                     r"command to resume"):
+    with (
+        _LostScheduler(2) as ex,
+        pytest.raises(
+            ClusterError,
+            match=r"during the denoise stage .*rerun the same "
+            r"command to resume",
+        ),
+    ):
         run_scene(scene, _job(tmp_path), cluster=ex, tile_models={"denoise": IdentityTileModel()})
     (run_dir,) = [p.parent for p in tmp_path.glob("*/*/run.json")]
     rec = prov.load_run_record(run_dir)
-    assert rec["status"] == "failed" and rec["failed_stage"] == "denoise" and "ClusterError" in rec["error"]
+    assert (
+        rec["status"] == "failed"
+        and rec["failed_stage"] == "denoise"
+        and "ClusterError" in rec["error"]
+    )
     assert not (run_dir / "denoised.zarr").exists()  # never blended
     assert not (run_dir / "_staging" / "denoised.zarr").exists()
     assert _run(scene, tmp_path).status == "complete"
@@ -254,10 +298,16 @@ def test_lost_scheduler_error_names_the_scheduler(scene: Path, tmp_path: Path) -
     from workers.run import classify_error, end_record
 
     plan = plan_run(scene, _job(tmp_path), tile_models={"denoise": IdentityTileModel()})
-    client = SimpleNamespace(status="connecting", scheduler=SimpleNamespace(address="tcp://10.0.0.7:8786"))
-    err = classify_error(plan.run_dir, "blend_denoise", RuntimeError("cancelled for reason: unknown"), client)
+    client = SimpleNamespace(
+        status="connecting", scheduler=SimpleNamespace(address="tcp://10.0.0.7:8786")
+    )
+    err = classify_error(
+        plan.run_dir, "blend_denoise", RuntimeError("cancelled for reason: unknown"), client
+    )
     assert isinstance(err, ClusterError)
-    assert "lost the Dask scheduler at tcp://10.0.0.7:8786 during the blend_denoise stage" in str(err)
+    assert "lost the Dask scheduler at tcp://10.0.0.7:8786 during the blend_denoise stage" in str(
+        err
+    )
     plan.run_dir.mkdir(parents=True)
     end_record(plan, "t", "blend_denoise", err)
     rec = prov.load_run_record(plan.run_dir)
@@ -267,13 +317,25 @@ def test_lost_scheduler_error_names_the_scheduler(scene: Path, tmp_path: Path) -
 
 @pytest.mark.slow
 def test_unmix_stage_on_the_denoised_cube(tmp_path: Path) -> None:
-    scene = write_crop_tif(tmp_path / "valid_crop.tif", 0, 0, 48, 48)  # fully valid: the fit samples windows
-    job = Job(RunConfig(out_root=tmp_path / "out", tile=32, halo=4), unmix=UnmixOptions(endmembers=3, epochs=2))
+    scene = write_crop_tif(
+        tmp_path / "valid_crop.tif", 0, 0, 48, 48
+    )  # fully valid: the fit samples windows
+    job = Job(
+        RunConfig(out_root=tmp_path / "out", tile=32, halo=4),
+        unmix=UnmixOptions(endmembers=3, epochs=2),
+    )
     with ThreadPoolExecutor(2) as ex:
         res = run_scene(scene, job, cluster=ex, tile_models={"denoise": IdentityTileModel()})
     assert res.status == "complete"
-    for key in ("abundances_zarr", "abundances_tif", "rmse_tif", "endmembers_csv", "endmembers_json",
-                "quicklook_abundances", "denoised_zarr"):
+    for key in (
+        "abundances_zarr",
+        "abundances_tif",
+        "rmse_tif",
+        "endmembers_csv",
+        "endmembers_json",
+        "quicklook_abundances",
+        "denoised_zarr",
+    ):
         assert res.outputs[key].exists(), key
     ab = open_output(res.outputs["abundances_zarr"], "abundances")
     assert ab.sizes["endmember"] == 3 and ab.rio.crs.to_epsg() == 32633
@@ -304,10 +366,15 @@ def test_full_size_denoiser_is_chosen_by_config_and_recorded(tmp_path: Path) -> 
     runs = {}
     for arch in ("shipped", "full"):
         with ThreadPoolExecutor(1) as ex:
-            runs[arch] = run_scene(scene, Job(cfg, denoise=DenoiseOptions(arch=arch), unmix=None), cluster=ex)
+            runs[arch] = run_scene(
+                scene, Job(cfg, denoise=DenoiseOptions(arch=arch), unmix=None), cluster=ex
+            )
         assert runs[arch].status == "complete"
     assert runs["shipped"].run_dir != runs["full"].run_dir
-    shas = {a: json.loads((r.run_dir / "run.json").read_text())["models"][0]["weights_sha256"] for a, r in runs.items()}
+    shas = {
+        a: json.loads((r.run_dir / "run.json").read_text())["models"][0]["weights_sha256"]
+        for a, r in runs.items()
+    }
     assert shas == {"shipped": get_spec("decsc").weights_sha256, "full": FULL_WEIGHTS_SHA256}
     a, b = (open_output(r.outputs["denoised_zarr"], "denoised").values for r in runs.values())
     good = np.isfinite(a).all(axis=(1, 2))
@@ -317,20 +384,30 @@ def test_full_size_denoiser_is_chosen_by_config_and_recorded(tmp_path: Path) -> 
     from workers.denoise.spec import GUARD_WEIGHTS_SHA256
 
     rec = json.loads((runs["shipped"].run_dir / "run.json").read_text())
-    assert rec["weights"] == {"decsc": get_spec("decsc").weights_sha256, "decsc-guard": GUARD_WEIGHTS_SHA256}
+    assert rec["weights"] == {
+        "decsc": get_spec("decsc").weights_sha256,
+        "decsc-guard": GUARD_WEIGHTS_SHA256,
+    }
     bg = rec["models"][0]["band_guard"]
     assert bg["sha256"] == GUARD_WEIGHTS_SHA256 and len(bg["w"]) == good.sum()
     w_scene = np.asarray(bg["w"], dtype=np.float32)
     assert 0.0 <= w_scene.min() and w_scene.max() <= 1.0
-    assert all(t["guard"] is True and 0.0 <= t["guard_w_mean"] <= t["guard_w_max"] <= 1.0
-               for t in rec["tiles"]["denoise"])
+    assert all(
+        t["guard"] is True and 0.0 <= t["guard_w_mean"] <= t["guard_w_max"] <= 1.0
+        for t in rec["tiles"]["denoise"]
+    )
     # the spectral-subspace pass (default k = 8) is configured and each tile says what it did:
     # these tiles (≤ 400 px of 218 bands) are too small to estimate a subspace, so it was skipped
     assert rec["config"]["denoise"]["subspace"] == 8
-    assert all(t["subspace_k"] == 0 and "218 bands" in t["subspace_skipped"] for t in rec["tiles"]["denoise"])
+    assert all(
+        t["subspace_k"] == 0 and "218 bands" in t["subspace_skipped"]
+        for t in rec["tiles"]["denoise"]
+    )
     # without the guard: another run id, no guard in the record, the model's own output
     with ThreadPoolExecutor(1) as ex:
-        plain = run_scene(scene, Job(cfg, denoise=DenoiseOptions(guard=False), unmix=None), cluster=ex)
+        plain = run_scene(
+            scene, Job(cfg, denoise=DenoiseOptions(guard=False), unmix=None), cluster=ex
+        )
     assert plain.status == "complete" and plain.run_dir != runs["shipped"].run_dir
     rec = json.loads((plain.run_dir / "run.json").read_text())
     assert "band_guard" not in rec["models"][0] and rec["config"]["denoise"]["guard"] is False
@@ -343,7 +420,9 @@ def test_full_size_denoiser_is_chosen_by_config_and_recorded(tmp_path: Path) -> 
     from workers.run import INGESTED
 
     inp = open_zarr_scene(runs["shipped"].run_dir / INGESTED).values[good]
-    np.testing.assert_allclose(a[good], c[good] + w_scene[:, None, None] * (inp - c[good]), atol=2e-6)
+    np.testing.assert_allclose(
+        a[good], c[good] + w_scene[:, None, None] * (inp - c[good]), atol=2e-6
+    )
 
 
 def test_unknown_denoiser_is_refused() -> None:

@@ -19,7 +19,15 @@ def case(test_data):
     A = rng.dirichlet(np.ones(3), size=900).T
     Y = E @ A
     Y = Y + np.sqrt(np.mean(Y**2) / 1e3) * rng.standard_normal(Y.shape)
-    return Case("usgs3", Y.reshape(-1, 30, 30), E, A, ["a", "b", "c"], z["usgs_wavelength_nm"], "test mixture")
+    return Case(
+        "usgs3",
+        Y.reshape(-1, 30, 30),
+        E,
+        A,
+        ["a", "b", "c"],
+        z["usgs_wavelength_nm"],
+        "test mixture",
+    )
 
 
 def test_run_case_scores_and_report_keeps_notes(case, tmp_path):
@@ -32,8 +40,15 @@ def test_run_case_scores_and_report_keeps_notes(case, tmp_path):
     # beats VCA's mixed-pixel vertices
     assert res["deq-unmix"]["sad_mean_deg"] < res["vca+fcls"]["sad_mean_deg"]
     md, js = tmp_path / "r.md", tmp_path / "r.json"
-    env = {"device": "CPU: test", "cpu_count": 2, "torch_threads": 1, "torch": "t", "numpy": "n",
-           "scipy": "s", "python": "p"}
+    env = {
+        "device": "CPU: test",
+        "cpu_count": 2,
+        "torch_threads": 1,
+        "torch": "t",
+        "numpy": "n",
+        "scipy": "s",
+        "python": "p",
+    }
     write_report([res], env, "hyperdeq eval unmixer", md, js, {"seed": 0})
     text = md.read_text()
     assert "| usgs3 | tuning | 0 | 3 | deq-unmix |" in text and NOTES_MARKER not in text
@@ -72,7 +87,9 @@ def test_abundance_floors_bayes_beats_fcls_at_low_snr_and_refuses_at_high(test_d
         abundance_floors(Case("real", Y.reshape(-1, 20, 20), E, A, ["a", "b", "c"], None))
 
 
-def test_ablation_fcls_same_e_is_computed_reported_and_is_the_fcls_floor_with_true_e(case, tmp_path):
+def test_ablation_fcls_same_e_is_computed_reported_and_is_the_fcls_floor_with_true_e(
+    case, tmp_path
+):
     """The ablation scores FCLS with the DEQ's own endmembers next to the DEQ and VCA+FCLS, with the
     ratios and the issue-25 targets, in the JSON and the markdown; with the true endmembers as the
     "fit" FCLS-same-E is exactly the FCLS floor of the synthetic case."""
@@ -86,8 +103,12 @@ def test_ablation_fcls_same_e_is_computed_reported_and_is_the_fcls_floor_with_tr
     d, f = res["deq-unmix"], res["fcls-same-e"]
     assert f["sad_mean_deg"] == pytest.approx(d["sad_mean_deg"])  # same endmembers, same SAD
     ab = res["ablation"]
-    assert ab["vs_fcls_same_e"]["armse_ratio"] == pytest.approx(d["abundance_rmse"] / f["abundance_rmse"])
-    assert ab["vs_vca_fcls"]["armse_ratio"] == pytest.approx(d["abundance_rmse"] / res["vca+fcls"]["abundance_rmse"])
+    assert ab["vs_fcls_same_e"]["armse_ratio"] == pytest.approx(
+        d["abundance_rmse"] / f["abundance_rmse"]
+    )
+    assert ab["vs_vca_fcls"]["armse_ratio"] == pytest.approx(
+        d["abundance_rmse"] / res["vca+fcls"]["abundance_rmse"]
+    )
     assert ab["vs_fcls_same_e"]["target_armse_ratio"] == TARGET_VS_SAME_E
     assert ab["vs_vca_fcls"]["met"] == (ab["vs_vca_fcls"]["armse_ratio"] <= TARGET_VS_VCA)
     assert res["role"] == "tuning" and res["seed"] == 0 and "stop_reason" in d
@@ -108,8 +129,15 @@ def test_ablation_fcls_same_e_is_computed_reported_and_is_the_fcls_floor_with_tr
     assert res_t["fcls-same-e"]["abundance_rmse"] == pytest.approx(floor, rel=1e-4)  # float32 E
 
     md, js = tmp_path / "r.md", tmp_path / "r.json"
-    env = {"device": "CPU: test", "cpu_count": 2, "torch_threads": 1, "torch": "t", "numpy": "n",
-           "scipy": "s", "python": "p"}
+    env = {
+        "device": "CPU: test",
+        "cpu_count": 2,
+        "torch_threads": 1,
+        "torch": "t",
+        "numpy": "n",
+        "scipy": "s",
+        "python": "p",
+    }
     write_report([res], env, "hyperdeq eval unmixer", md, js, {"seeds": [0]})
     text = md.read_text()
     assert "## Ablation" in text and "| usgs3 | tuning | 0 | 3 |" in text
@@ -121,14 +149,22 @@ def test_ablation_on_a_real_samson_crop(test_data):
     """On a real Samson crop (tests/data/unmix) the ablation is computed and scored against the
     reference: FCLS with the DEQ's endmembers has the DEQ's SAD, and both ratios are reported."""
     z = np.load(test_data / "unmix" / "unmix_crops.npz")
-    c = Case("samson", z["samson_cube"].astype(np.float64), z["samson_endmembers"].astype(np.float64),
-             z["samson_abundance"].reshape(3, -1).astype(np.float64), ["soil", "tree", "water"], None)
+    c = Case(
+        "samson",
+        z["samson_cube"].astype(np.float64),
+        z["samson_endmembers"].astype(np.float64),
+        z["samson_abundance"].reshape(3, -1).astype(np.float64),
+        ["soil", "tree", "water"],
+        None,
+    )
     res = run_case(c, seed=0, max_epochs=2, methods=("deq-unmix", "vca+fcls"))
     assert res["role"] == "tuning"  # Samson is the named real tuning scene
     assert res["fcls-same-e"]["sad_mean_deg"] == pytest.approx(res["deq-unmix"]["sad_mean_deg"])
     assert 0 <= res["fcls-same-e"]["abundance_rmse"] < 0.6
     for k in ("vs_fcls_same_e", "vs_vca_fcls"):
-        assert np.isfinite(res["ablation"][k]["armse_ratio"]) and isinstance(res["ablation"][k]["met"], bool)
+        assert np.isfinite(res["ablation"][k]["armse_ratio"]) and isinstance(
+            res["ablation"][k]["met"], bool
+        )
 
 
 def test_fit_records_endmember_count_evidence_and_per_endmember_residuals(case):

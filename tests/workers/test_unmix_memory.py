@@ -15,7 +15,10 @@ def test_implicit_training_memory_flat_vs_unrolled():
     # each measurement is its own fresh process (most of its time is importing torch): run the
     # three side by side
     with ThreadPoolExecutor(3) as pool:
-        runs = [pool.submit(measure, mode, it, **kw) for mode, it in (("implicit", 10), ("implicit", 40), ("unrolled", 40))]
+        runs = [
+            pool.submit(measure, mode, it, **kw)
+            for mode, it in (("implicit", 10), ("implicit", 40), ("unrolled", 40))
+        ]
         i10, i40, u40 = (r.result()["step_peak_increase_mib"] for r in runs)
     msg = f"implicit@10 {i10:.1f} MiB, implicit@40 {i40:.1f} MiB, unrolled@40 {u40:.1f} MiB"
     assert i40 <= 1.2 * i10 + SLACK_MIB, msg

@@ -40,7 +40,9 @@ def synthetic(crops):
 def fitted(synthetic, crops):
     cube, E, _ = synthetic
     scene = build_scene(cube, wavelength=crops["usgs_wavelength_nm"], source="synthetic-usgs")
-    return fit_scene(scene, 3, seed=0, sample_pixels=400, fit_tiles=2, fit_tile_size=24, max_epochs=4)
+    return fit_scene(
+        scene, 3, seed=0, sample_pixels=400, fit_tiles=2, fit_tile_size=24, max_epochs=4
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -101,7 +103,10 @@ def test_save_load_round_trip(fitted, synthetic, tmp_path):
     np.testing.assert_array_equal(back.endmembers, fitted.endmembers)
     np.testing.assert_array_equal(back.good_band, fitted.good_band)
     np.testing.assert_array_equal(back.wavelengths, fitted.wavelengths)
-    assert back.names == fitted.names and back.provenance["loss_curve"] == fitted.provenance["loss_curve"]
+    assert (
+        back.names == fitted.names
+        and back.provenance["loss_curve"] == fitted.provenance["loss_curve"]
+    )
     a1, r1, s1 = apply_fit(fitted, cube)
     a2, r2, s2 = apply_fit(back, cube)
     np.testing.assert_array_equal(a1, a2)
@@ -141,8 +146,16 @@ def test_fit_scene_nodata_and_bad_bands(crops):
     scene = build_scene(cube, good_band=good, source="samson-crop")
     # the VCA start: the start rule is tested on its own; here P = 8 from HySime would make it
     # score every candidate of the default rule
-    fit = fit_scene(scene, None, seed=1, sample_pixels=300, fit_tiles=2, fit_tile_size=16, max_epochs=1,
-                    options={"init": "vca"})
+    fit = fit_scene(
+        scene,
+        None,
+        seed=1,
+        sample_pixels=300,
+        fit_tiles=2,
+        fit_tile_size=16,
+        max_epochs=1,
+        options={"init": "vca"},
+    )
     assert fit.endmembers.shape[0] == cube.shape[0] - 2
     assert fit.provenance["n_endmembers"]["method"] == "hysime"
     assert 2 <= fit.n_endmembers <= 8
@@ -261,8 +274,13 @@ def test_class_pure_means_averages_the_core_of_each_class():
     rare = m1[:, None] * rng.uniform(0.8, 1.2, 24) + 0.03 * rng.standard_normal((L, 24))
     Ys = np.concatenate([common, rare], axis=1)
     # an "extraction": the single most extreme pixel of each material
-    E = np.stack([common[:, np.argmax(sad_degrees(np.repeat(m0[:, None], 400, 1), common))],
-                  rare[:, np.argmax(sad_degrees(np.repeat(m1[:, None], 24, 1), rare))]], axis=1)
+    E = np.stack(
+        [
+            common[:, np.argmax(sad_degrees(np.repeat(m0[:, None], 400, 1), common))],
+            rare[:, np.argmax(sad_degrees(np.repeat(m1[:, None], 24, 1), rare))],
+        ],
+        axis=1,
+    )
     A = fcls(Ys, E)
     Ec, counts = class_pure_means(Ys, E, A, 0.25)
     lab = np.argmax(A, axis=0)
@@ -355,7 +373,11 @@ def test_fit_tiles_are_distinct_windows_scaled_to_the_scene(crops):
     nodata hole takes out the windows that are less than half valid."""
     from workers.unmix.fit import window_starts
 
-    assert window_starts(32, 12) == [0, 10, 20] and window_starts(50, 64) == [0] and window_starts(24, 12) == [0, 12]
+    assert (
+        window_starts(32, 12) == [0, 10, 20]
+        and window_starts(50, 64) == [0]
+        and window_starts(24, 12) == [0, 12]
+    )
     scene = build_scene(crops["samson_cube"], source="samson-crop")
     kw = dict(sample_pixels=300, fit_tile_size=12, max_epochs=0, options={"init": "vca"})
     t8 = fit_scene(scene, 3, seed=0, fit_tiles=8, **kw).provenance["fit_tiles"]
@@ -370,7 +392,9 @@ def test_fit_tiles_are_distinct_windows_scaled_to_the_scene(crops):
     assert covered.all()
     cube = crops["samson_cube"].copy()
     cube[:, :18, :18] = np.nan  # windows (0, 0), (0, 10) and (10, 0) are less than half valid
-    holed = fit_scene(build_scene(cube, source="holed"), 3, seed=0, fit_tiles=20, **kw).provenance["fit_tiles"]
+    holed = fit_scene(build_scene(cube, source="holed"), 3, seed=0, fit_tiles=20, **kw).provenance[
+        "fit_tiles"
+    ]
     assert holed["count"] == holed["usable_windows"] == 6
     assert not {(0, 0), (0, 10), (10, 0)} & {tuple(o) for o in holed["origins_yx"]}
 
@@ -405,7 +429,9 @@ def test_fit_that_keeps_its_start_says_why(pavia_start_fit):
     assert "lower held-out-band validation loss than the start" in pv["kept_start"]
     assert "max_epochs 5" in pv["kept_start"]
     start = pv["endmembers"]["start"]
-    np.testing.assert_array_equal(f.endmembers, np.asarray([start[n] for n in f.names], dtype=np.float32).T)
+    np.testing.assert_array_equal(
+        f.endmembers, np.asarray([start[n] for n in f.names], dtype=np.float32).T
+    )
 
 
 def test_training_loss_falls_is_the_trend_of_the_whole_curve():
@@ -433,7 +459,9 @@ def test_solver_converges_on_at_least_95_percent_of_pixels(pavia, which, request
     assert stats["valid_pixels"] == 50 * 50
     assert stats["converged_pixels"] >= 0.95 * stats["valid_pixels"], stats
     solver = fit.provenance["solver_check"]
-    assert solver["pixels"] == 32 * 32 and solver["converged_pixels"] >= 0.95 * solver["pixels"], solver
+    assert solver["pixels"] == 32 * 32 and solver["converged_pixels"] >= 0.95 * solver["pixels"], (
+        solver
+    )
 
 
 def test_one_module_shared_by_threads_unmixes_each_tile_as_alone(fitted, synthetic):

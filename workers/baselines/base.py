@@ -84,11 +84,20 @@ class Baseline:
 
 _BASELINES: dict[str, Baseline] = {
     "fasthyde": Baseline(
-        "fasthyde", "k=10, iid=True for Gaussian i.i.d. cases else False", ("hyde-images", "bm3d"), "hyde_methods:fasthyde"
+        "fasthyde",
+        "k=10, iid=True for Gaussian i.i.d. cases else False",
+        ("hyde-images", "bm3d"),
+        "hyde_methods:fasthyde",
     ),
-    "l1hymixde": Baseline("l1hymixde", "k=8, p=0.1, 10 iterations", ("hyde-images",), "hyde_methods:l1hymixde"),
-    "wsrrr": Baseline("wsrrr", "rank=10", ("hyde-images", "pytorch-wavelets"), "hyde_methods:wsrrr"),
-    "bm4d": Baseline("bm4d", "oracle σ = RMS of per-band σ, profile 'np'", ("bm4d",), "bm4d_method:denoise"),
+    "l1hymixde": Baseline(
+        "l1hymixde", "k=8, p=0.1, 10 iterations", ("hyde-images",), "hyde_methods:l1hymixde"
+    ),
+    "wsrrr": Baseline(
+        "wsrrr", "rank=10", ("hyde-images", "pytorch-wavelets"), "hyde_methods:wsrrr"
+    ),
+    "bm4d": Baseline(
+        "bm4d", "oracle σ = RMS of per-band σ, profile 'np'", ("bm4d",), "bm4d_method:denoise"
+    ),
 }
 BASELINE_NAMES: tuple[str, ...] = tuple(_BASELINES)
 

@@ -39,7 +39,9 @@ def fasthyde(noisy: np.ndarray, info: CaseInfo) -> np.ndarray:
     """FastHyDe, k = 10 eigen-images; ``iid`` from the noise case (False for non-i.i.d. noise)."""
     return _run(
         noisy,
-        lambda hyde, x: hyde.FastHyDe()(x, noise_type="additive", iid=info.iid, k_subspace=FASTHYDE_K),
+        lambda hyde, x: hyde.FastHyDe()(
+            x, noise_type="additive", iid=info.iid, k_subspace=FASTHYDE_K
+        ),
     )
 
 

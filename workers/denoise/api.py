@@ -50,7 +50,9 @@ def weights_metadata(model: DECSC, extra: dict[str, Any] | None = None) -> dict[
     spec = get_spec(MODEL_NAME)
     meta = {
         "model": MODEL_NAME,
-        "config": json.dumps({**asdict(model.cfg), "window_stride": spec.config["window_stride"]}, sort_keys=True),
+        "config": json.dumps(
+            {**asdict(model.cfg), "window_stride": spec.config["window_stride"]}, sort_keys=True
+        ),
         "tensors_sha256": tensors_digest(shipped_state(model)),
     }
     if extra:
@@ -68,7 +70,9 @@ ARCH_PRESETS: dict[str, dict[str, int]] = {
 
 def check_arch(arch: str) -> str:
     if arch not in ARCH_PRESETS:
-        raise InputValidationError(f"unknown DECSC architecture {arch!r}; choose from {sorted(ARCH_PRESETS)!r}")
+        raise InputValidationError(
+            f"unknown DECSC architecture {arch!r}; choose from {sorted(ARCH_PRESETS)!r}"
+        )
     return arch
 
 
@@ -82,15 +86,27 @@ def build_model(device: str = "cpu", arch: str = "shipped") -> DECSC:
     """An untrained DECSC with the registry's architecture (or a preset of ``ARCH_PRESETS``) and solver settings."""
     check_arch(arch)
     spec = get_spec(MODEL_NAME)
-    cfg = DECSCConfig(**{**{k: v for k, v in spec.config.items() if k in _CFG_KEYS}, **ARCH_PRESETS[arch]})
+    cfg = DECSCConfig(
+        **{**{k: v for k, v in spec.config.items() if k in _CFG_KEYS}, **ARCH_PRESETS[arch]}
+    )
     s = spec.solver
-    model = DECSC(cfg, tol=s["tol"], max_iter=s["max_iter"], eval_max_iter=s["eval_max_iter"],
-                  backward=s["backward"], backward_max_iter=s["backward_max_iter"], m=s["m"],
-                  phantom_steps=s["phantom_steps"], phantom_tau=s["phantom_tau"])
+    model = DECSC(
+        cfg,
+        tol=s["tol"],
+        max_iter=s["max_iter"],
+        eval_max_iter=s["eval_max_iter"],
+        backward=s["backward"],
+        backward_max_iter=s["backward_max_iter"],
+        m=s["m"],
+        phantom_steps=s["phantom_steps"],
+        phantom_tau=s["phantom_tau"],
+    )
     return model.to(device)
 
 
-def load_denoiser(device: str = "cpu", weights: str | Path | None = None, arch: str = "shipped") -> nn.Module:
+def load_denoiser(
+    device: str = "cpu", weights: str | Path | None = None, arch: str = "shipped"
+) -> nn.Module:
     """The DECSC denoiser with its shipped (or given) safetensors weights, in eval mode.
 
     ``arch`` names the architecture preset the weights were trained with (``ARCH_PRESETS``);
@@ -109,7 +125,9 @@ def load_denoiser(device: str = "cpu", weights: str | Path | None = None, arch: 
             meta = fh.metadata() or {}
             state = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise WeightsError(f"cannot read weights file {str(path)!r} as safetensors ({exc}); reinstall hyperdeq or retrain") from exc
+        raise WeightsError(
+            f"cannot read weights file {str(path)!r} as safetensors ({exc}); reinstall hyperdeq or retrain"
+        ) from exc
     if meta.get("model") != MODEL_NAME:
         raise WeightsError(
             f"weights file {str(path)!r} is for model {meta.get('model')!r}, not {MODEL_NAME!r}; "
@@ -130,10 +148,14 @@ def load_denoiser(device: str = "cpu", weights: str | Path | None = None, arch: 
     model = build_model("cpu", arch)
     try:
         if not all(k.startswith("map.") for k in state):
-            raise RuntimeError(f"unexpected tensor names {sorted(k for k in state if not k.startswith('map.'))!r}")
+            raise RuntimeError(
+                f"unexpected tensor names {sorted(k for k in state if not k.startswith('map.'))!r}"
+            )
         model.map.load_state_dict({k[4:]: v for k, v in state.items()}, strict=True)
     except RuntimeError as exc:
-        raise WeightsError(f"weights file {str(path)!r} does not fit the DECSC architecture: {exc}") from exc
+        raise WeightsError(
+            f"weights file {str(path)!r} does not fit the DECSC architecture: {exc}"
+        ) from exc
     return model.to(device).eval()
 
 
@@ -161,14 +183,18 @@ def _symmetric_index(n_bands: int, size: int) -> np.ndarray:
 def _check_cube(cube: np.ndarray) -> np.ndarray:
     cube = np.asarray(cube)
     if cube.ndim != 3 or min(cube.shape) < 1:
-        raise InputValidationError(f"denoise_cube expects a (bands, y, x) cube, got shape {cube.shape!r}")
+        raise InputValidationError(
+            f"denoise_cube expects a (bands, y, x) cube, got shape {cube.shape!r}"
+        )
     if not np.issubdtype(cube.dtype, np.floating):
         raise InputValidationError(
             f"denoise_cube expects float reflectance (roughly [0, 1]) with NaN nodata, got dtype {cube.dtype!r}; "
             "scale the cube to reflectance first"
         )
     if cube.shape[1] < 2 or cube.shape[2] < 2:
-        raise InputValidationError(f"denoise_cube needs at least 2x2 pixels, got shape {cube.shape!r}")
+        raise InputValidationError(
+            f"denoise_cube needs at least 2x2 pixels, got shape {cube.shape!r}"
+        )
     return cube.astype(np.float32, copy=False)
 
 
@@ -181,14 +207,25 @@ def shipped_guard() -> Any:
 
 
 @torch.no_grad()
-def _model_pass(model: nn.Module, filled: np.ndarray, valid: np.ndarray, *, device: str,
-                max_iter: int | None, window_batch: int,
-                sigma_from: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def _model_pass(
+    model: nn.Module,
+    filled: np.ndarray,
+    valid: np.ndarray,
+    *,
+    device: str,
+    max_iter: int | None,
+    window_batch: int,
+    sigma_from: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """One DECSC pass over a NaN-free (B, H, W) cube: (output, blind σ per band, solver stats);
     σ is estimated from ``sigma_from`` (same shape) when given, else from ``filled``."""
     b, h, w = filled.shape
     y = torch.from_numpy(filled).to(device)
-    src = y if sigma_from is None else torch.from_numpy(np.ascontiguousarray(sigma_from, dtype=np.float32)).to(device)
+    src = (
+        y
+        if sigma_from is None
+        else torch.from_numpy(np.ascontiguousarray(sigma_from, dtype=np.float32)).to(device)
+    )
     sigma = estimate_sigma(src[None], torch.from_numpy(valid).to(device)[None])[0]
     size = int(model.cfg.bands)  # type: ignore[union-attr,arg-type]
     stride = get_spec(MODEL_NAME).config["window_stride"]
@@ -233,7 +270,11 @@ GUARD_MODES: tuple[str, ...] = ("apply", "weights", "off")
 
 def _subspace_k(subspace: int) -> int:
     """``subspace`` of :func:`denoise_cube` checked: 0 (off) or a dimension from 1 to 64."""
-    if isinstance(subspace, int | np.integer) and not isinstance(subspace, bool) and 0 <= int(subspace) <= 64:
+    if (
+        isinstance(subspace, int | np.integer)
+        and not isinstance(subspace, bool)
+        and 0 <= int(subspace) <= 64
+    ):
         return int(subspace)
     raise InputValidationError(
         f"subspace must be 0 (off) or a dimension from 1 to 64, got {subspace!r}; "
@@ -242,8 +283,16 @@ def _subspace_k(subspace: int) -> int:
 
 
 def _subspace_pass(
-    model: nn.Module, filled: np.ndarray, out: np.ndarray, sigma: np.ndarray, valid: np.ndarray,
-    stuck: np.ndarray, k: int, stats: dict[str, Any], guard_model: Any, pass_kw: dict[str, Any],
+    model: nn.Module,
+    filled: np.ndarray,
+    out: np.ndarray,
+    sigma: np.ndarray,
+    valid: np.ndarray,
+    stuck: np.ndarray,
+    k: int,
+    stats: dict[str, Any],
+    guard_model: Any,
+    pass_kw: dict[str, Any],
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Second, spectral-subspace pass over the first pass ``out``: guard, clean, project onto the
     top-``k`` directions, run the model again, and blend; folds the worst solver statistics of
@@ -261,18 +310,29 @@ def _subspace_pass(
     if w1 > 0:  # step 5b: i.i.d.-like noise: average with the projected first pass
         out *= np.float32(1.0 - w1)  # in place: tiles can be large
         out += np.float32(w1) * project_own(d1, valid, k)
-    stats.update(iterations=max(stats["iterations"], st2["iterations"]),  # worst of both passes
-                 residual=max(stats["residual"], st2["residual"]),
-                 converged=stats["converged"] and st2["converged"])
-    sub_stats = {"subspace_k": p_stats["k"], "subspace_outside": p_stats["pixels_kept_outside"],
-                 "subspace_impulses": c_stats["impulse_pixels"], "subspace_stuck": c_stats["stuck_pixels"],
-                 "subspace_lines": c_stats["lines_removed"],
-                 "subspace_blend": round(w1, 4), "subspace_sigma_spread": round(min(spread, 1e6), 4)}
+    stats.update(
+        iterations=max(stats["iterations"], st2["iterations"]),  # worst of both passes
+        residual=max(stats["residual"], st2["residual"]),
+        converged=stats["converged"] and st2["converged"],
+    )
+    sub_stats = {
+        "subspace_k": p_stats["k"],
+        "subspace_outside": p_stats["pixels_kept_outside"],
+        "subspace_impulses": c_stats["impulse_pixels"],
+        "subspace_stuck": c_stats["stuck_pixels"],
+        "subspace_lines": c_stats["lines_removed"],
+        "subspace_blend": round(w1, 4),
+        "subspace_sigma_spread": round(min(spread, 1e6), 4),
+    }
     return out, sub_stats
 
 
 def _band_guard(
-    guard: GuardMode, guard_model: Any, filled: np.ndarray, out: np.ndarray, sigma: np.ndarray,
+    guard: GuardMode,
+    guard_model: Any,
+    filled: np.ndarray,
+    out: np.ndarray,
+    sigma: np.ndarray,
     valid: np.ndarray,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The band guard per ``guard`` mode: per-band weights of the input handed back, applied
@@ -285,16 +345,33 @@ def _band_guard(
     gw = guard_weights(g, filled, out, sigma, valid)
     if guard != "weights":
         out = (out + gw[:, None, None] * (filled - out)).astype(np.float32)
-    guard_stats = {"guard": True, "guard_applied": guard != "weights", "guard_w_mean": float(gw.mean()),
-                   "guard_w_max": float(gw.max()), "guard_bands_half": int(np.sum(gw > 0.5)),
-                   "guard_w": [float(v) for v in gw], "guard_n": int(valid.sum())}
+    guard_stats = {
+        "guard": True,
+        "guard_applied": guard != "weights",
+        "guard_w_mean": float(gw.mean()),
+        "guard_w_max": float(gw.max()),
+        "guard_bands_half": int(np.sum(gw > 0.5)),
+        "guard_w": [float(v) for v in gw],
+        "guard_n": int(valid.sum()),
+    }
     return out, guard_stats
+
+
+#: the statistics of a cube without a single valid pixel (nothing to solve)
+_NO_PIXELS: dict[str, Any] = {"iterations": 0, "residual": 0.0, "converged": True, "windows": 0}
 
 
 @torch.no_grad()
 def denoise_cube(
-    model: nn.Module, cube: np.ndarray, *, device: str = "cpu", max_iter: int | None = None,
-    window_batch: int = 2, guard: GuardMode = "apply", guard_model: Any = None, subspace: int = 0,
+    model: nn.Module,
+    cube: np.ndarray,
+    *,
+    device: str = "cpu",
+    max_iter: int | None = None,
+    window_batch: int = 2,
+    guard: GuardMode = "apply",
+    guard_model: Any = None,
+    subspace: int = 0,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Denoise one (B, H, W) cube (floats, reflectance scale); NaN pixels stay NaN.
 
@@ -326,7 +403,7 @@ def denoise_cube(
     b, h, w = cube.shape
     valid = np.isfinite(cube).all(axis=0)
     if not valid.any():
-        return np.full_like(cube, np.nan), {"iterations": 0, "residual": 0.0, "converged": True, "windows": 0}
+        return np.full_like(cube, np.nan), dict(_NO_PIXELS)
     if guard not in GUARD_MODES:
         raise InputValidationError(f"guard must be one of {list(GUARD_MODES)!r}, got {guard!r}")
     filled = cube.copy()
@@ -340,26 +417,37 @@ def denoise_cube(
     # the model sees them replaced by their band's local average; σ (and the guard, and the
     # subspace pass's cleaning) still see the raw input, where those bands are noisy
     model_in = fill_stuck(filled, stuck, valid) if n_stuck else filled
-    out, sigma, stats = _model_pass(model, model_in, valid, **pass_kw, sigma_from=filled if n_stuck else None)
+    out, sigma, stats = _model_pass(
+        model, model_in, valid, **pass_kw, sigma_from=filled if n_stuck else None
+    )
     del model_in
     stats["stuck_filled"] = n_stuck
     sub_stats: dict[str, Any] = {}
     if k and (b < 2 * k or int(valid.sum()) < 2 * b):
         # too few bands for a k-dimensional subspace to remove noise, or too few pixels to
         # estimate it: the model alone (recorded, so a run says the pass did not happen)
-        sub_stats = {"subspace_k": 0, "subspace_skipped": f"{b} bands, {int(valid.sum())} pixels < 2k bands / 2B pixels"}
-        k = 0
+        skipped = f"{b} bands, {int(valid.sum())} pixels < 2k bands / 2B pixels"
+        sub_stats, k = {"subspace_k": 0, "subspace_skipped": skipped}, 0
     if k:
-        out, sub_stats = _subspace_pass(model, filled, out, sigma, valid, stuck, k, stats, guard_model, pass_kw)
+        out, sub_stats = _subspace_pass(
+            model, filled, out, sigma, valid, stuck, k, stats, guard_model, pass_kw
+        )
     out, guard_stats = _band_guard(guard, guard_model, filled, out, sigma, valid)
     out[:, ~valid] = np.nan
     return out, {**stats, **guard_stats, **sub_stats}
 
 
 def denoise_batch(
-    model: nn.Module, cubes: list[np.ndarray], *, device: str = "cpu", max_iter: int | None = None,
-    guard: GuardMode = "apply", subspace: int = 0,
+    model: nn.Module,
+    cubes: list[np.ndarray],
+    *,
+    device: str = "cpu",
+    max_iter: int | None = None,
+    guard: GuardMode = "apply",
+    subspace: int = 0,
 ) -> list[tuple[np.ndarray, dict[str, Any]]]:
     """:func:`denoise_cube` over several tiles in one call (one result per cube, same order)."""
-    return [denoise_cube(model, c, device=device, max_iter=max_iter, guard=guard, subspace=subspace)
-            for c in cubes]
+    return [
+        denoise_cube(model, c, device=device, max_iter=max_iter, guard=guard, subspace=subspace)
+        for c in cubes
+    ]

@@ -57,7 +57,9 @@ def load_training_data(data_dir: Path) -> tuple[list[np.ndarray], list[np.ndarra
     cave_dir = data_dir / "cave"
     files = sorted(cave_dir.glob("*.npz"))
     if not files:
-        raise ReadError(f"no CAVE scenes found under {str(cave_dir)!r}; point --data at the shared data folder")
+        raise ReadError(
+            f"no CAVE scenes found under {str(cave_dir)!r}; point --data at the shared data folder"
+        )
     names = [f.name for f in files if f.name not in HELD_OUT_CAVE]
     assert not any(b in n for n in names for b in FORBIDDEN)
     cave = [load_cave(cave_dir / n) for n in names]

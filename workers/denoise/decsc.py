@@ -91,9 +91,13 @@ class WindowAttention(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.rel_bias = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
-        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        coords = torch.stack(
+            torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+        ).flatten(1)
         rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window - 1
-        self.register_buffer("rel_index", rel[..., 0] * (2 * window - 1) + rel[..., 1], persistent=False)
+        self.register_buffer(
+            "rel_index", rel[..., 0] * (2 * window - 1) + rel[..., 1], persistent=False
+        )
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
         last = self.mlp[2]
@@ -121,8 +125,14 @@ class WindowAttention(nn.Module):
         t = x.permute(0, 2, 3, 1)
         if self.shift:
             t = torch.roll(t, shifts=(-s, -s), dims=(1, 2))
-        win = t.reshape(n, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
-        qkv = self.qkv(self.norm1(win)).reshape(win.shape[0], ws * ws, 3, self.heads, c // self.heads)
+        win = (
+            t.reshape(n, h // ws, ws, w // ws, ws, c)
+            .permute(0, 1, 3, 2, 4, 5)
+            .reshape(-1, ws * ws, c)
+        )
+        qkv = self.qkv(self.norm1(win)).reshape(
+            win.shape[0], ws * ws, 3, self.heads, c // self.heads
+        )
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         rel_index: Tensor = self.rel_index  # type: ignore[assignment]
         bias = self.rel_bias[rel_index].permute(2, 0, 1)  # (heads, T, T)
@@ -133,7 +143,11 @@ class WindowAttention(nn.Module):
         out = self.proj(attn.transpose(1, 2).reshape(win.shape[0], ws * ws, c))
         win = win + out
         win = win + self.mlp(self.norm2(win))
-        t = win.reshape(n, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(n, h, w, c)
+        t = (
+            win.reshape(n, h // ws, w // ws, ws, ws, c)
+            .permute(0, 1, 3, 2, 4, 5)
+            .reshape(n, h, w, c)
+        )
         if self.shift:
             t = torch.roll(t, shifts=(s, s), dims=(1, 2))
         return t.permute(0, 3, 1, 2)
@@ -152,7 +166,9 @@ def _conv3d_band_offsets(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tens
     p = k // 2
     xb = x.transpose(1, 2).reshape(n * b, cin, h, w)
     wk = weight.permute(2, 0, 1, 3, 4).reshape(k * cout, cin, k, weight.shape[-1])
-    y = F.conv2d(xb, wk, None, padding=(weight.shape[-2] // 2, weight.shape[-1] // 2)).reshape(n, b, k, cout, h, w)
+    y = F.conv2d(xb, wk, None, padding=(weight.shape[-2] // 2, weight.shape[-1] // 2)).reshape(
+        n, b, k, cout, h, w
+    )
     out = y[:, :, p].clone()
     for d in range(k):  # output band j reads input band j + d - p
         off = d - p
@@ -232,7 +248,9 @@ class DetailEnhancement(nn.Module):
 
     def forward(self, u: Tensor) -> Tensor:
         d = self.diff(u)
-        gate = torch.einsum("oc,ncbhw->nobhw", self.gate_w, d) + self.gate_b[None, :, None, None, None]
+        gate = (
+            torch.einsum("oc,ncbhw->nobhw", self.gate_w, d) + self.gate_b[None, :, None, None, None]
+        )
         return u + torch.sigmoid(gate) * d
 
 
@@ -286,10 +304,16 @@ class DECSCMap(nn.Module):
         a, u = self.unpack(z, h, w)
         r = y - self.dec_c(a) - conv3d_banded(u, self.dec_u.weight)[:, 0]
         a_new = self.transformer(a + self.enc_c(r))
-        t_c = F.softplus(self.theta_c)[None, :, None, None] * s.mean(1, keepdim=True) + 1e-2 * F.softplus(self.eps_c)[None, :, None, None]
+        t_c = (
+            F.softplus(self.theta_c)[None, :, None, None] * s.mean(1, keepdim=True)
+            + 1e-2 * F.softplus(self.eps_c)[None, :, None, None]
+        )
         a_new = soft_threshold(a_new, t_c)
         u_new = self.dem(u + conv3d_banded(r[:, None], self.enc_u.weight))
-        t_u = F.softplus(self.theta_u)[None, :, None, None, None] * s[:, None] + 1e-2 * F.softplus(self.eps_u)[None, :, None, None, None]
+        t_u = (
+            F.softplus(self.theta_u)[None, :, None, None, None] * s[:, None]
+            + 1e-2 * F.softplus(self.eps_u)[None, :, None, None, None]
+        )
         u_new = soft_threshold(u_new, t_u)
         return torch.cat([a_new.flatten(1), u_new.flatten(1)], dim=1)
 
@@ -319,9 +343,18 @@ class DECSC(nn.Module):
         self.cfg = cfg or DECSCConfig()
         self.map = DECSCMap(self.cfg)
         self.deq = DEQFixedPoint(
-            self.map, init=self._init, method="anderson", tol=tol, max_iter=max_iter,
-            eval_max_iter=eval_max_iter, m=m, backward=backward, backward_max_iter=backward_max_iter,
-            backward_tol=tol, phantom_steps=phantom_steps, phantom_tau=phantom_tau,
+            self.map,
+            init=self._init,
+            method="anderson",
+            tol=tol,
+            max_iter=max_iter,
+            eval_max_iter=eval_max_iter,
+            m=m,
+            backward=backward,
+            backward_max_iter=backward_max_iter,
+            backward_tol=tol,
+            phantom_steps=phantom_steps,
+            phantom_tau=phantom_tau,
         )
         self.last_z: Tensor | None = None
 
@@ -330,7 +363,11 @@ class DECSC(nn.Module):
         return x.new_zeros(x.shape[0], sum(self.map.sizes(h, w)))
 
     def forward(
-        self, y: Tensor, sigma: Tensor | None = None, z0: Tensor | None = None, max_iter: int | None = None
+        self,
+        y: Tensor,
+        sigma: Tensor | None = None,
+        z0: Tensor | None = None,
+        max_iter: int | None = None,
     ) -> tuple[Tensor, SolverStats]:
         if y.ndim != 4 or y.shape[1] != self.cfg.bands:
             raise ConfigError(

@@ -34,7 +34,14 @@ from pipeline.noise import NOISE_CASES, add_noise_with_info, check_case, is_iid_
 from pipeline.provenance import portable
 from workers.baselines import BASELINE_NAMES, CaseInfo, availability, get_baseline
 
-DEFAULT_CASES: tuple[str, ...] = ("gauss30", "gauss50", "band[0,55]", "band[0,95]", "corr", "mixture")
+DEFAULT_CASES: tuple[str, ...] = (
+    "gauss30",
+    "gauss50",
+    "band[0,55]",
+    "band[0,95]",
+    "corr",
+    "mixture",
+)
 # (case, margin in dB over the best classical anchor) the DECSC targets of issue 8
 TARGETS: tuple[tuple[str, float], ...] = (("gauss30", 1.0), ("band[0,95]", 1.0), ("mixture", 3.0))
 DECSC = "decsc"
@@ -133,13 +140,25 @@ class EvalConfig:
             check_case(c)
         for b in self.baselines:
             get_baseline(b)
-        if not isinstance(self.subspace, int) or isinstance(self.subspace, bool) or not 0 <= self.subspace <= 64:
-            raise ConfigError(f"subspace must be an integer from 0 (off) to 64, got {self.subspace!r}")
-        for what, seq in (("scene", self.scenes), ("case", self.cases), ("baseline", self.baselines)):
+        if (
+            not isinstance(self.subspace, int)
+            or isinstance(self.subspace, bool)
+            or not 0 <= self.subspace <= 64
+        ):
+            raise ConfigError(
+                f"subspace must be an integer from 0 (off) to 64, got {self.subspace!r}"
+            )
+        for what, seq in (
+            ("scene", self.scenes),
+            ("case", self.cases),
+            ("baseline", self.baselines),
+        ):
             if len(set(seq)) != len(seq):
                 raise ConfigError(f"{what} list {list(seq)!r} names one twice; give each once")
         if self.crop is not None and self.crop < 8:
-            raise ConfigError(f"crop must be >= 8 pixels, got {self.crop!r} (SSIM needs an 11x11 window)")
+            raise ConfigError(
+                f"crop must be >= 8 pixels, got {self.crop!r} (SSIM needs an 11x11 window)"
+            )
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads!r}")
         if not self.decsc and not self.baselines:
@@ -149,7 +168,9 @@ class EvalConfig:
 # ---------------------------------------------------------------- scoring
 
 
-def score(clean: np.ndarray, output: np.ndarray, noisy_band_psnr: np.ndarray | None) -> dict[str, Any]:
+def score(
+    clean: np.ndarray, output: np.ndarray, noisy_band_psnr: np.ndarray | None
+) -> dict[str, Any]:
     """Protocol metrics of ``output`` clamped to [0, 1]; non-finite values count as 0."""
     out = np.asarray(output, dtype=np.float64)
     nonfinite = int(np.sum(~np.isfinite(out)))
@@ -216,8 +237,9 @@ class _Cache:
 # ---------------------------------------------------------------- DECSC
 
 
-def _load_decsc(device: str, weights: Path | None = None,
-                arch: str = "shipped") -> tuple[Any, Any, dict[str, Any]] | tuple[None, None, dict[str, Any]]:
+def _load_decsc(
+    device: str, weights: Path | None = None, arch: str = "shipped"
+) -> tuple[Any, Any, dict[str, Any]] | tuple[None, None, dict[str, Any]]:
     """(model, denoise_cube, info) from ``workers.denoise.api``, or (None, None, why-skipped).
 
     ``weights``/``arch``: another weights file (e.g. the GPU-sized ``full`` model) instead of the
@@ -225,7 +247,11 @@ def _load_decsc(device: str, weights: Path | None = None,
     try:
         from workers.denoise import api
     except ImportError as exc:
-        return None, None, {"status": "skipped", "note": f"workers.denoise.api not importable: {exc}"}
+        return (
+            None,
+            None,
+            {"status": "skipped", "note": f"workers.denoise.api not importable: {exc}"},
+        )
     try:
         model = api.load_denoiser(device=device, weights=weights, arch=arch)
     except (HyperdeqError, OSError) as exc:
@@ -270,9 +296,24 @@ def _decsc_stats(stats: dict[str, Any]) -> dict[str, Any]:
         "iterations_mean": float(it.mean()) if it.size else None,
         "iterations_max": float(it.max()) if it.size else None,
         "residual_max": float(resid.max()) if resid.size else None,
-        **{k: stats[k] for k in ("stuck_filled", "guard", "guard_w_mean", "guard_w_max", "guard_bands_half", "subspace_k",
-                                  "subspace_outside", "subspace_impulses", "subspace_stuck", "subspace_lines", "subspace_blend",
-                                  "subspace_sigma_spread") if k in stats},
+        **{
+            k: stats[k]
+            for k in (
+                "stuck_filled",
+                "guard",
+                "guard_w_mean",
+                "guard_w_max",
+                "guard_bands_half",
+                "subspace_k",
+                "subspace_outside",
+                "subspace_impulses",
+                "subspace_stuck",
+                "subspace_lines",
+                "subspace_blend",
+                "subspace_sigma_spread",
+            )
+            if k in stats
+        },
     }
 
 
@@ -310,12 +351,23 @@ def environment(config: EvalConfig) -> dict[str, Any]:
         "git_commit": commit or "unknown",
         "versions": {
             d: _version(d)
-            for d in ("hyperdeq", "numpy", "scipy", "torch", "scikit-image", "hyde-images", "bm3d", "bm4d")
+            for d in (
+                "hyperdeq",
+                "numpy",
+                "scipy",
+                "torch",
+                "scikit-image",
+                "hyde-images",
+                "bm3d",
+                "bm4d",
+            )
         },
     }
 
 
-def _split_baselines(config: EvalConfig, say: Callable[[str], None]) -> tuple[list[str], dict[str, str]]:
+def _split_baselines(
+    config: EvalConfig, say: Callable[[str], None]
+) -> tuple[list[str], dict[str, str]]:
     """The requested baselines that can run here, and why the others cannot (each said once)."""
     skipped: dict[str, str] = {}
     runnable: list[str] = []
@@ -340,20 +392,34 @@ def _decsc_setup(config: EvalConfig, say: Callable[[str], None]) -> tuple[Any, A
             say(f"DECSC skipped: {decsc_info['note']}")
         else:
             decsc_info["band_guard"] = _guard_info(config.guard)
-            decsc_info["subspace"] = ({"status": "on", "k": config.subspace, "module": "workers.denoise.subspace"}
-                                      if config.subspace else {"status": "off"})
+            decsc_info["subspace"] = (
+                {"status": "on", "k": config.subspace, "module": "workers.denoise.subspace"}
+                if config.subspace
+                else {"status": "off"}
+            )
     return model, denoise_cube, decsc_info
 
 
-def _measure_decsc(config: EvalConfig, model: Any, denoise_cube: Any, clean: np.ndarray, noisy: np.ndarray,
-                   noisy_bp: Any) -> dict[str, Any]:
+def _measure_decsc(
+    config: EvalConfig,
+    model: Any,
+    denoise_cube: Any,
+    clean: np.ndarray,
+    noisy: np.ndarray,
+    noisy_bp: Any,
+) -> dict[str, Any]:
     """Score DECSC on one noisy cube with its time and solver statistics; a refusal is recorded
     as an error rather than ending the run."""
     t0 = time.perf_counter()
     try:
         kw: dict[str, Any] = {} if config.device == "cpu" else {"device": config.device}
-        out, stats = denoise_cube(model, noisy.astype(np.float32), guard="apply" if config.guard else "off",
-                                  subspace=config.subspace or 0, **kw)
+        out, stats = denoise_cube(
+            model,
+            noisy.astype(np.float32),
+            guard="apply" if config.guard else "off",
+            subspace=config.subspace or 0,
+            **kw,
+        )
         dt = time.perf_counter() - t0
         res = score(clean, out, noisy_bp) | {"time_s": dt} | _decsc_stats(dict(stats))
     except HyperdeqError as exc:
@@ -361,15 +427,32 @@ def _measure_decsc(config: EvalConfig, model: Any, denoise_cube: Any, clean: np.
     return res
 
 
-def _measure_baseline(name: str, cache: _Cache, config: EvalConfig, scene: str, meta: dict[str, Any], case: str,
-                      noisy_hash: str, clean: np.ndarray, noisy: np.ndarray, info: CaseInfo,
-                      noisy_bp: Any) -> dict[str, Any]:
+def _measure_baseline(
+    name: str,
+    cache: _Cache,
+    config: EvalConfig,
+    scene: str,
+    meta: dict[str, Any],
+    case: str,
+    noisy_hash: str,
+    clean: np.ndarray,
+    noisy: np.ndarray,
+    info: CaseInfo,
+    noisy_bp: Any,
+) -> dict[str, Any]:
     """Score one classical baseline on one noisy cube, from the cache when everything that
     determines the result matches; successful measurements are cached, failures reported."""
     bl = get_baseline(name)
     key = "|".join(
-        [scene, meta.get("crop", "full"), case, str(config.seed), name, noisy_hash,
-         json.dumps(bl.versions(), sort_keys=True)]
+        [
+            scene,
+            meta.get("crop", "full"),
+            case,
+            str(config.seed),
+            name,
+            noisy_hash,
+            json.dumps(bl.versions(), sort_keys=True),
+        ]
     )
     cached = cache.get(key)
     if cached is not None:
@@ -412,7 +495,9 @@ def run_eval(
         clean, meta = load_scene(scene, config.data, config.crop)
         scenes_meta[scene] = meta
         for case in config.cases:
-            noisy, sigmas, groups = add_noise_with_info(clean, case, np.random.default_rng(config.seed))
+            noisy, sigmas, groups = add_noise_with_info(
+                clean, case, np.random.default_rng(config.seed)
+            )
             info = CaseInfo(case, sigmas)
             noisy_hash = _sha256(noisy)
             row: dict[str, Any] = {
@@ -433,8 +518,9 @@ def run_eval(
                 say(f"{scene} {case}: decsc {res.get('mpsnr_db', float('nan')):.2f} dB")
 
             for name in runnable:
-                res = _measure_baseline(name, cache, config, scene, meta, case, noisy_hash, clean, noisy, info,
-                                        noisy_bp)
+                res = _measure_baseline(
+                    name, cache, config, scene, meta, case, noisy_hash, clean, noisy, info, noisy_bp
+                )
                 row["methods"][name] = res
                 say(f"{scene} {case}: {name} {res.get('mpsnr_db', float('nan')):.2f} dB")
             if groups is not None:
@@ -457,7 +543,9 @@ def _assemble(
     return {
         "protocol": "docs/evaluation.md (denoising)",
         "environment": env,
-        "config": {k: (portable(str(v)) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "config": {
+            k: (portable(str(v)) if isinstance(v, Path) else v) for k, v in asdict(config).items()
+        },
         "scenes": dict(scenes_meta),
         "decsc": decsc_info,
         "baselines": {
@@ -473,7 +561,9 @@ def _assemble(
 
 def _convergence(results: list[dict[str, Any]]) -> dict[str, Any]:
     """How many evaluated cubes DECSC solved to tolerance (every spectral window converged)."""
-    runs = [r["methods"][DECSC] for r in results if "converged_fraction" in r["methods"].get(DECSC, {})]
+    runs = [
+        r["methods"][DECSC] for r in results if "converged_fraction" in r["methods"].get(DECSC, {})
+    ]
     done = sum(1 for m in runs if m["converged_fraction"] == 1.0)
     return {"cubes": len(runs), "converged": done, "fraction": done / len(runs) if runs else None}
 
@@ -533,16 +623,22 @@ def _md_decsc(d: dict[str, Any]) -> list[str]:
         )
         g = d.get("band_guard") or {}
         if g.get("status") == "on":
-            lines.append(f"- DECSC band guard: on, `{g.get('file')}` sha256 `{g.get('sha256')}` "
-                         "(`--no-guard` for the model's output alone)")
+            lines.append(
+                f"- DECSC band guard: on, `{g.get('file')}` sha256 `{g.get('sha256')}` "
+                "(`--no-guard` for the model's output alone)"
+            )
         elif g:
             lines.append("- DECSC band guard: **off** (`--no-guard`)")
         sp = d.get("subspace") or {}
         if sp.get("status") == "on":
-            lines.append(f"- DECSC spectral-subspace pass: on, k = {sp.get('k')} (`workers/denoise/subspace.py`; "
-                         "`--subspace 0` for the model alone)")
+            lines.append(
+                f"- DECSC spectral-subspace pass: on, k = {sp.get('k')} (`workers/denoise/subspace.py`; "
+                "`--subspace 0` for the model alone)"
+            )
         elif sp:
-            lines.append("- DECSC spectral-subspace pass: **off** (`--subspace 0`): the model alone")
+            lines.append(
+                "- DECSC spectral-subspace pass: **off** (`--subspace 0`): the model alone"
+            )
     else:
         lines.append(f"- DECSC: **{d.get('status')}**: {d.get('note')}")
     return lines
@@ -566,8 +662,11 @@ def _md_verdict_and_summary(res: dict[str, Any], methods: list[str]) -> list[str
 
     c = res.get("decsc_convergence", {})
     if c.get("cubes"):
-        lines += ["", f"DECSC convergence: {c['converged']} of {c['cubes']} cubes converged in every "
-                  f"spectral window (fraction {c['fraction']:.2f})."]
+        lines += [
+            "",
+            f"DECSC convergence: {c['converged']} of {c['cubes']} cubes converged in every "
+            f"spectral window (fraction {c['fraction']:.2f}).",
+        ]
     lines += ["", "## MPSNR (dB) summary", ""]
     lines.append("| scene | case | " + " | ".join(methods) + " |")
     lines.append("|---|---|" + "---|" * len(methods))
@@ -575,7 +674,9 @@ def _md_verdict_and_summary(res: dict[str, Any], methods: list[str]) -> list[str
         cells = []
         for m in methods:
             mm = r["methods"].get(m)
-            cells.append("–" if mm is None else ("error" if "error" in mm else _fmt(mm["mpsnr_db"])))
+            cells.append(
+                "–" if mm is None else ("error" if "error" in mm else _fmt(mm["mpsnr_db"]))
+            )
         lines.append(f"| {r['scene']} | {r['case']} | " + " | ".join(cells) + " |")
     return lines
 
@@ -595,15 +696,23 @@ def _md_notes(m: str, mm: dict[str, Any]) -> list[str]:
             f"max residual {_fmt(mm.get('residual_max'), 4)}"
         )
         if mm.get("guard"):
-            notes.append(f"guard w mean {_fmt(mm.get('guard_w_mean'), 3)} max {_fmt(mm.get('guard_w_max'), 2)}, "
-                         f"{mm.get('guard_bands_half')} bands w > 0.5")
+            notes.append(
+                f"guard w mean {_fmt(mm.get('guard_w_mean'), 3)} max {_fmt(mm.get('guard_w_max'), 2)}, "
+                f"{mm.get('guard_bands_half')} bands w > 0.5"
+            )
         if mm.get("subspace_k"):
-            notes.append(f"subspace k {mm['subspace_k']}: {mm.get('subspace_outside')} pixels kept outside, "
-                         f"{mm.get('subspace_impulses')} impulse pixels ({mm.get('subspace_stuck', 0)} stuck) and "
-                         f"{mm.get('subspace_lines')} "
-                         "line offsets cleaned"
-                         + (f", σ spread {_fmt(mm.get('subspace_sigma_spread'), 2)} → blend "
-                            f"{_fmt(mm.get('subspace_blend'), 2)}" if "subspace_blend" in mm else ""))
+            notes.append(
+                f"subspace k {mm['subspace_k']}: {mm.get('subspace_outside')} pixels kept outside, "
+                f"{mm.get('subspace_impulses')} impulse pixels ({mm.get('subspace_stuck', 0)} stuck) and "
+                f"{mm.get('subspace_lines')} "
+                "line offsets cleaned"
+                + (
+                    f", σ spread {_fmt(mm.get('subspace_sigma_spread'), 2)} → blend "
+                    f"{_fmt(mm.get('subspace_blend'), 2)}"
+                    if "subspace_blend" in mm
+                    else ""
+                )
+            )
     return notes
 
 
@@ -656,7 +765,9 @@ def render_markdown(res: dict[str, Any]) -> str:
     for name, why in res["skipped_baselines"].items():
         lines.append(f"- baseline `{name}` **skipped**: {why}")
     for name, b in res["baselines"].items():
-        lines.append(f"- `{name}`: {b['settings']} ({', '.join(f'{k} {v}' for k, v in b['versions'].items())})")
+        lines.append(
+            f"- `{name}`: {b['settings']} ({', '.join(f'{k} {v}' for k, v in b['versions'].items())})"
+        )
     for scene, meta in res["scenes"].items():
         lines.append(
             f"- scene `{scene}`: `{meta['file']}`, (B, H, W) = {tuple(meta['shape_bhw'])}, "
@@ -673,7 +784,9 @@ def render_markdown(res: dict[str, Any]) -> str:
                 for x in (
                     f"default cases {missing_cases}" if missing_cases else "",
                     f"baselines {missing_bl}" if missing_bl else "",
-                    f"full scenes (centre crop {res['config']['crop']})" if res["config"].get("crop") else "",
+                    f"full scenes (centre crop {res['config']['crop']})"
+                    if res["config"].get("crop")
+                    else "",
                 )
                 if x
             )
@@ -682,7 +795,7 @@ def render_markdown(res: dict[str, Any]) -> str:
     lines += _md_per_case(res, methods)
     lines += [
         "Bands worse than noisy: number of bands whose PSNR after denoising is below that of the "
-        "noisy input (clamped to [0, 1]); 0 is the goal (\"never worse than the input\").",
+        'noisy input (clamped to [0, 1]); 0 is the goal ("never worse than the input").',
         "",
     ]
     return "\n".join(lines)

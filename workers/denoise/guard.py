@@ -41,7 +41,9 @@ FEATURES = (
     "log_relative_sigma",  # log10 σ̂_b over the median σ̂ of the cube (band-dependent noise)
     "log_level",  # log10 mean |d| (brightness)
 )
-GUARD_FILE = Path(__file__).resolve().parents[1] / "weights" / "decsc_guard.safetensors"  # sha256 in spec.py
+GUARD_FILE = (
+    Path(__file__).resolve().parents[1] / "weights" / "decsc_guard.safetensors"
+)  # sha256 in spec.py
 _EPS = 1e-12
 
 
@@ -53,7 +55,9 @@ def _corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > _EPS, (a * b).sum(axis=1) / np.maximum(den, _EPS), 0.0)
 
 
-def band_features(y: np.ndarray, d: np.ndarray, sigma: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+def band_features(
+    y: np.ndarray, d: np.ndarray, sigma: np.ndarray, valid: np.ndarray | None = None
+) -> np.ndarray:
     """``(B, len(FEATURES))`` float32 features of one cube: ``y`` noisy, ``d`` denoised, both
     ``(B, H, W)`` without NaN (nodata filled), ``sigma`` the ``(B,)`` blind noise estimate,
     ``valid`` the ``(H, W)`` mask of real pixels (None: all); filled pixels are left out."""
@@ -62,8 +66,10 @@ def band_features(y: np.ndarray, d: np.ndarray, sigma: np.ndarray, valid: np.nda
     b, h, w = y.shape
     ok = np.ones((h, w), bool) if valid is None else np.asarray(valid, bool)
     if ok.shape != (h, w) or not ok.any():
-        raise ConfigError(f"band guard: valid mask of shape {ok.shape!r} with {int(ok.sum())} pixels for a "
-                          f"{h}x{w} cube; give a (H, W) mask with at least one valid pixel")
+        raise ConfigError(
+            f"band guard: valid mask of shape {ok.shape!r} with {int(ok.sum())} pixels for a "
+            f"{h}x{w} cube; give a (H, W) mask with at least one valid pixel"
+        )
     s = np.maximum(np.asarray(sigma, np.float64), 1e-5)
     r = y - d
     px = ok.ravel()
@@ -71,8 +77,16 @@ def band_features(y: np.ndarray, d: np.ndarray, sigma: np.ndarray, valid: np.nda
     gy = np.abs(np.diff(d, axis=1, append=d[:, -1:, :]))
     gx = np.abs(np.diff(d, axis=2, append=d[:, :, -1:]))
     # gradients only where the pixel and its lower and right neighbours are real
-    ok_g = (ok & np.concatenate([ok[1:], ok[-1:]], axis=0) & np.concatenate([ok[:, 1:], ok[:, -1:]], axis=1)).ravel()
-    edge = _corr(np.abs(r.reshape(b, -1)[:, ok_g]), (gx + gy).reshape(b, -1)[:, ok_g]) if ok_g.any() else np.zeros(b)
+    ok_g = (
+        ok
+        & np.concatenate([ok[1:], ok[-1:]], axis=0)
+        & np.concatenate([ok[:, 1:], ok[:, -1:]], axis=1)
+    ).ravel()
+    edge = (
+        _corr(np.abs(r.reshape(b, -1)[:, ok_g]), (gx + gy).reshape(b, -1)[:, ok_g])
+        if ok_g.any()
+        else np.zeros(b)
+    )
     if b > 1:
         c = _corr(rf[1:], rf[:-1])  # correlation of band k with band k - 1
         nb = np.zeros(b)
@@ -151,11 +165,21 @@ def guard_loss(w: torch.Tensor, abc: torch.Tensor) -> torch.Tensor:
     return torch.log10(mse.clamp_min(1e-10)).mean()
 
 
-def fit_guard(X: np.ndarray, abc: np.ndarray, *, seed: int = 0, steps: int = 3000, lr: float = 1e-2,
-              hidden: int = 16, weight_decay: float = 1e-4) -> BandGuard:
+def fit_guard(
+    X: np.ndarray,
+    abc: np.ndarray,
+    *,
+    seed: int = 0,
+    steps: int = 3000,
+    lr: float = 1e-2,
+    hidden: int = 16,
+    weight_decay: float = 1e-4,
+) -> BandGuard:
     """Fit a :class:`BandGuard` to features ``X (N, F)`` and gain terms ``abc (N, 3)`` (full batch Adam)."""
     if X.ndim != 2 or X.shape[1] != len(FEATURES) or abc.shape != (X.shape[0], 3):
-        raise ConfigError(f"guard training data has shapes {X.shape!r} / {abc.shape!r}; expected (N, {len(FEATURES)}) / (N, 3)")
+        raise ConfigError(
+            f"guard training data has shapes {X.shape!r} / {abc.shape!r}; expected (N, {len(FEATURES)}) / (N, 3)"
+        )
     torch.manual_seed(seed)
     g = BandGuard(hidden)
     xt = torch.from_numpy(X.astype(np.float32))
@@ -171,16 +195,26 @@ def fit_guard(X: np.ndarray, abc: np.ndarray, *, seed: int = 0, steps: int = 300
     return g.eval()
 
 
-def guard_weights(guard: BandGuard, y: np.ndarray, d: np.ndarray, sigma: np.ndarray,
-                  valid: np.ndarray | None = None) -> np.ndarray:
+def guard_weights(
+    guard: BandGuard,
+    y: np.ndarray,
+    d: np.ndarray,
+    sigma: np.ndarray,
+    valid: np.ndarray | None = None,
+) -> np.ndarray:
     """Per-band ``w`` (float32) for one NaN-free ``(B, H, W)`` cube (``valid``: its real pixels)."""
     feats = band_features(y, d, sigma, valid)
     with torch.no_grad():
         return guard(torch.from_numpy(feats)).numpy().astype(np.float32)
 
 
-def apply_guard(guard: BandGuard, y: np.ndarray, d: np.ndarray, sigma: np.ndarray,
-                valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def apply_guard(
+    guard: BandGuard,
+    y: np.ndarray,
+    d: np.ndarray,
+    sigma: np.ndarray,
+    valid: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(d + w(y − d), w)`` for one NaN-free ``(B, H, W)`` cube (``valid``: its real pixels); ``w`` per band."""
     w = guard_weights(guard, y, d, sigma, valid)
     out = d + w[:, None, None] * (y - d)
@@ -199,7 +233,9 @@ def scene_weights(tile_stats: Any) -> np.ndarray | None:
     if not ws:
         return None
     if len({w.shape for w in ws}) != 1:
-        raise ConfigError(f"tiles reported guard weights for different band counts {sorted({w.size for w in ws})!r}")
+        raise ConfigError(
+            f"tiles reported guard weights for different band counts {sorted({w.size for w in ws})!r}"
+        )
     return (np.average(np.stack(ws), axis=0, weights=np.asarray(ns))).astype(np.float32)
 
 
@@ -215,9 +251,17 @@ def save_guard(guard: BandGuard, path: Path, meta: dict[str, Any]) -> str:
     first = guard.net[0]
     assert isinstance(first, nn.Linear)
     hidden = int(first.out_features)
-    meta = {**meta, "format": "hyperdeq-decsc-guard/1", "features": list(FEATURES), "hidden": hidden}
-    save_file(guard_state(guard), str(path),
-              metadata={k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()})
+    meta = {
+        **meta,
+        "format": "hyperdeq-decsc-guard/1",
+        "features": list(FEATURES),
+        "hidden": hidden,
+    }
+    save_file(
+        guard_state(guard),
+        str(path),
+        metadata={k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()},
+    )
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -231,7 +275,9 @@ def load_guard(path: str | Path | None = None) -> BandGuard:
 
     p = Path(path) if path is not None else GUARD_FILE
     if not p.is_file():
-        raise WeightsError(f"band-guard weights {str(p)!r} not found; reinstall hyperdeq or pass guard=False")
+        raise WeightsError(
+            f"band-guard weights {str(p)!r} not found; reinstall hyperdeq or pass guard=False"
+        )
     digest = sha256_file(p) if path is None else None
     if digest is not None and digest != GUARD_WEIGHTS_SHA256:
         raise WeightsError(
@@ -243,11 +289,15 @@ def load_guard(path: str | Path | None = None) -> BandGuard:
             meta = fh.metadata() or {}
             state = {k: fh.get_tensor(k) for k in fh.keys()}
         if json.loads(meta.get("features", "[]")) != list(FEATURES):
-            raise WeightsError(f"band-guard file {str(p)!r} was trained on other features: {meta.get('features')!r}")
+            raise WeightsError(
+                f"band-guard file {str(p)!r} was trained on other features: {meta.get('features')!r}"
+            )
         g = BandGuard(int(meta.get("hidden", "16")))
         g.load_state_dict(state, strict=True)
     except WeightsError:
         raise
     except Exception as exc:  # safetensors / torch raise several types for a corrupt file
-        raise WeightsError(f"band-guard weights {str(p)!r} cannot be read ({exc}); reinstall hyperdeq") from exc
+        raise WeightsError(
+            f"band-guard weights {str(p)!r} cannot be read ({exc}); reinstall hyperdeq"
+        ) from exc
     return g.eval()

@@ -54,7 +54,11 @@ class DenoiseOptions:
             )
         if not isinstance(self.guard, bool):
             raise ConfigError(f"guard must be True or False, got {self.guard!r}")
-        if not isinstance(self.subspace, int) or isinstance(self.subspace, bool) or not 0 <= self.subspace <= 64:
+        if (
+            not isinstance(self.subspace, int)
+            or isinstance(self.subspace, bool)
+            or not 0 <= self.subspace <= 64
+        ):
             raise ConfigError(
                 f"subspace must be an integer from 0 (off) to 64, got {self.subspace!r}; "
                 "the default 8 suits airborne scenes (docs/models/decsc.md)"
@@ -82,7 +86,11 @@ class DenoiseOptions:
         from workers.registry import get_spec
 
         spec = get_spec(self.model)
-        return {"solver": spec.solver, "config": {**spec.config, **ARCH_PRESETS[self.arch]}, **asdict(self)}
+        return {
+            "solver": spec.solver,
+            "config": {**spec.config, **ARCH_PRESETS[self.arch]},
+            **asdict(self),
+        }
 
     # ------------------------------------------------------------------ resources
     def memory_parts(self, rows: int, cols: int, n_bands: int, device: str) -> dict[str, int]:
@@ -106,7 +114,9 @@ class DenoiseOptions:
 
         return DenoiseTileModel.from_registry(device, self.arch, self.guard, self.subspace)
 
-    def blend_mix(self, tile_stats: Iterable[dict[str, Any] | None]) -> tuple[list[float] | None, dict[str, Any]]:
+    def blend_mix(
+        self, tile_stats: Iterable[dict[str, Any] | None]
+    ) -> tuple[list[float] | None, dict[str, Any]]:
         """The band guard's scene-wide per-band weights (the tiles' own averaged by valid pixels),
         applied as the tiles are blended (``out + w (input - out)``), and their provenance record."""
         if not self.guard:
@@ -117,7 +127,12 @@ class DenoiseOptions:
         mix = scene_weights(tile_stats)
         if mix is None:
             return None, {}
-        rec = {"band_guard": {"file": GUARD_WEIGHTS_FILE, "sha256": GUARD_WEIGHTS_SHA256,
-                              "scope": "scene (tile weights averaged by valid pixels)",
-                              "w": [round(float(v), 6) for v in mix]}}
+        rec = {
+            "band_guard": {
+                "file": GUARD_WEIGHTS_FILE,
+                "sha256": GUARD_WEIGHTS_SHA256,
+                "scope": "scene (tile weights averaged by valid pixels)",
+                "w": [round(float(v), 6) for v in mix],
+            }
+        }
         return [float(v) for v in mix], rec

@@ -30,10 +30,22 @@ SPEC = ModelSpec(
     ),
     # eval_max_iter 12: the same MPSNR as 30 within 0.12 dB at half the cost (docs/models/decsc.md);
     # training backward: the phantom gradient (TorchDEQ)
-    solver=SolverConfig(method="anderson", tol=1e-3, max_iter=6, backward_max_iter=6, eval_max_iter=12, m=5,
-                        lam=1e-4, backward="phantom", phantom_steps=3, phantom_tau=0.6),
+    solver=SolverConfig(
+        method="anderson",
+        tol=1e-3,
+        max_iter=6,
+        backward_max_iter=6,
+        eval_max_iter=12,
+        m=5,
+        lam=1e-4,
+        backward="phantom",
+        phantom_steps=3,
+        phantom_tau=0.6,
+    ),
     weights={
-        "shipped": WeightsRef("decsc.safetensors", "f8e6375cf00839b3839249764261daa2d4fa6cc26284c71d4633137278ed675c"),
+        "shipped": WeightsRef(
+            "decsc.safetensors", "f8e6375cf00839b3839249764261daa2d4fa6cc26284c71d4633137278ed675c"
+        ),
         "full": WeightsRef(FULL_WEIGHTS_FILE, FULL_WEIGHTS_SHA256),
         "guard": WeightsRef(GUARD_WEIGHTS_FILE, GUARD_WEIGHTS_SHA256),
     },

@@ -46,8 +46,12 @@ DEFAULT_K = 8  # chosen on Jasper Ridge / Pavia Centre among 6, 8, 10, 12, 16 (d
 IMPULSE_Z = 4.0  # |y − d1| beyond this many robust residual scales: the pixel takes d1
 LINE_Z = 5.0  # column/row residual medians beyond this many standard errors: a stripe, removed
 OUTLIER_Z = 6.0  # χ² test for pixels outside the subspace (kept unprojected)
-STUCK_FRACTION = 0.002  # a repeated value is a candidate when it covers this share of a band's pixels
-STUCK_SPIKE = 20.0  # ... and occurs this many times as often as its neighbouring values (mean of 2 + 2)
+STUCK_FRACTION = (
+    0.002  # a repeated value is a candidate when it covers this share of a band's pixels
+)
+STUCK_SPIKE = (
+    20.0  # ... and occurs this many times as often as its neighbouring values (mean of 2 + 2)
+)
 BLEND_WEIGHT = 0.5  # share of the projected d1 where the noise level is the same in every band
 BLEND_SPREAD = (0.1, 0.3)  # robust spread of σ_b over bands: full blend below, none above
 _EPS = 1e-4  # floor of the per-band noise scale on the [0, 1] reflectance scale
@@ -115,7 +119,9 @@ def fill_stuck(y: np.ndarray, stuck: np.ndarray, valid: np.ndarray | None = None
             den = gaussian_filter(keep, scale, mode="nearest")
             hit = todo & (den > 1e-3)
             if hit.any():
-                out[i][hit] = (gaussian_filter(band, scale, mode="nearest")[hit] / den[hit]).astype(np.float32)
+                out[i][hit] = (gaussian_filter(band, scale, mode="nearest")[hit] / den[hit]).astype(
+                    np.float32
+                )
                 todo &= ~hit
             if not todo.any():
                 break
@@ -124,8 +130,9 @@ def fill_stuck(y: np.ndarray, stuck: np.ndarray, valid: np.ndarray | None = None
     return out
 
 
-def clean_input(y: np.ndarray, d1: np.ndarray, valid: np.ndarray | None = None,
-                stuck: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+def clean_input(
+    y: np.ndarray, d1: np.ndarray, valid: np.ndarray | None = None, stuck: np.ndarray | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Step 2: ``y`` (B, H, W, NaN-free) with stuck pixels and impulses replaced by ``d1`` and
     significant column/row offsets of ``y − d1`` removed; statistics over the real pixels
     ``valid`` (H, W) only (None: all). ``stuck``: :func:`stuck_pixels` of ``y`` if the caller has
@@ -139,7 +146,9 @@ def clean_input(y: np.ndarray, d1: np.ndarray, valid: np.ndarray | None = None,
         sr = _mad(r.reshape(b, -1)) + _EPS
     else:  # the residual's scale over the real, non-stuck pixels of each band
         rr = np.where(ok, np.nan, r).reshape(b, -1)
-        with warnings.catch_warnings():  # a band with every pixel stuck: no scale, nothing else removed
+        with (
+            warnings.catch_warnings()
+        ):  # a band with every pixel stuck: no scale, nothing else removed
             warnings.simplefilter("ignore", RuntimeWarning)
             med = np.nanmedian(rr, axis=1, keepdims=True)
             sr = np.nan_to_num(1.4826 * np.nanmedian(np.abs(rr - med), axis=1), nan=np.inf) + _EPS
@@ -165,10 +174,16 @@ def clean_input(y: np.ndarray, d1: np.ndarray, valid: np.ndarray | None = None,
         hit = np.abs(med) > LINE_Z * 1.2533 * sr[:, None, None] / np.sqrt(n)
         lines += int(hit.sum())
         yc -= np.where(hit, med, 0.0).astype(np.float32)
-    return yc, {"impulse_pixels": int(imp.sum()), "stuck_pixels": int(stuck.sum()), "lines_removed": lines}
+    return yc, {
+        "impulse_pixels": int(imp.sum()),
+        "stuck_pixels": int(stuck.sum()),
+        "lines_removed": lines,
+    }
 
 
-def project(yc: np.ndarray, sigma: np.ndarray, valid: np.ndarray, k: int) -> tuple[np.ndarray, dict[str, Any]]:
+def project(
+    yc: np.ndarray, sigma: np.ndarray, valid: np.ndarray, k: int
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Steps 3–4: the σ-weighted projection of the real pixels of ``yc`` onto its top-``k``
     whitened directions; pixels outside the subspace (χ² test) keep their values."""
     b = yc.shape[0]

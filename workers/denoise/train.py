@@ -65,14 +65,18 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 2e-5
     residual_weight: float = 0.05  # fixed-point residual regulariser (keeps the map contractive)
-    train_iters: int | None = None  # forward solver iterations per training step (None: the registry's)
+    train_iters: int | None = (
+        None  # forward solver iterations per training step (None: the registry's)
+    )
     extra_fraction: float = 0.25  # share of patches drawn from the remote-sensing crops
     seed: int = 0
     checkpoint_every: int = 50
     val_every: int = 100
     threads: int = 2
     resume: bool = False
-    init_weights: Path | None = None  # start from these safetensors weights (fine-tuning; fresh optimiser)
+    init_weights: Path | None = (
+        None  # start from these safetensors weights (fine-tuning; fresh optimiser)
+    )
     device: str = "cpu"  # cpu | cuda | cuda:N
     arch: str = "shipped"  # ARCH_PRESETS key: shipped (registry config) or full
     loader_workers: int = 0  # >0: batches built in that many processes (GPU training)
@@ -88,13 +92,17 @@ class TrainConfig:
                 f"{(self.batch, self.patch, self.minutes, self.max_steps)!r}"
             )
         if self.residual_weight < 0 or (self.train_iters is not None and self.train_iters < 1):
-            raise ConfigError(f"residual_weight must be >= 0 and train_iters >= 1, got "
-                              f"{(self.residual_weight, self.train_iters)!r}")
+            raise ConfigError(
+                f"residual_weight must be >= 0 and train_iters >= 1, got "
+                f"{(self.residual_weight, self.train_iters)!r}"
+            )
         if not 0 <= self.extra_fraction <= 1:
             raise ConfigError(f"extra_fraction must be in [0, 1], got {self.extra_fraction!r}")
         if self.resume and self.init_weights is not None:
-            raise ConfigError("give either --resume (continue OUT/checkpoint.pt) or --init-weights (fine-tune "
-                              "from a weights file), not both")
+            raise ConfigError(
+                "give either --resume (continue OUT/checkpoint.pt) or --init-weights (fine-tune "
+                "from a weights file), not both"
+            )
         if self.loader_workers < 0:
             raise ConfigError(f"loader_workers must be >= 0, got {self.loader_workers!r}")
         if self.loss not in LOSSES:
@@ -104,8 +112,13 @@ class TrainConfig:
             raise ConfigError(f"unknown noise cases {bad!r}; valid: {list(NOISE_CASES)!r}")
 
 
-def make_batch(cave: list[np.ndarray], extras: list[np.ndarray], cfg: TrainConfig, bands: int,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def make_batch(
+    cave: list[np.ndarray],
+    extras: list[np.ndarray],
+    cfg: TrainConfig,
+    bands: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(clean, noisy, noise cases) for one step: ``cfg.batch`` augmented patches with seeded noise."""
     clean, noisy, cases = [], [], []
     for _ in range(cfg.batch):
@@ -122,7 +135,9 @@ def make_batch(cave: list[np.ndarray], extras: list[np.ndarray], cfg: TrainConfi
 _POOL_STATE: tuple[list[np.ndarray], list[np.ndarray], TrainConfig, int] | None = None
 
 
-def _pool_init(cave: list[np.ndarray], extras: list[np.ndarray], cfg: TrainConfig, bands: int) -> None:
+def _pool_init(
+    cave: list[np.ndarray], extras: list[np.ndarray], cfg: TrainConfig, bands: int
+) -> None:
     """Batch worker start-up: keep the training data (sent once per worker) and use one torch thread."""
     global _POOL_STATE
     torch.set_num_threads(1)
@@ -151,14 +166,26 @@ class _BatchPrefetch:
     forked ones sharing pages would) and imports torch (~2 s).
     """
 
-    def __init__(self, cave: list[np.ndarray], extras: list[np.ndarray], cfg: TrainConfig, bands: int,
-                 start: int, workers: int, depth: int) -> None:
+    def __init__(
+        self,
+        cave: list[np.ndarray],
+        extras: list[np.ndarray],
+        cfg: TrainConfig,
+        bands: int,
+        start: int,
+        workers: int,
+        depth: int,
+    ) -> None:
         import collections
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        self.pool = ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_pool_init, initargs=(cave, extras, cfg, bands))
+        self.pool = ProcessPoolExecutor(
+            max(1, workers),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_pool_init,
+            initargs=(cave, extras, cfg, bands),
+        )
         self.next_step = start
         self.pending: collections.deque[Any] = collections.deque()
         for _ in range(max(1, depth)):
@@ -209,17 +236,29 @@ def validation_set(data_dir: Path, bands: int) -> list[tuple[str, torch.Tensor, 
         clean = load_cave(p)[:bands, 80:176, 80:176]
         for case in ("gauss30", "band[0,55]", "mixture"):
             noisy = add_noise(clean, case, np.random.default_rng(1234))
-            out.append((f"{name.split('_ms')[0]}:{case}", torch.from_numpy(noisy)[None], torch.from_numpy(clean)[None]))
+            out.append(
+                (
+                    f"{name.split('_ms')[0]}:{case}",
+                    torch.from_numpy(noisy)[None],
+                    torch.from_numpy(clean)[None],
+                )
+            )
     return out
 
 
-def _init_run(cfg: TrainConfig, ckpt: Path) -> tuple[DECSC, torch.optim.Optimizer, np.random.Generator, int, float, dict[str, str], torch.device]:
+def _init_run(
+    cfg: TrainConfig, ckpt: Path
+) -> tuple[
+    DECSC, torch.optim.Optimizer, np.random.Generator, int, float, dict[str, str], torch.device
+]:
     """Model, optimiser and data RNG for a run: fresh (optionally from ``cfg.init_weights``) or
     resumed from ``ckpt``; returns them with the step, the elapsed seconds before this run, the
     initial-weights provenance and the device."""
     dev = torch.device(cfg.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"training device {cfg.device!r} asked for but torch sees no CUDA device; use --device cpu")
+        raise ConfigError(
+            f"training device {cfg.device!r} asked for but torch sees no CUDA device; use --device cpu"
+        )
     model: DECSC = build_model("cpu", cfg.arch).to(dev)
     if cfg.train_iters is not None:
         model.deq.cfg = replace(model.deq.cfg, max_iter=cfg.train_iters)
@@ -232,9 +271,14 @@ def _init_run(cfg: TrainConfig, ckpt: Path) -> tuple[DECSC, torch.optim.Optimize
 
         from .api import load_denoiser
 
-        start = load_denoiser("cpu", weights=cfg.init_weights, arch=cfg.arch)  # digest + config checked
+        start = load_denoiser(
+            "cpu", weights=cfg.init_weights, arch=cfg.arch
+        )  # digest + config checked
         model.map.load_state_dict(start.map.state_dict())  # type: ignore[union-attr]
-        init_note = {"init_weights": str(cfg.init_weights), "init_sha256": sha256_file(Path(cfg.init_weights))}
+        init_note = {
+            "init_weights": str(cfg.init_weights),
+            "init_sha256": sha256_file(Path(cfg.init_weights)),
+        }
     if cfg.resume and ckpt.is_file():
         state = load_checkpoint(ckpt)
         model.load_state_dict(state["model"])
@@ -260,11 +304,21 @@ class _Rollback:
         self.good = {k: v.clone() for k, v in model.state_dict().items()}
         self.good_opt = copy.deepcopy(opt.state_dict())
 
-    def step(self, model: DECSC, opt: torch.optim.Optimizer, lval: float, st: SolverStats,
-             gnorm: torch.Tensor, step: int) -> bool:
+    def step(
+        self,
+        model: DECSC,
+        opt: torch.optim.Optimizer,
+        lval: float,
+        st: SolverStats,
+        gnorm: torch.Tensor,
+        step: int,
+    ) -> bool:
         """Take the optimiser step, or roll back if diverging (returned); skip non-finite gradients."""
-        diverging = (not math.isfinite(lval)) or float(st.residual.mean()) > 0.6 or (
-            self.ema is not None and step > 50 and lval > 3 * self.ema)
+        diverging = (
+            (not math.isfinite(lval))
+            or float(st.residual.mean()) > 0.6
+            or (self.ema is not None and step > 50 and lval > 3 * self.ema)
+        )
         if diverging:
             model.load_state_dict(self.good)
             opt.load_state_dict(self.good_opt)
@@ -276,8 +330,15 @@ class _Rollback:
         return diverging
 
 
-def _next_batch(stream: _BatchPrefetch | None, cave: list[np.ndarray], extras: list[np.ndarray], cfg: TrainConfig,
-                bands: int, rng: np.random.Generator, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _next_batch(
+    stream: _BatchPrefetch | None,
+    cave: list[np.ndarray],
+    extras: list[np.ndarray],
+    cfg: TrainConfig,
+    bands: int,
+    rng: np.random.Generator,
+    dev: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The next (clean, noisy, cases) batch on ``dev``: from the prefetch workers or built here."""
     if stream is not None:
         x, y, cases = stream.get()
@@ -287,8 +348,9 @@ def _next_batch(stream: _BatchPrefetch | None, cave: list[np.ndarray], extras: l
     return x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), cases
 
 
-def _forward_backward(model: DECSC, opt: torch.optim.Optimizer, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor
-                      ) -> tuple[torch.Tensor, SolverStats, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward_backward(
+    model: DECSC, opt: torch.optim.Optimizer, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, SolverStats, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss (reconstruction plus weighted fixed-point residual) and its clipped gradients; returns
     the output, solver statistics, fixed-point residual, reconstruction loss, loss and grad norm."""
     out, st = model(y)
@@ -307,8 +369,6 @@ def _forward_backward(model: DECSC, opt: torch.optim.Optimizer, cfg: TrainConfig
 
 def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> Path:
     """Train; returns the path of the exported safetensors weights (``out_dir/decsc.safetensors``)."""
-    from safetensors.torch import save_file
-
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
@@ -319,15 +379,31 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
     val = [(n, a.to(dev), b.to(dev)) for n, a, b in validation_set(cfg.data_dir, model.cfg.bands)]
     stream = None
     if cfg.loader_workers > 0:
-        stream = _BatchPrefetch(cave, extras, cfg, model.cfg.bands, step, cfg.loader_workers,
-                                depth=2 * cfg.loader_workers)
+        stream = _BatchPrefetch(
+            cave,
+            extras,
+            cfg,
+            model.cfg.bands,
+            step,
+            cfg.loader_workers,
+            depth=2 * cfg.loader_workers,
+        )
     bands = model.cfg.bands
     t0 = time.time() - elapsed_before
     model.train()
     guard = _Rollback(model, opt)
     with _closing(stream), log_path.open("a") as log:
-        log.write(json.dumps({"event": "start", "step": step, "config": {k: str(v) for k, v in asdict(cfg).items()},
-                              "cave_scenes": names, "extras": len(extras), **init_note}) + "\n")
+        _log_event(
+            log,
+            {
+                "event": "start",
+                "step": step,
+                "config": {k: str(v) for k, v in asdict(cfg).items()},
+                "cave_scenes": names,
+                "extras": len(extras),
+                **init_note,
+            },
+        )
         while step < cfg.max_steps and (time.time() - t0) < cfg.minutes * 60:
             x, y, cases = _next_batch(stream, cave, extras, cfg, bands, rng, dev)
             lr = guard.lr_scale * _lr(cfg, step, time.time() - t0)
@@ -339,13 +415,23 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
             step += 1
             if step % 25 == 0 and not diverging:
                 guard.keep(model, opt)
-            rec: dict[str, Any] = {
-                "step": step, "loss": loss.item(), "l1": rec_loss.item(), "fp_res": fp_res.mean().item(),
-                "psnr": mpsnr(out.detach(), x), "psnr_noisy": mpsnr(y, x),
-                "iterations": float(st.iterations.float().mean()), "residual": float(st.residual.mean()),
-                "grad_norm": float(gnorm), "lr": lr, "rollback": diverging, "rollbacks": guard.rollbacks, "cases": cases,
-                "step_s": time.time() - ts, "elapsed_s": time.time() - t0,
-            }
+            rec = _step_record(
+                step,
+                loss,
+                rec_loss,
+                fp_res,
+                out,
+                x,
+                y,
+                st,
+                gnorm,
+                lr,
+                diverging,
+                guard,
+                cases,
+                ts,
+                t0,
+            )
             if step % cfg.val_every == 0:
                 rec["val"] = evaluate(model, val)
                 model.train()
@@ -357,11 +443,80 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> P
                 _save_ckpt(model, opt, step, time.time() - t0, rng, ckpt)
         _save_ckpt(model, opt, step, time.time() - t0, rng, ckpt)
         final_val = evaluate(model, val)
-        log.write(json.dumps({"event": "end", "step": step, "elapsed_s": time.time() - t0, "val": final_val}) + "\n")
+        _log_event(
+            log, {"event": "end", "step": step, "elapsed_s": time.time() - t0, "val": final_val}
+        )
+    return _export(model, cfg, step, time.time() - t0, final_val, init_note, dev)
+
+
+def _log_event(log: Any, event: dict[str, Any]) -> None:
+    log.write(json.dumps(event) + "\n")
+
+
+def _step_record(
+    step: int,
+    loss: Any,
+    rec_loss: Any,
+    fp_res: Any,
+    out: Any,
+    x: Any,
+    y: Any,
+    st: Any,
+    gnorm: Any,
+    lr: float,
+    diverging: bool,
+    guard: Any,
+    cases: Any,
+    ts: float,
+    t0: float,
+) -> dict[str, Any]:
+    """One training step's log line."""
+    return {
+        "step": step,
+        "loss": loss.item(),
+        "l1": rec_loss.item(),
+        "fp_res": fp_res.mean().item(),
+        "psnr": mpsnr(out.detach(), x),
+        "psnr_noisy": mpsnr(y, x),
+        "iterations": float(st.iterations.float().mean()),
+        "residual": float(st.residual.mean()),
+        "grad_norm": float(gnorm),
+        "lr": lr,
+        "rollback": diverging,
+        "rollbacks": guard.rollbacks,
+        "cases": cases,
+        "step_s": time.time() - ts,
+        "elapsed_s": time.time() - t0,
+    }
+
+
+def _export(
+    model: Any,
+    cfg: TrainConfig,
+    step: int,
+    wall_s: float,
+    final_val: Any,
+    init_note: dict[str, Any],
+    dev: torch.device,
+) -> Path:
+    """Write the trained weights (``out_dir/decsc.safetensors``) with their metadata."""
+    from safetensors.torch import save_file
+
     weights = cfg.out_dir / "decsc.safetensors"
-    meta = weights_metadata(model, {"steps": step, "wall_s": round(time.time() - t0, 1), "seed": cfg.seed,
-                                    "batch": cfg.batch, "patch": cfg.patch, "val": final_val, "arch": cfg.arch,
-                                    "device": _device_name(dev), **init_note})
+    meta = weights_metadata(
+        model,
+        {
+            "steps": step,
+            "wall_s": round(wall_s, 1),
+            "seed": cfg.seed,
+            "batch": cfg.batch,
+            "patch": cfg.patch,
+            "val": final_val,
+            "arch": cfg.arch,
+            "device": _device_name(dev),
+            **init_note,
+        },
+    )
     save_file(shipped_state(model), str(weights), metadata=meta)
     return weights
 
@@ -372,15 +527,31 @@ def _device_name(dev: torch.device) -> str:
     return "cpu"
 
 
-def _save_ckpt(model: DECSC, opt: torch.optim.Optimizer, step: int, elapsed: float, rng: np.random.Generator, path: Path) -> None:
+def _save_ckpt(
+    model: DECSC,
+    opt: torch.optim.Optimizer,
+    step: int,
+    elapsed: float,
+    rng: np.random.Generator,
+    path: Path,
+) -> None:
     """Write a resume checkpoint that :func:`load_checkpoint` reads with ``weights_only=True``.
 
     Only tensors and plain Python values go in: the numpy RNG state (a dict holding 128-bit
     integers) is stored as a JSON string, step and elapsed time as int/float.
     """
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": int(step), "elapsed": float(elapsed),
-                "rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state()}, tmp)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "step": int(step),
+            "elapsed": float(elapsed),
+            "rng": json.dumps(rng.bit_generator.state),
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp,
+    )
     tmp.replace(path)
 
 
@@ -399,21 +570,36 @@ def load_checkpoint(path: Path) -> dict:
             "it holds objects other than tensors and plain values, or is corrupt. Delete it and "
             "train without --resume"
         ) from exc
-    if not isinstance(state, dict) or not {"model", "opt", "step", "elapsed", "rng", "torch_rng"} <= set(state):
-        raise ReadError(f"training checkpoint {str(path)!r} lacks model/opt/step/elapsed/rng/torch_rng; "
-                        "delete it and train without --resume")
+    if not isinstance(state, dict) or not {
+        "model",
+        "opt",
+        "step",
+        "elapsed",
+        "rng",
+        "torch_rng",
+    } <= set(state):
+        raise ReadError(
+            f"training checkpoint {str(path)!r} lacks model/opt/step/elapsed/rng/torch_rng; "
+            "delete it and train without --resume"
+        )
     if isinstance(state["rng"], str):
         state["rng"] = json.loads(state["rng"])
     return state
 
 
 @torch.no_grad()
-def evaluate(model: DECSC, val: list[tuple[str, torch.Tensor, torch.Tensor]]) -> dict[str, dict[str, float]]:
+def evaluate(
+    model: DECSC, val: list[tuple[str, torch.Tensor, torch.Tensor]]
+) -> dict[str, dict[str, float]]:
     """MPSNR (dB) of noisy input and output on the validation crops, plus solver iterations."""
     model.eval()
     res = {}
     for name, noisy, clean in val:
         out, st = model(noisy)
-        res[name] = {"noisy": round(mpsnr(noisy, clean), 2), "out": round(mpsnr(out, clean), 2),
-                     "iterations": int(st.iterations.max()), "residual": float(st.residual.max())}
+        res[name] = {
+            "noisy": round(mpsnr(noisy, clean), 2),
+            "out": round(mpsnr(out, clean), 2),
+            "iterations": int(st.iterations.max()),
+            "residual": float(st.residual.max()),
+        }
     return res

@@ -48,8 +48,16 @@ class SolverConfig:
             raise ConfigError(f"check_every must be >= 1, got {self.check_every!r}")
 
     def kwargs(self, max_iter: int) -> dict:
-        return dict(method=self.method, tol=self.tol, max_iter=max_iter, m=self.m,
-                    lam=self.lam, beta=self.beta, damping=self.damping, check_every=self.check_every)
+        return dict(
+            method=self.method,
+            tol=self.tol,
+            max_iter=max_iter,
+            m=self.m,
+            lam=self.lam,
+            beta=self.beta,
+            damping=self.damping,
+            check_every=self.check_every,
+        )
 
 
 class DEQFixedPoint(nn.Module):
@@ -91,7 +99,9 @@ class DEQFixedPoint(nn.Module):
             )
         self.func = func
         self.init = init
-        self.cfg = SolverConfig(method, tol, max_iter, eval_max_iter, m, lam, beta, damping, check_every)
+        self.cfg = SolverConfig(
+            method, tol, max_iter, eval_max_iter, m, lam, beta, damping, check_every
+        )
         self.backward_mode = backward
         self.backward_tol = tol if backward_tol is None else backward_tol
         self.backward_max_iter = max_iter if backward_max_iter is None else backward_max_iter
@@ -102,11 +112,15 @@ class DEQFixedPoint(nn.Module):
         # regulariser that keeps the map contractive); None until a forward with autograd
         self.last_train_residual: Tensor | None = None
 
-    def forward(self, x: Tensor, z0: Tensor | None = None, max_iter: int | None = None) -> tuple[Tensor, SolverStats]:
+    def forward(
+        self, x: Tensor, z0: Tensor | None = None, max_iter: int | None = None
+    ) -> tuple[Tensor, SolverStats]:
         """Return ``(z*, stats)``; ``max_iter`` overrides the configured cap for this call."""
         if z0 is None:
             z0 = self.init(x) if self.init is not None else torch.zeros_like(x)
-        cap = max_iter or (self.cfg.max_iter if self.training else (self.cfg.eval_max_iter or self.cfg.max_iter))
+        cap = max_iter or (
+            self.cfg.max_iter if self.training else (self.cfg.eval_max_iter or self.cfg.max_iter)
+        )
         z_star, stats = solve(lambda z: self.func(z, x), z0.detach(), **self.cfg.kwargs(cap))
         if not torch.is_grad_enabled():
             return z_star, stats
@@ -114,11 +128,15 @@ class DEQFixedPoint(nn.Module):
             z = z_star
             for _ in range(self.phantom_steps):
                 fz = self.func(z, x)
-                self.last_train_residual = ((fz - z).flatten(1).norm(dim=1) / (fz.flatten(1).norm(dim=1) + 1e-12))
+                self.last_train_residual = (fz - z).flatten(1).norm(dim=1) / (
+                    fz.flatten(1).norm(dim=1) + 1e-12
+                )
                 z = (1 - self.phantom_tau) * z + self.phantom_tau * fz
             return z, stats
         z = self.func(z_star, x)  # one re-attached step: gradients to params and x
-        self.last_train_residual = ((z - z_star).flatten(1).norm(dim=1) / (z.flatten(1).norm(dim=1) + 1e-12))
+        self.last_train_residual = (z - z_star).flatten(1).norm(dim=1) / (
+            z.flatten(1).norm(dim=1) + 1e-12
+        )
         if z.requires_grad:
             z_in = z_star.clone().requires_grad_()
             f_in = self.func(z_in, x)
@@ -130,9 +148,16 @@ class DEQFixedPoint(nn.Module):
 
                 with torch.enable_grad():
                     g, bstats = solve(
-                        adjoint, grad, method=self.cfg.method, tol=self.backward_tol,
-                        max_iter=self.backward_max_iter, m=self.cfg.m, lam=self.cfg.lam,
-                        beta=self.cfg.beta, damping=self.cfg.damping, check_every=self.cfg.check_every,
+                        adjoint,
+                        grad,
+                        method=self.cfg.method,
+                        tol=self.backward_tol,
+                        max_iter=self.backward_max_iter,
+                        m=self.cfg.m,
+                        lam=self.cfg.lam,
+                        beta=self.cfg.beta,
+                        damping=self.cfg.damping,
+                        check_every=self.cfg.check_every,
                     )
                 self.last_backward_stats = bstats
                 return g

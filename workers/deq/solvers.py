@@ -38,7 +38,9 @@ class SolverStats:
         }
 
 
-def _check(method: str, tol: float, max_iter: int, m: int, lam: float, beta: float, damping: float) -> None:
+def _check(
+    method: str, tol: float, max_iter: int, m: int, lam: float, beta: float, damping: float
+) -> None:
     if method not in METHODS:
         raise ConfigError(f"unknown solver method {method!r}; use one of {METHODS!r}")
     if not tol > 0:
@@ -105,7 +107,9 @@ class _AndersonBuffers:
     ones: Tensor
 
     @classmethod
-    def allocate(cls, n: int, d: int, m: int, dt: torch.dtype, dev: torch.device) -> _AndersonBuffers:
+    def allocate(
+        cls, n: int, d: int, m: int, dt: torch.dtype, dev: torch.device
+    ) -> _AndersonBuffers:
         """Buffers for ``n`` samples of size ``d`` and history ``m``."""
         return cls(
             Fh=torch.empty(n, m, d, dtype=dt, device=dev),
@@ -117,7 +121,9 @@ class _AndersonBuffers:
         )
 
 
-def _anderson_weights(buf: _AndersonBuffers, g: Tensor, s: int, h: int, lam: float) -> tuple[Tensor, Tensor]:
+def _anderson_weights(
+    buf: _AndersonBuffers, g: Tensor, s: int, h: int, lam: float
+) -> tuple[Tensor, Tensor]:
     """Mixing weights ``alpha`` (n, h), summing to one, from the regularised Gram solve after
     writing the newest residual's Gram row; ``ok`` marks samples whose solve succeeded and is finite."""
     n, dt, dev = g.shape[0], g.dtype, g.device
@@ -146,7 +152,14 @@ def _anderson_weights(buf: _AndersonBuffers, g: Tensor, s: int, h: int, lam: flo
 
 
 def _anderson_step(
-    buf: _AndersonBuffers, fz: Tensor, g: Tensor, k: int, m: int, lam: float, beta: float, fb_damp: float
+    buf: _AndersonBuffers,
+    fz: Tensor,
+    g: Tensor,
+    k: int,
+    m: int,
+    lam: float,
+    beta: float,
+    fb_damp: float,
 ) -> Tensor:
     """Next Anderson iterate after step ``k`` (``g`` is already in the ring at slot ``k % m``);
     samples whose Gram solve failed take a damped Picard step. Returns a spare-buffer view."""
@@ -233,5 +246,7 @@ def solve(
                 continue
             z = _anderson_step(buf, fz, g, k, m, lam, beta, fb_damp)
         out = track.best.reshape(shape)
-        stats = SolverStats(iterations=track.iterations, residual=track.best_res, converged=track.converged)
+        stats = SolverStats(
+            iterations=track.iterations, residual=track.best_res, converged=track.converged
+        )
     return out, stats

@@ -49,7 +49,9 @@ def _check_p(p: int, Y: np.ndarray) -> None:
         )
 
 
-def vca(Y: np.ndarray, p: int, *, seed: int = 0, snr_input: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def vca(
+    Y: np.ndarray, p: int, *, seed: int = 0, snr_input: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Vertex Component Analysis: return ``(E, indices)``, ``E`` (L×P) taken from ``Y``'s pixels.
 
     The data are projected onto the signal subspace (projective projection at low SNR, as in the
@@ -113,7 +115,9 @@ def _pca_reduce(Y: np.ndarray, d: int) -> np.ndarray:
     return U.T @ (Y - mu)
 
 
-def nfindr(Y: np.ndarray, p: int, *, seed: int = 0, max_sweeps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def nfindr(
+    Y: np.ndarray, p: int, *, seed: int = 0, max_sweeps: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """N-FINDR: return ``(E, indices)``: the ``p`` pixels spanning the largest simplex.
 
     Data are reduced to ``p-1`` principal components; starting from seeded random pixels, each
@@ -158,8 +162,16 @@ MINVOL_HINGE_C = 3.0
 MINVOL_HINGE_RANGE = (30.0, 300.0)
 
 
-def minvol(Y: np.ndarray, p: int, *, seed: int = 0, hinge: float | None = None, steps: int = 1500,
-           start: np.ndarray | None = None, noise_var: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+def minvol(
+    Y: np.ndarray,
+    p: int,
+    *,
+    seed: int = 0,
+    hinge: float | None = None,
+    steps: int = 1500,
+    start: np.ndarray | None = None,
+    noise_var: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict]:
     """Minimum-volume simplex: ``(E, info)``, ``E`` (L×P) spanning the smallest simplex that
     holds the data; ``info``: the hinge weight used and the relative subspace noise ρ.
 
@@ -187,7 +199,9 @@ def minvol(Y: np.ndarray, p: int, *, seed: int = 0, hinge: float | None = None, 
     rho = None
     if hinge is None:
         nv = noise_variances(Y) if noise_var is None else np.asarray(noise_var, dtype=np.float64)
-        rho = float(np.sqrt(np.trace(U.T @ np.diag(nv) @ U))) / scale  # RMS noise norm in the subspace
+        rho = (
+            float(np.sqrt(np.trace(U.T @ np.diag(nv) @ U))) / scale
+        )  # RMS noise norm in the subspace
         hinge = float(np.clip(MINVOL_HINGE_C / max(rho, 1e-12), *MINVOL_HINGE_RANGE))
     elif not hinge > 0:
         raise ConfigError(f"hinge must be > 0, got {hinge!r}")

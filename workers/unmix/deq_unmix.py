@@ -103,7 +103,9 @@ class DEQUnmix(nn.Module):
             raise ConfigError(
                 f"endmembers must be L×P with P >= 2, got shape {tuple(endmembers.shape)!r}"
             )
-        self.E = nn.Parameter(endmembers.detach().to(torch.float32).clamp_min(0.0).contiguous().clone())
+        self.E = nn.Parameter(
+            endmembers.detach().to(torch.float32).clamp_min(0.0).contiguous().clone()
+        )
         self.p = int(endmembers.shape[1])
         self.hidden = hidden
         self.net = CorrectionNet(self.p, hidden)

@@ -63,7 +63,9 @@ def _loadmat(path: Path) -> dict[str, Any]:
     import scipy.io as sio
 
     if not path.is_file():
-        raise ReadError(f"evaluation file {str(path)!r} is missing; pass --data pointing at the shared data folder")
+        raise ReadError(
+            f"evaluation file {str(path)!r} is missing; pass --data pointing at the shared data folder"
+        )
     return sio.loadmat(str(path))
 
 
@@ -74,8 +76,15 @@ def load_samson(data: Path) -> Case:
     Y = d["Y"].astype(np.float64)
     cube = Y.T.reshape(rows, cols, -1, order="F").transpose(2, 0, 1)
     A = d["S_GT"].reshape(rows * cols, -1).T
-    return Case("samson", cube / cube.max(), d["GT"].T.astype(np.float64), A, ["soil", "tree", "water"], None,
-                "reference endmembers scaled to max 1: trust SAD over abundance RMSE")
+    return Case(
+        "samson",
+        cube / cube.max(),
+        d["GT"].T.astype(np.float64),
+        A,
+        ["soil", "tree", "water"],
+        None,
+        "reference endmembers scaled to max 1: trust SAD over abundance RMSE",
+    )
 
 
 def load_jasper(data: Path) -> Case:
@@ -85,10 +94,16 @@ def load_jasper(data: Path) -> Case:
     Y = d["Y"].astype(np.float64) / 10000.0
     cube = Y.T.reshape(rows, cols, -1, order="F").transpose(2, 0, 1)
     if not np.allclose(d["A"].T.reshape(rows, cols, -1, order="F"), d["S_GT"]):
-        raise ReadError("Jasper.mat: A reshaped column-major does not equal S_GT; the file layout changed")
-    A = d["S_GT"].reshape(rows * cols, -1).T.astype(np.float64)  # pixel order of cube.reshape(L, -1)
+        raise ReadError(
+            "Jasper.mat: A reshaped column-major does not equal S_GT; the file layout changed"
+        )
+    A = (
+        d["S_GT"].reshape(rows * cols, -1).T.astype(np.float64)
+    )  # pixel order of cube.reshape(L, -1)
     # GT is already reflectance (max ≈ 0.63), unlike Y (×10⁴): do not rescale it
-    return Case("jasper", cube, d["GT"].T.astype(np.float64), A, ["tree", "water", "soil", "road"], None)
+    return Case(
+        "jasper", cube, d["GT"].T.astype(np.float64), A, ["tree", "water", "soil", "road"], None
+    )
 
 
 def usgs_library(data: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -105,11 +120,16 @@ def usgs_library(data: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     order = np.argsort(wl, kind="stable")
     keep = np.concatenate([[True], np.diff(wl[order]) > 0])
     rows = order[keep]
-    return wl[rows], S[np.ix_(rows, np.flatnonzero(ok))], [n for n, k in zip(names, ok, strict=False) if k]
+    return (
+        wl[rows],
+        S[np.ix_(rows, np.flatnonzero(ok))],
+        [n for n, k in zip(names, ok, strict=False) if k],
+    )
 
 
-def synthetic_case(data: Path, p: int, snr_db: float, *, seed: int = 0, size: int = 100,
-                   min_sad_deg: float = 5.0) -> Case:
+def synthetic_case(
+    data: Path, p: int, snr_db: float, *, seed: int = 0, size: int = 100, min_sad_deg: float = 5.0
+) -> Case:
     """``p`` USGS spectra (pairwise SAD ≥ ``min_sad_deg``), Dirichlet(1) abundances per pixel
     (size×size), white Gaussian noise at ``snr_db`` (signal power / noise power over the cube)."""
     wl, S, names = usgs_library(data)
@@ -117,7 +137,9 @@ def synthetic_case(data: Path, p: int, snr_db: float, *, seed: int = 0, size: in
     cols: list[int] = []
     Sn = S / np.linalg.norm(S, axis=0)
     for j in rng.permutation(S.shape[1]):
-        if all(np.degrees(np.arccos(np.clip(Sn[:, j] @ Sn[:, k], -1, 1))) >= min_sad_deg for k in cols):
+        if all(
+            np.degrees(np.arccos(np.clip(Sn[:, j] @ Sn[:, k], -1, 1))) >= min_sad_deg for k in cols
+        ):
             cols.append(int(j))
         if len(cols) == p:
             break
@@ -127,15 +149,24 @@ def synthetic_case(data: Path, p: int, snr_db: float, *, seed: int = 0, size: in
     sigma = np.sqrt(np.mean(Y**2) / 10 ** (snr_db / 10))
     Y = Y + sigma * rng.standard_normal(Y.shape)
     cube = Y.reshape(-1, size, size)
-    return Case(f"synthetic_p{p}_snr{int(snr_db)}", cube, E, A, [names[c] if c < len(names) else f"usgs{c}" for c in cols], wl,
-                f"USGS spectra, Dirichlet(1) abundances, SNR {snr_db:g} dB, seed {seed}", float(sigma))
+    return Case(
+        f"synthetic_p{p}_snr{int(snr_db)}",
+        cube,
+        E,
+        A,
+        [names[c] if c < len(names) else f"usgs{c}" for c in cols],
+        wl,
+        f"USGS spectra, Dirichlet(1) abundances, SNR {snr_db:g} dB, seed {seed}",
+        float(sigma),
+    )
 
 
 MIN_ESS = 100.0  # median effective prior draws per pixel for a resolved Bayes floor
 
 
-def abundance_floors(case: Case, *, prior_samples: int = 80000, seed: int = 0,
-                     chunk: int = 500) -> dict[str, float | None]:
+def abundance_floors(
+    case: Case, *, prior_samples: int = 80000, seed: int = 0, chunk: int = 500
+) -> dict[str, float | None]:
     """What the best estimators reach on a synthetic case, given everything the truth knows.
 
     ``fcls_true_e``: aRMSE of FCLS with the true endmembers (the best per-pixel least-squares
@@ -175,10 +206,13 @@ def abundance_floors(case: Case, *, prior_samples: int = 80000, seed: int = 0,
         ess[i : i + chunk] = 1.0 / np.einsum("nm,nm->n", w, w)
 
     ess_median = float(np.median(ess))
-    return {"fcls_true_e": abundance_rmse(A, A_ls)[0],
-            "mmse_true_e": abundance_rmse(A, post)[0] if ess_median >= MIN_ESS else None,
-            "mmse_ess_median": ess_median, "mmse_ess_p5": float(np.percentile(ess, 5)),
-            "prior_samples": int(prior_samples)}
+    return {
+        "fcls_true_e": abundance_rmse(A, A_ls)[0],
+        "mmse_true_e": abundance_rmse(A, post)[0] if ess_median >= MIN_ESS else None,
+        "mmse_ess_median": ess_median,
+        "mmse_ess_p5": float(np.percentile(ess, 5)),
+        "prior_samples": int(prior_samples),
+    }
 
 
 def _score(case: Case, E_est: np.ndarray, A_est: np.ndarray, seconds: float) -> dict[str, Any]:
@@ -189,14 +223,22 @@ def _score(case: Case, E_est: np.ndarray, A_est: np.ndarray, seconds: float) -> 
         "sad_mean_deg": float(np.mean(sad)),
         "sad_deg": {n: float(s) for n, s in zip(case.names, sad, strict=True)},
         "abundance_rmse": rm,
-        "abundance_rmse_per_endmember": {n: float(s) for n, s in zip(case.names, rm_per, strict=True)},
+        "abundance_rmse_per_endmember": {
+            n: float(s) for n, s in zip(case.names, rm_per, strict=True)
+        },
         "matching": [int(i) for i in perm],
         "time_s": seconds,
     }
 
 
-def run_case(case: Case, *, seed: int = 0, max_epochs: int | None = None, options: dict | None = None,
-             methods: tuple[str, ...] = ("deq-unmix", "vca+fcls", "nfindr+fcls")) -> dict[str, Any]:
+def run_case(
+    case: Case,
+    *,
+    seed: int = 0,
+    max_epochs: int | None = None,
+    options: dict | None = None,
+    methods: tuple[str, ...] = ("deq-unmix", "vca+fcls", "nfindr+fcls"),
+) -> dict[str, Any]:
     """Run every method on one case; returns per-method scores and the DEQ solver stats."""
     from workers.unmix.classical import fcls, nfindr, vca
     from workers.unmix.fit import DEFAULT_EPOCHS, apply_fit, fit_scene
@@ -223,12 +265,22 @@ def run_case(case: Case, *, seed: int = 0, max_epochs: int | None = None, option
             t_fit = time.perf_counter() - t0
             A_map, _, stats = apply_fit(fit, case.cube.astype(np.float32))
             E_fit = fit.endmembers.astype(np.float64)
-            res = _score(case, E_fit, A_map.reshape(P, -1).astype(np.float64), time.perf_counter() - t0)
+            res = _score(
+                case, E_fit, A_map.reshape(P, -1).astype(np.float64), time.perf_counter() - t0
+            )
             pv = fit.provenance
-            res.update(fit_time_s=t_fit, solver=stats, final_loss=pv["loss_curve"][-1] if pv["loss_curve"] else None,
-                       best_epoch=pv.get("best_epoch"), stop_reason=pv.get("stop_reason"),
-                       kept_start=pv.get("kept_start"), endmember_init=pv.get("endmember_init", {}).get("method"),
-                       residual_by_dominant_endmember=pv.get("solver_check", {}).get("residual_by_dominant_endmember"))
+            res.update(
+                fit_time_s=t_fit,
+                solver=stats,
+                final_loss=pv["loss_curve"][-1] if pv["loss_curve"] else None,
+                best_epoch=pv.get("best_epoch"),
+                stop_reason=pv.get("stop_reason"),
+                kept_start=pv.get("kept_start"),
+                endmember_init=pv.get("endmember_init", {}).get("method"),
+                residual_by_dominant_endmember=pv.get("solver_check", {}).get(
+                    "residual_by_dominant_endmember"
+                ),
+            )
             out[meth] = res
             # ablation: the same endmembers, abundances by FCLS instead of the DEQ fixed point
             t1 = time.perf_counter()
@@ -248,15 +300,24 @@ def ablation(r: dict[str, Any]) -> dict[str, Any]:
     """aRMSE and SAD ratios DEQ / FCLS-same-E and DEQ / VCA+FCLS, and the issue-25 targets."""
     d = r["deq-unmix"]
     ab: dict[str, Any] = {}
-    for ref, key, target in (("fcls-same-e", "vs_fcls_same_e", TARGET_VS_SAME_E),
-                             ("vca+fcls", "vs_vca_fcls", TARGET_VS_VCA)):
+    for ref, key, target in (
+        ("fcls-same-e", "vs_fcls_same_e", TARGET_VS_SAME_E),
+        ("vca+fcls", "vs_vca_fcls", TARGET_VS_VCA),
+    ):
         if ref not in r:
             continue
         b = r[ref]
-        ratio = d["abundance_rmse"] / b["abundance_rmse"] if b["abundance_rmse"] > 0 else float("nan")
-        ab[key] = {"armse_ratio": ratio,
-                   "sad_ratio": d["sad_mean_deg"] / b["sad_mean_deg"] if b["sad_mean_deg"] > 0 else float("nan"),
-                   "target_armse_ratio": target, "met": bool(ratio <= target)}
+        ratio = (
+            d["abundance_rmse"] / b["abundance_rmse"] if b["abundance_rmse"] > 0 else float("nan")
+        )
+        ab[key] = {
+            "armse_ratio": ratio,
+            "sad_ratio": d["sad_mean_deg"] / b["sad_mean_deg"]
+            if b["sad_mean_deg"] > 0
+            else float("nan"),
+            "target_armse_ratio": target,
+            "met": bool(ratio <= target),
+        }
     return ab
 
 
@@ -287,16 +348,30 @@ def environment() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+            cpu = next(
+                line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         pass
-    return {"device": f"CPU: {cpu}", "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
-            "python": platform.python_version()}
+    return {
+        "device": f"CPU: {cpu}",
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "python": platform.python_version(),
+    }
 
 
-def write_report(results: list[dict[str, Any]], env: dict[str, Any], command: str,
-                 md_path: Path, json_path: Path, settings: dict[str, Any]) -> None:
+def write_report(
+    results: list[dict[str, Any]],
+    env: dict[str, Any],
+    command: str,
+    md_path: Path,
+    json_path: Path,
+    settings: dict[str, Any],
+) -> None:
     """``docs/benchmarks/unmix_eval.md`` + ``benchmarks/results/unmix_eval.json``.
 
     Notes after :data:`NOTES_MARKER` in an existing markdown report are kept (appended again).
@@ -309,9 +384,13 @@ def write_report(results: list[dict[str, Any]], env: dict[str, Any], command: st
     lines += _ablation_rows(results)
     lines.append("")
     lines += _target_lines(results)
-    lines += ["", "## All methods", "",
-              "| scene | role | seed | P | method | mean SAD (°) | per-endmember SAD (°) | aRMSE | time (s) | DEQ solver |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## All methods",
+        "",
+        "| scene | role | seed | P | method | mean SAD (°) | per-endmember SAD (°) | aRMSE | time (s) | DEQ solver |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     lines += _method_rows(results)
     lines.append("")
     lines += _summary_lines(results)
@@ -319,7 +398,7 @@ def write_report(results: list[dict[str, Any]], env: dict[str, Any], command: st
     if md_path.is_file():
         old = md_path.read_text()
         if NOTES_MARKER in old:
-            text += "\n" + old[old.index(NOTES_MARKER):]
+            text += "\n" + old[old.index(NOTES_MARKER) :]
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(text)
 
@@ -327,27 +406,35 @@ def write_report(results: list[dict[str, Any]], env: dict[str, Any], command: st
 def _report_header(command: str, env: dict[str, Any], settings: dict[str, Any]) -> list[str]:
     """The report's title, command, environment, settings, protocol and split, up to the header of
     the ablation table (the ablation comes first: it is what the issue-25 targets are about)."""
-    return ["# DEQ-Unmix evaluation", "",
-            f"Command: `{command}`  ",
-            f"Device: {env['device']} ({env['cpu_count']} cores, torch threads {env['torch_threads']}); "
-            f"torch {env['torch']}, numpy {env['numpy']}, scipy {env['scipy']}, Python {env['python']}.  ",
-            f"Settings: {json.dumps(settings)}", "",
-            "Protocol: `../shared/PROTOCOL.md` (Unmixing). Endmembers matched to the reference by "
-            "Hungarian assignment on the SAD matrix (degrees); abundance RMSE over all endmembers and "
-            "pixels. Time: wall seconds for extraction + abundances (DEQ: blind fit + apply) on a "
-            "shared, loaded machine: compare times only within a row.", "",
-            f"Split (issue 25): tuning scenes {', '.join(TUNING_SCENES)} (hyperparameters may be chosen "
-            f"there); reported scenes {', '.join(REPORTED_SCENES)} (never used for a choice). The class "
-            "fraction 0.25 and the endmember step 5e-4 were chosen on Samson + Jasper Ridge before this "
-            "split; Samson is now the one real tuning scene.", "",
-            "## Ablation: the same endmembers, abundances by FCLS vs the DEQ", "",
-            "FCLS-same-E: FCLS (NNLS on the sum-to-one augmented system) with the DEQ fit's endmembers, "
-            "so its SAD equals the DEQ's; the aRMSE difference is what the DEQ fixed point adds over "
-            f"FCLS. Targets on every reported real scene: DEQ / FCLS-same-E ≤ {TARGET_VS_SAME_E:g} "
-            f"(aRMSE ≥ 20 % below) and DEQ / VCA+FCLS ≤ {TARGET_VS_VCA:g}.", "",
-            "| scene | role | seed | P | DEQ aRMSE | FCLS-same-E aRMSE | VCA+FCLS aRMSE | DEQ SAD (°) | "
-            "VCA+FCLS SAD (°) | DEQ / FCLS-same-E (aRMSE) | DEQ / VCA+FCLS (aRMSE, SAD) | targets met | fit stop |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    return [
+        "# DEQ-Unmix evaluation",
+        "",
+        f"Command: `{command}`  ",
+        f"Device: {env['device']} ({env['cpu_count']} cores, torch threads {env['torch_threads']}); "
+        f"torch {env['torch']}, numpy {env['numpy']}, scipy {env['scipy']}, Python {env['python']}.  ",
+        f"Settings: {json.dumps(settings)}",
+        "",
+        "Protocol: `../shared/PROTOCOL.md` (Unmixing). Endmembers matched to the reference by "
+        "Hungarian assignment on the SAD matrix (degrees); abundance RMSE over all endmembers and "
+        "pixels. Time: wall seconds for extraction + abundances (DEQ: blind fit + apply) on a "
+        "shared, loaded machine: compare times only within a row.",
+        "",
+        f"Split (issue 25): tuning scenes {', '.join(TUNING_SCENES)} (hyperparameters may be chosen "
+        f"there); reported scenes {', '.join(REPORTED_SCENES)} (never used for a choice). The class "
+        "fraction 0.25 and the endmember step 5e-4 were chosen on Samson + Jasper Ridge before this "
+        "split; Samson is now the one real tuning scene.",
+        "",
+        "## Ablation: the same endmembers, abundances by FCLS vs the DEQ",
+        "",
+        "FCLS-same-E: FCLS (NNLS on the sum-to-one augmented system) with the DEQ fit's endmembers, "
+        "so its SAD equals the DEQ's; the aRMSE difference is what the DEQ fixed point adds over "
+        f"FCLS. Targets on every reported real scene: DEQ / FCLS-same-E ≤ {TARGET_VS_SAME_E:g} "
+        f"(aRMSE ≥ 20 % below) and DEQ / VCA+FCLS ≤ {TARGET_VS_VCA:g}.",
+        "",
+        "| scene | role | seed | P | DEQ aRMSE | FCLS-same-E aRMSE | VCA+FCLS aRMSE | DEQ SAD (°) | "
+        "VCA+FCLS SAD (°) | DEQ / FCLS-same-E (aRMSE) | DEQ / VCA+FCLS (aRMSE, SAD) | targets met | fit stop |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
 
 
 def _ablation_rows(results: list[dict[str, Any]]) -> list[str]:
@@ -360,13 +447,18 @@ def _ablation_rows(results: list[dict[str, Any]]) -> list[str]:
         d, f, v, ab = r["deq-unmix"], r["fcls-same-e"], r["vca+fcls"], r["ablation"]
         s1 = ab.get("vs_fcls_same_e", {})
         s2 = ab.get("vs_vca_fcls", {})
-        met = ", ".join(f"{k} {'yes' if ab[k]['met'] else 'no'}" for k in ("vs_fcls_same_e", "vs_vca_fcls") if k in ab)
+        met = ", ".join(
+            f"{k} {'yes' if ab[k]['met'] else 'no'}"
+            for k in ("vs_fcls_same_e", "vs_vca_fcls")
+            if k in ab
+        )
         stop = (d.get("stop_reason") or "") + ("; kept start" if d.get("kept_start") else "")
         rows.append(
             f"| {r['scene']} | {r.get('role', '')} | {r.get('seed', '')} | {r['p']} | {d['abundance_rmse']:.4f} | "
             f"{f['abundance_rmse']:.4f} | {v['abundance_rmse']:.4f} | {d['sad_mean_deg']:.2f} | {v['sad_mean_deg']:.2f} | "
             f"{s1.get('armse_ratio', float('nan')):.3f} | {s2.get('armse_ratio', float('nan')):.3f}, "
-            f"{s2.get('sad_ratio', float('nan')):.3f} | {met} | {stop} |")
+            f"{s2.get('sad_ratio', float('nan')):.3f} | {met} | {stop} |"
+        )
     return rows
 
 
@@ -377,13 +469,17 @@ def _target_lines(results: list[dict[str, Any]]) -> list[str]:
         rs = [r for r in results if r["scene"] == scene and "ablation" in r]
         if not rs:
             continue
-        for key, label in (("vs_fcls_same_e", f"DEQ / FCLS-same-E ≤ {TARGET_VS_SAME_E:g}"),
-                           ("vs_vca_fcls", f"DEQ / VCA+FCLS ≤ {TARGET_VS_VCA:g}")):
+        for key, label in (
+            ("vs_fcls_same_e", f"DEQ / FCLS-same-E ≤ {TARGET_VS_SAME_E:g}"),
+            ("vs_vca_fcls", f"DEQ / VCA+FCLS ≤ {TARGET_VS_VCA:g}"),
+        ):
             vals = [(r.get("seed"), r["ablation"][key]) for r in rs if key in r["ablation"]]
             n_met = sum(x["met"] for _, x in vals)
-            lines.append(f"- target {scene} (reported), {label} (aRMSE): "
-                         + " / ".join(f"seed {sd} {x['armse_ratio']:.3f}" for sd, x in vals)
-                         + f": **{'met' if n_met == len(vals) else 'missed'}** ({n_met} of {len(vals)} seeds)")
+            lines.append(
+                f"- target {scene} (reported), {label} (aRMSE): "
+                + " / ".join(f"seed {sd} {x['armse_ratio']:.3f}" for sd, x in vals)
+                + f": **{'met' if n_met == len(vals) else 'missed'}** ({n_met} of {len(vals)} seeds)"
+            )
     return lines
 
 
@@ -397,9 +493,11 @@ def _method_rows(results: list[dict[str, Any]]) -> list[str]:
                 continue
             v = r[meth]
             per = ", ".join(f"{k} {s:.2f}" for k, s in v["sad_deg"].items())
-            rows.append(f"| {r['scene']} | {r.get('role', '')} | {r.get('seed', '')} | {r['p']} | {meth} | "
-                        f"{v['sad_mean_deg']:.2f} | {per} | {v['abundance_rmse']:.4f} | {v['time_s']:.1f} | "
-                        f"{_solver_cell(v)} |")
+            rows.append(
+                f"| {r['scene']} | {r.get('role', '')} | {r.get('seed', '')} | {r['p']} | {meth} | "
+                f"{v['sad_mean_deg']:.2f} | {per} | {v['abundance_rmse']:.4f} | {v['time_s']:.1f} | "
+                f"{_solver_cell(v)} |"
+            )
     return rows
 
 
@@ -423,9 +521,11 @@ def _summary_lines(results: list[dict[str, Any]]) -> list[str]:
         if "deq-unmix" in r and "vca+fcls" in r:
             d, b = r["deq-unmix"]["abundance_rmse"], r["vca+fcls"]["abundance_rmse"]
             floors = _floors_note(r["floors"], b) if "floors" in r else ""
-            lines.append(f"- {r['scene']} (seed {r.get('seed', '')}): DEQ-Unmix aRMSE {d:.4f} vs VCA+FCLS {b:.4f} "
-                         f"({100 * (d - b) / b:+.1f} %); mean SAD {r['deq-unmix']['sad_mean_deg']:.2f}° vs "
-                         f"{r['vca+fcls']['sad_mean_deg']:.2f}°.{(' ' + r['note'] + '.') if r.get('note') else ''}{floors}")
+            lines.append(
+                f"- {r['scene']} (seed {r.get('seed', '')}): DEQ-Unmix aRMSE {d:.4f} vs VCA+FCLS {b:.4f} "
+                f"({100 * (d - b) / b:+.1f} %); mean SAD {r['deq-unmix']['sad_mean_deg']:.2f}° vs "
+                f"{r['vca+fcls']['sad_mean_deg']:.2f}°.{(' ' + r['note'] + '.') if r.get('note') else ''}{floors}"
+            )
     return lines
 
 
@@ -433,7 +533,12 @@ def _floors_note(f: dict[str, Any], b: float) -> str:
     """The floors with the true endmembers (FCLS, Bayes when prior sampling resolved it) and whether
     the −30 % target below VCA+FCLS aRMSE ``b`` is under the Bayes floor (unreachable)."""
     m = f["mmse_true_e"]
-    bayes = (f"Bayes (posterior mean, the best any estimator can expect) {m:.4f}" if m is not None else
-             f"Bayes not resolved by prior sampling (median ESS {f['mmse_ess_median']:.0f})")
-    return (f" Floors with the true endmembers: FCLS {f['fcls_true_e']:.4f}, {bayes}; the −30 % target is "
-            f"{0.7 * b:.4f}{' (below the Bayes floor: unreachable)' if m is not None and 0.7 * b < m else ''}.")
+    bayes = (
+        f"Bayes (posterior mean, the best any estimator can expect) {m:.4f}"
+        if m is not None
+        else f"Bayes not resolved by prior sampling (median ESS {f['mmse_ess_median']:.0f})"
+    )
+    return (
+        f" Floors with the true endmembers: FCLS {f['fcls_true_e']:.4f}, {bayes}; the −30 % target is "
+        f"{0.7 * b:.4f}{' (below the Bayes floor: unreachable)' if m is not None and 0.7 * b < m else ''}."
+    )

@@ -148,14 +148,22 @@ class UnmixFit:
         try:
             d.mkdir(parents=True, exist_ok=True)
             tensors = {
-                "endmembers": torch.from_numpy(np.ascontiguousarray(self.endmembers, dtype=np.float32)),
-                "wavelengths": torch.from_numpy(np.ascontiguousarray(self.wavelengths, dtype=np.float64)),
+                "endmembers": torch.from_numpy(
+                    np.ascontiguousarray(self.endmembers, dtype=np.float32)
+                ),
+                "wavelengths": torch.from_numpy(
+                    np.ascontiguousarray(self.wavelengths, dtype=np.float64)
+                ),
                 "good_band": torch.from_numpy(np.ascontiguousarray(self.good_band, dtype=np.uint8)),
             }
             tensors.update({k: v.detach().contiguous().cpu() for k, v in self.state.items()})
             save_file(tensors, str(d / _TENSORS), metadata={"format": FIT_FORMAT})
-            meta = {"format": FIT_FORMAT, "names": self.names, "config": self.config,
-                    "provenance": self.provenance}
+            meta = {
+                "format": FIT_FORMAT,
+                "names": self.names,
+                "config": self.config,
+                "provenance": self.provenance,
+            }
             (d / _META).write_text(json.dumps(meta, indent=1, default=_json_default))
         except OSError as exc:
             raise WriteError(
@@ -242,7 +250,12 @@ def sample_pixels_from(scene: xr.DataArray, n: int, seed: int) -> tuple[np.ndarr
         ys, xs = np.unravel_index(flat, (H, W))
     data = scene.isel(band=good).data
     Ys = _gather(data, ys, xs).astype(np.float64)
-    rec = {"sample_pixels": k, "valid_pixels": n_valid, "seed": seed, "method": "uniform over valid pixels"}
+    rec = {
+        "sample_pixels": k,
+        "valid_pixels": n_valid,
+        "seed": seed,
+        "method": "uniform over valid pixels",
+    }
     return Ys, rec
 
 
@@ -285,22 +298,30 @@ def _sample_tiles(
     for y0, x0 in chosen:
         v = valid[y0 : y0 + th, x0 : x0 + tw]
         cube = np.asarray(
-            scene.isel(band=good, y=slice(y0, y0 + th), x=slice(x0, x0 + tw)).values, dtype=np.float32
+            scene.isel(band=good, y=slice(y0, y0 + th), x=slice(x0, x0 + tw)).values,
+            dtype=np.float32,
         )
         tiles.append(np.where(v[None], cube, fill[:, None, None].astype(np.float32)))
         masks.append(v)
-    rec = {"count": len(chosen), "requested": int(count), "size": [th, tw],
-           "origins_yx": [[int(y0), int(x0)] for y0, x0 in chosen], "grid": [len(ys), len(xs)],
-           "usable_windows": len(usable), "seed": seed + 1,
-           "method": "distinct windows of the grid covering the scene, at least half valid, seeded order"}
+    rec = {
+        "count": len(chosen),
+        "requested": int(count),
+        "size": [th, tw],
+        "origins_yx": [[int(y0), int(x0)] for y0, x0 in chosen],
+        "grid": [len(ys), len(xs)],
+        "usable_windows": len(usable),
+        "seed": seed + 1,
+        "method": "distinct windows of the grid covering the scene, at least half valid, seeded order",
+    }
     return np.stack(tiles), np.stack(masks), rec
 
 
 # ------------------------------------------------------------------ endmember start
 
 
-def class_pure_means(Ys: np.ndarray, E: np.ndarray, A: np.ndarray, fraction: float,
-                     min_pixels: int = 10) -> tuple[np.ndarray, list[int]]:
+def class_pure_means(
+    Ys: np.ndarray, E: np.ndarray, A: np.ndarray, fraction: float, min_pixels: int = 10
+) -> tuple[np.ndarray, list[int]]:
     """Every endmember of ``E`` replaced by the mean of the purest ``fraction`` of the sample
     pixels it dominates (its class: the pixels where its FCLS abundance in ``A`` is the largest),
     at least ``min_pixels`` of them (the ``min_pixels`` largest abundances over the whole sample
@@ -326,9 +347,15 @@ def class_pure_means(Ys: np.ndarray, E: np.ndarray, A: np.ndarray, fraction: flo
     return out, counts
 
 
-def init_endmembers(Ys: np.ndarray, P: int, seed: int, method: str = "best",
-                    topk: list[int] | tuple[int, ...] = (10, 30, 100), *,
-                    class_fraction: float = 0.25) -> tuple[np.ndarray, dict]:
+def init_endmembers(
+    Ys: np.ndarray,
+    P: int,
+    seed: int,
+    method: str = "best",
+    topk: list[int] | tuple[int, ...] = (10, 30, 100),
+    *,
+    class_fraction: float = 0.25,
+) -> tuple[np.ndarray, dict]:
     """Blind endmember start from the pixel sample ``Ys`` (L×N): ``(E (L×P) ≥ 0, record)``.
 
     ``method="best"`` (no ground truth) first asks whether the linear mixing model explains the
@@ -367,8 +394,9 @@ def _check_init_args(method: str, class_fraction: float) -> None:
         raise ConfigError(f"init_class_fraction must be in (0, 1], got {class_fraction!r}")
 
 
-def _extractions(Ys: np.ndarray, P: int, seed: int,
-                 method: str) -> list[tuple[str, np.ndarray, list[int]]]:
+def _extractions(
+    Ys: np.ndarray, P: int, seed: int, method: str
+) -> list[tuple[str, np.ndarray, list[int]]]:
     """The pure-pixel extractions the rule needs (VCA, N-FINDR or both, VCA first, clipped to
     ``>= 0``) with the sample indices they picked; VCA first because "best" starts minvol from it."""
     base: list[tuple[str, np.ndarray, list[int]]] = []
@@ -388,8 +416,14 @@ def _fcls_rmse(Ys: np.ndarray, E: np.ndarray) -> tuple[float, np.ndarray]:
     return float(np.sqrt(np.mean((Ys - E @ A) ** 2))), A
 
 
-def _best_start(Ys: np.ndarray, P: int, seed: int, base: list[tuple[str, np.ndarray, list[int]]],
-                topk: list[int] | tuple[int, ...], class_fraction: float) -> tuple[np.ndarray, dict]:
+def _best_start(
+    Ys: np.ndarray,
+    P: int,
+    seed: int,
+    base: list[tuple[str, np.ndarray, list[int]]],
+    topk: list[int] | tuple[int, ...],
+    class_fraction: float,
+) -> tuple[np.ndarray, dict]:
     """The ``"best"`` rule of :func:`init_endmembers`: the minimum-volume simplex where it reaches
     the noise floor, else the pure-pixel or the class-mean candidates (:func:`_choose_start`)."""
     noise_var = noise_variances(Ys)  # one noise estimate for the floor and the hinge
@@ -397,21 +431,33 @@ def _best_start(Ys: np.ndarray, P: int, seed: int, base: list[tuple[str, np.ndar
     E_mv, mv_info = minvol(Ys, P, seed=seed, start=base[0][1], noise_var=noise_var)
     E_mv = np.clip(E_mv, 0.0, None)
     r_mv, _ = _fcls_rmse(Ys, E_mv)
-    rec: dict[str, Any] = {"seed": seed, "noise_floor_rmse": floor, "minvol_rmse": r_mv,
-                           "minvol_rmse_over_floor": r_mv / floor if floor > 0 else None,
-                           "lmm_tolerance": LMM_TOLERANCE, "minvol": {**mv_info, "hinge_c": MINVOL_HINGE_C, "hinge_range": list(MINVOL_HINGE_RANGE)},
-                           "sample_indices": {b[0]: b[2] for b in base}}
+    rec: dict[str, Any] = {
+        "seed": seed,
+        "noise_floor_rmse": floor,
+        "minvol_rmse": r_mv,
+        "minvol_rmse_over_floor": r_mv / floor if floor > 0 else None,
+        "lmm_tolerance": LMM_TOLERANCE,
+        "minvol": {**mv_info, "hinge_c": MINVOL_HINGE_C, "hinge_range": list(MINVOL_HINGE_RANGE)},
+        "sample_indices": {b[0]: b[2] for b in base},
+    }
     if floor > 0 and r_mv <= LMM_TOLERANCE * floor:
-        rec.update(method="minvol", selection="linear model explains the sample (minimum-volume "
-                   "simplex at the noise floor): minimum-volume start")
+        rec.update(
+            method="minvol",
+            selection="linear model explains the sample (minimum-volume "
+            "simplex at the noise floor): minimum-volume start",
+        )
         return E_mv, rec
     cands, classes = _start_candidates(Ys, P, base, topk, class_fraction, rec)
     return _choose_start(cands, classes, floor, rec)
 
 
 def _start_candidates(
-    Ys: np.ndarray, P: int, base: list[tuple[str, np.ndarray, list[int]]],
-    topk: list[int] | tuple[int, ...], class_fraction: float, rec: dict[str, Any],
+    Ys: np.ndarray,
+    P: int,
+    base: list[tuple[str, np.ndarray, list[int]]],
+    topk: list[int] | tuple[int, ...],
+    class_fraction: float,
+    rec: dict[str, Any],
 ) -> tuple[list[tuple[str, np.ndarray, float]], list[tuple[str, np.ndarray, float]]]:
     """The two families of starts with their FCLS RMSE: pure-pixel candidates (each extraction and
     the means of its ``k`` purest pixels, ``2 <= k <= N/(4P)``) and class means
@@ -434,25 +480,36 @@ def _start_candidates(
     return cands, classes
 
 
-def _choose_start(cands: list[tuple[str, np.ndarray, float]], classes: list[tuple[str, np.ndarray, float]],
-                  floor: float, rec: dict[str, Any]) -> tuple[np.ndarray, dict]:
+def _choose_start(
+    cands: list[tuple[str, np.ndarray, float]],
+    classes: list[tuple[str, np.ndarray, float]],
+    floor: float,
+    rec: dict[str, Any],
+) -> tuple[np.ndarray, dict]:
     """The best pure-pixel candidate if it is within ``PURE_TOLERANCE`` of the noise floor (a linear
     mixture with pure pixels), else the best class mean; ``rec`` says which and why."""
     best = min(cands, key=lambda c: c[2])
     rec["pure_pixel_rmse_over_floor"] = best[2] / floor if floor > 0 else None
     if not (floor > 0 and best[2] <= PURE_TOLERANCE * floor):
         name, E, _ = min(classes, key=lambda c: c[2])
-        rec.update(method=name, selection="spectral variability (no pure-pixel simplex within "
-                   f"{PURE_TOLERANCE:g}x the noise floor): class means, the lowest FCLS reconstruction "
-                   "RMSE among them", candidates_rmse={c[0]: c[2] for c in classes},
-                   pure_pixel_candidates_rmse={c[0]: c[2] for c in cands})
+        rec.update(
+            method=name,
+            selection="spectral variability (no pure-pixel simplex within "
+            f"{PURE_TOLERANCE:g}x the noise floor): class means, the lowest FCLS reconstruction "
+            "RMSE among them",
+            candidates_rmse={c[0]: c[2] for c in classes},
+            pure_pixel_candidates_rmse={c[0]: c[2] for c in cands},
+        )
         return np.clip(E, 0.0, None), rec
     name, E, _ = best
-    rec.update(method=name, selection="pure pixels: lowest FCLS reconstruction RMSE among the "
-               "extractions and their purest-pixel means"
-               f" (within {PURE_TOLERANCE:g}x the noise floor: a linear mixture with pure pixels, "
-               "where averaging a class would only shrink the simplex)",
-               candidates_rmse={c[0]: c[2] for c in cands})
+    rec.update(
+        method=name,
+        selection="pure pixels: lowest FCLS reconstruction RMSE among the "
+        "extractions and their purest-pixel means"
+        f" (within {PURE_TOLERANCE:g}x the noise floor: a linear mixture with pure pixels, "
+        "where averaging a class would only shrink the simplex)",
+        candidates_rmse={c[0]: c[2] for c in cands},
+    )
     return np.clip(E, 0.0, None), rec
 
 
@@ -475,10 +532,14 @@ def hysime_criterion(Ys: np.ndarray) -> dict[str, Any]:
     Py = np.einsum("li,lk,ki->i", U, Y @ Y.T / N, U)
     Pn = np.einsum("li,lk,ki->i", U, Rw, U)
     cost = 2 * Pn - Py
-    return {"criterion": "2·noise power − data power per eigen-direction of the signal correlation; "
-            "the subspace dimension is the number of negative values",
-            "negative": int(np.sum(cost < 0)), "cost": [float(f"{c:.4g}") for c in cost],
-            "data_power_first12": Py[:12].tolist(), "noise_power_first12": Pn[:12].tolist()}
+    return {
+        "criterion": "2·noise power − data power per eigen-direction of the signal correlation; "
+        "the subspace dimension is the number of negative values",
+        "negative": int(np.sum(cost < 0)),
+        "cost": [float(f"{c:.4g}") for c in cost],
+        "data_power_first12": Py[:12].tolist(),
+        "noise_power_first12": Pn[:12].tolist(),
+    }
 
 
 def training_loss_falls(curve: list[float]) -> bool:
@@ -492,8 +553,13 @@ def training_loss_falls(curve: list[float]) -> bool:
     return bool(np.polyfit(x, y, 1)[0] < 0)
 
 
-def _check_fit_args(n_endmembers: int | None, sample_pixels: int, fit_tiles: int,
-                    fit_tile_size: int, max_epochs: int) -> None:
+def _check_fit_args(
+    n_endmembers: int | None,
+    sample_pixels: int,
+    fit_tiles: int,
+    fit_tile_size: int,
+    max_epochs: int,
+) -> None:
     if n_endmembers is not None and n_endmembers < 2:
         raise ConfigError(f"n_endmembers must be >= 2 or None (estimate), got {n_endmembers!r}")
     if sample_pixels < 10:
@@ -546,8 +612,14 @@ def fit_scene(
     t_start = time.perf_counter()
     Ys, sample_rec = sample_pixels_from(scene, sample_pixels, seed)
     P, p_rec = _endmember_count(Ys, n_endmembers)
-    E0, init_rec = init_endmembers(Ys, P, seed, str(opts["init"]), list(opts["init_topk"]),
-                                   class_fraction=float(opts["init_class_fraction"]))
+    E0, init_rec = init_endmembers(
+        Ys,
+        P,
+        seed,
+        str(opts["init"]),
+        list(opts["init_topk"]),
+        class_fraction=float(opts["init_class_fraction"]),
+    )
     fill = E0.mean(axis=1)
     tiles, tmask, tiles_rec = _sample_tiles(scene, fit_tiles, fit_tile_size, seed, fill)
 
@@ -562,13 +634,21 @@ def fit_scene(
         m=int(opts["anderson_m"]),
     )
     data = _fit_data(tiles, tmask, opts, seed)
-    cfg = _TrainSettings(max_epochs=max_epochs, val_every=int(opts["val_every"]),
-                         patience=int(opts["patience"]), lr_net=float(opts["lr_net"]),
-                         lr_endmembers=float(opts["lr_endmembers"]))
+    cfg = _TrainSettings(
+        max_epochs=max_epochs,
+        val_every=int(opts["val_every"]),
+        patience=int(opts["patience"]),
+        lr_net=float(opts["lr_net"]),
+        lr_endmembers=float(opts["lr_endmembers"]),
+    )
     state = _train(model, data, cfg, seed, progress)
     solver_check = _solver_check(model, data, P, opts)
-    records = {"sample": sample_rec, "n_endmembers": p_rec, "endmember_init": init_rec,
-               "fit_tiles": tiles_rec}
+    records = {
+        "sample": sample_rec,
+        "n_endmembers": p_rec,
+        "endmember_init": init_rec,
+        "fit_tiles": tiles_rec,
+    }
     return _fit_result(scene, model, E0, opts, max_epochs, records, state, solver_check, t_start)
 
 
@@ -644,7 +724,9 @@ class _FitState:
     kept_start: str | None = None
 
 
-def _band_split(g: torch.Generator, L: int, n_hold: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _band_split(
+    g: torch.Generator, L: int, n_hold: int
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """A random split of the ``L`` bands: the bands the solver sees (``None``: all) and the
     ``n_hold`` held-out bands the reconstruction is scored on (all bands when none are held out)."""
     if not n_hold:
@@ -661,18 +743,35 @@ def _fit_data(tiles: np.ndarray, tmask: np.ndarray, opts: dict[str, Any], seed: 
     Yt = torch.from_numpy(tiles)
     M = torch.from_numpy(tmask[:, None].astype(np.float32))
     L = Yt.shape[1]
-    n_hold = max(1, int(round(float(opts["holdout_fraction"]) * L))) if opts["holdout_fraction"] > 0 else 0
+    n_hold = (
+        max(1, int(round(float(opts["holdout_fraction"]) * L)))
+        if opts["holdout_fraction"] > 0
+        else 0
+    )
     th, tw = int(Yt.shape[-2]), int(Yt.shape[-1])
     ch, cw = int(min(int(opts["train_crop"]), th)), int(min(int(opts["train_crop"]), tw))
     cy, cx = (th - ch) // 2, (tw - cw) // 2
     Yv, Mv = Yt[..., cy : cy + ch, cx : cx + cw], M[..., cy : cy + ch, cx : cx + cw]
     v_fit, v_score = _band_split(torch.Generator().manual_seed(seed + 3), L, n_hold)
-    return _FitData(tiles=Yt, mask=M, crop=(ch, cw), n_hold=n_hold, val_tiles=Yv, val_mask=Mv,
-                    val_fit=v_fit, val_score=v_score)
+    return _FitData(
+        tiles=Yt,
+        mask=M,
+        crop=(ch, cw),
+        n_hold=n_hold,
+        val_tiles=Yv,
+        val_mask=Mv,
+        val_fit=v_fit,
+        val_score=v_score,
+    )
 
 
-def _heldout_loss(model: DEQUnmix, Yc: torch.Tensor, Mc: torch.Tensor, fit_mask: torch.Tensor | None,
-                  score: torch.Tensor) -> tuple[torch.Tensor, Any]:
+def _heldout_loss(
+    model: DEQUnmix,
+    Yc: torch.Tensor,
+    Mc: torch.Tensor,
+    fit_mask: torch.Tensor | None,
+    score: torch.Tensor,
+) -> tuple[torch.Tensor, Any]:
     """Band-split self-supervision: solve on the ``fit_mask`` bands, score the reconstruction on the
     ``score`` bands over valid pixels, relative to the held-out signal power; and the solver stats."""
     A, st = model(Yc, band_mask=fit_mask)
@@ -686,7 +785,9 @@ def _heldout_loss(model: DEQUnmix, Yc: torch.Tensor, Mc: torch.Tensor, fit_mask:
 def _validate(model: DEQUnmix, data: _FitData) -> float:
     """The fixed held-out-band validation loss (no gradients)."""
     with torch.no_grad():
-        return float(_heldout_loss(model, data.val_tiles, data.val_mask, data.val_fit, data.val_score)[0])
+        return float(
+            _heldout_loss(model, data.val_tiles, data.val_mask, data.val_fit, data.val_score)[0]
+        )
 
 
 def _net_copy(model: DEQUnmix) -> dict[str, torch.Tensor]:
@@ -694,8 +795,14 @@ def _net_copy(model: DEQUnmix) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.net.state_dict().items()}
 
 
-def _train_step(model: DEQUnmix, data: _FitData, S: torch.Tensor, E_start: torch.Tensor,
-                opt: torch.optim.Optimizer, gen: torch.Generator) -> tuple[torch.Tensor, Any]:
+def _train_step(
+    model: DEQUnmix,
+    data: _FitData,
+    S: torch.Tensor,
+    E_start: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, Any]:
     """One Adam step on a random crop of every fit tile and a random band split; the endmembers
     are updated through ``E = E_start·exp(S)`` (positive, relative steps) and projected."""
     th, tw = int(data.tiles.shape[-2]), int(data.tiles.shape[-1])
@@ -717,8 +824,13 @@ def _train_step(model: DEQUnmix, data: _FitData, S: torch.Tensor, E_start: torch
     return loss, st
 
 
-def _train(model: DEQUnmix, data: _FitData, cfg: _TrainSettings, seed: int,
-           progress: Callable[[int, float], None] | None) -> _FitState:
+def _train(
+    model: DEQUnmix,
+    data: _FitData,
+    cfg: _TrainSettings,
+    seed: int,
+    progress: Callable[[int, float], None] | None,
+) -> _FitState:
     """Up to ``cfg.max_epochs`` training steps with validation every ``cfg.val_every`` steps and
     early stopping; the model ends in eval mode, in the best validated state (epoch 0: the start)."""
     E_start = model.E.detach().clone()
@@ -732,8 +844,10 @@ def _train(model: DEQUnmix, data: _FitData, cfg: _TrainSettings, seed: int,
     )
     gen = torch.Generator().manual_seed(seed + 2)
     model.train()
-    state = _FitState(best_state=(E_start.clone(), _net_copy(model)),
-                      stop_reason="max_epochs" if cfg.max_epochs > 0 else "no training (max_epochs 0)")
+    state = _FitState(
+        best_state=(E_start.clone(), _net_copy(model)),
+        stop_reason="max_epochs" if cfg.max_epochs > 0 else "no training (max_epochs 0)",
+    )
     if cfg.max_epochs > 0 and cfg.val_every > 0:
         state.best_val = _validate(model, data)
         state.val_curve.append([0, state.best_val])
@@ -747,7 +861,9 @@ def _train(model: DEQUnmix, data: _FitData, cfg: _TrainSettings, seed: int,
             if _record_validation(state, model, epoch + 1, _validate(model, data), cfg.patience):
                 break
     state.kept_start = _kept_start_reason(state, cfg)
-    if cfg.val_every > 0 and cfg.max_epochs > 0:  # keep the best validated state (epoch 0: the start)
+    if (
+        cfg.val_every > 0 and cfg.max_epochs > 0
+    ):  # keep the best validated state (epoch 0: the start)
         with torch.no_grad():
             model.E.copy_(state.best_state[0])
         model.net.load_state_dict(state.best_state[1])
@@ -755,7 +871,9 @@ def _train(model: DEQUnmix, data: _FitData, cfg: _TrainSettings, seed: int,
     return state
 
 
-def _record_validation(state: _FitState, model: DEQUnmix, epoch: int, v: float, patience: int) -> bool:
+def _record_validation(
+    state: _FitState, model: DEQUnmix, epoch: int, v: float, patience: int
+) -> bool:
     """Record the validation loss ``v`` after ``epoch`` steps: keep the state if it is the best so
     far, else count it against patience (unless the start is still best and the training loss still
     falls). Returns whether the fit stops early."""
@@ -771,9 +889,11 @@ def _record_validation(state: _FitState, model: DEQUnmix, epoch: int, v: float, 
         state.bad += 1
         if state.bad >= patience:
             state.stopped_early = True
-            state.stop_reason = (f"patience: {patience} validations without improvement on epoch "
-                                 f"{state.best_epoch}" + ("" if state.best_epoch else
-                                                          ", and the training loss no longer falls"))
+            state.stop_reason = (
+                f"patience: {patience} validations without improvement on epoch "
+                f"{state.best_epoch}"
+                + ("" if state.best_epoch else ", and the training loss no longer falls")
+            )
             return True
     return False
 
@@ -781,10 +901,15 @@ def _record_validation(state: _FitState, model: DEQUnmix, epoch: int, v: float, 
 def _kept_start_reason(state: _FitState, cfg: _TrainSettings) -> str | None:
     """Why the fit kept its start (no validated state beat it), or ``None`` when it did not."""
     if cfg.val_every > 0 and cfg.max_epochs > 0 and state.best_epoch == 0:
-        return (f"no validated state (epochs {[int(e) for e, _ in state.val_curve[1:]]}) had a lower "
-                f"held-out-band validation loss than the start ({state.val_curve[0][1]:.4g}); "
-                + ("the training loss no longer fell" if state.stopped_early else
-                   f"stopped at max_epochs {cfg.max_epochs}"))
+        return (
+            f"no validated state (epochs {[int(e) for e, _ in state.val_curve[1:]]}) had a lower "
+            f"held-out-band validation loss than the start ({state.val_curve[0][1]:.4g}); "
+            + (
+                "the training loss no longer fell"
+                if state.stopped_early
+                else f"stopped at max_epochs {cfg.max_epochs}"
+            )
+        )
     return None
 
 
@@ -800,19 +925,35 @@ def _solver_check(model: DEQUnmix, data: _FitData, P: int, opts: dict[str, Any])
     # per-endmember residuals: reconstruction RMSE of the pixels each endmember dominates
     dom = A_v.argmax(dim=1).reshape(-1)[valid_v]
     res_valid = res_v[valid_v]
-    per_em = {f"em{i + 1}": {"pixels": int((dom == i).sum()),
-                             "rmse": float(res_valid[dom == i].mean()) if bool((dom == i).any()) else None}
-              for i in range(P)}
-    return {"pixels": int(conv_v.numel()), "converged_pixels": int(conv_v.sum()),
-            "cap": int(opts["eval_max_iter"]), "tol": float(opts["tol"]),
-            "where": "valid pixels of the central crops of the fit tiles, all good bands",
-            "residual_rmse": float(res_valid.mean()) if res_valid.numel() else None,
-            "residual_by_dominant_endmember": per_em}
+    per_em = {
+        f"em{i + 1}": {
+            "pixels": int((dom == i).sum()),
+            "rmse": float(res_valid[dom == i].mean()) if bool((dom == i).any()) else None,
+        }
+        for i in range(P)
+    }
+    return {
+        "pixels": int(conv_v.numel()),
+        "converged_pixels": int(conv_v.sum()),
+        "cap": int(opts["eval_max_iter"]),
+        "tol": float(opts["tol"]),
+        "where": "valid pixels of the central crops of the fit tiles, all good bands",
+        "residual_rmse": float(res_valid.mean()) if res_valid.numel() else None,
+        "residual_by_dominant_endmember": per_em,
+    }
 
 
-def _fit_result(scene: xr.DataArray, model: DEQUnmix, E0: np.ndarray, opts: dict[str, Any],
-                max_epochs: int, records: dict[str, Any], state: _FitState,
-                solver_check: dict[str, Any], t_start: float) -> UnmixFit:
+def _fit_result(
+    scene: xr.DataArray,
+    model: DEQUnmix,
+    E0: np.ndarray,
+    opts: dict[str, Any],
+    max_epochs: int,
+    records: dict[str, Any],
+    state: _FitState,
+    solver_check: dict[str, Any],
+    t_start: float,
+) -> UnmixFit:
     """The :class:`UnmixFit` of the trained model with its provenance: the scene, the sample, ``P``,
     start and fit-tile ``records`` (in that order), options, curves, why the fit stopped, the
     solver check, timing, environment and the spectra (fitted and start)."""
@@ -848,7 +989,11 @@ def _fit_result(scene: xr.DataArray, model: DEQUnmix, E0: np.ndarray, opts: dict
             "start": {n: E0[:, i].tolist() for i, n in enumerate(names)},
         },
     }
-    config = {**model.config(), "tol": float(opts["tol"]), "eval_max_iter": int(opts["eval_max_iter"])}
+    config = {
+        **model.config(),
+        "tol": float(opts["tol"]),
+        "eval_max_iter": int(opts["eval_max_iter"]),
+    }
     return UnmixFit(
         endmembers=E_fit,
         names=names,
@@ -863,7 +1008,9 @@ def _fit_result(scene: xr.DataArray, model: DEQUnmix, E0: np.ndarray, opts: dict
 # ------------------------------------------------------------------ apply
 
 
-def apply_fit(fit: UnmixFit, cube: np.ndarray, *, model: DEQUnmix | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def apply_fit(
+    fit: UnmixFit, cube: np.ndarray, *, model: DEQUnmix | None = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """Unmix one tile: ``cube`` (B_good, H, W) float32, NaN nodata.
 
     Returns abundances (P, H, W) (NaN where nodata; every valid pixel on the simplex), the
@@ -886,8 +1033,17 @@ def apply_fit(fit: UnmixFit, cube: np.ndarray, *, model: DEQUnmix | None = None)
     A = np.full((P, H, W), np.nan, dtype=np.float32)
     rmse = np.full((H, W), np.nan, dtype=np.float32)
     if not valid.any():
-        return A, rmse, {"iterations": 0, "residual": 0.0, "converged": True, "converged_pixels": 0,
-                         "valid_pixels": 0}
+        return (
+            A,
+            rmse,
+            {
+                "iterations": 0,
+                "residual": 0.0,
+                "converged": True,
+                "converged_pixels": 0,
+                "valid_pixels": 0,
+            },
+        )
     fill = E.mean(axis=1)
     filled = np.where(valid[None], cube, fill[:, None, None]).astype(np.float32)
     m = model if model is not None else fit.model()
@@ -921,10 +1077,14 @@ def write_endmembers(fit: UnmixFit, path_csv: str | Path, path_json: str | Path)
                 fh.write(",".join([repr(float(wl[i]))] + [repr(float(v)) for v in E[i]]) + "\n")
         Path(path_json).write_text(
             json.dumps(
-                {"wavelength_nm": [None if not np.isfinite(w) else float(w) for w in wl],
-                 "endmembers": {n: E[:, i].tolist() for i, n in enumerate(fit.names)}},
+                {
+                    "wavelength_nm": [None if not np.isfinite(w) else float(w) for w in wl],
+                    "endmembers": {n: E[:, i].tolist() for i, n in enumerate(fit.names)},
+                },
                 indent=1,
             )
         )
     except OSError as exc:
-        raise WriteError(f"cannot write endmembers to {str(path_csv)!r}/{str(path_json)!r}: {exc}") from exc
+        raise WriteError(
+            f"cannot write endmembers to {str(path_csv)!r}/{str(path_json)!r}: {exc}"
+        ) from exc

@@ -22,10 +22,14 @@ class UnmixOptions:
     def __post_init__(self) -> None:
         n = self.endmembers
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 2):
-            raise ConfigError(f"endmembers must be an integer >= 2 (or None to estimate it), got {n!r}")
+            raise ConfigError(
+                f"endmembers must be an integer >= 2 (or None to estimate it), got {n!r}"
+            )
         e = self.epochs
         if e is not None and (not isinstance(e, int) or isinstance(e, bool) or e < 1):
-            raise ConfigError(f"unmix epochs must be a positive integer or None (the fit's default), got {e!r}")
+            raise ConfigError(
+                f"unmix epochs must be a positive integer or None (the fit's default), got {e!r}"
+            )
 
     def halo(self) -> int:
         from workers.registry import get_spec
@@ -54,7 +58,9 @@ class UnmixOptions:
         from workers.infer import UnmixTileModel
 
         if fit_dir is None:
-            raise ProvenanceError("the unmix stage needs the scene's fit; run the fit_unmixer stage first")
+            raise ProvenanceError(
+                "the unmix stage needs the scene's fit; run the fit_unmixer stage first"
+            )
         return UnmixTileModel.from_fit(fit_dir, device)
 
     def fit_kwargs(self) -> dict[str, Any]:

@@ -12,8 +12,14 @@ SPEC = ModelSpec(
     # choice; the tiled-vs-whole seam error has not been measured yet (see the model card).
     halo=16,
     band_handling="fitted per scene on its own good bands",
-    solver=SolverConfig(method="anderson", tol=DEFAULTS["tol"], max_iter=DEFAULTS["train_max_iter"],
-                        eval_max_iter=DEFAULTS["eval_max_iter"], m=DEFAULTS["anderson_m"], per_pixel=True,
-                        backward="implicit"),
+    solver=SolverConfig(
+        method="anderson",
+        tol=DEFAULTS["tol"],
+        max_iter=DEFAULTS["train_max_iter"],
+        eval_max_iter=DEFAULTS["eval_max_iter"],
+        m=DEFAULTS["anderson_m"],
+        per_pixel=True,
+        backward="implicit",
+    ),
     config={"hidden": DEFAULTS["hidden"]},
 )
