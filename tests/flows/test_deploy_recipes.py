@@ -59,6 +59,11 @@ def test_prefect_yaml_deployments() -> None:
     from flows.settings import SweepParams
 
     SweepParams(**sweep["parameters"])
+    # no path to edit by hand: the archive and output roots come from the environment at deploy time
+    assert sweep["parameters"]["root"] == "{{ $HYPERDEQ_SWEEP_ROOT }}"
+    assert (
+        sweep["parameters"]["out_root"] == scene["parameters"]["out_dir"] == "{{ $HYPERDEQ_OUT }}"
+    )
     pull = cfg["pull"][0]["prefect.deployments.steps.set_working_directory"]
     assert "HYPERDEQ_REPO" in pull["directory"]
 

@@ -170,7 +170,10 @@ def test_served_process_scene_run_through_the_api(
 
 def test_prefect_deploy_accepts_the_repository_yaml(server) -> None:
     api_url, env, d = server
-    env = dict(env, HYPERDEQ_REPO=str(ROOT))
+    archive, out = ROOT / "tests" / "data", ROOT / "hyperdeq-out"
+    env = dict(
+        env, HYPERDEQ_REPO=str(ROOT), HYPERDEQ_SWEEP_ROOT=str(archive), HYPERDEQ_OUT=str(out)
+    )
     prefect = str(BIN / "prefect")
     r = subprocess.run(
         [prefect, "work-pool", "create", "hyperdeq-process", "--type", "process"],
@@ -200,6 +203,11 @@ def test_prefect_deploy_accepts_the_repository_yaml(server) -> None:
             assert sweep.work_pool_name == scene.work_pool_name == "hyperdeq-process"
             assert [s.schedule.cron for s in sweep.schedules] == ["0 2 * * *"]
             assert sweep.parameters["max_concurrent"] == 2
+            # paths come from the environment at deploy time, never from the file
+            assert sweep.parameters["root"] == str(archive) and sweep.parameters["out_root"] == str(
+                out
+            )
+            assert scene.parameters["out_dir"] == str(out)
             assert scene.schedules == []
             # {{ $HYPERDEQ_REPO }} is resolved when deploying: workers run from that checkout
             assert sweep.pull_steps[0]["prefect.deployments.steps.set_working_directory"][
