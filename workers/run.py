@@ -14,6 +14,7 @@ configuration hash and the model weights' sha256s.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -574,14 +575,13 @@ ClusterArg = ClusterSpec | ClusterHandle | Executor | Any
 
 def _handle_for(
     cluster: ClusterArg, plan: RunPlan, tile_models: dict[str, TileModel] | None = None
-) -> tuple[ClusterHandle | None, bool]:
+) -> tuple[ClusterHandle, bool]:
+    """The cluster to use and whether this run owns it (opened here, closed at the end)."""
     if isinstance(cluster, ClusterHandle):
         return cluster, False
     if isinstance(cluster, ClusterSpec):
         preload: dict[str, Any] = {}
-        for (
-            m
-        ) in plan.job.models:  # a stage whose model is replaced never loads the registry's weights
+        for m in plan.job.models:  # a replaced stage model never loads the registry's weights
             if m.stage not in (tile_models or {}):
                 preload.update(m.preload())
         return open_cluster(cluster, plan.config.device, preload), True
@@ -590,36 +590,58 @@ def _handle_for(
     ), False  # a distributed.Client
 
 
-def _env_for(
-    cluster: ClusterArg,
-    handle: ClusterHandle | None,
-    progress: StageProgress | None,
-    log: Callable[[str], None],
-    tile_models: dict[str, TileModel],
-) -> StageEnv:
-    if handle is None:  # a plain Executor: everything runs through it
-        assert isinstance(cluster, Executor)
-        n = int(getattr(cluster, "_max_workers", 2) or 2)
-        return StageEnv(
-            cluster,
-            cluster,
-            n,
-            progress,
-            log,
-            {"executor": type(cluster).__name__},
-            None,
-            tile_models,
+class _Connection:
+    """Opens the run's cluster when the first stage needs it; remembers it to close and to report."""
+
+    def __init__(self, cluster: ClusterArg, plan: RunPlan, base: StageEnv) -> None:
+        self.cluster, self.plan, self.base = cluster, plan, base
+        self.handle: ClusterHandle | None = None
+        self.owned = False
+
+    @property
+    def client(self) -> Any:
+        return self.handle.client if self.handle is not None else None
+
+    def open(self) -> StageEnv:
+        self.handle, self.owned = _handle_for(self.cluster, self.plan, self.base.tile_models)
+        h = self.handle
+        desc = h.describe()
+        self.base.log(
+            f"tile batches run on {desc.get('scheduler')} ({desc.get('n_workers', 0)} workers, GPU workers: "
+            f"{desc.get('gpu_workers') or 'none'}); Dask dashboard: {desc.get('dashboard')}"
         )
-    return StageEnv(
-        handle.model_executor(),
-        handle.executor(),
-        max(1, handle.n_workers()),
-        progress,
-        log,
-        handle.describe(),
-        handle.client,
-        tile_models,
-    )
+        return dataclasses.replace(
+            self.base,
+            model_executor=h.model_executor(),
+            executor=h.executor(),
+            n_workers=max(1, h.n_workers()),
+            cluster=desc,
+            client=h.client,
+            opener=None,
+            _opened={},
+        )
+
+    def close(self) -> None:
+        if self.owned and self.handle is not None:
+            self.handle.close()
+
+
+def _env_for(
+    cluster: ClusterArg, plan: RunPlan, base: StageEnv
+) -> tuple[StageEnv, _Connection | None]:
+    """The stages' environment: a plain Executor runs everything; otherwise a cluster opened lazily."""
+    if isinstance(cluster, Executor):
+        n = int(getattr(cluster, "_max_workers", 2) or 2)
+        env = dataclasses.replace(
+            base,
+            model_executor=cluster,
+            executor=cluster,
+            n_workers=n,
+            cluster={"executor": type(cluster).__name__},
+        )
+        return env, None
+    conn = _Connection(cluster, plan, base)
+    return dataclasses.replace(base, opener=conn.open), conn
 
 
 def execute(
@@ -633,8 +655,9 @@ def execute(
 ) -> RunResult:
     """Run :func:`sequence` for ``plan`` on ``cluster``, or return the verified completed run.
 
-    ``cluster``: a :class:`ClusterSpec` (opened and closed here), a :class:`ClusterHandle` or a
-    ``distributed.Client`` (used, not closed), or any ``Executor`` (everything runs through it).
+    ``cluster``: a :class:`ClusterSpec` (opened when the first stage needs it and closed here), a
+    :class:`ClusterHandle` or a ``distributed.Client`` (used, not closed), or any ``Executor``
+    (everything runs through it).
     """
     say = log or _log.info
     done = find_completed(plan)
@@ -646,8 +669,11 @@ def execute(
         prov.write_run_record(
             plan.run_dir, {**plan.record_head(), "status": prov.RUNNING, "start": start}
         )
-        current, handle, owned = "cluster", None, False
-        client = scheduler = None
+        current = "ingest"
+        scheduler = cluster.address if isinstance(cluster, ClusterSpec) else None
+        env, conn = _env_for(
+            cluster, plan, StageEnv(progress=progress, log=say, tile_models=tile_models or {})
+        )
 
         def traced(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             nonlocal current
@@ -655,27 +681,18 @@ def execute(
             return call(name, fn, *args, **kwargs)
 
         try:
-            if not isinstance(cluster, Executor):
-                handle, owned = _handle_for(cluster, plan, tile_models)
-                client = handle.client if handle is not None else None
-            scheduler = cluster.address if isinstance(cluster, ClusterSpec) else None
-            env = _env_for(cluster, handle, progress, say, tile_models or {})
-            if handle is not None:
-                say(
-                    f"tile batches run on {env.cluster.get('scheduler')} ({env.cluster.get('n_workers', 0)} workers, "
-                    f"GPU workers: {env.cluster.get('gpu_workers') or 'none'}); Dask dashboard: "
-                    f"{env.cluster.get('dashboard')}"
-                )
             rec_path = sequence(plan, env, start, call=traced)
         except BaseException as exc:
-            err = classify_error(plan.run_dir, current, exc, client, scheduler)
+            err = classify_error(
+                plan.run_dir, current, exc, conn.client if conn else None, scheduler
+            )
             end_record(plan, start, current, err)
             if err is exc:
                 raise
             raise err from exc
         finally:
-            if owned and handle is not None:
-                handle.close()
+            if conn is not None:
+                conn.close()
     res = RunResult.from_record(plan.run_dir, reused=False)
     if res.status != prov.COMPLETE and not res.failed_tiles:
         raise ModelError(

@@ -88,6 +88,25 @@ class StageEnv:
     cluster: dict[str, Any] = field(default_factory=dict)
     client: Any = None
     tile_models: dict[str, TileModel] = field(default_factory=dict)
+    #: opens the cluster when the first stage that needs it starts (ingest, tiling and the
+    #: unmixer's fit run in this process, so bad input is refused before any cluster starts)
+    opener: Callable[[], StageEnv] | None = field(default=None, compare=False, repr=False)
+    _opened: dict[str, StageEnv] = field(default_factory=dict, compare=False, repr=False)
+
+    def ready(self) -> StageEnv:
+        """This environment with its cluster open (opened now, once, when it is opened lazily)."""
+        if self.opener is None:
+            return self
+        if "env" not in self._opened:
+            self._opened["env"] = self.opener()
+        return self._opened["env"]
+
+    def cluster_info(self) -> dict[str, Any]:
+        """The cluster's description when one was used (without opening one)."""
+        if self.opener is None:
+            return self.cluster
+        env = self._opened.get("env")
+        return env.cluster if env is not None else {}
 
 
 # ---------------------------------------------------------------------------- small helpers
@@ -270,6 +289,7 @@ def stage_model(
     plan: RunPlan, stage: str, tile_store: Path, env: StageEnv, fit_dir: Path | None = None
 ) -> dict[str, Any]:
     """Run a model stage (``denoise`` or ``unmix``) over every tile; returns the stage summary."""
+    env = env.ready()
     model = _tile_model(plan, stage, env, fit_dir)
     run_dir = plan.run_dir
     grid = tstore.open_grid(tile_store)
@@ -437,6 +457,7 @@ def stage_blend(plan: RunPlan, stage: str, env: StageEnv) -> Path:
     """Blend a model stage's tiles into its (staged) output zarr: ``denoised.zarr`` or ``abundances.zarr``."""
     import zarr
 
+    env = env.ready()
     from pipeline.ingest import open_zarr_scene
 
     cfg = plan.config
@@ -762,7 +783,7 @@ def stage_record(plan: RunPlan, outputs: dict[str, str], env: StageEnv, start: s
         "packages": prov.package_versions(),
         "code_version": prov.code_version(),
         "host": prov.host_info(gpu_name(import_torch=False)),
-        "cluster": env.cluster,
+        "cluster": env.cluster_info(),
         "failed_tiles": failed,
         "not_converged_tiles": not_conv,
         "tiles": tiles,

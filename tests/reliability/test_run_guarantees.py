@@ -375,3 +375,36 @@ def test_signal_during_a_run_ends_the_record_cancelled(
     reused = json.loads((run_dir / "_stages" / "denoise.json").read_text())["n_reused"]
     assert 0 < reused <= N_TILES  # tiles finished before (and while) the run was stopped are kept
     case.measure(reused_on_rerun=reused)
+
+
+def test_pixel_level_bad_input_is_refused_before_any_cluster_starts(tmp_path: Path) -> None:
+    """Issue 21 item 10: checks that need the pixels (an infinity here) run in the ingest stage, in
+    this process, before the cluster opens (it opens when the first stage that needs it starts)."""
+    import shutil
+    import sys
+
+    scene = tmp_path / "inf.tif"
+    shutil.copy(
+        Path(__file__).resolve().parents[1]
+        / "data"
+        / "enmap_potsdam_tile"
+        / "enmap_potsdam_tile_128_0.tif",
+        scene,
+    )
+    with rasterio.open(scene, "r+") as f:
+        band = f.read(5)
+        band[3, 3] = np.inf
+        f.write(band, 5)
+    exe = Path(sys.executable).with_name("hyperdeq")
+    r = subprocess.run(
+        [str(exe), "run", str(scene), "--out", str(tmp_path / "out"), "--no-unmix"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out
+    assert "infinite value inf" in out and "band 4, row 3, col 3" in out and "Traceback" not in out
+    assert "tile batches run on" not in out  # no Dask cluster was started
+    (rec,) = (tmp_path / "out").glob("*/*/run.json")
+    assert json.loads(rec.read_text())["failed_stage"] == "ingest"
