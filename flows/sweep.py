@@ -11,7 +11,6 @@ recorded with its reason and the others go on, and the sweep then ends Failed wi
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait as wait_futures
 
 from flows.options import RunOptions, options_to_build
 from flows.settings import SENSORS_FILE, SweepParams
@@ -284,24 +284,26 @@ def _run_pending(
                     s["scene"], params.out_root, options, name=Path(s["scene"]).name
                 )
                 running.append((s["scene"], fut))
+            # the futures' own results, not the API's view of their state: that view lags (or never
+            # arrives) when the server's event stream is slow, and the loop would wait for ever
+            done = wait_futures([f for _, f in running], timeout=0.5).done
             still = []
             for scene, fut in running:
-                if fut.state.is_final():
-                    state = fut.state
-                    if state.is_completed():
-                        summary["processed"].append(scene)
-                    else:
-                        try:
-                            fut.result()
-                            reason = state.message or state.name
-                        except Exception as exc:  # the subflow's own error, with its message
-                            reason = f"{type(exc).__name__}: {exc}"
-                        summary["failed"].append({"scene": scene, "reason": reason})
-                else:
+                if fut not in done:
                     still.append((scene, fut))
+                    continue
+                fut.wait(0)  # records the final state from the future itself
+                state = fut.state  # that recorded state, not an API read
+                if state.is_completed():
+                    summary["processed"].append(scene)
+                    continue
+                try:
+                    fut.result()
+                    reason = state.message or state.name
+                except Exception as exc:  # the subflow's own error, with its message
+                    reason = f"{type(exc).__name__}: {exc}"
+                summary["failed"].append({"scene": scene, "reason": reason})
             running = still
-            if running:
-                time.sleep(0.5)
     finally:
         if handle is not None:
             handle.close()
