@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from flows.options import add_run_options
+from flows.options import OUT_OPT, SCENE_ARG, add_run_options
 from pipeline.errors import ConfigError
 
 
@@ -69,12 +69,8 @@ def _decsc_available() -> bool:
 
 @add_run_options()
 def flow_run(
-    scene: Path = typer.Argument(
-        ..., help="scene file (GeoTIFF, ENVI, NetCDF, .mat) or zarr store"
-    ),
-    out: Path = typer.Option(
-        Path("hyperdeq-out"), "--out", help="output root; the run goes in OUT/<scene>/<run id>/"
-    ),
+    scene: Path = SCENE_ARG,
+    out: Path = OUT_OPT,
     options: Any = None,
 ) -> None:
     """Process one scene through the Prefect flow (ingest → denoise → unmix → outputs)."""

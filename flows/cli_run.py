@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from flows.options import add_run_options
+from flows.options import OUT_OPT, SCENE_ARG, add_run_options
 
 
 def cli_logging(console: Any) -> None:
@@ -24,12 +24,8 @@ def cli_logging(console: Any) -> None:
 
 @add_run_options()
 def run(
-    scene: Path = typer.Argument(
-        ..., help="Input scene (GeoTIFF/COG, ENVI, NetCDF/HDF5, .mat, zarr)."
-    ),
-    out: Path = typer.Option(
-        Path("hyperdeq-out"), "--out", help="Output root; the run lands in OUT/<scene>/<run id>/."
-    ),
+    scene: Path = SCENE_ARG,
+    out: Path = OUT_OPT,
     options: Any = None,
 ) -> None:
     """Denoise (DECSC) and unmix (DEQ-Unmix) SCENE into georeferenced zarr + COG with a run record."""

@@ -211,6 +211,15 @@ OPTIONS: tuple[Opt, ...] = (
 _BY_NAME = {o.name: o for o in OPTIONS}
 
 
+#: the scene argument and output option of the commands that process one scene (run, flow run)
+SCENE_ARG: Any = typer.Argument(
+    ..., help="Input scene (GeoTIFF/COG, ENVI, NetCDF/HDF5, .mat, zarr)."
+)
+OUT_OPT: Any = typer.Option(
+    Path("hyperdeq-out"), "--out", help="Output root; the run lands in OUT/<scene>/<run id>/."
+)
+
+
 def default(opt: Opt) -> Any:
     return _defaults()[opt.target][opt.field]
 
