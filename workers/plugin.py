@@ -48,9 +48,11 @@ class ModelPlugin(WorkerPlugin):
 
         import torch
 
+        from workers.allocator import tune_allocator
         from workers.infer import get_model, resolve_device
         from workers.registry import get_spec, verified_weights_path
 
+        tune_allocator()
         if self.torch_threads and not (
             self.keep_threads and getattr(worker, "hyperdeq_torch_threads", None)
         ):

@@ -606,8 +606,11 @@ def fit_scene(
        so the held-out error tracks the clean error and rewards spatially coherent abundances),
        relative to the held-out signal power.
     """
+    from workers.allocator import tune_allocator
+
     _check_fit_args(n_endmembers, sample_pixels, fit_tiles, fit_tile_size, max_epochs)
     validate_scene(scene)
+    tune_allocator()
     opts = _fit_options(options)
     t_start = time.perf_counter()
     Ys, sample_rec = sample_pixels_from(scene, sample_pixels, seed)
