@@ -211,11 +211,34 @@ def effective_batch_size(n_tiles: int, batch_size: int, n_workers: int | None = 
 def plan_batches(
     tiles: Sequence[Tile], batch_size: int, n_workers: int | None = None
 ) -> list[tuple[Tile, ...]]:
-    """Consecutive tiles (row-major) in groups of ``batch_size`` (of
-    :func:`effective_batch_size` ``(len(tiles), batch_size, n_workers)`` when ``n_workers`` is given)."""
+    """Tiles in batches of at most ``batch_size``.
+
+    Without ``n_workers``: consecutive tiles (row-major) in groups of ``batch_size``. With it: at
+    least ``min(len(tiles), n_workers)`` batches (so no worker idles on a small stage,
+    :func:`effective_batch_size`), balanced by work: tiles, largest read window first, go to the
+    batch with the least work that still has room, and the batches are returned heaviest first
+    (a scene whose edge tiles are clipped no longer gives one worker twice the pixels of another).
+    Each batch lists its tiles row-major.
+    """
     ts = sorted(tiles)
     size = effective_batch_size(len(ts), batch_size, n_workers)
-    return [tuple(ts[i : i + size]) for i in range(0, len(ts), size)]
+    if n_workers is None or len(ts) <= 1:
+        return [tuple(ts[i : i + size]) for i in range(0, len(ts), size)]
+    n_batches = -(-len(ts) // size)
+    loads = [0] * n_batches
+    groups: list[list[Tile]] = [[] for _ in range(n_batches)]
+    for t in sorted(ts, key=lambda t: (-_work(t), t)):
+        i = min((j for j in range(n_batches) if len(groups[j]) < batch_size), key=loads.__getitem__)
+        groups[i].append(t)
+        loads[i] += _work(t)
+    order = sorted(range(n_batches), key=lambda j: (-loads[j], j))
+    return [tuple(sorted(groups[j])) for j in order if groups[j]]
+
+
+def _work(t: Tile) -> int:
+    """A tile's work: the pixels of its read window (what the models compute on)."""
+    r = t.read
+    return (r.y1 - r.y0) * (r.x1 - r.x0)
 
 
 #: seconds between checks, while waiting for batches, that a Dask client is still connected

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.errors import ConfigError
 from pipeline.grid import plan_grid
-from pipeline.runner import TileJob, effective_batch_size, plan_batches, run_tiles
+from pipeline.runner import TileJob, _work, plan_batches, run_tiles
 
 
 def _grid(n_rows: int, n_cols: int):
@@ -17,30 +17,43 @@ def _grid(n_rows: int, n_cols: int):
 
 
 @pytest.mark.parametrize(
-    "n_tiles, batch, workers, want",
+    "n_tiles, batch, workers, n_batches",
     [
-        (4, 4, 2, [2, 2]),  # the issue's case: one batch of 4 left a worker idle
-        (3, 4, 2, [2, 1]),
-        (1, 4, 2, [1]),
-        (5, 4, 2, [3, 2]),
-        (8, 4, 2, [4, 4]),
-        (12, 4, 2, [4, 4, 4]),  # large stages keep batch_size
-        (7, 4, 3, [3, 3, 1]),
-        (4, 4, 8, [1, 1, 1, 1]),
-        (6, 1, 2, [1] * 6),
-        (6, 4, None, [4, 2]),  # default: unchanged
+        (4, 4, 2, 2),  # the issue's case: one batch of 4 left a worker idle
+        (3, 4, 2, 2),
+        (1, 4, 2, 1),
+        (5, 4, 2, 2),
+        (8, 4, 2, 2),
+        (12, 4, 2, 3),  # large stages keep batch_size
+        (7, 4, 3, 3),
+        (4, 4, 8, 4),
+        (6, 1, 2, 6),
+        (6, 4, None, 2),  # default: consecutive groups of batch_size
     ],
 )
 def test_plan_batches_spreads_small_stages(
-    n_tiles: int, batch: int, workers: int | None, want: list[int]
+    n_tiles: int, batch: int, workers: int | None, n_batches: int
 ) -> None:
     grid = _grid(1, n_tiles)
     batches = plan_batches(grid.tiles, batch, workers)
-    assert [len(b) for b in batches] == want
-    assert [t for b in batches for t in b] == sorted(grid.tiles)  # every tile once, row-major
+    assert len(batches) == n_batches
+    assert sorted(t for b in batches for t in b) == sorted(grid.tiles)  # every tile once
+    assert all(list(b) == sorted(b) and 0 < len(b) <= batch for b in batches)  # row-major
     if workers is not None:
         assert len(batches) >= min(n_tiles, workers)
-        assert max(len(b) for b in batches) == effective_batch_size(n_tiles, batch, workers)
+        loads = [sum(_work(t) for t in b) for b in batches]
+        assert loads == sorted(loads, reverse=True)  # heaviest first
+        assert max(loads) - min(loads) <= max(_work(t) for t in grid.tiles)  # balanced
+
+
+def test_batches_balance_the_pixels_of_clipped_edge_tiles() -> None:
+    """The demo mosaic's geometry (192 x 160 px, tile 128, halo 16): one 144 x 144 tile and three
+    clipped ones. Consecutive pairs gave one worker 27,648 read pixels and the other 15,360;
+    balanced, the big tile runs alone and the three clipped ones together (20,736 / 22,272)."""
+    grid = plan_grid((192, 160), 128, 16)
+    batches = plan_batches(grid.tiles, 4, 2)
+    assert sorted(sum(_work(t) for t in b) for b in batches) == [20_736, 22_272]
+    assert [len(b) for b in batches] == [3, 1]
 
 
 def test_default_is_unchanged() -> None:
