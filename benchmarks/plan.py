@@ -51,6 +51,8 @@ class SizePlan:
     matmul_n: int
     #: run the other engineers' benchmark modules in a small version (else include their results)
     run_fragments: bool
+    #: scene of the CLI-vs-FastHyDe section (None: the whole 192 x 160 x 224 demo mosaic)
+    cli_crop: Crop | None = None
     repeats: int = 1
 
 
@@ -79,6 +81,7 @@ _PLANS = {
         solver_max_iter=3,
         matmul_n=256,
         run_fragments=False,
+        cli_crop=Crop(0, 0, 24, 24, bands=40),
     ),
     "default": SizePlan(
         name="default",

@@ -396,6 +396,8 @@ def test_full_size_denoiser_is_chosen_by_config_and_recorded(tmp_path: Path) -> 
         t["guard"] is True and 0.0 <= t["guard_w_mean"] <= t["guard_w_max"] <= 1.0
         for t in rec["tiles"]["denoise"]
     )
+    # the arithmetic each tile ran in is recorded (issue 22 item 3)
+    assert {t["precision"] for t in rec["tiles"]["denoise"]} == {"float32"}
     # the spectral-subspace pass (default k = 8) is configured and each tile says what it did:
     # these tiles (≤ 400 px of 218 bands) are too small to estimate a subspace, so it was skipped
     assert rec["config"]["denoise"]["subspace"] == 8

@@ -262,6 +262,8 @@ def _model_pass(
         "residual": float(torch.cat(res).max()),
         "converged": bool(torch.cat(conv).all()),
         "windows": len(starts),
+        # the arithmetic the model ran in (recorded per tile in run.json)
+        "precision": str(outs[0].dtype).removeprefix("torch."),
     }
     return out, sigma.cpu().numpy(), stats
 

@@ -23,6 +23,7 @@ import xarray as xr
 from pipeline import LOCAL_SCHEDULER
 from pipeline.errors import ConfigError, InputValidationError, ModelError, WriteError
 from pipeline.scene import good_band_index, valid_mask, validate_scene
+from workers.allocator import tune_allocator
 from workers.unmix.classical import (
     MINVOL_HINGE_C,
     MINVOL_HINGE_RANGE,
@@ -606,8 +607,6 @@ def fit_scene(
        so the held-out error tracks the clean error and rewards spatially coherent abundances),
        relative to the held-out signal power.
     """
-    from workers.allocator import tune_allocator
-
     _check_fit_args(n_endmembers, sample_pixels, fit_tiles, fit_tile_size, max_epochs)
     validate_scene(scene)
     tune_allocator()
