@@ -30,8 +30,10 @@ install-baselines: $(BASELINES_STAMP)
 demo: install
 	$(VENV)/bin/hyperdeq demo
 
+# two test processes (pytest-xdist, whole files per process): much of the suite waits on real
+# Prefect servers, Dask clusters and CLI subprocesses, so two at a time keep 2 cores busy
 test: install-baselines
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not integration"
