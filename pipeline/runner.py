@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -26,6 +26,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError
 from pipeline.grid import Tile, TileGrid
+from pipeline.records import FAILED, OK, TileRecord
 from pipeline.tiles import (
     load_records,
     read_tile,
@@ -63,7 +64,7 @@ class TileModel(Protocol):
     def __call__(self, cube: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]: ...
 
 
-ProgressFn = Callable[[int, int, dict[str, Any]], None]
+ProgressFn = Callable[[int, int, TileRecord], None]
 
 
 @runtime_checkable
@@ -76,14 +77,9 @@ class TileFeed(Protocol):
     in-process and any other executor per finished batch.
     """
 
-    def open(
-        self, put: Callable[[dict[str, Any]], None]
-    ) -> Callable[[dict[str, Any]], None] | None: ...
+    def open(self, put: Callable[[TileRecord], None]) -> Callable[[TileRecord], None] | None: ...
 
     def close(self) -> None: ...
-
-
-OK, FAILED, REUSED = "ok", "failed", "reused"
 
 
 @dataclass(frozen=True)
@@ -100,24 +96,24 @@ class TileJob:
     notify: Any = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageResult:
     """What :func:`run_tiles` returns: one record per run tile, in index order."""
 
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: tuple[TileRecord, ...] = ()
     wall_s: float = 0.0
 
     @property
-    def failed(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if r["status"] == FAILED]
+    def failed(self) -> list[TileRecord]:
+        return [r for r in self.records if r.status == FAILED]
 
     @property
-    def not_converged(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if r["status"] == OK and r.get("converged") is False]
+    def not_converged(self) -> list[TileRecord]:
+        return [r for r in self.records if r.ok and r.converged is False]
 
     @property
     def ok_keys(self) -> set[str]:
-        return {r["key"] for r in self.records if r["status"] == OK}
+        return {r.key for r in self.records if r.ok}
 
 
 def _worker_name() -> str:
@@ -136,40 +132,46 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def process_batch(job: TileJob) -> list[dict[str, Any]]:
+def _run_tile(job: TileJob, tile: Tile) -> TileRecord:
+    """Read, infer and write one tile; its record (not yet written), ``failed`` with the error."""
+    got: dict[str, Any] = {"worker": _worker_name()}
+    t0 = time.perf_counter()
+    try:
+        cube = read_tile(job.source, job.grid, tile)
+        got["input_checksum"] = tile_checksum(cube)
+        result, stats = job.model(cube)
+        stats = dict(stats or {})
+        got["checksum"] = write_tile_output(
+            job.dest, job.grid, tile, np.asarray(result, dtype=np.float32)
+        )
+        got["worker"] = stats.pop("worker", got["worker"])
+        got["device"] = stats.pop("device", "cpu")
+        for k in ("iterations", "residual", "converged"):
+            got[k] = _jsonable(stats.pop(k, None))
+        got["stats"] = _jsonable(stats)
+        got["status"] = OK
+    except Exception as exc:  # recorded, listed in the run record, never hidden
+        got["status"] = FAILED
+        got["error"] = f"{type(exc).__name__}: {exc}"
+        got["traceback"] = traceback.format_exc(limit=5)
+    return TileRecord(
+        key=tile.key,
+        index=tile.index,
+        stage=job.stage,
+        model=getattr(job.model, "name", type(job.model).__name__),
+        weights_sha256=getattr(job.model, "weights_sha256", None),
+        read=(tile.read.y0, tile.read.y1, tile.read.x0, tile.read.x1),
+        core=(tile.core.y0, tile.core.y1, tile.core.x0, tile.core.x1),
+        wall_s=round(time.perf_counter() - t0, 4),
+        **got,
+    )
+
+
+def process_batch(job: TileJob) -> list[TileRecord]:
     """Task body: read, infer, write and record each tile of the batch (failures are recorded, not raised)."""
-    out: list[dict[str, Any]] = []
+    out: list[TileRecord] = []
     for tile in job.tiles:
-        rec: dict[str, Any] = {
-            "key": tile.key,
-            "index": list(tile.index),
-            "stage": job.stage,
-            "model": getattr(job.model, "name", type(job.model).__name__),
-            "weights_sha256": getattr(job.model, "weights_sha256", None),
-            "read": [tile.read.y0, tile.read.y1, tile.read.x0, tile.read.x1],
-            "core": [tile.core.y0, tile.core.y1, tile.core.x0, tile.core.x1],
-            "worker": _worker_name(),
-        }
-        t0 = time.perf_counter()
-        try:
-            cube = read_tile(job.source, job.grid, tile)
-            rec["input_checksum"] = tile_checksum(cube)
-            result, stats = job.model(cube)
-            stats = dict(stats or {})
-            rec["checksum"] = write_tile_output(
-                job.dest, job.grid, tile, np.asarray(result, dtype=np.float32)
-            )
-            rec["worker"] = stats.pop("worker", rec["worker"])
-            rec["device"] = stats.pop("device", "cpu")
-            for k in ("iterations", "residual", "converged"):
-                rec[k] = _jsonable(stats.pop(k, None))
-            rec["stats"] = _jsonable(stats)
-            rec["status"] = OK
-        except Exception as exc:  # recorded, listed in the run record, never hidden
-            rec["status"] = FAILED
-            rec["error"] = f"{type(exc).__name__}: {exc}"
-            rec["traceback"] = traceback.format_exc(limit=5)
-        rec["wall_s"] = round(time.perf_counter() - t0, 4)
+        rec = _run_tile(job, tile)
         write_record(job.dest, rec)
         out.append(rec)
         if job.notify is not None:
@@ -184,7 +186,7 @@ def _put(q: queue.Queue[tuple[Any, Any]], batch: tuple[Tile, ...], fut: Any) -> 
     q.put((batch, fut))
 
 
-def _put_tile(q: queue.Queue[tuple[Any, Any]], rec: dict[str, Any]) -> None:
+def _put_tile(q: queue.Queue[tuple[Any, Any]], rec: TileRecord) -> None:
     q.put(("tile", rec))
 
 
@@ -250,15 +252,11 @@ def _client_closed(client: Any) -> bool:
     return client is not None and str(getattr(client, "status", "running")) in ("closing", "closed")
 
 
-def _failed_records(batch: Sequence[Tile], stage: str, why: str) -> list[dict[str, Any]]:
+def _failed_records(batch: Sequence[Tile], stage: str, why: str) -> list[TileRecord]:
     return [
-        {
-            "key": t.key,
-            "index": list(t.index),
-            "stage": stage,
-            "status": FAILED,
-            "error": f"task failed: {why}",
-        }
+        TileRecord(
+            key=t.key, index=t.index, stage=stage, status=FAILED, error=f"task failed: {why}"
+        )
         for t in batch
     ]
 
@@ -269,33 +267,33 @@ def _reusable_records(
     dest: str | Path,
     grid: TileGrid,
     todo_tiles: Sequence[Tile],
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, TileRecord]:
     """Records of tiles a resumed run may reuse, marked ``reused``, by tile key.
 
     A tile is reused only when its record says ``ok``, it was computed from the same input bytes
     with the same weights, and its stored output still matches its checksum.
     """
-    reused: dict[str, dict[str, Any]] = {}
+    reused: dict[str, TileRecord] = {}
     existing = load_records(dest)
     inputs = store_attrs(source).get("checksums", {})
     for t in todo_tiles:
         rec = existing.get(t.key)
         if (
-            rec
-            and rec.get("status") == OK
-            and rec.get("input_checksum") == inputs.get(t.key)
-            and rec.get("weights_sha256") == getattr(model, "weights_sha256", None)
-            and verify_tile(dest, grid, t, rec.get("checksum"))
+            rec is not None
+            and rec.ok
+            and rec.input_checksum == inputs.get(t.key)
+            and rec.weights_sha256 == getattr(model, "weights_sha256", None)
+            and verify_tile(dest, grid, t, rec.checksum)
         ):
-            reused[t.key] = {**rec, "reused": True}
+            reused[t.key] = replace(rec, reused=True)
     return reused
 
 
 def _record_cut_off(
     dest: str | Path, batches: Sequence[Sequence[Tile]], stage: str, client: Any
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, TileRecord]:
     """Write and return failed records for batches that never reported because the client closed."""
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, TileRecord] = {}
     for batch in batches:
         recs = _failed_records(
             batch,
@@ -305,7 +303,7 @@ def _record_cut_off(
         )
         for r in recs:
             write_record(dest, r)
-            out[r["key"]] = r
+            out[r.key] = r
     return out
 
 
@@ -314,8 +312,8 @@ def _collect(
     batches: list[tuple[Tile, ...]],
     dest: str | Path,
     stage: str,
-    done_records: dict[str, dict[str, Any]],
-    tick: Callable[[dict[str, Any]], None],
+    done_records: dict[str, TileRecord],
+    tick: Callable[[TileRecord], None],
     client: Any,
 ) -> None:
     """Wait for every batch (``client``: a Dask ClientExecutor's client, else None); ``tick`` each tile
@@ -338,14 +336,16 @@ def _collect(
             tick(fut)
             continue
         unreported.discard(index_of[id(batch)])
-        try:
-            recs = fut.result()
+        try:  # a custom ``submit`` may hand back the records' JSON form
+            recs = [
+                r if isinstance(r, TileRecord) else TileRecord.from_json(r) for r in fut.result()
+            ]
         except Exception as exc:  # the task itself died (worker lost, unpicklable model, ...)
             recs = _failed_records(batch, stage, f"{type(exc).__name__}: {exc}")
             for r in recs:
                 write_record(dest, r)
         for rec in recs:
-            done_records[rec["key"]] = rec
+            done_records[rec.key] = rec
             tick(rec)
 
 
@@ -392,11 +392,11 @@ def run_tiles(
     pending_keys = {t.key for t in pending}
     counted: set[str] = set()
 
-    def tick(rec: dict[str, Any]) -> None:
+    def tick(rec: TileRecord) -> None:
         nonlocal n_done
-        if rec.get("key") not in pending_keys or rec["key"] in counted:
+        if rec.key not in pending_keys or rec.key in counted:
             return
-        counted.add(rec["key"])
+        counted.add(rec.key)
         n_done += 1
         if progress:
             progress(n_done, total, rec)
@@ -421,5 +421,5 @@ def run_tiles(
     finally:
         if feed is not None and notify is not None:
             feed.close()
-    records = [done_records[t.key] for t in todo_tiles]
+    records = tuple(done_records[t.key] for t in todo_tiles)
     return StageResult(records=records, wall_s=time.perf_counter() - t0)

@@ -27,6 +27,7 @@ from pipeline import LOCAL_SCHEDULER
 from pipeline.chunk_checksums import compressors, read_checked
 from pipeline.errors import GridError, WriteError
 from pipeline.grid import Tile, TileGrid, plan_grid
+from pipeline.records import TileRecord
 from pipeline.scene import check_tileable
 
 DATA = "data"
@@ -258,26 +259,26 @@ def write_tile_output(path: str | Path, grid: TileGrid, tile: Tile, out: np.ndar
     return tile_checksum(out)
 
 
-def write_record(path: str | Path, record: dict[str, Any]) -> None:
+def write_record(path: str | Path, record: TileRecord) -> None:
     """Write a tile record atomically (temp file + rename): the tile's commit marker."""
     d = records_dir(path)
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{record['key']}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, sort_keys=True, default=str))
-    os.replace(tmp, d / f"{record['key']}.json")
+    tmp = d / f".{record.key}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(record.to_json(), sort_keys=True, default=str))
+    os.replace(tmp, d / f"{record.key}.json")
 
 
-def load_records(path: str | Path) -> dict[str, dict[str, Any]]:
+def load_records(path: str | Path) -> dict[str, TileRecord]:
     """All tile records of a stage, by tile key (unreadable records are ignored: recomputed)."""
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, TileRecord] = {}
     d = records_dir(path)
     if not d.is_dir():
         return out
     for f in sorted(d.glob("*.json")):
         try:
-            rec = json.loads(f.read_text())
-            out[rec["key"]] = rec
-        except (ValueError, KeyError, OSError):
+            rec = TileRecord.from_json(json.loads(f.read_text()))
+            out[rec.key] = rec
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
             continue
     return out
 

@@ -15,10 +15,10 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from pipeline.errors import ClusterError, ProvenanceError
 from pipeline.grid import plan_grid
 from pipeline.hashing import output_entry
 from pipeline.quicklooks import quicklook_abundances, quicklook_rgb, quicklook_spectra, rgb_bands
+from pipeline.records import FrozenMap, JsonFields, TileRecord, freeze, thaw
 from pipeline.runner import StageResult, TileModel, run_tiles
 from pipeline.writers import (
     confined_path,
@@ -119,19 +120,107 @@ def _stage_path(run_dir: Path, name: str) -> Path:
     return Path(run_dir) / STAGES / f"{name}.json"
 
 
-def save_stage(run_dir: Path, name: str, summary: dict[str, Any]) -> dict[str, Any]:
+def _split(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
+    """``cls``'s keyword arguments from its JSON form: its fields, the other keys as ``stats``."""
+    names = {f.name for f in fields(cls)} - {"stats"}
+    return {
+        **{k: v for k, v in d.items() if k in names},
+        "stats": {k: v for k, v in d.items() if k not in names},
+    }
+
+
+@dataclass(frozen=True)
+class StageSummary(JsonFields):
+    """What a stage other than a model stage leaves in ``_stages/<name>.json``: its result's path,
+    its source, its wall time; the stage's own figures (a tile grid, the band count, a fit's
+    endmembers, the band guard's blending weights, the written outputs) in ``stats``, written at the
+    top level of the JSON beside the typed fields."""
+
+    wall_s: float
+    path: str | None = None
+    source: str | None = None
+    stats: Mapping[str, Any] = field(default_factory=FrozenMap)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stats", freeze(self.stats or {}))
+
+    def to_json(self) -> dict[str, Any]:
+        out = {**thaw(self.stats), "wall_s": self.wall_s}
+        out.update(
+            {k: v for k, v in (("path", self.path), ("source", self.source)) if v is not None}
+        )
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> StageSummary:
+        return cls(**_split(cls, d))
+
+
+@dataclass(frozen=True)
+class ModelSummary(JsonFields):
+    """What a model stage (``denoise``, ``unmix``) leaves in ``_stages/<stage>.json``: its tile
+    stores, model, channels, and the tiles' outcome; per-pixel convergence, for models that report
+    it, in ``stats`` (written at the top level of the JSON)."""
+
+    stage: str
+    path: str
+    source: str
+    model: str
+    weights_sha256: str | None
+    halo: int
+    channels: tuple[str, ...]
+    wall_s: float
+    n_tiles: int
+    n_ok: int
+    failed: tuple[str, ...]
+    not_converged: tuple[str, ...]
+    n_reused: int
+    stats: Mapping[str, Any] = field(default_factory=FrozenMap)
+
+    def __post_init__(self) -> None:
+        for k in ("channels", "failed", "not_converged", "stats"):
+            object.__setattr__(self, k, freeze(getattr(self, k)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **thaw(self.stats),
+            **{f.name: thaw(getattr(self, f.name)) for f in fields(self) if f.name != "stats"},
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ModelSummary:
+        return cls(**_split(cls, d))
+
+
+#: the stages whose summary is a :class:`ModelSummary`
+MODEL_STAGES = ("denoise", "unmix")
+
+
+def save_stage(
+    run_dir: Path, name: str, summary: StageSummary | ModelSummary
+) -> StageSummary | ModelSummary:
     p = _stage_path(run_dir, name)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
+    tmp.write_text(json.dumps(summary.to_json(), indent=1, sort_keys=True, default=str))
     os.replace(tmp, p)
     return summary
 
 
-def load_stage(run_dir: str | Path, name: str) -> dict[str, Any] | None:
-    """The summary a stage left in ``run_dir`` (None when it has not run)."""
+def load_stage(run_dir: str | Path, name: str) -> StageSummary | ModelSummary | None:
+    """The summary a stage left in ``run_dir`` (None when it has not run): a :class:`ModelSummary`
+    for the model stages, a :class:`StageSummary` for the others."""
     p = _stage_path(Path(run_dir), name)
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    d = json.loads(p.read_text())
+    return ModelSummary.from_json(d) if name in MODEL_STAGES else StageSummary.from_json(d)
+
+
+def load_model_stage(run_dir: str | Path, stage: str) -> ModelSummary | None:
+    """The summary model stage ``stage`` left in ``run_dir`` (None when it has not run)."""
+    s = load_stage(run_dir, stage) if stage in MODEL_STAGES else None
+    return s if isinstance(s, ModelSummary) else None
 
 
 @contextmanager
@@ -190,7 +279,7 @@ def stage_ingest(plan: RunPlan) -> Path:
     save_stage(
         run_dir,
         "ingest",
-        {"path": str(dest), "source": str(plan.scene), "wall_s": time.perf_counter() - t0},
+        StageSummary(time.perf_counter() - t0, path=str(dest), source=str(plan.scene)),
     )
     return dest
 
@@ -224,12 +313,11 @@ def stage_tile(plan: RunPlan, scene_zarr: Path, name: str = "input") -> Path:
     save_stage(
         run_dir,
         f"tile_{name}",
-        {
-            "path": str(dest),
-            "grid": grid.to_dict(),
-            "n_good_bands": len(good),
-            "wall_s": time.perf_counter() - t0,
-        },
+        StageSummary(
+            time.perf_counter() - t0,
+            path=str(dest),
+            stats={"grid": grid.to_dict(), "n_good_bands": len(good)},
+        ),
     )
     return dest
 
@@ -271,9 +359,9 @@ def _tile_model(plan: RunPlan, stage: str, env: StageEnv, fit_dir: Path | None) 
     return plan.job.options(stage).tile_model(plan.config.device, fit_dir)
 
 
-def _pixel_convergence(records: list[dict[str, Any]]) -> dict[str, Any]:
+def _pixel_convergence(records: tuple[TileRecord, ...]) -> dict[str, Any]:
     """Pixels whose own solve converged, summed over the tiles (models with per-pixel stopping)."""
-    stats = [r.get("stats") or {} for r in records if r.get("status") == "ok"]
+    stats = [r.stats for r in records if r.ok]
     if not any("converged_pixels" in st for st in stats):
         return {}
     conv = sum(int(st.get("converged_pixels", 0)) for st in stats)
@@ -287,7 +375,7 @@ def _pixel_convergence(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def stage_model(
     plan: RunPlan, stage: str, tile_store: Path, env: StageEnv, fit_dir: Path | None = None
-) -> dict[str, Any]:
+) -> ModelSummary:
     """Run a model stage (``denoise`` or ``unmix``) over every tile; returns the stage summary."""
     env = env.ready()
     model = _tile_model(plan, stage, env, fit_dir)
@@ -323,11 +411,11 @@ def stage_model(
         )
     # batches the cluster dropped (scheduler gone) are not tile failures: stop before anything blends them
     lost = [
-        r["key"]
+        r.key
         for r in res.records
-        if r.get("status") == "failed"
-        and str(r.get("error", "")).startswith("task failed:")
-        and any(n in str(r.get("error", "")) for n in LOST_NAMES)
+        if r.status == "failed"
+        and str(r.error or "").startswith("task failed:")
+        and any(n in str(r.error or "") for n in LOST_NAMES)
     ]
     if lost or client_lost(env.client):
         detail = (
@@ -336,24 +424,25 @@ def stage_model(
             else f"the client is {getattr(env.client, 'status', '?')!s}"
         )
         raise cluster_lost_error(stage, scheduler_address(env.client), detail)
-    summary = {
-        "stage": stage,
-        "path": str(dest),
-        "source": str(tile_store),
-        "model": model.name,
-        "weights_sha256": model.weights_sha256,
-        "halo": model.halo,
-        "channels": channels,
-        "wall_s": res.wall_s,
-        **prov.summarise_tiles(res.records),
-        "n_reused": sum(bool(r.get("reused")) for r in res.records),
-        **_pixel_convergence(res.records),
-    }
-    env.log(
-        f"{stage}: {summary['n_ok']}/{summary['n_tiles']} tiles ok, {len(summary['not_converged'])} not "
-        f"converged, {len(summary['failed'])} failed, {summary['n_reused']} reused, in {res.wall_s:.1f} s"
+    summary = ModelSummary(
+        stage=stage,
+        path=str(dest),
+        source=str(tile_store),
+        model=model.name,
+        weights_sha256=model.weights_sha256,
+        halo=model.halo,
+        channels=tuple(channels),
+        wall_s=res.wall_s,
+        **prov.summarise_tiles([r.to_json() for r in res.records]),
+        n_reused=sum(r.reused for r in res.records),
+        stats=_pixel_convergence(res.records),
     )
-    return save_stage(run_dir, stage, summary)
+    env.log(
+        f"{stage}: {summary.n_ok}/{summary.n_tiles} tiles ok, {len(summary.not_converged)} not "
+        f"converged, {len(summary.failed)} failed, {summary.n_reused} reused, in {res.wall_s:.1f} s"
+    )
+    save_stage(run_dir, stage, summary)
+    return summary
 
 
 def stage_fit_unmixer(plan: RunPlan, scene_zarr: Path, env: StageEnv) -> Path:
@@ -396,32 +485,34 @@ def stage_fit_unmixer(plan: RunPlan, scene_zarr: Path, env: StageEnv) -> Path:
     save_stage(
         run_dir,
         "fit_unmixer",
-        {
-            "path": str(dest),
-            "source": str(scene_zarr),
-            "n_endmembers": len(fit.names),
-            "names": [str(n) for n in fit.names],
-            "provenance": getattr(fit, "provenance", {}),
-            "wall_s": time.perf_counter() - t0,
-        },
+        StageSummary(
+            time.perf_counter() - t0,
+            path=str(dest),
+            source=str(scene_zarr),
+            stats={
+                "n_endmembers": len(fit.names),
+                "names": [str(n) for n in fit.names],
+                "provenance": getattr(fit, "provenance", {}),
+            },
+        ),
     )
     return dest
 
 
-def _tiles_digest(summary: dict[str, Any]) -> str:
+def _tiles_digest(summary: ModelSummary) -> str:
     import hashlib
 
-    recs = tstore.load_records(summary["path"])
-    blob = json.dumps(sorted((k, r.get("checksum"), r.get("status")) for k, r in recs.items()))
+    recs = tstore.load_records(summary.path)
+    blob = json.dumps(sorted((k, r.checksum, r.status) for k, r in recs.items()))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _blend_targets(
-    stage: str, dest: Path, like: Any, summary: dict[str, Any], chunk: int, attrs: dict[str, Any]
+    stage: str, dest: Path, like: Any, summary: ModelSummary, chunk: int, attrs: dict[str, Any]
 ) -> list[BlendTarget]:
-    channels = summary["channels"]
+    channels = summary.channels
     if stage == "denoise":
-        band_index = tstore.store_attrs(summary["source"])["band_index"]
+        band_index = tstore.store_attrs(summary.source)["band_index"]
         arrays = create_output_zarr(
             dest,
             "denoised",
@@ -462,7 +553,7 @@ def stage_blend(plan: RunPlan, stage: str, env: StageEnv) -> Path:
 
     cfg = plan.config
     run_dir = plan.run_dir
-    summary = load_stage(run_dir, stage)
+    summary = load_model_stage(run_dir, stage)
     if summary is None:
         raise ProvenanceError(
             f"stage {stage!r} has not run in {str(run_dir)!r}; run it before blending"
@@ -471,36 +562,36 @@ def stage_blend(plan: RunPlan, stage: str, env: StageEnv) -> Path:
     dest = staged(run_dir, BLENDED[stage])
     if dest.exists():
         a = dict(zarr.open_group(str(dest), mode="r").attrs)
-        if a.get("hyperdeq_complete") and a.get("tiles_digest") == digest and not summary["failed"]:
+        if a.get("hyperdeq_complete") and a.get("tiles_digest") == digest and not summary.failed:
             return dest
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     like = open_zarr_scene(run_dir / INGESTED)
-    grid = tstore.open_grid(summary["source"])
+    grid = tstore.open_grid(summary.source)
     attrs = {
-        "model": summary["model"],
-        "weights_sha256": summary["weights_sha256"],
+        "model": summary.model,
+        "weights_sha256": summary.weights_sha256,
         "blend": cfg.blend,
         "tile": cfg.tile,
         "halo": cfg.halo,
     }
     targets = _blend_targets(stage, dest, like, summary, cfg.chunk, attrs)
-    recs = tstore.load_records(summary["path"])
-    ok_keys = {k for k, r in recs.items() if r.get("status") == "ok"}
+    recs = tstore.load_records(summary.path)
+    ok_keys = {k for k, r in recs.items() if r.ok}
     # every tile is checked against the sha256 recorded when it was written, as it is read for blending
-    checksums = {k: recs[k].get("checksum") for k in ok_keys}
+    checksums = {k: recs[k].checksum for k in ok_keys}
     progress = env.progress
     cb = (lambda d, t: progress(f"blend_{stage}", d, t)) if progress else None
     mix, mix_rec = None, {}
     opts = plan.job.options(stage)
     if stage not in env.tile_models and hasattr(opts, "blend_mix"):
-        mix, mix_rec = opts.blend_mix(recs[k].get("stats") for k in sorted(ok_keys))
+        mix, mix_rec = opts.blend_mix(recs[k].stats for k in sorted(ok_keys))
     with _executor_for(env.executor, env.n_workers) as ex:
         blend_stage(
             ex,
-            summary["path"],
-            summary["source"],
+            summary.path,
+            summary.source,
             grid,
             targets,
             chunk=cfg.chunk,
@@ -510,11 +601,11 @@ def stage_blend(plan: RunPlan, stage: str, env: StageEnv) -> Path:
             checksums=checksums,
             mix=mix,
         )
-    mark_complete(dest, tiles_digest=digest, failed_tiles=summary["failed"])
+    mark_complete(dest, tiles_digest=digest, failed_tiles=list(summary.failed))
     save_stage(
         run_dir,
         f"blend_{stage}",
-        {"path": str(dest), "wall_s": time.perf_counter() - t0, **mix_rec},
+        StageSummary(time.perf_counter() - t0, path=str(dest), stats=mix_rec),
     )
     return dest
 
@@ -634,11 +725,15 @@ def stage_write(plan: RunPlan) -> dict[str, str]:
         _write_denoised(run_dir, like, tags, outputs)
     if plan.job.unmix is not None:
         _write_abundances(run_dir, like, tags, outputs, rgb=plan.job.denoise is None)
-    save_stage(run_dir, "write", {"outputs": outputs, "wall_s": time.perf_counter() - t0})
+    save_stage(run_dir, "write", StageSummary(time.perf_counter() - t0, stats={"outputs": outputs}))
     return outputs
 
 
-def _tile_rows(recs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def _tile_row(rec: TileRecord) -> dict[str, Any]:
+    """A tile's line in ``run.json``: its record's fields (None when absent) and its report's
+    figures: DECSC's band guard (this tile's own weights: mean, max, bands with w > 0.5), its
+    spectral-subspace pass (k, pixels kept outside, impulse pixels and lines cleaned), the unmixer's
+    converged pixels."""
     keys = (
         "key",
         "index",
@@ -652,48 +747,50 @@ def _tile_rows(recs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         "checksum",
         "error",
     )
-    # DECSC's band guard: this tile's own weights (mean, max, bands with w > 0.5); its spectral-subspace
-    # pass: k, pixels kept outside, impulse pixels and lines cleaned; the unmixer's converged pixels
-    return [
-        {
-            **{k: r.get(k) for k in keys},
-            **{
-                k: v
-                for k, v in (r.get("stats") or {}).items()
-                if (k.startswith("guard") and k != "guard_w")
-                or k.startswith(("subspace", "precision"))
-                or k in ("converged_pixels", "valid_pixels")
-            },
-        }
-        for _, r in sorted(recs.items())
-    ]
+    r = rec.to_json()
+    return {
+        **{k: r.get(k) for k in keys},
+        **{
+            k: v
+            for k, v in (r.get("stats") or {}).items()
+            if (k.startswith("guard") and k != "guard_w")
+            or k.startswith(("subspace", "precision"))
+            or k in ("converged_pixels", "valid_pixels")
+        },
+    }
 
 
 def _models_and_tiles(
     plan: RunPlan,
-) -> tuple[list[dict[str, Any]], dict[str, Any], list[str], list[str], dict[str, Any]]:
+) -> tuple[
+    list[dict[str, Any]],
+    dict[str, Any],
+    list[str],
+    list[str],
+    dict[str, StageSummary | ModelSummary],
+]:
     run_dir = plan.run_dir
-    stages: dict[str, Any] = {}
+    stages: dict[str, StageSummary | ModelSummary] = {}
     tiles: dict[str, list[dict[str, Any]]] = {}
     failed: list[str] = []
     not_conv: list[str] = []
     models = []
-    for stage in ("denoise", "unmix"):
-        s = load_stage(run_dir, stage)
+    for stage in MODEL_STAGES:
+        s = load_model_stage(run_dir, stage)
         if s is None:
             continue
         stages[stage] = s
-        tiles[stage] = _tile_rows(tstore.load_records(s["path"]))
-        failed += [f"{stage}:{k}" for k in s["failed"]]
-        not_conv += [f"{stage}:{k}" for k in s["not_converged"]]
-        m = {
-            "name": s["model"],
+        tiles[stage] = [_tile_row(r) for _, r in sorted(tstore.load_records(s.path).items())]
+        failed += [f"{stage}:{k}" for k in s.failed]
+        not_conv += [f"{stage}:{k}" for k in s.not_converged]
+        m: dict[str, Any] = {
+            "name": s.model,
             "stage": stage,
-            "halo": s["halo"],
-            "weights_sha256": s["weights_sha256"],
+            "halo": s.halo,
+            "weights_sha256": s.weights_sha256,
         }
         if stage == "unmix":
-            m = {**m, "weights_sha256": None, "fit_sha256": s["weights_sha256"]}
+            m = {**m, "weights_sha256": None, "fit_sha256": s.weights_sha256}
         models.append(m)
     for extra in (
         "ingest",
@@ -704,12 +801,13 @@ def _models_and_tiles(
         "blend_unmix",
         "write",
     ):
-        s = load_stage(run_dir, extra)
-        if s is not None:
-            stages[extra] = s
+        summary = load_stage(run_dir, extra)
+        if summary is not None:
+            stages[extra] = summary
     for m in models:  # e.g. the band guard's weights applied when the denoised tiles were blended
-        blend = stages.get(f"blend_{m['stage']}") or {}
-        m.update({k: v for k, v in blend.items() if k not in ("path", "wall_s")})
+        blend = stages.get(f"blend_{m['stage']}")
+        if blend is not None:
+            m.update({k: v for k, v in blend.to_json().items() if k not in ("path", "wall_s")})
     return models, tiles, failed, not_conv, stages
 
 
@@ -788,7 +886,7 @@ def stage_record(plan: RunPlan, outputs: dict[str, str], env: StageEnv, start: s
         "not_converged_tiles": not_conv,
         "tiles": tiles,
         "stages": {
-            k: {kk: vv for kk, vv in v.items() if kk not in ("failed", "not_converged")}
+            k: {kk: vv for kk, vv in v.to_json().items() if kk not in ("failed", "not_converged")}
             for k, v in stages.items()
         },
     }

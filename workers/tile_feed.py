@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.records import TileRecord
+
 
 def topic_for(dest: Any) -> str:
     """The event topic of a stage writing into tile store ``dest``."""
@@ -23,14 +25,14 @@ class PublishTile:
 
     topic: str
 
-    def __call__(self, rec: dict[str, Any]) -> None:
+    def __call__(self, rec: TileRecord) -> None:
         from distributed import get_worker
 
         try:
             worker = get_worker()
         except ValueError:  # not on a Dask worker (the same job run in-process): nothing to publish
             return
-        worker.log_event(self.topic, {"key": str(rec.get("key")), "status": str(rec.get("status"))})
+        worker.log_event(self.topic, {"key": str(rec.key), "status": str(rec.status)})
 
 
 class DaskTileFeed:
@@ -40,11 +42,11 @@ class DaskTileFeed:
         self.client, self.topic = client, topic_for(dest)
         self._open = False
 
-    def open(
-        self, put: Callable[[dict[str, Any]], None]
-    ) -> Callable[[dict[str, Any]], None] | None:
+    def open(self, put: Callable[[TileRecord], None]) -> Callable[[TileRecord], None] | None:
         try:  # the handler runs on the client's event loop: it only enqueues
-            self.client.subscribe_topic(self.topic, lambda event: put(dict(event[1])))
+            self.client.subscribe_topic(
+                self.topic, lambda event: put(TileRecord.from_json(dict(event[1])))
+            )
         except Exception:  # no per-tile progress then; batches still report
             return None
         self._open = True

@@ -7,7 +7,7 @@ blending mix (the band guard's per-band weights).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -115,7 +115,7 @@ class DenoiseOptions:
         return DenoiseTileModel.from_registry(device, self.arch, self.guard, self.subspace)
 
     def blend_mix(
-        self, tile_stats: Iterable[dict[str, Any] | None]
+        self, tile_stats: Iterable[Mapping[str, Any] | None]
     ) -> tuple[list[float] | None, dict[str, Any]]:
         """The band guard's scene-wide per-band weights (the tiles' own averaged by valid pixels),
         applied as the tiles are blended (``out + w (input - out)``), and their provenance record."""
