@@ -15,8 +15,12 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import WeightsError
+from workers.denoise.options import DenoiseOptions
 
 UNTRAINED = "untrained (seed-0 init; shipped weights absent)"
+
+#: the CLI's spectral-subspace pass dimension: what a user runs
+DEFAULT_SUBSPACE = DenoiseOptions().subspace
 
 
 def denoiser(device: str = "cpu") -> tuple[Any, str]:
@@ -50,7 +54,8 @@ def weights_sha() -> str | None:
 class BenchDenoiser:
     """DECSC as a pipeline tile model with an optional solver cap and a fixed torch thread count.
 
-    The same call as :class:`workers.infer.DenoiseTileModel` (``denoise_cube`` on the tile), plus
+    The same call as :class:`workers.infer.DenoiseTileModel` with the CLI's defaults
+    (``denoise_cube`` on the tile, band guard, spectral-subspace pass of :data:`DEFAULT_SUBSPACE`), plus
     ``max_iter`` (smoke runs cap the solver) and ``threads`` (torch threads in the worker: 1 for
     the scaling measurement). Small and picklable; the module is cached once per process.
     """
@@ -84,6 +89,7 @@ class BenchDenoiser:
             device=self.device,
             max_iter=self.max_iter,
             guard="weights",
+            subspace=DEFAULT_SUBSPACE,
         )
         return np.asarray(out, np.float32), {
             **stats,

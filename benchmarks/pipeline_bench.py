@@ -21,7 +21,7 @@ from typing import Any
 
 from benchmarks.data import Crop, read_cube, write_crop
 from benchmarks.harness import Section, Target, mvox_per_s
-from benchmarks.models import bench_denoiser, denoiser, warm_worker
+from benchmarks.models import DEFAULT_SUBSPACE, bench_denoiser, denoiser, warm_worker
 from benchmarks.plan import SizePlan
 
 
@@ -108,7 +108,9 @@ def overhead(sec: Section, plan: SizePlan, device: str) -> None:
         cube, _ = read_cube(crop)
         read_s = time.perf_counter() - t2
         t3 = time.perf_counter()
-        _out, st = denoise_cube(module, cube, device=device, max_iter=plan.decsc_max_iter)
+        _out, st = denoise_cube(
+            module, cube, device=device, max_iter=plan.decsc_max_iter, subspace=DEFAULT_SUBSPACE
+        )
         whole_s = time.perf_counter() - t3
 
     b, h, w = cube.shape

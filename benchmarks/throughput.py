@@ -17,7 +17,7 @@ import numpy as np
 
 from benchmarks.data import read_cube
 from benchmarks.harness import Section, Target, best_of, mvox_per_s
-from benchmarks.models import denoiser
+from benchmarks.models import DEFAULT_SUBSPACE, denoiser
 from benchmarks.plan import SizePlan
 
 
@@ -119,7 +119,10 @@ def run(sec: Section, plan: SizePlan, device: str) -> None:
     model, wlabel = denoiser(device)
     load_s = time.perf_counter() - t0
     s, (out, st) = best_of(
-        lambda: denoise_cube(model, cube, device=device, max_iter=plan.decsc_max_iter), plan.repeats
+        lambda: denoise_cube(
+            model, cube, device=device, max_iter=plan.decsc_max_iter, subspace=DEFAULT_SUBSPACE
+        ),
+        plan.repeats,
     )
     rows.append(
         {
