@@ -326,6 +326,11 @@ def render_report(payloads: list[dict[str, Any]]) -> str:
             "largest tile, 1000×1000×224 estimate, bf16) and skips cleanly without CUDA.",
             "",
         ]
+    lines += [
+        "DECSC's speed with the default settings, the whole CLI run against FastHyDe, what changed "
+        "and where the remaining time goes: [benchmarks/decsc_speed.md](benchmarks/decsc_speed.md).",
+        "",
+    ]
     lines += ["## Targets at a glance", "", _targets_table(payloads)]
     lines += (
         ["## Reading the numbers", ""] + [f"- {b}" for pl in payloads for b in findings(pl)] + [""]
@@ -341,6 +346,7 @@ def render_report(payloads: list[dict[str, Any]]) -> str:
             f"- load average (1/5/15 min) at start {env.get('load_average_at_start')}, at end "
             f"{env.get('load_average_at_end')} (other jobs were sharing the machine when these differ from ~0)",
             "- versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()),
+            *[f"- **note:** {n}" for n in pl.get("notes", [])],
             "",
         ]
         for s in pl["sections"].values():
