@@ -199,7 +199,7 @@ def findings(pl: dict[str, Any]) -> list[str]:
     """Plain-language bullets derived from one run's measured values (nothing hand-entered)."""
     from benchmarks.pipeline_bench import halo_table
 
-    tag = f"[{pl['size']}/{pl['device']}]"
+    tag = f"[{pl['size']}/{pl['device']}" + (f", {pl['caveat']}]" if pl.get("caveat") else "]")
     s = {k: v for k, v in pl["sections"].items() if v.get("status") == "ok"}
     out: list[str] = []
     missing = [k for k in SECTION_KEYS if k not in pl["sections"]]
