@@ -16,7 +16,9 @@ DEFAULT_EPOCHS = 60
 def eval_unmixer(
     data: Path = typer.Option(_ROOT.parent / "shared" / "data", help="shared real-data folder"),
     scenes: str = typer.Option(
-        "samson,jasper,synthetic", help="comma list: samson, jasper, synthetic"
+        "samson,jasper,synthetic,synthetic_var",
+        help="comma list: samson, jasper, synthetic (i.i.d. Dirichlet mixtures), synthetic_var "
+        "(smooth maps, illumination, endmember variability)",
     ),
     out: Path = typer.Option(
         _ROOT / "docs" / "benchmarks" / "unmix_eval.md", help="markdown report"
@@ -36,7 +38,8 @@ def eval_unmixer(
     threads: int = typer.Option(2, help="torch threads"),
 ) -> None:
     """DEQ-Unmix vs FCLS with the DEQ's endmembers (ablation), VCA+FCLS and N-FINDR+FCLS on Samson
-    (tuning), Jasper Ridge (reported) and USGS synthetics (tuning)."""
+    (tuning), Jasper Ridge (reported) and USGS synthetics with and without spectral variability
+    (tuning)."""
     import warnings
 
     import torch

@@ -182,3 +182,27 @@ def test_fit_records_endmember_count_evidence_and_per_endmember_residuals(case):
     per = fit.provenance["solver_check"]["residual_by_dominant_endmember"]
     assert set(per) == {f"em{i + 1}" for i in range(fit.n_endmembers)}
     assert sum(v["pixels"] for v in per.values()) == fit.provenance["solver_check"]["pixels"]
+
+
+def test_variability_scenes_have_smooth_maps_illumination_and_endmember_variability(test_data):
+    """The realistic synthetic tuning scenes (issue 25): abundances on the simplex and spatially
+    smooth with near-pure regions; the pixels do not lie in the span of the reference endmembers
+    (illumination and per-pixel endmember variability), unlike an exact linear mixture."""
+    from workers.unmix.evaluate import variability_mixture
+
+    E = np.load(test_data / "unmix" / "unmix_crops.npz")["usgs_spectra"][:, [0, 2, 4]]
+    E = E.astype(np.float64)
+    Y, A = variability_mixture(E, np.random.default_rng(0), 48, snr_db=80.0)
+    assert Y.shape == (E.shape[0], 48 * 48) and A.shape == (3, 48 * 48)
+    assert np.all(A >= 0) and np.allclose(A.sum(axis=0), 1.0)
+    maps = A.reshape(3, 48, 48)
+    for m in maps:  # neighbouring pixels mix alike
+        assert np.corrcoef(m[:, :-1].ravel(), m[:, 1:].ravel())[0, 1] > 0.8
+    assert 0.1 < float(np.mean(A.max(axis=0) > 0.9)) < 0.9
+    # at 80 dB the noise is negligible: what the span of E cannot explain is the variability
+    coef, *_ = np.linalg.lstsq(E, Y, rcond=None)
+    rel = np.linalg.norm(Y - E @ coef) / np.linalg.norm(Y)
+    assert rel > 5e-3, rel
+    exact = E @ A
+    coef, *_ = np.linalg.lstsq(E, exact, rcond=None)
+    assert np.linalg.norm(exact - E @ coef) / np.linalg.norm(exact) < 1e-8
