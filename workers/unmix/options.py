@@ -42,9 +42,20 @@ class UnmixOptions:
 
     def algorithm(self) -> dict[str, Any]:
         from workers.registry import get_spec
-        from workers.unmix.fit import DEFAULTS
+        from workers.unmix.fit import DEFAULTS, LMM_TOLERANCE, PURE_TOLERANCE
 
-        return {"solver": get_spec(self.model).solver, "fit": DEFAULTS, **asdict(self)}
+        # the endmember start's gates decide the fit, so they are part of the run id
+        start = {
+            "lmm_tolerance": LMM_TOLERANCE,
+            "pure_tolerance": PURE_TOLERANCE,
+            "noise_floor": "regression, dof-corrected",
+        }
+        return {
+            "solver": get_spec(self.model).solver,
+            "fit": DEFAULTS,
+            "start": start,
+            **asdict(self),
+        }
 
     def memory_parts(self, rows: int, cols: int, n_bands: int, device: str) -> dict[str, int]:
         return {}  # the per-pixel solve is within the io part
