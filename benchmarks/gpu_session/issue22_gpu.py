@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.data import VALID_WINDOWS, demo_path
+from benchmarks.harness import fmt
 
 ROOT = Path(__file__).resolve().parents[2]
 GOAL_MVOX = 50.0
@@ -334,16 +335,6 @@ def time_cli(scene: Path, device: str, work: Path, out: Path, timeout_s: float) 
 
 
 # ---------------------------------------------------------------------------- report
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, bool):
-        return "yes" if v else "NO"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-    return str(v)
-
-
 def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     """The three goals of issue 22's GPU part, each measured (None where not measured) and met or not."""
     m, c = res.get("model") or {}, res.get("cli") or {}
@@ -405,21 +396,21 @@ def _detail_lines(res: dict[str, Any]) -> list[str]:
         lines += [
             f"- model alone: {m['tiles_timed']}/{m['tiles_total']} tiles of {m['tile']} px + halo "
             f"{m['halo']} ({m['good_bands']} good bands of {m['scene_shape'][0]}; reads "
-            f"{m['read_over_core']:.2f}x the core pixels), {_fmt(m['seconds'])} s timed after a "
-            f"{_fmt(m['warmup_tile_s'])} s warm-up tile (weights load {_fmt(m['load_s'])} s); "
-            f"{_fmt(m['mvox_s_good_bands'])} MVox/s counting good bands only; whole scene at this "
-            f"rate {_fmt(m['scene_s_at_rate'])} s; options {m['options']}; tile precision "
+            f"{m['read_over_core']:.2f}x the core pixels), {fmt(m['seconds'])} s timed after a "
+            f"{fmt(m['warmup_tile_s'])} s warm-up tile (weights load {fmt(m['load_s'])} s); "
+            f"{fmt(m['mvox_s_good_bands'])} MVox/s counting good bands only; whole scene at this "
+            f"rate {fmt(m['scene_s_at_rate'])} s; options {m['options']}; tile precision "
             f"{m['precision']}; busy samples {m['busy_samples']}",
         ]
     if c:
         lines += [
             f"- CLI: `{c['command']}` exit {c['returncode']}{' (timed out)' if c['timed_out'] else ''},"
-            f" wall {_fmt(c['wall_s'])} s, status {c.get('status')}, stages (s) "
+            f" wall {fmt(c['wall_s'])} s, status {c.get('status')}, stages (s) "
             f"{ {k: round(v, 2) for k, v in (c.get('stages_s') or {}).items() if v is not None} }",
             f"- CLI tiles: {c.get('denoise_tiles')} denoise tiles, precision {c.get('tile_precision')}, "
-            f"device {c.get('tile_device')}, tile wall sum {_fmt(c.get('tile_wall_s_sum'))} s; "
-            f"GPU busy whole run {_fmt(c.get('busy_fraction_whole_run'))}, over the GPU-active span "
-            f"{_fmt(c.get('busy_fraction_gpu_active_span'))} ({c.get('busy_method')})",
+            f"device {c.get('tile_device')}, tile wall sum {fmt(c.get('tile_wall_s_sum'))} s; "
+            f"GPU busy whole run {fmt(c.get('busy_fraction_whole_run'))}, over the GPU-active span "
+            f"{fmt(c.get('busy_fraction_gpu_active_span'))} ({c.get('busy_method')})",
         ]
         lines += [f"  - log: {ln}" for ln in c.get("log_tail") or []]
     return lines
@@ -432,7 +423,7 @@ def write_report(res: dict[str, Any], out: Path) -> None:
         f"# Issue 22, GPU: DECSC default settings on a {res['size']} x {res['size']} x 224 scene",
         "",
         f"device **{res['device_name']}** ({res['device']}) · torch {res['torch']} · commit "
-        f"{res['commit']} · {res['started']} · {_fmt(res.get('elapsed_s'))} s of a "
+        f"{res['commit']} · {res['started']} · {fmt(res.get('elapsed_s'))} s of a "
         f"{res['time_limit_s']:g} s limit",
         "",
         "| target | measured | goal | met |",
@@ -440,7 +431,7 @@ def write_report(res: dict[str, Any], out: Path) -> None:
     ]
     for t in res["targets"]:
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else "MISSED")
-        lines.append(f"| {t['target']} | {_fmt(t['measured'])} | {t['goal']} | {met} |")
+        lines.append(f"| {t['target']} | {fmt(t['measured'])} | {t['goal']} | {met} |")
     lines += ["", *_detail_lines(res), ""]
     (out / "issue22_gpu.md").write_text("\n".join(lines))
 
