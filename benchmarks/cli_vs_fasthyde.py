@@ -31,6 +31,14 @@ def _cpu(who: int) -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _shown(p: Path) -> str:
+    """``p`` relative to the repository when it lies inside it (results name no machine's paths)."""
+    try:
+        return str(Path(p).resolve().relative_to(ROOT))
+    except ValueError:
+        return Path(p).name
+
+
 def time_cli_run(scene: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Wall and CPU seconds of ``hyperdeq run SCENE --no-unmix`` in a fresh process (a new output folder)."""
     exe = Path(sys.executable).with_name("hyperdeq")
@@ -44,7 +52,7 @@ def time_cli_run(scene: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
         rec = json.loads(next(Path(tmp).glob("*/*/run.json")).read_text())
     stages = rec.get("stages", {})
     return {
-        "command": " ".join(["hyperdeq", *cmd[1:]]),
+        "command": " ".join(["hyperdeq", "run", _shown(scene), *cmd[3:]]),
         "wall_s": wall,
         "cpu_s": cpu,
         "denoise_stage_s": stages.get("denoise", {}).get("wall_s"),
