@@ -336,10 +336,8 @@ def _collect(
             tick(fut)
             continue
         unreported.discard(index_of[id(batch)])
-        try:  # a custom ``submit`` may hand back the records' JSON form
-            recs = [
-                r if isinstance(r, TileRecord) else TileRecord.from_json(r) for r in fut.result()
-            ]
+        try:
+            recs = list(fut.result())
         except Exception as exc:  # the task itself died (worker lost, unpicklable model, ...)
             recs = _failed_records(batch, stage, f"{type(exc).__name__}: {exc}")
             for r in recs:

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.errors import ConfigError
 from pipeline.grid import plan_grid
+from pipeline.records import TileRecord
 from pipeline.runner import TileJob, _work, plan_batches, run_tiles
 
 
@@ -77,7 +78,7 @@ def test_run_tiles_submits_one_batch_per_worker_for_a_small_scene(tmp_path) -> N
     def submit(fn: Any, job: TileJob) -> Future:
         submitted.append(len(job.tiles))
         fut: Future = Future()
-        fut.set_result([{"key": t.key, "index": list(t.index), "status": "ok"} for t in job.tiles])
+        fut.set_result([TileRecord(key=t.key, index=t.index, status="ok") for t in job.tiles])
         return fut
 
     with ThreadPoolExecutor(2) as ex:
