@@ -101,7 +101,7 @@ def unmix(
     np.save(out / "abundances.npy", A)
     np.save(out / "rmse.npy", rmse)
     (out / "stats.json").write_text(json.dumps(stats))
-    typer.echo(f"P = {fit.n_endmembers}; solver {stats}; wrote {out}")
+    typer.echo(f"P = {fit.n_endmembers}; mixing {fit.mixing}; solver {stats}; wrote {out}")
 
 
 def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:

@@ -477,8 +477,8 @@ def stage_fit_unmixer(plan: RunPlan, scene_zarr: Path, env: StageEnv) -> Path:
 
     fit = fit_scene(scene, opts.endmembers, seed=plan.config.seed, progress=_log_epoch, **kw)
     say(
-        f"fit unmixer: {len(fit.names)} endmembers ({', '.join(map(str, fit.names))}) "
-        f"in {time.perf_counter() - t0:.0f} s"
+        f"fit unmixer: {len(fit.names)} endmembers ({', '.join(map(str, fit.names))}), "
+        f"mixing model {fit.mixing}, in {time.perf_counter() - t0:.0f} s"
     )
     fit.save(dest)
     marker.write_text(digest + "\n")  # the fit is valid for this version of its input only

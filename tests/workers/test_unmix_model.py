@@ -365,8 +365,10 @@ def pavia(test_data):
 
 @pytest.fixture(scope="module")
 def pavia_fit(pavia):
-    """The default blind fit of the Pavia crop (P from HySime, 60 epochs, early stopping)."""
-    return fit_scene(pavia, None, seed=0)
+    """The blind fit of the Pavia crop (P from HySime, 60 epochs, early stopping) with the linear
+    mixing model: the training loop's tests (the default ``auto`` picks the scaled model here,
+    whose fit keeps its start and says why: ``pavia_start_fit``)."""
+    return fit_scene(pavia, None, seed=0, options={"mixing": "linear"})
 
 
 def test_scene_smaller_than_the_fit_tile_is_fitted_once_whole(pavia_fit):
@@ -427,7 +429,8 @@ def test_early_stopping_does_not_end_at_the_start_while_the_training_loss_falls(
 
 @pytest.fixture(scope="module")
 def pavia_start_fit(pavia):
-    """Five epochs on the Pavia crop (P = 8): the one validated state is worse than the start."""
+    """Five epochs on the Pavia crop (P = 8), default options (``mixing`` auto chooses the scaled
+    model here): the one validated state is worse than the start."""
     return fit_scene(pavia, 8, seed=0, max_epochs=5)
 
 
@@ -435,6 +438,7 @@ def test_fit_that_keeps_its_start_says_why(pavia_start_fit):
     """The start is kept when no validated state beats it, and the record says why."""
     f = pavia_start_fit
     pv = f.provenance
+    assert pv["mixing"]["model"] == "scaled" and f.model().scaled
     assert pv["best_epoch"] == 0 and pv["val_curve"][1][1] > pv["val_curve"][0][1]
     assert "lower held-out-band validation loss than the start" in pv["kept_start"]
     assert "max_epochs 5" in pv["kept_start"]

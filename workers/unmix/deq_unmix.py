@@ -1,12 +1,16 @@
 """DEQ-Unmix: a deep-equilibrium unmixer (after "A Deep Equilibrium Network for Hyperspectral
 Unmixing", arXiv 2604.11279), pure torch.
 
-Linear mixing ``Y = E·A + N`` with ``A >= 0`` and columns summing to one. The abundances are the
-fixed point of a learned projected-gradient map
+Linear mixing ``Y = E·A + N`` with ``A >= 0`` and columns summing to one, or (``scaled=True``) the
+scaled linear model ``Y = s·E·A + N`` with a per-pixel brightness ``s > 0`` (illumination,
+topography, shadow: the abundances stay on the simplex, ``s`` absorbs the pixel's brightness).
+The abundances are the fixed point of a learned projected-gradient map
 
     A ← Π_Δ(A − G_θ(A, Y, E)),   G_θ = η·Eᵀ(EA − Y) + c_θ([A, η·Eᵀ(EA − Y), η·EᵀY])
 
-where ``η = 1/λ_max(EᵀE)`` (the step of classical projected gradient for this problem), ``c_θ``
+(scaled: ``Eᵀ(EA − Y/s)``, ``s = ⟨EA, Y⟩/‖EA‖²`` the least-squares brightness of the current
+mixture, recomputed in every application of the map and clamped to ``[1/SCALE_LIMIT,
+SCALE_LIMIT]``), where ``η = 1/λ_max(EᵀE)`` (the step of classical projected gradient for this problem), ``c_θ``
 is a small spectral-spatial conv net over the abundance maps (3×3 spatial context) whose output
 layer starts at zero, so that the untrained map is exactly projected gradient (whose fixed point
 is the FCLS solution), and ``Π_Δ`` is the sorting-based Euclidean projection onto the simplex.
@@ -68,6 +72,11 @@ class CorrectionNet(nn.Module):
         return self.out(h)
 
 
+#: the per-pixel brightness of the scaled mixing model is clamped to [1/SCALE_LIMIT, SCALE_LIMIT]
+#: (a factor 20 either way covers deep shadow and bright slopes; beyond it the pixel is not a
+#: mixture of these endmembers)
+SCALE_LIMIT = 20.0
+
 #: receptive field of one application of the map, pixels each side
 STEP_RADIUS = 1
 
@@ -82,7 +91,8 @@ class DEQUnmix(nn.Module):
     ``forward(Y, band_mask=None)`` takes ``Y`` of shape ``(N, L, H, W)`` and returns the
     abundances ``(N, P, H, W)`` (each pixel on the simplex) and the solver statistics.
     ``band_mask`` (bool, length L) restricts the data term to a subset of bands: used in training
-    for band-split self-supervision (fit on some bands, score the others).
+    for band-split self-supervision (fit on some bands, score the others). ``scaled`` selects the
+    mixing model: ``Y = E·A`` (False) or ``Y = s·E·A`` with a per-pixel brightness ``s`` (True).
     """
 
     def __init__(
@@ -97,8 +107,10 @@ class DEQUnmix(nn.Module):
         backward: str = "implicit",
         backward_max_iter: int | None = 40,
         m: int = 3,
+        scaled: bool = False,
     ) -> None:
         super().__init__()
+        self.scaled = bool(scaled)
         if endmembers.ndim != 2 or endmembers.shape[1] < 2:
             raise ConfigError(
                 f"endmembers must be L×P with P >= 2, got shape {tuple(endmembers.shape)!r}"
@@ -138,9 +150,21 @@ class DEQUnmix(nn.Module):
     def _map_maps(self, A: Tensor, x: Tensor) -> Tensor:
         """One application of the fixed-point map on maps; ``x`` = ``η·EᵀY`` (N, P, H, W)."""
         assert self._G is not None and self._eta is not None
-        R = torch.einsum("pq,nqhw->nphw", self._eta * self._G, A) - x  # η·Eᵀ(EA − Y)
+        GA = torch.einsum("pq,nqhw->nphw", self._eta * self._G, A)  # η·EᵀEA
+        if self.scaled:  # η·Eᵀ(EA − Y/s), s the least-squares brightness of the mixture EA
+            R = GA - x / self._brightness(A, x, GA)
+        else:
+            R = GA - x  # η·Eᵀ(EA − Y)
         step = R + self.net(torch.cat([A, R, x], dim=1))
         return simplex_project(A - step, dim=1)
+
+    @staticmethod
+    def _brightness(A: Tensor, x: Tensor, GA: Tensor) -> Tensor:
+        """``s = ⟨EA, Y⟩/‖EA‖²`` per pixel ``(N, 1, H, W)`` from ``x = η·EᵀY`` and ``GA = η·EᵀEA``
+        (η cancels), clamped to ``[1/SCALE_LIMIT, SCALE_LIMIT]``."""
+        num = (A * x).sum(dim=1, keepdim=True)
+        den = (A * GA).sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return (num / den).clamp(1.0 / SCALE_LIMIT, SCALE_LIMIT)
 
     def _map(self, z: Tensor, x: Tensor) -> Tensor:
         return self._to_pixels(self._map_maps(self._to_maps(z), x))
@@ -160,8 +184,10 @@ class DEQUnmix(nn.Module):
         x = eta * torch.einsum("lp,nlhw->nphw", E, Yb)
         ridge = 1e-6 * torch.trace(G) / self.p
         Ginv = torch.linalg.inv(G + ridge * torch.eye(self.p, dtype=G.dtype, device=G.device))
-        A0 = simplex_project(torch.einsum("pq,nqhw->nphw", Ginv / eta, x).detach(), dim=1)
-        return x, A0
+        a = torch.einsum("pq,nqhw->nphw", Ginv / eta, x).detach()  # unconstrained least squares
+        if self.scaled:  # the brightness is free: start from the least-squares mixture's shares
+            a = a / a.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return x, simplex_project(a, dim=1)
 
     def forward(
         self, Y: Tensor, band_mask: Tensor | None = None, max_iter: int | None = None
@@ -174,9 +200,29 @@ class DEQUnmix(nn.Module):
             z, stats = self.deq(x, self._to_pixels(A0), max_iter=max_iter)
             return self._to_maps(z), stats
 
-    def reconstruct(self, A: Tensor) -> Tensor:
-        """``E·A`` as a cube ``(N, L, H, W)``."""
-        return torch.einsum("lp,nphw->nlhw", self.E, A)
+    def scale(self, A: Tensor, Y: Tensor, band_mask: Tensor | None = None) -> Tensor:
+        """The per-pixel brightness ``s`` of abundances ``A`` for the cube ``Y`` on the
+        ``band_mask`` bands, ``(N, 1, H, W)``: ``⟨EA, Y⟩/‖EA‖²`` clamped (scaled model), ones
+        (linear model)."""
+        if not self.scaled:
+            return torch.ones_like(A[:, :1])
+        E = self.E if band_mask is None else self.E[band_mask]
+        Yb = Y if band_mask is None else Y[:, band_mask]
+        x = torch.einsum("lp,nlhw->nphw", E, Yb)
+        GA = torch.einsum("pq,nqhw->nphw", E.T @ E, A)
+        return self._brightness(A, x, GA)
+
+    def reconstruct(self, A: Tensor, Y: Tensor | None = None) -> Tensor:
+        """The modelled cube ``(N, L, H, W)``: ``E·A``, or ``s·E·A`` with the brightness ``s`` of
+        ``Y`` (scaled model, which needs ``Y``)."""
+        EA = torch.einsum("lp,nphw->nlhw", self.E, A)
+        if not self.scaled:
+            return EA
+        if Y is None:
+            raise ConfigError(
+                "the scaled mixing model reconstructs s·E·A: pass the observed cube Y for s"
+            )
+        return self.scale(A, Y) * EA
 
     @torch.no_grad()
     def project_(self) -> None:
@@ -194,6 +240,7 @@ class DEQUnmix(nn.Module):
             "m": c.m,
             "backward": self.deq.backward_mode,
             "backward_max_iter": self.deq.backward_max_iter,
+            "scaled": self.scaled,
         }
 
 
