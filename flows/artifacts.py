@@ -184,7 +184,8 @@ class SceneSummary:
 
 
 def solver_summary(stats: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Aggregate per-tile solver stats (``iterations``, ``residual``, ``converged``)."""
+    """Aggregate per-tile solver stats (``iterations``, ``residual``, ``converged``; with per-pixel
+    stopping also ``converged_pixels`` of ``valid_pixels``, summed)."""
     its = [float(s["iterations"]) for s in stats if s.get("iterations") is not None]
     res = [float(s["residual"]) for s in stats if s.get("residual") is not None]
     conv = [bool(s["converged"]) for s in stats if s.get("converged") is not None]
@@ -196,6 +197,10 @@ def solver_summary(stats: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     if conv:
         out["convergence_rate"] = float(np.mean(conv))
         out["not_converged"] = int(len(conv) - sum(conv))
+    px = [s for s in stats if s.get("valid_pixels") is not None]
+    if px:
+        out["converged_pixels"] = sum(int(s.get("converged_pixels", 0)) for s in px)
+        out["valid_pixels"] = sum(int(s["valid_pixels"]) for s in px)
     return out
 
 
@@ -223,7 +228,8 @@ SOLVER_NOTE = (
     "‖f(z) − z‖ / ‖f(z)‖ under the model's tolerance within its iteration cap. A tile that did "
     "not converge is still blended (its last iterate) and listed in the run record's "
     "`not_converged_tiles`; 0 of N converged means every tile stopped at the cap, not that the "
-    "run failed."
+    "run failed. With per-pixel stopping (the unmixer) every pixel is solved on its own and a "
+    "tile converges only when all its pixels do: the percentage is the pixels that converged."
 )
 
 
@@ -231,7 +237,10 @@ def _converged_text(v: Mapping[str, Any]) -> str:
     if "convergence_rate" not in v:
         return "n/a (no solver statistics)"
     n = int(v.get("tiles", 0))
-    return f"{n - int(v.get('not_converged', 0))}/{n}"
+    text = f"{n - int(v.get('not_converged', 0))}/{n}"
+    if v.get("valid_pixels"):  # per-pixel stopping: a tile converges only when all its pixels do
+        text += f" ({100.0 * v['converged_pixels'] / v['valid_pixels']:.1f} % of pixels)"
+    return text
 
 
 def report_markdown(s: SceneSummary) -> str:
@@ -323,7 +332,7 @@ QUALITY_COLUMNS = (
     "reused",
     "reconstruction RMSE (reflectance)",
     "denoise residual RMS (reflectance)",
-    "converged tiles (per stage)",
+    "converged tiles (per stage; % of pixels with per-pixel stopping)",
     "nodata (%)",
     "failed tiles",
     "wall time (s)",
@@ -460,7 +469,8 @@ def scene_quality(
 ) -> dict[str, float | None]:
     """Per-scene quality indicators from a finished run (subsampled reads, bounded memory).
 
-    * ``reconstruction_rmse``: mean per-pixel RMSE of the unmixing model (Y vs E·A);
+    * ``reconstruction_rmse``: mean per-pixel RMSE of the unmixing model (Y vs E·A, or s·E·A with
+      the scaled mixing model);
     * ``denoise_residual_rms``: RMS of (input - denoised) over good bands and valid pixels;
     * ``convergence_rate``: fraction of ok tiles whose fixed-point solver converged;
     * ``nodata_fraction``: fraction of pixels that are nodata in the input.

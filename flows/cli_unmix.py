@@ -58,7 +58,7 @@ def eval_unmixer(
                 typer.echo(f"{case.name} seed {sd}: {case.cube.shape}")
                 r = run_case(case, seed=sd, max_epochs=epochs)
                 results.append(r)
-                for m in ("deq-unmix", "fcls-same-e", "vca+fcls", "nfindr+fcls"):
+                for m in ("deq-unmix", "deq-no-net", "fcls-same-e", "vca+fcls", "nfindr+fcls"):
                     v = r[m]
                     typer.echo(
                         f"  {m:12s} SAD {v['sad_mean_deg']:6.2f}°  aRMSE {v['abundance_rmse']:.4f}  "

@@ -78,7 +78,11 @@ VARIABLE_ATTRS: dict[str, dict[str, Any]] = {
         "valid_min": 0.0,
         "valid_max": 1.0,
     },
-    "rmse": {"long_name": "unmixing reconstruction RMSE (Y vs E A) over good bands", "units": "1"},
+    "rmse": {
+        "long_name": "unmixing reconstruction RMSE (Y vs E A, or s E A with the scaled mixing model) "
+        "over good bands",
+        "units": "1",
+    },
 }
 BAND_COORD_ATTRS: dict[str, dict[str, Any]] = {
     "wavelength": {

@@ -64,10 +64,18 @@ def test_solver_summary_and_report() -> None:
     assert list(row) == list(art.QUALITY_COLUMNS)
     assert row["scene"] == "a.tif" and row["nodata (%)"] == 42.1
     assert row["reconstruction RMSE (reflectance)"] == 0.0123
-    assert row["converged tiles (per stage)"] == "unmix 1/2"
+    col = "converged tiles (per stage; % of pixels with per-pixel stopping)"
+    assert row[col] == "unmix 1/2"
     assert row["failed tiles"] == 1 and row["wall time (s)"] == 3.5
     summary.solver = {}
-    assert art.quality_row(summary)["converged tiles (per stage)"].startswith("n/a")
+    assert art.quality_row(summary)[col].startswith("n/a")
+    # per-pixel stopping (the unmixer): the converged pixels, summed over the tiles
+    px = [
+        {**st, "valid_pixels": 100, "converged_pixels": c}
+        for st, c in zip(stats, (100, 97), strict=True)
+    ]
+    summary.solver = {"unmix": art.solver_summary(px)}
+    assert art.quality_row(summary)[col] == "unmix 1/2 (98.5 % of pixels)"
 
 
 def test_scene_progress_outside_a_run_only_logs(caplog) -> None:
@@ -211,7 +219,9 @@ def test_quicklooks_and_tables_of_a_real_run(
 
     s = art.summary_from_record(run)
     row = art.quality_row(s)
-    assert row["converged tiles (per stage)"] == "denoise 4/4, unmix 0/2"
+    assert row["converged tiles (per stage; % of pixels with per-pixel stopping)"] == (
+        "denoise 4/4, unmix 0/2"
+    )
     assert row["reconstruction RMSE (reflectance)"] == 0.0123
     assert row["denoise residual RMS (reflectance)"] == art._sig(
         row["denoise residual RMS (reflectance)"]

@@ -829,6 +829,24 @@ def _validate(model: DEQUnmix, data: _FitData) -> float:
         )
 
 
+def _mean_heldout(
+    model: DEQUnmix,
+    data: _FitData,
+    splits: list[tuple[torch.Tensor | None, torch.Tensor]],
+    scaled: bool,
+) -> float:
+    """The mean held-out-band loss of ``model`` (solved to the inference cap) on the validation
+    crops over the band ``splits``, with the linear or the scaled mixing model."""
+    was_training, model.scaled = model.training, scaled
+    model.eval()
+    with torch.no_grad():
+        total = sum(
+            float(_heldout_loss(model, data.val_tiles, data.val_mask, f, sc)[0]) for f, sc in splits
+        )
+    model.train(was_training)
+    return total / len(splits)
+
+
 def _choose_mixing(
     model: DEQUnmix, data: _FitData, opts: dict[str, Any], seed: int
 ) -> dict[str, Any]:
@@ -836,7 +854,7 @@ def _choose_mixing(
 
     ``auto``: the untrained map (projected gradient from the start endmembers) on the validation
     crops, for ``mixing_splits`` seeded band splits (solve on the kept bands, score the
-    reconstruction of the held-out ones): scaled when its summed held-out error is more than
+    reconstruction of the held-out ones): scaled when its mean held-out error is more than
     ``mixing_margin`` (relative) below linear's. Held-out bands keep the choice honest: the
     scaled model has one more free value per pixel and always fits the bands it sees better."""
     choice = str(opts["mixing"])
@@ -852,20 +870,10 @@ def _choose_mixing(
             _band_split(g, int(data.tiles.shape[1]), data.n_hold)
             for _ in range(int(opts["mixing_splits"]))
         ]
-        loss = {}
-        was_training = model.training
-        model.eval()
-        for name in ("linear", "scaled"):
-            model.scaled = name == "scaled"
-            with torch.no_grad():
-                loss[name] = float(
-                    sum(
-                        float(_heldout_loss(model, data.val_tiles, data.val_mask, f, sc)[0])
-                        for f, sc in splits
-                    )
-                    / len(splits)
-                )
-        model.train(was_training)
+        loss = {
+            name: _mean_heldout(model, data, splits, name == "scaled")
+            for name in ("linear", "scaled")
+        }
         gain = 1.0 - loss["scaled"] / loss["linear"] if loss["linear"] > 0 else 0.0
         choice = "scaled" if gain > float(opts["mixing_margin"]) else "linear"
         rec.update(
