@@ -126,3 +126,36 @@ def test_scaled_fit_round_trips_and_its_residual_map_uses_the_brightness(crops, 
     old = UnmixFit.load(tmp_path / "fit")
     old.config.pop("scaled")
     assert not old.model().scaled
+
+
+def test_a_trained_state_whose_solver_does_not_converge_is_not_kept(crops):
+    """The kept state must converge on >= 95 % of the validation pixels at the inference cap: a
+    validated state with the lowest loss whose map the solver cannot settle (here a correction net
+    with large random output weights) is passed over for the next one (the start), and the record
+    says which and why."""
+    from workers.unmix.fit import (
+        DEFAULTS,
+        _fit_data,
+        _FitState,
+        _keep_converging_state,
+        _net_copy,
+    )
+
+    cube, E, _ = _mixture(crops, brightness=False)
+    m = DEQUnmix(torch.from_numpy(E.astype(np.float32)), eval_max_iter=30).eval()
+    opts = {**DEFAULTS, "eval_max_iter": 30}
+    data = _fit_data(cube[None], np.ones((1, SIZE, SIZE), bool), opts, seed=0)
+    start = (m.E.detach().clone(), _net_copy(m))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        m.net.out.weight.normal_(0.0, 3.0)
+    wild = (m.E.detach().clone(), _net_copy(m))
+    state = _FitState(best_state=wild, stop_reason="max_epochs", best_val=0.1, best_epoch=5)
+    state.validated = [(0.2, 0, start), (0.1, 5, wild)]
+    check = _keep_converging_state(m, data, 3, opts, state)
+    assert state.best_epoch == 0 and state.best_state is start
+    assert [u["epoch"] for u in state.unconverged] == [5]
+    assert state.unconverged[0]["converged_share"] < 0.95
+    assert check["converged_pixels"] >= 0.95 * check["pixels"]
+    assert "fewer than 95 %" in state.kept_start
+    assert float(m.net.out.weight.abs().max()) == 0.0  # the start's net is in the model

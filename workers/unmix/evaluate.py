@@ -531,7 +531,8 @@ def _report_header(command: str, env: dict[str, Any], settings: dict[str, Any]) 
         "learned network adds, the rest of the gain over FCLS-same-E is the mixing model. Mixing "
         "model: what the fit chose (`mixing` auto: scaled `Y = s·E·A`, a per-pixel brightness, "
         "when its held-out-band error on the validation crops is more than 5 % below linear's; "
-        "gain in brackets). Targets on every reported real scene: DEQ / FCLS-same-E ≤ "
+        "in brackets: how much lower its held-out error was than linear's, negative when higher). "
+        "Targets on every reported real scene: DEQ / FCLS-same-E ≤ "
         f"{TARGET_VS_SAME_E:g} (aRMSE ≥ 20 % below) and DEQ / VCA+FCLS ≤ {TARGET_VS_VCA:g}.",
         "",
         "| scene | role | seed | P | mixing model | DEQ aRMSE | DEQ without network aRMSE | "

@@ -103,6 +103,10 @@ DEFAULTS: dict[str, Any] = {
 
 MIXING_MODELS = ("auto", "linear", "scaled")
 
+#: the kept state's solver must converge on at least this share of the validation pixels at the
+#: inference cap (:func:`_keep_converging_state`)
+MIN_CONVERGED = 0.95
+
 
 @dataclass
 class UnmixFit:
@@ -651,15 +655,7 @@ def fit_scene(
     tiles, tmask, tiles_rec = _sample_tiles(scene, fit_tiles, fit_tile_size, seed, fill)
 
     torch.manual_seed(seed)
-    model = DEQUnmix(
-        torch.from_numpy(E0.astype(np.float32)),
-        hidden=int(opts["hidden"]),
-        tol=float(opts["tol"]),
-        max_iter=int(opts["train_max_iter"]),
-        eval_max_iter=int(opts["eval_max_iter"]),
-        backward_max_iter=int(opts["train_max_iter"]),
-        m=int(opts["anderson_m"]),
-    )
+    model = _start_model(E0, opts)
     data = _fit_data(tiles, tmask, opts, seed)
     mixing_rec = _choose_mixing(model, data, opts, seed)
     cfg = _TrainSettings(
@@ -670,7 +666,7 @@ def fit_scene(
         lr_endmembers=float(opts["lr_endmembers"]),
     )
     state = _train(model, data, cfg, seed, progress)
-    solver_check = _solver_check(model, data, P, opts)
+    solver_check = _keep_converging_state(model, data, P, opts, state)
     records = {
         "sample": sample_rec,
         "n_endmembers": p_rec,
@@ -679,6 +675,19 @@ def fit_scene(
         "mixing": mixing_rec,
     }
     return _fit_result(scene, model, E0, opts, max_epochs, records, state, solver_check, t_start)
+
+
+def _start_model(E0: np.ndarray, opts: dict[str, Any]) -> DEQUnmix:
+    """The untrained module from the endmember start ``E0`` and the fit options."""
+    return DEQUnmix(
+        torch.from_numpy(E0.astype(np.float32)),
+        hidden=int(opts["hidden"]),
+        tol=float(opts["tol"]),
+        max_iter=int(opts["train_max_iter"]),
+        eval_max_iter=int(opts["eval_max_iter"]),
+        backward_max_iter=int(opts["train_max_iter"]),
+        m=int(opts["anderson_m"]),
+    )
 
 
 def _fit_options(options: dict[str, Any] | None) -> dict[str, Any]:
@@ -760,6 +769,12 @@ class _FitState:
     # validations not counted against patience: the start still best, loss falling
     waited: list[int] = field(default_factory=list)
     kept_start: str | None = None
+    # every validated state (the start at epoch 0 included): (validation loss, epoch, (E, net))
+    validated: list[tuple[float, int, tuple[torch.Tensor, dict[str, torch.Tensor]]]] = field(
+        default_factory=list
+    )
+    # validated states passed over because their solver converged on too few pixels at the cap
+    unconverged: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _band_split(
@@ -951,6 +966,7 @@ def _train(
     if cfg.max_epochs > 0 and cfg.val_every > 0:
         state.best_val = _validate(model, data)
         state.val_curve.append([0, state.best_val])
+        state.validated.append((state.best_val, 0, state.best_state))
     for epoch in range(cfg.max_epochs):
         loss, st = _train_step(model, data, S, E_start, opt, gen)
         state.curve.append(float(loss.detach()))
@@ -964,9 +980,7 @@ def _train(
     if (
         cfg.val_every > 0 and cfg.max_epochs > 0
     ):  # keep the best validated state (epoch 0: the start)
-        with torch.no_grad():
-            model.E.copy_(state.best_state[0])
-        model.net.load_state_dict(state.best_state[1])
+        _load_state(model, state.best_state)
     model.eval()
     return state
 
@@ -978,6 +992,7 @@ def _record_validation(
     far, else count it against patience (unless the start is still best and the training loss still
     falls). Returns whether the fit stops early."""
     state.val_curve.append([epoch, v])
+    state.validated.append((v, epoch, (model.E.detach().clone(), _net_copy(model))))
     if v < state.best_val:
         state.best_val, state.best_epoch, state.bad = v, epoch, 0
         state.best_state = (model.E.detach().clone(), _net_copy(model))
@@ -1011,6 +1026,55 @@ def _kept_start_reason(state: _FitState, cfg: _TrainSettings) -> str | None:
             )
         )
     return None
+
+
+def _keep_converging_state(
+    model: DEQUnmix, data: _FitData, P: int, opts: dict[str, Any], state: _FitState
+) -> dict[str, Any]:
+    """The solver check of the kept state, which must converge on at least
+    :data:`MIN_CONVERGED` of the validation pixels at the inference cap: a trained map whose fixed
+    point the solver does not reach gives abundances that depend on the cap, not on the data.
+    Validated states are tried from the lowest validation loss up (the start included); the first
+    that converges is kept and the ones passed over are recorded in ``state.unconverged``. When
+    none does, the best validated state stays, and the record says so."""
+    check = _solver_check(model, data, P, opts)
+    if _converged_share(check) >= MIN_CONVERGED or len(state.validated) < 2:
+        return check
+    first = (state.best_state, check)
+    for v, epoch, st in sorted(state.validated, key=lambda c: (c[0], c[1])):
+        if epoch != state.best_epoch:
+            _load_state(model, st)
+            check = _solver_check(model, data, P, opts)
+        if _converged_share(check) >= MIN_CONVERGED:
+            state.best_val, state.best_epoch, state.best_state = v, epoch, st
+            state.kept_start = None
+            if epoch == 0:
+                state.kept_start = (
+                    "every trained state's solver converged on fewer than "
+                    f"{100 * MIN_CONVERGED:g} % of the validation pixels at the inference cap "
+                    f"(epochs {[u['epoch'] for u in state.unconverged]})"
+                )
+            return check
+        state.unconverged.append(
+            {"epoch": epoch, "val_loss": v, "converged_share": _converged_share(check)}
+        )
+    _load_state(model, first[0])
+    first[1]["note"] = (
+        f"no validated state converged on {100 * MIN_CONVERGED:g} % of the validation pixels; "
+        "kept the one with the lowest validation loss"
+    )
+    return first[1]
+
+
+def _converged_share(check: dict[str, Any]) -> float:
+    return check["converged_pixels"] / check["pixels"] if check["pixels"] else 1.0
+
+
+def _load_state(model: DEQUnmix, st: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> None:
+    """Put a stored (endmembers, net parameters) state into ``model``."""
+    with torch.no_grad():
+        model.E.copy_(st[0])
+    model.net.load_state_dict(st[1])
 
 
 def _solver_check(model: DEQUnmix, data: _FitData, P: int, opts: dict[str, Any]) -> dict[str, Any]:
@@ -1077,6 +1141,7 @@ def _fit_result(
         "stop_reason": state.stop_reason,
         "patience_waited_at": state.waited,
         "kept_start": state.kept_start,
+        "passed_over_unconverged": state.unconverged,
         "train_solver_iterations_mean": state.iters,
         "solver_check": solver_check,
         "wall_time_s": time.perf_counter() - t_start,
