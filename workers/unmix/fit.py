@@ -94,8 +94,9 @@ DEFAULTS: dict[str, Any] = {
     # mixing model: "linear" (Y = E·A), "scaled" (Y = s·E·A, a per-pixel brightness s), or "auto":
     # the untrained map on the validation crops scores both on `mixing_splits` band splits
     # (solve on half the bands, reconstruct the other half) and takes scaled when its held-out
-    # error is more than `mixing_margin` below linear's (chosen on the tuning scenes: Samson
-    # 78 % below, the variability sets 32-43 %, exact synthetic mixtures 1 % above -> linear)
+    # error is more than `mixing_margin` below linear's (tuning scenes: Samson 78 % below, the
+    # variability sets 21-26 % (P = 4) and 3-7 % (P = 6), exact synthetic mixtures 0-1 % above;
+    # margin 0.05 vs 0.02 compared by `python -m benchmarks.unmix_tuning`, docs/models/deq_unmix.md)
     "mixing": "auto",
     "mixing_margin": 0.05,
     "mixing_splits": 8,
