@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "fit_options": args.fit_options or {},
                 "fit_best_epoch": fit.provenance.get("best_epoch"),
                 "fit_net_output_zero": _net_output_zero(fit),
+                "fit_mixing": "scaled" if fit.config.get("scaled") else "linear",
                 "net_max_abs_weight": net_abs,
             }
             t0 = time.perf_counter()
@@ -284,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _net_output_zero(fit: Any) -> bool:
-    """True when the fit kept the net's zero output layer (the map is then per-pixel FCLS)."""
+    """True when the fit kept the net's zero output layer (the map is then per pixel: FCLS, or its
+    scale-free variant with the scaled mixing model)."""
     last = [m for m in fit.model().net.modules() if hasattr(m, "weight")][-1]
     return bool(float(last.weight.detach().abs().max()) == 0.0)
 
@@ -306,14 +308,15 @@ def write_doc(r: dict[str, Any], doc: Path, results: Path) -> None:
         title = "DEQ-Unmix"
         kept = (
             "its net's output layer is still zero (the fit kept its start), so the fixed point is "
-            "per-pixel FCLS and tiling cannot change it"
+            "per pixel and tiling cannot change it"
             if r.get("fit_net_output_zero")
             else "its net was trained (non-zero output layer): every solver iteration mixes 3x3 "
             "neighbourhoods, so the halo matters"
         )
         what = (
             f"DEQ-Unmix fitted blindly to the scene ({r['endmembers']} endmembers, seed 0, epochs "
-            f"{r['fit_epochs']}, fit options {r.get('fit_options') or 'default'}, fit {r['fit_s']} s; "
+            f"{r['fit_epochs']}, fit options {r.get('fit_options') or 'default'}, mixing model "
+            f"{r.get('fit_mixing', 'linear')}, fit {r['fit_s']} s; "
             f"{kept}), then applied"
         )
         units = "Errors are over valid pixels, in abundance units (the P abundance maps; PSNR peak 1.0)."
