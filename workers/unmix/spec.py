@@ -9,7 +9,8 @@ SPEC = ModelSpec(
     name="deq-unmix",
     # each map application sees 3×3 neighbours, so k solver iterations reach k pixels; the fixed
     # point spreads influence further with geometric decay. 16 pixels each side is a conservative
-    # choice; the tiled-vs-whole seam error has not been measured yet (see the model card).
+    # choice: the default fit on the demo mosaic is exact when tiled; a net trained every epoch
+    # leaves up to 3e-2 (6.6e-3 at halo 32) (docs/benchmarks/seams_unmix*.md, the model card).
     halo=16,
     band_handling="fitted per scene on its own good bands",
     solver=SolverConfig(
