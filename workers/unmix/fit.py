@@ -993,10 +993,11 @@ def _record_validation(
     far, else count it against patience (unless the start is still best and the training loss still
     falls). Returns whether the fit stops early."""
     state.val_curve.append([epoch, v])
-    state.validated.append((v, epoch, (model.E.detach().clone(), _net_copy(model))))
+    snapshot = (model.E.detach().clone(), _net_copy(model))
+    state.validated.append((v, epoch, snapshot))
     if v < state.best_val:
         state.best_val, state.best_epoch, state.bad = v, epoch, 0
-        state.best_state = (model.E.detach().clone(), _net_copy(model))
+        state.best_state = snapshot
     elif state.best_epoch == 0 and training_loss_falls(state.curve):
         # the start is still the best validated state but the fit is still learning: an
         # early stop here would return the start, so patience waits
@@ -1041,7 +1042,7 @@ def _keep_converging_state(
     check = _solver_check(model, data, P, opts)
     if _converged_share(check) >= MIN_CONVERGED or len(state.validated) < 2:
         return check
-    first = (state.best_state, check)
+    best_state, best_check = state.best_state, check
     for v, epoch, st in sorted(state.validated, key=lambda c: (c[0], c[1])):
         if epoch != state.best_epoch:
             _load_state(model, st)
@@ -1059,12 +1060,12 @@ def _keep_converging_state(
         state.unconverged.append(
             {"epoch": epoch, "val_loss": v, "converged_share": _converged_share(check)}
         )
-    _load_state(model, first[0])
-    first[1]["note"] = (
+    _load_state(model, best_state)
+    best_check["note"] = (
         f"no validated state converged on {100 * MIN_CONVERGED:g} % of the validation pixels; "
         "kept the one with the lowest validation loss"
     )
-    return first[1]
+    return best_check
 
 
 def _converged_share(check: dict[str, Any]) -> float:
