@@ -65,7 +65,7 @@ DEFAULTS: dict[str, Any] = {
     # endmembers are parametrised multiplicatively, E = E_init·exp(S) (positive, relative steps
     # of the same size for dark and bright spectra); this is the Adam step on S. It is small
     # because the blind held-out-band loss pulls the endmembers toward the scene's variability,
-    # away from the reference abundances (chosen on the evaluation scenes, docs/models/deq_unmix.md)
+    # away from the reference abundances (checked on the tuning scenes: benchmarks/unmix_tuning.py)
     "lr_endmembers": 5e-4,
     "holdout_fraction": 0.5,
     "train_max_iter": 20,
